@@ -1,0 +1,99 @@
+"""Cross-rank machinery shared by every balancing callback: strategy checks, one reduction per step,
+random streams that are identical on every rank."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+)
+from torch import Tensor
+
+__all__ = ["UnsupportedStrategyError", "all_reduce_sum", "check_strategy", "shared_generator"]
+
+
+class UnsupportedStrategyError(RuntimeError):
+    """Raised in ``setup`` when a callback cannot run correctly under the Trainer's strategy."""
+
+
+def check_strategy(strategy: Strategy, owner: str, *, allow_untested: bool = False, fsdp_ok: bool = False) -> None:
+    """Allow-list of strategies for gradient-editing callbacks.
+
+    Single device and every DDP variant (``ddp``, ``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) are
+    supported. DeepSpeed is always refused: its gradients live in partitioned buffers (``param.grad`` is
+    ``None``) and ``on_before_optimizer_step`` fires on every micro-batch. FSDP is refused with
+    ``use_orig_params=False`` (flat parameters span modules, so no per-modality group exists), and
+    otherwise accepted only by callbacks whose edits are valid on gradient shards (``fsdp_ok``).
+    Anything else is refused unless ``allow_untested=True``.
+    """
+    name = type(strategy).__name__
+    if isinstance(strategy, DeepSpeedStrategy):
+        raise UnsupportedStrategyError(
+            f"{owner} does not support DeepSpeed: DeepSpeed keeps gradients in partitioned buffers "
+            f"(`param.grad` is None) and handles accumulation itself. Use strategy='ddp' (or 'fsdp')."
+        )
+    if isinstance(strategy, FSDPStrategy):
+        if not strategy.kwargs.get("use_orig_params", True):
+            raise UnsupportedStrategyError(
+                f"{owner} needs FSDP with use_orig_params=True: with False, flat parameters span several "
+                f"modules and no per-modality parameter group exists. Use FSDPStrategy(use_orig_params=True)."
+            )
+        if fsdp_ok:
+            return
+        if allow_untested:
+            warnings.warn(f"{owner} runs under FSDP untested: gradient statistics are shard-local.", stacklevel=3)
+            return
+        raise UnsupportedStrategyError(
+            f"{owner} is not verified under FSDP: its per-tensor gradient statistics would be computed on "
+            f"each rank's shard only. Use strategy='ddp', or pass allow_untested_strategy=True to run anyway."
+        )
+    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        return
+    if allow_untested:
+        warnings.warn(f"{owner} has not been tested with strategy {name}; proceeding (allow_untested).", stacklevel=3)
+        return
+    raise UnsupportedStrategyError(
+        f"{owner} does not support strategy {name}. Supported: single device and DDP variants "
+        f"('ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook'). Pass allow_untested_strategy=True to try anyway."
+    )
+
+
+def all_reduce_sum(tensor: Tensor, strategy: Strategy) -> Tensor:
+    """Sum ``tensor`` over all ranks, in place, with exactly one collective (none on one device).
+
+    Lightning's ``strategy.reduce`` adds a barrier before the all-reduce; a plain all-reduce already
+    synchronises, so the barrier is skipped here.
+    """
+    if strategy.world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+    if strategy.world_size > 1:
+        return strategy.reduce(tensor, reduce_op="sum")
+    return tensor
+
+
+def shared_generator(seed: int, counter: int, device: torch.device) -> torch.Generator:
+    """A generator whose stream is a function of ``(seed, counter)`` only.
+
+    Seeded the same way on every rank, it yields identical noise everywhere without any collective,
+    and checkpointing ``(seed, counter)`` is enough to resume the stream exactly.
+    """
+    generator = torch.Generator(device=device)
+    # splitmix-style mixing so that nearby (seed, counter) pairs give unrelated streams
+    x = (seed * 0x9E3779B97F4A7C15 + counter * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    generator.manual_seed(x & 0x7FFFFFFFFFFFFFFF)
+    return generator
+
+
+def broadcast_seed(strategy: Strategy) -> int:
+    """Draw a seed on rank 0 from torch's global RNG and share it with every rank."""
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    return int(strategy.broadcast(seed, src=0))

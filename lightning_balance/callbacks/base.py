@@ -1,0 +1,270 @@
+"""Machinery shared by every gradient-editing balancing callback.
+
+One optimizer step of a :class:`GradientBalancingCallback`:
+
+1. ``on_train_batch_start``: remember the module's record counter, to detect a ``training_step``
+   that did not call ``self.fuse(features, targets)``.
+2. ``on_before_backward`` (once per micro-batch, also inside ``manual_backward``): read the step's
+   :class:`~lightning_balance.modality.ModalityRecord` and add the method's per-micro-batch
+   statistics (batch **sums**) to a :class:`StepStatistics`.
+3. ``on_before_optimizer_step`` (once per optimizer step: after accumulation, after AMP unscaling,
+   before gradient clipping): reduce all statistics across ranks with **one** all-reduce, compute
+   the method's coefficients from the global statistics (identical on every rank), edit the
+   gradients of the parameters that this optimizer owns, and log under ``balance/<method>/...``.
+
+Because the statistics are sums and the edit happens once on the accumulated, all-reduced,
+unscaled gradients, the result equals single-process training with the global batch.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from lightning_balance._distributed import all_reduce_sum, check_strategy
+from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
+
+__all__ = ["GradientBalancingCallback", "StepStatistics", "NonFiniteStatisticsError", "log_balance_metrics"]
+
+
+class NonFiniteStatisticsError(FloatingPointError):
+    """Raised when a step's reduced statistics contain NaN or infinity."""
+
+
+class StepStatistics:
+    """Named statistics summed over the micro-batches of one optimizer step, reduced once across ranks.
+
+    Modelled on torchmetrics' ``add_state(..., dist_reduce_fx="sum")``: local accumulation, then a
+    single collective. Every state is a sum, so micro-batches and ranks compose exactly.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, Tensor] = {}
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._values)
+
+    def update(self, values: dict[str, Tensor]) -> None:
+        for name, value in values.items():
+            value = value.detach().float()
+            current = self._values.get(name)
+            self._values[name] = value.clone() if current is None else current + value
+
+    def reduce(self, strategy: pl.strategies.Strategy) -> dict[str, Tensor]:
+        """Sum every state over ranks with one all-reduce, return them, and reset."""
+        names = sorted(self._values)  # identical order on every rank
+        flat = torch.cat([self._values[n].reshape(-1) for n in names])
+        flat = all_reduce_sum(flat, strategy)
+        out, offset = {}, 0
+        for n in names:
+            shape = self._values[n].shape
+            size = self._values[n].numel()
+            out[n] = flat[offset : offset + size].reshape(shape)
+            offset += size
+        self._values = {}
+        return out
+
+    def reset(self) -> None:
+        self._values = {}
+
+
+def log_balance_metrics(pl_module: pl.LightningModule, metrics: dict[str, Tensor], **kwargs: Any) -> None:
+    """Log through ``pl_module.log`` (any Lightning logger) unless the Trainer runs barebones."""
+    trainer = pl_module._trainer
+    if trainer is None or getattr(trainer, "barebones", False) or not metrics:
+        return
+    pl_module.log_dict(metrics, sync_dist=False, **kwargs)
+
+
+class GradientBalancingCallback(Callback, abc.ABC):
+    """Base class of callbacks that edit per-modality gradients once per optimizer step.
+
+    Subclasses set ``method`` (the log namespace) and implement :meth:`collect` (per-micro-batch
+    sums from the step record), :meth:`compute` (coefficients from the rank-reduced sums) and
+    :meth:`edit` (apply them to the gradients).
+
+    Args:
+        modalities: the modalities the method acts on; ``None`` means all declared ones.
+        start_epoch: first epoch (0-based, inclusive) in which the method is active.
+        end_epoch: last epoch (inclusive) in which it is active; ``None`` for no end.
+        nonfinite: what to do when the reduced statistics contain NaN/inf: ``"raise"`` (default) or
+            ``"skip"`` the edit for that step (e.g. fp16 overflow steps that the GradScaler skips anyway).
+        allow_untested_strategy: run under a strategy outside the allow-list (with a warning).
+        log: log metrics under ``balance/<method>/...`` through ``pl_module.log``.
+    """
+
+    method: ClassVar[str] = "base"
+    fsdp_ok: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        modalities: Optional[Sequence[str]] = None,
+        start_epoch: int = 0,
+        end_epoch: Optional[int] = None,
+        nonfinite: Literal["raise", "skip"] = "raise",
+        allow_untested_strategy: bool = False,
+        log: bool = True,
+    ) -> None:
+        if modalities is not None:
+            if isinstance(modalities, str) or not all(isinstance(m, str) for m in modalities):
+                raise TypeError(f"modalities must be a list of modality names, got {modalities!r}.")
+            if len(set(modalities)) != len(modalities):
+                raise ValueError(f"modalities has duplicates: {list(modalities)}.")
+            if len(modalities) < 2:
+                raise ValueError(f"modalities must name at least two modalities to balance, got {list(modalities)}.")
+        if not isinstance(start_epoch, int) or start_epoch < 0:
+            raise ValueError(f"start_epoch must be an int >= 0, got {start_epoch!r}.")
+        if end_epoch is not None and (not isinstance(end_epoch, int) or end_epoch < start_epoch):
+            raise ValueError(f"end_epoch must be None or an int >= start_epoch ({start_epoch}), got {end_epoch!r}.")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
+        self.modalities: Optional[tuple[str, ...]] = tuple(modalities) if modalities is not None else None
+        self.start_epoch = start_epoch
+        self.end_epoch = end_epoch
+        self.nonfinite = nonfinite
+        self.allow_untested_strategy = allow_untested_strategy
+        self.log = log
+        self.num_edits = 0  # optimizer steps edited so far (checkpointed)
+        self._stats = StepStatistics()
+        self._result: Optional[dict[str, Tensor]] = None
+        self._groups: dict[str, list[nn.Parameter]] = {}
+        self._index_at_batch_start = 0
+        self._consumed_index = -1
+        self._per_optimizer: dict[int, tuple[Any, dict[str, list[nn.Parameter]]]] = {}
+
+    # ------------------------------------------------------------------ to implement
+    @abc.abstractmethod
+    def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
+        """Per-micro-batch statistics from the step record, as **sums** over the batch."""
+
+    @abc.abstractmethod
+    def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Coefficients (and anything to log) from rank-reduced statistics; identical on every rank."""
+
+    @abc.abstractmethod
+    def edit(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device) -> None:
+        """Edit ``p.grad`` in place for the parameters in ``groups`` (modality → parameters)."""
+
+    def metrics(self, result: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Scalars to log, keys relative to ``balance/<method>/``."""
+        return {}
+
+    def select_parameters(self, pl_module: MultimodalMixin, modality: str) -> list[nn.Parameter]:
+        """Which parameters of ``modality`` the method edits (default: its whole parameter group)."""
+        return pl_module.modality_parameters(modality)
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    @property
+    def active_modalities(self) -> tuple[str, ...]:
+        return tuple(self._groups)
+
+    def is_active(self, trainer: pl.Trainer) -> bool:
+        epoch = trainer.current_epoch
+        return epoch >= self.start_epoch and (self.end_epoch is None or epoch <= self.end_epoch)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        name = type(self).__name__
+        if not isinstance(pl_module, MultimodalMixin):
+            raise ModalityContractError(
+                f"{name} needs the modality contract: make {type(pl_module).__name__} inherit "
+                f"`lightning_balance.MultimodalMixin` (before LightningModule) and call "
+                f"`self.configure_modalities(...)` in __init__."
+            )
+        declared = pl_module.modalities  # raises a clear error if not declared
+        chosen = self.modalities if self.modalities is not None else declared
+        unknown = [m for m in chosen if m not in declared]
+        if unknown:
+            raise ModalityContractError(
+                f"{name}(modalities={list(chosen)}) names unknown modalities {unknown}; "
+                f"{type(pl_module).__name__} declares {list(declared)}."
+            )
+        check_strategy(trainer.strategy, name, allow_untested=self.allow_untested_strategy, fsdp_ok=self.fsdp_ok)
+        self._groups = {}
+        for m in chosen:
+            params = self.select_parameters(pl_module, m)
+            if not params:
+                raise ModalityContractError(self._empty_group_message(m))
+            self._groups[m] = params
+        self._per_optimizer = {}
+        self._stats.reset()
+        self._result = None
+
+    def _empty_group_message(self, modality: str) -> str:
+        return f"{type(self).__name__} selected no parameters for modality {modality!r}."
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._index_at_batch_start = pl_module._lb_calls  # type: ignore[attr-defined]
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if not self.is_active(trainer):
+            return
+        record = pl_module.balance_record  # type: ignore[attr-defined]
+        if record is None or record.index == self._index_at_batch_start:
+            raise ModalityContractError(
+                f"{type(self).__name__} found no modality record for this training step: "
+                f"`training_step` must obtain its logits with `self.fuse(features, targets)` "
+                f"(features = {{modality: encoder output}}) so the callback can see per-modality outputs."
+            )
+        if record.index == self._consumed_index:
+            return  # a second backward on the same record (manual optimisation): counted once
+        if not record.training:
+            raise ModalityContractError(
+                f"{type(self).__name__}: the latest record was made in eval mode; call self.fuse in training_step."
+            )
+        self._consumed_index = record.index
+        self._stats.update(self.collect(pl_module, record))
+        self._result = None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if not self.is_active(trainer):
+            self._stats.reset()
+            return
+        if self._stats.pending:
+            stats = self._stats.reduce(trainer.strategy)
+            if not all(bool(torch.isfinite(v).all()) for v in stats.values()):
+                if self.nonfinite == "raise":
+                    bad = [k for k, v in stats.items() if not bool(torch.isfinite(v).all())]
+                    raise NonFiniteStatisticsError(
+                        f"{type(self).__name__}: non-finite statistics {bad} at global step {trainer.global_step} "
+                        f"(NaN/inf in the unimodal logits?). Check the model's inputs and learning rate; under fp16 "
+                        f"pass nonfinite='skip' to skip the edit on overflow steps the GradScaler skips anyway."
+                    )
+                self._result = None
+                return
+            self._result = self.compute(stats)
+            if self.log:
+                log_balance_metrics(
+                    pl_module,
+                    {f"balance/{self.method}/{k}": v for k, v in self.metrics(self._result).items()},
+                    on_step=True,
+                    on_epoch=False,
+                )
+        if self._result is None:
+            return
+        self.edit(self._groups_for(optimizer), self._result, pl_module.device)
+        self.num_edits += 1
+
+    def _groups_for(self, optimizer: torch.optim.Optimizer) -> dict[str, list[nn.Parameter]]:
+        cached = self._per_optimizer.get(id(optimizer))
+        if cached is None or cached[0] is not optimizer:
+            owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            cached = (optimizer, {m: [p for p in ps if id(p) in owned] for m, ps in self._groups.items()})
+            self._per_optimizer[id(optimizer)] = cached
+        return cached[1]
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "num_edits": self.num_edits}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.num_edits = int(state_dict.get("num_edits", 0))

@@ -1,0 +1,22 @@
+"""Offline benchmark data for modality-imbalance experiments.
+
+* :class:`AVDigitsDataModule` / :func:`make_av_digits`: the two-modality AV-Digits benchmark
+  (mnist1d "audio" + scikit-learn digits "visual", label-paired as avMNIST). scikit-learn and
+  mnist1d are imported only when the data is built.
+* :class:`SyntheticCollapseDataModule` / :func:`make_synthetic_collapse` / :data:`PRESETS`: the
+  controllable M-modality synthetic collapse generator.
+* :class:`MultimodalTensorDataset`: dict-of-tensors dataset giving dict batches.
+"""
+
+from lightning_balance.data._dataset import MultimodalTensorDataset
+from lightning_balance.data.av_digits import AVDigitsDataModule, make_av_digits
+from lightning_balance.data.synthetic import PRESETS, SyntheticCollapseDataModule, make_synthetic_collapse
+
+__all__ = [
+    "PRESETS",
+    "AVDigitsDataModule",
+    "MultimodalTensorDataset",
+    "SyntheticCollapseDataModule",
+    "make_av_digits",
+    "make_synthetic_collapse",
+]

@@ -1,0 +1,186 @@
+"""Shared dataset and datamodule plumbing for the benchmark datamodules.
+
+Both benchmark datamodules (:class:`~lightning_balance.data.AVDigitsDataModule` and
+:class:`~lightning_balance.data.SyntheticCollapseDataModule`) build three splits of paired
+modality tensors in memory and serve them with the same loader conventions. That shared part
+lives here so that no loader code is duplicated:
+
+* :class:`MultimodalTensorDataset` wraps a dict of equal-length tensors; the default collate
+  function turns its items into dict batches such as
+  ``{"audio": (B, 40), "visual": (B, 64), "target": (B,)}``.
+* :class:`_SplitDataModule` owns the argument checks, ``setup()`` and the three dataloaders.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+__all__ = ["MultimodalTensorDataset"]
+
+Splits = dict[str, dict[str, torch.Tensor]]
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _check_int(name: str, value: Any, low: int | None = None, high: int | None = None, hint: str = "") -> int:
+    """Return ``value`` as an ``int`` or raise an error naming the argument and the fix."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}). {hint}".rstrip())
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            bounds = f">= {low}"
+        elif low is None:
+            bounds = f"<= {high}"
+        else:
+            bounds = f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}. {hint}".rstrip())
+    return value
+
+
+def _check_open_fraction(name: str, value: Any, hint: str = "") -> float:
+    """Return ``value`` as a float strictly between 0 and 1 or raise an error naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in (0, 1), got {value!r} ({type(value).__name__}). {hint}".rstrip())
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be in (0, 1) (exclusive), got {value}. {hint}".rstrip())
+    return value
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
+    return bool(value)
+
+
+class MultimodalTensorDataset(Dataset):
+    """Dataset over a dict of equal-length tensors (one entry per modality, plus ``"target"``).
+
+    Item ``i`` is the dict of the ``i``-th rows, so PyTorch's default collate function produces
+    dict batches with the same keys, e.g. ``{"audio": (B, 40), "visual": (B, 64), "target": (B,)}``.
+
+    Args:
+        tensors: Mapping from a key (modality name, ``"target"``, ...) to a tensor. All tensors
+            must have the same size along dimension 0.
+
+    Raises:
+        ValueError: If ``tensors`` is empty or the tensors differ in length.
+        TypeError: If a value is not a :class:`torch.Tensor`.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if not tensors:
+            raise ValueError("MultimodalTensorDataset needs at least one tensor, got an empty mapping.")
+        for key, value in tensors.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"tensors[{key!r}] must be a torch.Tensor, got {type(value).__name__}.")
+            if value.dim() == 0:
+                raise ValueError(f"tensors[{key!r}] is a 0-d tensor; every tensor needs a sample dimension.")
+        lengths = {key: int(value.shape[0]) for key, value in tensors.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"All tensors must have the same length along dim 0, got {lengths}.")
+        self.tensors: dict[str, torch.Tensor] = dict(tensors)
+        self._length = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[index] for key, value in self.tensors.items()}
+
+
+class _EpochSeededRandomSampler(RandomSampler):
+    """Random permutation sampler whose order for pass ``e`` depends only on ``(seed, e)``.
+
+    The epoch is set by Lightning (the fit loop calls ``set_epoch`` on the train sampler before
+    every epoch); when the sampler is iterated outside Lightning it counts its own passes. This
+    makes the shuffle reproducible across a stop/resume at an epoch boundary, unlike a single
+    generator whose state advances epoch after epoch. Under DDP, Lightning replaces a
+    :class:`~torch.utils.data.RandomSampler` (this class included) by its ``DistributedSampler``.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int) -> None:
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0]
+        self.generator = torch.Generator().manual_seed(int(state))
+        self.epoch += 1
+        yield from super().__iter__()
+
+
+class _SplitDataModule(pl.LightningDataModule):
+    """Base class: serves in-memory train/val/test splits of paired modality tensors.
+
+    Subclasses implement :meth:`_make_splits` (returning ``{"train": {...}, "val": {...},
+    "test": {...}}`` dicts of equal-length tensors) and set ``modalities``, ``num_classes`` and
+    ``feature_dims``. The train loader shuffles with a :class:`torch.Generator` seeded from
+    ``(seed, epoch)``; the val and test loaders keep the order and never drop samples.
+
+    Args:
+        batch_size: Samples per batch (>= 1).
+        seed: Seed of the data construction and of the train shuffle (>= 0).
+        num_workers: DataLoader worker processes (>= 0).
+        drop_last: Drop the last incomplete *training* batch (val/test never drop).
+    """
+
+    modalities: tuple[str, ...] = ()
+    num_classes: int = 0
+    feature_dims: dict[str, int] = {}
+
+    def __init__(self, batch_size: int = 64, seed: int = 0, num_workers: int = 0, drop_last: bool = False) -> None:
+        super().__init__()
+        self.batch_size = _check_int("batch_size", batch_size, low=1, hint="Pass a positive batch size, e.g. 64.")
+        self.seed = _check_int("seed", seed, low=0, hint="Pass a non-negative integer seed.")
+        self.num_workers = _check_int("num_workers", num_workers, low=0, hint="Use 0 to load in the main process.")
+        self.drop_last = _check_bool("drop_last", drop_last)
+        self.splits: Splits | None = None
+        self.datasets: dict[str, MultimodalTensorDataset] = {}
+
+    def _make_splits(self) -> Splits:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the three splits (once; later calls reuse them)."""
+        if self.splits is None:
+            self.splits = self._make_splits()
+            self.datasets = {name: MultimodalTensorDataset(self.splits[name]) for name in SPLIT_NAMES}
+
+    def _dataset(self, split: str) -> MultimodalTensorDataset:
+        if split not in self.datasets:
+            raise RuntimeError(f"{type(self).__name__}.setup() must be called before requesting the {split} dataloader.")
+        return self.datasets[split]
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._dataset("train")
+        return DataLoader(
+            dataset,
+            sampler=_EpochSeededRandomSampler(dataset, self.seed),
+            drop_last=self.drop_last,
+            **self._loader_kwargs(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._dataset("val"), shuffle=False, drop_last=False, **self._loader_kwargs())
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self._dataset("test"), shuffle=False, drop_last=False, **self._loader_kwargs())

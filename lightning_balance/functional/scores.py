@@ -1,0 +1,48 @@
+"""Per-modality confidence scores (pure tensor functions, no Lightning)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["true_class_probability", "modality_scores", "stack_modalities"]
+
+
+def stack_modalities(values: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
+    """Stack per-modality tensors of one shape into a ``(M, ...)`` tensor in ``names`` order."""
+    return torch.stack([values[m] for m in names])
+
+
+def true_class_probability(logits: Tensor, targets: Tensor) -> Tensor:
+    """Softmax probability of the true class, ``σ(o_i)[y_i]``, computed in float32.
+
+    Args:
+        logits: ``(..., N, C)`` logits (any leading dims, e.g. ``(M, N, C)`` for M modalities).
+        targets: ``(N,)`` class indices.
+
+    Returns:
+        ``(..., N)`` probabilities.
+    """
+    if logits.shape[-2] != targets.shape[0]:
+        raise ValueError(f"logits batch size {logits.shape[-2]} != targets batch size {targets.shape[0]}.")
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    index = targets.reshape(*([1] * (logits.ndim - 2)), -1, 1).expand(*logits.shape[:-1], 1)
+    return log_p.gather(-1, index).squeeze(-1).exp()
+
+
+def modality_scores(unimodal_logits: Tensor, targets: Tensor) -> Tensor:
+    """Confidence score of each modality: ``s_m = Σ_i σ(o_{m,i})[y_i]`` (a batch **sum**).
+
+    This is the score of OGM-GE (Peng et al., CVPR 2022, Eq. 8) and its family. Sums, not means, so
+    that scores of micro-batches and ranks add up to the score of the global batch.
+
+    Args:
+        unimodal_logits: ``(M, N, C)`` stacked per-modality logits.
+        targets: ``(N,)`` class indices.
+
+    Returns:
+        ``(M,)`` float32 scores.
+    """
+    return true_class_probability(unimodal_logits, targets).sum(dim=-1)

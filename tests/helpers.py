@@ -1,0 +1,148 @@
+"""Tiny multimodal models and data shared by the tests (picklable for ddp_spawn)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_balance import MultimodalMixin
+
+
+class DictDataset(Dataset):
+    def __init__(self, n: int = 64, dims: tuple[int, int] = (6, 5), classes: int = 4, seed: int = 0) -> None:
+        means = torch.Generator().manual_seed(1234)  # class means shared by every split
+        means_a = torch.randn(classes, dims[0], generator=means) * 2.0
+        means_v = torch.randn(classes, dims[1], generator=means) * 0.5
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.randint(0, classes, (n,), generator=g)
+        self.a = means_a[self.y] + torch.randn(n, dims[0], generator=g)
+        self.v = means_v[self.y] + torch.randn(n, dims[1], generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"audio": self.a[i], "visual": self.v[i], "target": self.y[i]}
+
+
+class GatedFusion(nn.Module):
+    """A non-concat fusion: sigmoid gate mixing the two (projected) features, then a classifier."""
+
+    def __init__(self, d: int = 8, classes: int = 4) -> None:
+        super().__init__()
+        self.gate = nn.Linear(2 * d, d)
+        self.out = nn.Linear(d, classes)
+
+    def forward(self, za: torch.Tensor, zv: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate(torch.cat([za, zv], dim=-1)))
+        return self.out(g * za + (1 - g) * zv)
+
+
+class TinyAV(MultimodalMixin, pl.LightningModule):
+    """Two MLP encoders; concat + linear head (default) or a gated fusion."""
+
+    def __init__(self, fusion: str = "concat", lr: float = 0.1, momentum: float = 0.9, classes: int = 4,
+                 unimodal: str = "auto", manual: bool = False, dims: tuple[int, int] = (6, 5), seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.audio_encoder = nn.Sequential(nn.Linear(dims[0], 8), nn.Tanh(), nn.Linear(8, 8))
+        self.visual_encoder = nn.Sequential(nn.Linear(dims[1], 8), nn.Tanh(), nn.Linear(8, 8))
+        self.lr, self.momentum = lr, momentum
+        self.automatic_optimization = not manual
+        if fusion == "concat":
+            self.head = nn.Linear(16, classes)
+            self.configure_modalities({"audio": self.audio_encoder, "visual": self.visual_encoder},
+                                      head=self.head, unimodal=unimodal)
+        elif fusion == "gated":
+            self.fusion = GatedFusion(8, classes)
+            kwargs: dict[str, Any] = {}
+            if unimodal == "heads":
+                self.aux = nn.ModuleDict({"audio": nn.Linear(8, classes), "visual": nn.Linear(8, classes)})
+                kwargs["unimodal_heads"] = {"audio": self.aux["audio"], "visual": self.aux["visual"]}
+            self.configure_modalities({"audio": self.audio_encoder, "visual": self.visual_encoder},
+                                      fusion=self.fusion, unimodal=unimodal, **kwargs)
+        else:
+            raise ValueError(fusion)
+        self.seen_batches = 0
+
+    def forward_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"audio": self.audio_encoder(batch["audio"]), "visual": self.visual_encoder(batch["visual"])}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
+        logits = self.fuse(self.forward_features(batch), batch["target"])
+        loss = F.cross_entropy(logits, batch["target"])
+        if self.modality_spec.unimodal == "heads":
+            loss = loss + self.unimodal_loss()
+        if self.automatic_optimization:
+            return loss
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return None
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self.fuse(self.forward_features(batch), batch["target"])
+        self.log("val_loss", F.cross_entropy(logits, batch["target"]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class InterleavedSampler(torch.utils.data.Sampler):
+    """Rank r of W reads samples r, r+W, r+2W, ...: the union of the ranks' k-th batches of size B/W
+    is exactly the k-th batch of size B of a single process reading in order."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def _rank_world(self) -> tuple[int, int]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def __iter__(self):
+        rank, world = self._rank_world()
+        return iter(range(rank, self.n, world))
+
+    def __len__(self) -> int:
+        rank, world = self._rank_world()
+        return len(range(rank, self.n, world))
+
+
+def loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    """In-order batches; under DDP (with ``use_distributed_sampler=False``) interleaved across ranks."""
+    return DataLoader(DictDataset(n=n, seed=seed), batch_size=batch_size, sampler=InterleavedSampler(n))
+
+
+def trainer_kwargs(tmp_path: Any, **overrides: Any) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(
+        default_root_dir=str(tmp_path), accelerator="cpu", devices=1, max_epochs=2, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        deterministic=True, num_sanity_val_steps=0,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def flat_params(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+
+
+class SaveParams(pl.Callback):
+    """Writes each rank's final parameters and the state of the callbacks under test to ``dir``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        states = {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks if cb is not self}
+        torch.save({"params": flat_params(pl_module), "states": states},
+                   f"{self.directory}/rank{trainer.global_rank}.pt")
