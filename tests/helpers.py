@@ -90,6 +90,9 @@ class TinyAV(MultimodalMixin, pl.LightningModule):
         logits = self.fuse(self.forward_features(batch), batch["target"])
         self.log("val_loss", F.cross_entropy(logits, batch["target"]))
 
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.fuse(self.forward_features(batch), batch["target"])
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 

@@ -20,7 +20,7 @@ __all__ = ["ModalityMonitor"]
 
 
 class ModalityMonitor(Callback):
-    """Logs, after every validation epoch, how much each modality contributes.
+    """Logs, after every validation (and test) epoch, how much each modality contributes.
 
     From the records of ``validation_step`` (which must call ``self.fuse(features, targets)``):
 
@@ -33,7 +33,8 @@ class ModalityMonitor(Callback):
       ``s_m = Σ_i softmax(o_{m,i})[y_i]`` (the OGM-GE imbalance ratio; 1 means balanced).
 
     Accuracies are torchmetrics ``MulticlassAccuracy`` (synchronised across ranks); score sums are
-    reduced with one all-reduce. Values go through ``pl_module.log``, so every Lightning logger
+    reduced with one all-reduce. The same keys with ``test_`` instead of ``val_`` are logged by
+    ``trainer.test`` (and kept in ``test_results``). Values go through ``pl_module.log``, so every Lightning logger
     (CSV, TensorBoard, W&B, ...) receives the same keys. ``history`` keeps one dict per epoch (on every
     rank) for plotting.
 
@@ -48,6 +49,7 @@ class ModalityMonitor(Callback):
         self.missing = missing
         self.prefix = prefix.rstrip("/")
         self.history: list[dict[str, float]] = []
+        self.test_results: Optional[dict[str, float]] = None
         self._metrics: Optional[nn.ModuleDict] = None
         self._scores: Optional[Tensor] = None
         self._index_at_batch_start = 0
@@ -71,25 +73,25 @@ class ModalityMonitor(Callback):
                 metrics[f"without_{m}"] = acc()
         return metrics.to(device)
 
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    # ------------------------------------------------------------------ shared by val and test
+    def _epoch_start(self) -> None:
         if self._metrics is not None:
             for metric in self._metrics.values():
                 metric.reset()
         self._scores = None
 
-    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._index_at_batch_start = pl_module._lb_calls  # type: ignore[attr-defined]
-
     @torch.no_grad()
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def _batch_end(self, pl_module: pl.LightningModule, stage: str) -> None:
         record = pl_module.balance_record  # type: ignore[attr-defined]
         if record is None or record.index == self._index_at_batch_start:
             raise ModalityContractError(
-                "ModalityMonitor found no modality record for this validation batch: `validation_step` must "
-                "obtain its logits with `self.fuse(features, targets)`."
+                f"ModalityMonitor found no modality record for this {stage} batch: `{stage}_step` must "
+                f"obtain its logits with `self.fuse(features, targets)`."
             )
         if record.targets is None:
-            raise ModalityContractError("ModalityMonitor needs targets: call self.fuse(features, targets) in validation_step.")
+            raise ModalityContractError(
+                f"ModalityMonitor needs targets: call self.fuse(features, targets) in {stage}_step."
+            )
         names = pl_module.modalities  # type: ignore[attr-defined]
         targets = record.targets
         fused = record.logits.detach()
@@ -108,25 +110,52 @@ class ModalityMonitor(Callback):
         scores = modality_scores(stack_modalities(uni, names), targets)
         self._scores = scores if self._scores is None else self._scores + scores
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._metrics is None or self._scores is None:
             return
         names = pl_module.modalities  # type: ignore[attr-defined]
         p = self.prefix
-        values: dict[str, Tensor] = {f"{p}/val_acc_fused": self._metrics["fused"].compute()}
+        values: dict[str, Tensor] = {f"{p}/{stage}_acc_fused": self._metrics["fused"].compute()}
         for m in names:
-            values[f"{p}/val_acc/{m}"] = self._metrics[f"uni_{m}"].compute()
+            values[f"{p}/{stage}_acc/{m}"] = self._metrics[f"uni_{m}"].compute()
             if self.missing:
-                values[f"{p}/val_acc_without/{m}"] = self._metrics[f"without_{m}"].compute()
+                values[f"{p}/{stage}_acc_without/{m}"] = self._metrics[f"without_{m}"].compute()
         ratios = ogm_ratios(all_reduce_sum(self._scores.clone(), trainer.strategy))
         for i, m in enumerate(names):
-            values[f"{p}/val_score_ratio/{m}"] = ratios[i]
+            values[f"{p}/{stage}_score_ratio/{m}"] = ratios[i]
         if trainer.sanity_checking:
             return
         log_balance_metrics(pl_module, values, on_step=False, on_epoch=True)
         row = {"epoch": float(trainer.current_epoch)}
         row.update({k[len(p) + 1 :]: float(v) for k, v in values.items()})
-        self.history.append(row)
+        if stage == "val":
+            self.history.append(row)
+        else:
+            self.test_results = row
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start()
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start()
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._index_at_batch_start = pl_module._lb_calls  # type: ignore[attr-defined]
+
+    on_test_batch_start = on_validation_batch_start
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_end(pl_module, "validation")
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_end(pl_module, "test")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_end(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_end(trainer, pl_module, "test")
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": 1, "history": list(self.history)}

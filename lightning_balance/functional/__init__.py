@@ -1,10 +1,13 @@
 """Functional core: each method's math as pure tensor functions (no Lightning import)."""
 
 from lightning_balance.functional.ogm import ge_noise_std, ogm_coefficients, ogm_ratios
+from lightning_balance.functional.probe import fit_linear_probe, linear_probe_accuracy
 from lightning_balance.functional.scores import modality_scores, stack_modalities, true_class_probability
 
 __all__ = [
+    "fit_linear_probe",
     "ge_noise_std",
+    "linear_probe_accuracy",
     "modality_scores",
     "ogm_coefficients",
     "ogm_ratios",

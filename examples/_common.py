@@ -1,0 +1,167 @@
+"""Models, training and evaluation shared by the example scripts (AV-Digits benchmark protocol)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+from lightning_balance import ModalityMonitor, MultimodalMixin
+from lightning_balance.data import AVDigitsDataModule
+from lightning_balance.functional import linear_probe_accuracy
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim), nn.ReLU())
+
+
+class AVDigitsNet(MultimodalMixin, pl.LightningModule):
+    """The calibration model of the benchmark protocol: one MLP encoder per modality, concat fusion,
+    a linear head; SGD with momentum. The mixin is the only thing that balancing adds to it."""
+
+    def __init__(self, input_dims: Optional[dict[str, int]] = None, hidden: int = 256, feature_dim: int = 128,
+                 num_classes: int = 10, lr: float = 0.02, momentum: float = 0.9) -> None:
+        super().__init__()
+        input_dims = input_dims or {"audio": 40, "visual": 64}
+        self.save_hyperparameters()
+        self.encoders = nn.ModuleDict({m: mlp(d, hidden, feature_dim) for m, d in input_dims.items()})
+        self.head = nn.Linear(feature_dim * len(input_dims), num_classes)
+        self.configure_modalities({m: self.encoders[m] for m in input_dims}, head=self.head)
+
+    def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.encoders[m](batch[m]) for m in self.modalities}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self.fuse(self.features(batch), batch["target"])
+        loss = F.cross_entropy(logits, batch["target"])
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self.fuse(self.features(batch), batch["target"])
+        self.log("val_acc", (logits.argmax(-1) == batch["target"]).float().mean(), prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+
+
+class UnimodalNet(pl.LightningModule):
+    """One modality alone: the same encoder and a linear head (the "modality alone" reference)."""
+
+    def __init__(self, modality: str, input_dim: int, hidden: int = 256, feature_dim: int = 128,
+                 num_classes: int = 10, lr: float = 0.02, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.modality = modality
+        self.encoder = mlp(input_dim, hidden, feature_dim)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.encoder(batch[self.modality]))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = F.cross_entropy(self(batch), batch["target"])
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_acc", (self(batch).argmax(-1) == batch["target"]).float().mean(), prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+
+
+def fit(model: pl.LightningModule, data: pl.LightningDataModule, callbacks: Sequence[pl.Callback], epochs: int,
+        root: str, progress: bool = True) -> tuple[pl.LightningModule, float]:
+    """Train, then restore the weights of the epoch with the best validation accuracy.
+
+    Returns the model and its best validation accuracy (selection never looks at test data).
+    """
+    checkpoint = ModelCheckpoint(dirpath=root, monitor="val_acc", mode="max", save_top_k=1, filename="best")
+    trainer = pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, default_root_dir=root,
+        callbacks=[*callbacks, checkpoint], enable_progress_bar=progress, enable_model_summary=False,
+        num_sanity_val_steps=0, deterministic=True,
+    )
+    trainer.fit(model, datamodule=data)
+    state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict(state)
+    return model.eval(), float(checkpoint.best_model_score)
+
+
+def _acc_f1(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    return (float(multiclass_accuracy(logits, targets, num_classes, average="micro")),
+            float(multiclass_f1_score(logits, targets, num_classes, average="macro")))
+
+
+@torch.no_grad()
+def evaluate_joint(model: AVDigitsNet, data: AVDigitsDataModule) -> dict[str, float]:
+    """Fused, per-modality (split head), linear-probe and missing-modality test accuracy."""
+    model.eval()
+    test, train = data.splits["test"], data.splits["train"]
+    c = model.hparams.num_classes
+    feats = model.features(test)
+    out: dict[str, float] = {}
+    out["acc"], out["f1"] = _acc_f1(model.fuse_features(feats), test["target"], c)
+    uni = model.compute_unimodal_logits(feats)
+    train_feats = model.features(train)
+    for m in model.modalities:
+        out[f"acc_{m}"] = _acc_f1(uni[m], test["target"], c)[0]
+        out[f"probe_{m}"] = linear_probe_accuracy(train_feats[m], train["target"], feats[m], test["target"], c)
+        out[f"acc_without_{m}"] = _acc_f1(model.fuse_without(feats, m), test["target"], c)[0]
+    return out
+
+
+@torch.no_grad()
+def unimodal_logits(model: UnimodalNet, split: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.eval()(split)
+
+
+@torch.no_grad()
+def evaluate_unimodal(model: UnimodalNet, data: AVDigitsDataModule) -> dict[str, float]:
+    test, train = data.splits["test"], data.splits["train"]
+    c = model.hparams.num_classes
+    acc, f1 = _acc_f1(unimodal_logits(model, test), test["target"], c)
+    probe = linear_probe_accuracy(model.encoder(train[model.modality]), train["target"],
+                                  model.encoder(test[model.modality]), test["target"], c)
+    return {"acc": acc, "f1": f1, f"acc_{model.modality}": acc, f"probe_{model.modality}": probe}
+
+
+def evaluate_ensemble(models: Sequence[UnimodalNet], data: AVDigitsDataModule) -> dict[str, float]:
+    """Product of the separately trained unimodal models' probabilities (UME-style ensemble)."""
+    test = data.splits["test"]
+    log_p = sum(torch.log_softmax(unimodal_logits(m, test), -1) for m in models)
+    acc, f1 = _acc_f1(log_p, test["target"], models[0].hparams.num_classes)
+    return {"acc": acc, "f1": f1}
+
+
+def mean_std(values: Sequence[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def format_table(rows: dict[str, list[dict[str, float]]], columns: Sequence[tuple[str, str]]) -> str:
+    """Markdown table: one row per method, mean ± std over seeds of each column."""
+    head = "| method | " + " | ".join(title for _, title in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    for name, runs in rows.items():
+        cells = [mean_std([r.get(key, float("nan")) for r in runs]) for key, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def monitor() -> ModalityMonitor:
+    return ModalityMonitor()

@@ -1,0 +1,148 @@
+"""AV-Digits benchmark: joint training with and without balancing methods, and the references.
+
+Trains, per seed: each modality alone, the joint baseline, and the joint model with each requested
+method; every model is restored to its epoch of best **validation** accuracy before it is scored on
+test. Prints a table (mean ± std over seeds), writes per-seed values to JSON and a PNG of per-modality
+validation accuracy over epochs.
+
+    python examples/av_digits_benchmark.py                    # the demo: baseline vs OGM-GE, 1 seed
+    python examples/av_digits_benchmark.py --seeds 0 1 2      # what the README reports
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402
+    AVDigitsNet,
+    UnimodalNet,
+    evaluate_ensemble,
+    evaluate_joint,
+    evaluate_unimodal,
+    fit,
+    format_table,
+)
+
+from lightning_balance import OGMGE, ModalityMonitor  # noqa: E402
+from lightning_balance.data import AVDigitsDataModule  # noqa: E402
+
+# Balancing methods: name -> factory of the callbacks added to the joint model's Trainer.
+# OGM-GE's alpha was chosen on validation accuracy with examples/select_ogm_alpha.py (see docs/results.md).
+METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
+    "baseline": lambda: [],
+    "ogm_ge": lambda: [OGMGE(alpha=0.3, params="weights")],
+    "ogm": lambda: [OGMGE(alpha=0.3, params="weights", noise=False)],
+}
+
+COLUMNS = [
+    ("acc", "fused acc"), ("f1", "macro-F1"),
+    ("acc_audio", "audio (split head)"), ("acc_visual", "visual (split head)"),
+    ("probe_audio", "audio probe"), ("probe_visual", "visual probe"),
+    ("acc_without_audio", "acc, audio missing"), ("acc_without_visual", "acc, visual missing"),
+    ("val_acc", "best val acc"),
+]
+
+
+def run_seed(seed: int, methods: list[str], epochs: int, root: str, progress: bool,
+             references: bool) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, float]]]]:
+    data = AVDigitsDataModule(seed=seed)
+    data.setup()
+    results: dict[str, dict[str, float]] = {}
+    curves: dict[str, list[dict[str, float]]] = {}
+    if references:
+        alone = []
+        for modality, dim in data.feature_dims.items():
+            pl.seed_everything(seed, verbose=False)
+            model, val = fit(UnimodalNet(modality, dim), data, [], epochs, f"{root}/{modality}", progress)
+            results[f"{modality} alone"] = {**evaluate_unimodal(model, data), "val_acc": val}
+            alone.append(model)
+        results["unimodal ensemble"] = evaluate_ensemble(alone, data)
+    for method in methods:
+        pl.seed_everything(seed, verbose=False)
+        watch = ModalityMonitor()
+        model, val = fit(AVDigitsNet(), data, [*METHODS[method](), watch], epochs, f"{root}/{method}", progress)
+        results[method] = {**evaluate_joint(model, data), "val_acc": val}
+        curves[method] = watch.history
+    return results, curves
+
+
+def plot(curves_by_seed: list[dict[str, list[dict[str, float]]]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    keys = [("val_acc/audio", "audio (split head)"), ("val_acc/visual", "visual (split head)"),
+            ("val_acc_fused", "fused")]
+    methods = list(curves_by_seed[0])
+    for ax, (key, title) in zip(axes, keys):
+        for i, method in enumerate(methods):
+            runs = [c[method] for c in curves_by_seed]
+            epochs = [row["epoch"] for row in runs[0]]
+            values = torch.tensor([[row[key] for row in run] for run in runs])
+            mean = values.mean(0)
+            ax.plot(epochs, mean, color=f"C{i}", label=method)
+            if len(runs) > 1:
+                std = values.std(0)
+                ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy")
+    axes[-1].legend(loc="lower right")
+    fig.suptitle(f"AV-Digits: validation accuracy per modality ({len(curves_by_seed)} seed(s), mean ± std)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["baseline", "ogm_ge"], choices=sorted(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--out", default="results", help="folder for the JSON and the PNG")
+    parser.add_argument("--no-references", action="store_true", help="skip the unimodal references")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    os.makedirs(args.out, exist_ok=True)
+    start = time.time()
+    per_seed: dict[str, list[dict[str, float]]] = {}
+    curves = []
+    with tempfile.TemporaryDirectory() as root:
+        for seed in args.seeds:
+            results, seed_curves = run_seed(seed, args.methods, args.epochs, f"{root}/{seed}",
+                                            not args.no_progress, not args.no_references)
+            for name, values in results.items():
+                per_seed.setdefault(name, []).append({"seed": seed, **values})
+            curves.append(seed_curves)
+    tag = f"av_digits_{'_'.join(args.methods)}_{len(args.seeds)}seeds"
+    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
+        json.dump({"command": "python examples/av_digits_benchmark.py " + " ".join(argv or sys.argv[1:]),
+                   "epochs": args.epochs, "seeds": args.seeds, "results": per_seed}, f, indent=1)
+    plot(curves, os.path.join(args.out, f"{tag}.png"))
+    print(f"\nAV-Digits test metrics, checkpoint chosen on validation accuracy; "
+          f"{len(args.seeds)} seed(s) {args.seeds}, mean ± std; {time.time() - start:.0f} s\n")
+    print(format_table(per_seed, COLUMNS))
+    print(f"\nper-seed values: {args.out}/{tag}.json   curves: {args.out}/{tag}.png")
+    return per_seed
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""ModalityMonitor: values, keys through any logger (CSV, W&B offline), and errors."""
+
+import csv
+import glob
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_balance import OGMGE, ModalityContractError, ModalityMonitor
+from tests.helpers import TinyAV, loader, trainer_kwargs
+
+EXPECTED = {
+    "balance/monitor/val_acc_fused",
+    "balance/monitor/val_acc/audio",
+    "balance/monitor/val_acc/visual",
+    "balance/monitor/val_acc_without/audio",
+    "balance/monitor/val_acc_without/visual",
+    "balance/monitor/val_score_ratio/audio",
+    "balance/monitor/val_score_ratio/visual",
+    "balance/ogm/coeff/audio",
+    "balance/ogm/ratio/visual",
+    "balance/ogm/confidence/audio",
+}
+
+
+def fit(tmp_path, logger=False, model=None, monitor=None):
+    monitor = monitor or ModalityMonitor()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[OGMGE(params="weights", seed=0), monitor],
+                                          logger=logger, log_every_n_steps=1))
+    model = model or TinyAV()
+    trainer.fit(model, loader(), loader(n=32, seed=1))
+    return model, monitor, trainer
+
+
+def test_values_match_a_direct_computation(tmp_path):
+    model, monitor, _ = fit(tmp_path)
+    assert len(monitor.history) == 2 and monitor.history[-1]["epoch"] == 1.0
+    ds = loader(n=32, seed=1).dataset
+    with torch.no_grad():
+        feats = model.forward_features({"audio": ds.a, "visual": ds.v})
+        uni = model.compute_unimodal_logits(feats)
+        fused = model.fuse_features(feats)
+        without_audio = model.fuse_without(feats, "audio")
+        s = {m: F.softmax(uni[m], -1).gather(1, ds.y[:, None]).sum() for m in uni}
+    last = monitor.history[-1]
+
+    def acc(logits):
+        return (logits.argmax(-1) == ds.y).float().mean().item()
+
+    assert last["val_acc/audio"] == pytest.approx(acc(uni["audio"]))
+    assert last["val_acc/visual"] == pytest.approx(acc(uni["visual"]))
+    assert last["val_acc_fused"] == pytest.approx(acc(fused))
+    assert last["val_acc_without/audio"] == pytest.approx(acc(without_audio))
+    assert last["val_score_ratio/audio"] == pytest.approx((s["audio"] / s["visual"]).item(), rel=1e-5)
+
+
+def test_keys_reach_the_csv_logger(tmp_path):
+    fit(tmp_path, logger=CSVLogger(str(tmp_path), name="csv"))
+    (path,) = glob.glob(str(tmp_path / "csv" / "*" / "metrics.csv"))
+    with open(path) as f:
+        columns = set(next(csv.reader(f)))
+    assert EXPECTED <= columns
+
+
+def test_keys_reach_wandb_offline(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="lightning_balance_test")
+    try:
+        fit(tmp_path, logger=logger)
+        summary_keys = set(dict(logger.experiment.summary).keys())
+    finally:
+        wandb.finish()
+    assert EXPECTED <= summary_keys
+    assert glob.glob(os.path.join(str(tmp_path), "wandb", "offline-run-*"))
+
+
+def test_test_stage_and_missing_record(tmp_path):
+    model, monitor, trainer = fit(tmp_path)
+    trainer.test(model, loader(n=32, seed=2))
+    assert set(monitor.test_results) >= {"test_acc_fused", "test_acc/audio", "test_acc_without/visual"}
+
+    class NoFuse(TinyAV):
+        def validation_step(self, batch, batch_idx):
+            feats = self.forward_features(batch)
+            self.head(torch.cat([feats["audio"], feats["visual"]], -1))
+
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[ModalityMonitor()], max_epochs=1))
+    with pytest.raises(ModalityContractError, match="validation_step` must obtain its logits with `self.fuse"):
+        trainer.fit(NoFuse(), loader(), loader(n=32, seed=1))
