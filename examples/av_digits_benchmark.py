@@ -41,8 +41,8 @@ from lightning_balance.data import AVDigitsDataModule  # noqa: E402
 # OGM-GE's alpha was chosen on validation accuracy with examples/select_ogm_alpha.py (see docs/results.md).
 METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
     "baseline": lambda: [],
-    "ogm_ge": lambda: [OGMGE(alpha=0.3, params="weights")],
-    "ogm": lambda: [OGMGE(alpha=0.3, params="weights", noise=False)],
+    "ogm_ge": lambda: [OGMGE(alpha=0.1, params="weights")],
+    "ogm": lambda: [OGMGE(alpha=0.1, params="weights", noise=False)],
 }
 
 COLUMNS = [

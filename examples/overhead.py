@@ -1,12 +1,12 @@
 """Step-time overhead of a balancing callback: median step time with it ÷ without it.
 
-Protocol (benchmark-protocol.md §4): one process, the same model and batch, the two settings
-alternating (A B A B ...) in short fits, warm-up steps of every fit dropped, median over all timed
-steps. A step is timed from ``on_train_batch_start`` to ``on_train_batch_end``: forward, backward,
-the callback's hooks and the optimizer step (data loading excluded).
+Protocol (benchmark-protocol.md §4): one process, the same model and batches, the two settings
+alternating step by step (A B A B ...) in one fit, warm-up steps dropped, median over the timed steps.
+A step is timed from ``on_train_batch_start`` to ``on_train_batch_end``: forward, backward, the
+callback's hooks and the optimizer step (data loading excluded).
 
-    python examples/overhead.py                       # AV-Digits model + synthetic models, M = 2, 4, 8
-    python examples/overhead.py --rounds 10 --steps 30
+    python examples/overhead.py                  # AV-Digits model, synthetic MLPs (M = 2, 4, 8), a Conv1d model
+    python examples/overhead.py --steps 400
 """
 
 from __future__ import annotations
@@ -31,16 +31,66 @@ from lightning_balance import OGMGE  # noqa: E402
 from lightning_balance.data import MultimodalTensorDataset  # noqa: E402
 
 
-class StepTimer(pl.Callback):
-    def __init__(self, skip: int) -> None:
-        self.skip, self.times, self._t0 = skip, [], 0.0
+class ConvNet(AVDigitsNet):
+    """Synthetic model with Conv1d encoders (input (N, 1, length) per modality), mean-pooled, concat head."""
+
+    def __init__(self, input_dims: dict[str, int], channels: int = 256, layers: int = 4, kernel: int = 5,
+                 num_classes: int = 10) -> None:
+        pl.LightningModule.__init__(self)
+        self.save_hyperparameters()
+        def encoder() -> torch.nn.Sequential:
+            mods: list[torch.nn.Module] = [torch.nn.Conv1d(1, channels, kernel, padding=kernel // 2), torch.nn.ReLU()]
+            for _ in range(layers - 1):
+                mods += [torch.nn.Conv1d(channels, channels, kernel, padding=kernel // 2), torch.nn.ReLU()]
+            return torch.nn.Sequential(*mods, torch.nn.AdaptiveAvgPool1d(1), torch.nn.Flatten())
+        self.encoders = torch.nn.ModuleDict({m: encoder() for m in input_dims})
+        self.head = torch.nn.Linear(channels * len(input_dims), num_classes)
+        self.configure_modalities({m: self.encoders[m] for m in input_dims}, head=self.head)
+
+    def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.encoders[m](batch[m].unsqueeze(1)) for m in self.modalities}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class Alternating(pl.Callback):
+    """Runs the wrapped callbacks on odd steps only (B) and times every step: A B A B ... in one fit.
+
+    A step is timed from ``on_train_batch_start`` to ``on_train_batch_end``: forward, backward, the
+    callbacks' hooks and the optimizer step (data loading excluded).
+    """
+
+    def __init__(self, inner: list[pl.Callback], warmup: int) -> None:
+        self.inner, self.warmup = inner, warmup
+        self.times: dict[str, list[float]] = {"A": [], "B": []}
+        self._t0, self._arm = 0.0, "A"
+
+    def setup(self, trainer, pl_module, stage):
+        for cb in self.inner:
+            cb.setup(trainer, pl_module, stage)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._arm = "B" if batch_idx % 2 else "A"
+        if self._arm == "B":
+            for cb in self.inner:
+                cb.on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._t0 = time.perf_counter()
 
+    def on_before_backward(self, trainer, pl_module, loss):
+        if self._arm == "B":
+            for cb in self.inner:
+                cb.on_before_backward(trainer, pl_module, loss)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self._arm == "B":
+            for cb in self.inner:
+                cb.on_before_optimizer_step(trainer, pl_module, optimizer)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx >= self.skip:
-            self.times.append(time.perf_counter() - self._t0)
+        elapsed = time.perf_counter() - self._t0
+        if batch_idx >= self.warmup:
+            self.times[self._arm].append(elapsed)
 
 
 def fixed_batches(dims: dict[str, int], batch_size: int, steps: int, classes: int = 10) -> DataLoader:
@@ -52,60 +102,75 @@ def fixed_batches(dims: dict[str, int], batch_size: int, steps: int, classes: in
 
 
 def measure(model: pl.LightningModule, data: DataLoader, make_callbacks: Callable[[], list[pl.Callback]],
-            rounds: int, warmup: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {"A": [], "B": []}
-    for _ in range(rounds):
-        for arm in ("A", "B"):
-            timer = StepTimer(skip=warmup)
-            callbacks = [timer] + (make_callbacks() if arm == "B" else [])
-            trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
-                                 enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                                 num_sanity_val_steps=0)
-            trainer.fit(model, data)
-            times[arm].extend(timer.times)
-    a, b = statistics.median(times["A"]), statistics.median(times["B"])
-    return {"median_ms_without": 1e3 * a, "median_ms_with": 1e3 * b, "ratio": b / a, "timed_steps": len(times["B"])}
+            warmup: int) -> dict[str, float]:
+    """Median step time without (A) and with (B) the callbacks, alternating step by step in one fit."""
+    probe = Alternating(make_callbacks(), warmup)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=[probe],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    a, b = statistics.median(probe.times["A"]), statistics.median(probe.times["B"])
+    return {"median_ms_without": 1e3 * a, "median_ms_with": 1e3 * b, "ratio": b / a, "timed_steps": len(probe.times["B"])}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=25, help="steps per fit (the first 5 are warm-up)")
+    parser.add_argument("--steps", type=int, default=200, help="steps per setting (A and B alternate; 10 warm-up)")
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     os.makedirs(args.out, exist_ok=True)
 
-    methods = {
-        "OGM-GE": lambda: [OGMGE(alpha=0.3, params="weights", seed=0, log=False)],
-        "OGM (no noise)": lambda: [OGMGE(alpha=0.3, params="weights", noise=False, log=False)],
-        "OGM-GE + logging": lambda: [OGMGE(alpha=0.3, params="weights", seed=0)],
-    }
-    setups = [("AV-Digits model", {"audio": 40, "visual": 64}, dict(), 64)]
+    def ogm_ge(params: str, log: bool = False) -> Callable[[], list[pl.Callback]]:
+        return lambda: [OGMGE(alpha=0.3, params=params, seed=0, log_metrics=log)]
+
+    def ogm(params: str) -> Callable[[], list[pl.Callback]]:
+        return lambda: [OGMGE(alpha=0.3, params=params, noise=False, log_metrics=False)]
+
+    # (name, model factory, input dims, batch size, {method: callbacks factory})
+    setups: list[tuple[str, Callable[[], pl.LightningModule], dict[str, int], int, dict]] = []
+    av = {"audio": 40, "visual": 64}
+    setups.append(("AV-Digits MLP", lambda: AVDigitsNet(input_dims=av), av, 64,
+                   {"OGM-GE": ogm_ge("weights"), "OGM (no noise)": ogm("weights"),
+                    "OGM-GE + logging": ogm_ge("weights", log=True)}))
     for m in (2, 4, 8):
         dims = {f"m{i}": 128 for i in range(m)}
-        setups.append((f"synthetic, M={m}", dims, dict(hidden=1024, feature_dim=256), 128))
+        setups.append((f"synthetic MLP, M={m}", lambda dims=dims: AVDigitsNet(input_dims=dims, hidden=2048, feature_dim=512),
+                       dims, 128, {"OGM-GE": ogm_ge("weights"), "OGM (no noise)": ogm("weights")}))
+    conv_dims = {f"m{i}": 64 for i in range(4)}
+    setups.append(("synthetic Conv1d, M=4", lambda: ConvNet(conv_dims), conv_dims, 16,
+                   {"OGM-GE": ogm_ge("conv"), "OGM (no noise)": ogm("conv")}))
 
     rows = []
-    for name, dims, kw, batch in setups:
+    for name, factory, dims, batch, methods in setups:
         torch.manual_seed(0)
-        model = AVDigitsNet(input_dims=dims, **kw)
+        model = factory()
         params = sum(p.numel() for p in model.parameters())
         data = fixed_batches(dims, batch, args.steps)
         for method, make in methods.items():
-            res = measure(model, data, make, args.rounds, warmup=5)
+            res = measure(model, data, make, warmup=10)
             rows.append({"model": name, "params": params, "batch": batch, "method": method, **res})
-            print(f"{name:18s} {params / 1e6:5.2f}M  {method:18s} {res['median_ms_without']:7.2f} ms -> "
-                  f"{res['median_ms_with']:7.2f} ms  ratio {res['ratio']:.3f}", flush=True)
+            print(f"{name:22s} {params / 1e6:5.2f}M  {method:18s} {res['median_ms_without']:8.2f} ms -> "
+                  f"{res['median_ms_with']:8.2f} ms  ratio {res['ratio']:.3f}", flush=True)
 
     print("\n| model | parameters | batch | method | step without (ms) | step with (ms) | ratio |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['method']} | "
               f"{r['median_ms_without']:.2f} | {r['median_ms_with']:.2f} | {r['ratio']:.3f} |")
+    # The floor under OGM-GE's extra time: drawing one Gaussian number per edited gradient element.
+    buffer, generator = torch.empty(5_000_000), torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(11):
+        t0 = time.perf_counter()
+        buffer.normal_(generator=generator)
+        draws.append(time.perf_counter() - t0)
+    rng_ms = 1e3 * statistics.median(draws[1:])
+    print(f"\nGaussian draw of 5M float32 elements (torch normal_, this device): {rng_ms:.1f} ms")
     with open(os.path.join(args.out, "overhead.json"), "w") as f:
         json.dump({"command": "python examples/overhead.py " + " ".join(argv or sys.argv[1:]),
-                   "device": "cpu", "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+                   "device": "cpu", "threads": torch.get_num_threads(), "normal_5M_ms": rng_ms, "rows": rows},
+                  f, indent=1)
 
 
 if __name__ == "__main__":

@@ -96,3 +96,28 @@ def test_test_stage_and_missing_record(tmp_path):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[ModalityMonitor()], max_epochs=1))
     with pytest.raises(ModalityContractError, match="validation_step` must obtain its logits with `self.fuse"):
         trainer.fit(NoFuse(), loader(), loader(n=32, seed=1))
+
+
+def test_log_metrics_false_logs_nothing(tmp_path):
+    # Lightning assigns `callback.log = pl_module.log` to every callback: the switch must not be `log`
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[OGMGE(params="weights", log_metrics=False)], max_epochs=1))
+    trainer.fit(TinyAV(), loader())
+    assert not [k for k in trainer.callback_metrics if k.startswith("balance/")]
+
+
+def test_step_metrics_are_logged_on_the_logger_steps(tmp_path):
+    class LogsLoss(TinyAV):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            return loss
+
+    logger = CSVLogger(str(tmp_path), name="csv")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[OGMGE(params="weights", seed=0)], logger=logger,
+                                          log_every_n_steps=3, max_epochs=3))
+    trainer.fit(LogsLoss(), loader())
+    (path,) = glob.glob(str(tmp_path / "csv" / "*" / "metrics.csv"))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["2", "5", "8", "11"]
+    assert all(r["train_loss"] and r["balance/ogm/coeff/audio"] for r in rows)

@@ -116,3 +116,34 @@ def test_fp16_amp_edits_unscaled_gradients(tmp_path):
     fp16, _ = run(tmp_path, [ogm(seed=4), Probe()], max_epochs=1, plugins=[amp])
     assert seen == pytest.approx(fp32_norms, rel=0.05)  # unscaled (a scaled grad would be ~4096x)
     torch.testing.assert_close(flat_params(fp16), flat_params(fp32), rtol=0.05, atol=5e-3)
+
+
+class TwoOptimizers(TinyAV):
+    """Manual optimisation with one optimizer per encoder (+ head on the first): each optimizer's step
+    must edit only its own parameters, with the coefficients of the one global batch."""
+
+    def __init__(self):
+        super().__init__(manual=True)
+
+    def configure_optimizers(self):
+        first = [*self.audio_encoder.parameters(), *self.head.parameters()]
+        return [torch.optim.SGD(first, lr=self.lr, momentum=self.momentum),
+                torch.optim.SGD(self.visual_encoder.parameters(), lr=self.lr, momentum=self.momentum)]
+
+    def training_step(self, batch, batch_idx):
+        opt_a, opt_v = self.optimizers()
+        logits = self.fuse(self.forward_features(batch), batch["target"])
+        loss = torch.nn.functional.cross_entropy(logits, batch["target"])
+        opt_a.zero_grad()
+        opt_v.zero_grad()
+        self.manual_backward(loss)
+        opt_a.step()
+        opt_v.step()
+
+
+def test_several_optimizers_edit_their_own_parameters(tmp_path):
+    auto, _ = run(tmp_path, [ogm(noise=False)])
+    cb = ogm(noise=False)
+    two, _ = run(tmp_path, [cb], model=TwoOptimizers())
+    torch.testing.assert_close(flat_params(two), flat_params(auto), rtol=1e-6, atol=1e-7)
+    assert cb.num_edits == 16  # 8 batches x 2 optimizers

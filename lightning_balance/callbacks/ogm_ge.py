@@ -61,7 +61,7 @@ class OGMGE(GradientBalancingCallback):
         eps: lower clamp of the scores.
         seed: seed of the noise stream; ``None`` draws one on rank 0 from torch's global RNG (so
             ``seed_everything`` makes runs reproducible) and broadcasts it.
-        nonfinite, allow_untested_strategy, log: see :class:`GradientBalancingCallback`.
+        nonfinite, allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback`.
 
     Logged (per optimizer step): ``balance/ogm/confidence/<m>`` (mean true-class probability
     ``s_m / N``), ``balance/ogm/ratio/<m>`` and ``balance/ogm/coeff/<m>``.
@@ -85,7 +85,7 @@ class OGMGE(GradientBalancingCallback):
         seed: Optional[int] = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         allow_untested_strategy: bool = False,
-        log: bool = True,
+        log_metrics: bool = True,
     ) -> None:
         super().__init__(
             modalities=modalities,
@@ -93,7 +93,7 @@ class OGMGE(GradientBalancingCallback):
             end_epoch=end_epoch,
             nonfinite=nonfinite,
             allow_untested_strategy=allow_untested_strategy,
-            log=log,
+            log_metrics=log_metrics,
         )
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0:
             raise ValueError(f"alpha must be a number >= 0, got {alpha!r}.")
@@ -108,10 +108,6 @@ class OGMGE(GradientBalancingCallback):
         self.params = params
         self.eps = float(eps)
         self.seed = seed
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(alpha=self.alpha, noise=self.noise, modalities=self.modalities)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -161,10 +157,10 @@ class OGMGE(GradientBalancingCallback):
             if generator is None:
                 torch._foreach_mul_(grads, k)
                 continue
-            stds = [ge_noise_std(g) for g in grads]  # from the unmodulated gradients
-            for g, std in zip(grads, stds):
+            for g in grads:
+                std = ge_noise_std(g)  # of the unmodulated gradient
                 noise = torch.empty_like(g).normal_(generator=generator)
-                g.mul_(k).add_(noise.mul_(std))
+                g.mul_(k).addcmul_(noise, std.to(g.dtype))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "seed": self.seed}
