@@ -19,6 +19,7 @@ def test_readme_example_trains(tmp_path, monkeypatch):
     exec(compile(example, "README.md", "exec"), namespace)
     trainer = namespace["trainer"]
     trainer.fit_loop.max_epochs = 1
+    trainer.log_every_n_steps = 1  # step metrics are computed on the steps that reach the loggers
     g = torch.Generator().manual_seed(0)
     data = MultimodalTensorDataset({"audio": torch.randn(64, 40, generator=g), "visual": torch.randn(64, 64, generator=g),
                                     "target": torch.randint(0, 10, (64,), generator=g)})

@@ -63,8 +63,9 @@ class OGMGE(GradientBalancingCallback):
             ``seed_everything`` makes runs reproducible) and broadcasts it.
         nonfinite, allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback`.
 
-    Logged (per optimizer step): ``balance/ogm/confidence/<m>`` (mean true-class probability
-    ``s_m / N``), ``balance/ogm/ratio/<m>`` and ``balance/ogm/coeff/<m>``.
+    Logged on the steps that reach the loggers (the Trainer's ``log_every_n_steps``):
+    ``balance/ogm/confidence/<m>`` (mean true-class probability ``s_m / N``), ``balance/ogm/ratio/<m>``
+    and ``balance/ogm/coeff/<m>``.
 
     Example::
 
