@@ -149,3 +149,22 @@ class SaveParams(pl.Callback):
         states = {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks if cb is not self}
         torch.save({"params": flat_params(pl_module), "states": states},
                    f"{self.directory}/rank{trainer.global_rank}.pt")
+
+
+class MultiMLP(MultimodalMixin, pl.LightningModule):
+    """M modalities, one small MLP encoder each, concat head; batches are dicts with a "target" key."""
+
+    def __init__(self, input_dims: dict[str, int], classes: int = 10, lr: float = 0.05) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoders = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, 16), nn.ReLU()) for m, d in input_dims.items()})
+        self.head = nn.Linear(16 * len(input_dims), classes)
+        self.lr = lr
+        self.configure_modalities({m: self.encoders[m] for m in input_dims}, head=self.head)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self.fuse({m: self.encoders[m](batch[m]) for m in self.modalities}, batch["target"])
+        return F.cross_entropy(logits, batch["target"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)

@@ -8,7 +8,7 @@ from lightning_balance.data import AVDigitsDataModule, SyntheticCollapseDataModu
 jsonargparse = pytest.importorskip("jsonargparse", reason="jsonargparse (the `cli` extra) is not installed")
 
 
-def test_lightning_cli_yaml_configures_callbacks_and_data(tmp_path):
+def test_lightning_cli_yaml_configures_callbacks_and_data(tmp_path, monkeypatch):
     from lightning.pytorch.cli import LightningCLI
 
     from tests.helpers import TinyAV
@@ -32,7 +32,9 @@ model:
   lr: 0.05
 """
     )
-    cli = LightningCLI(TinyAV, args=["--config", str(config)], run=False, save_config_callback=None)
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    cli = LightningCLI(TinyAV, args=["--config", str(config)], run=False, save_config_callback=None,
+                       seed_everything_default=0)
     ogm = next(cb for cb in cli.trainer.callbacks if isinstance(cb, OGMGE))
     assert (ogm.alpha, ogm.params, ogm.modalities, ogm.end_epoch, ogm.seed) == (0.8, "weights", ("audio", "visual"), None, 3)
     monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ModalityMonitor))

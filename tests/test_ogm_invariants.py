@@ -147,3 +147,21 @@ def test_several_optimizers_edit_their_own_parameters(tmp_path):
     two, _ = run(tmp_path, [cb], model=TwoOptimizers())
     torch.testing.assert_close(flat_params(two), flat_params(auto), rtol=1e-6, atol=1e-7)
     assert cb.num_edits == 16  # 8 batches x 2 optimizers
+
+
+def test_three_modalities_on_the_synthetic_benchmark(tmp_path):
+    from lightning_balance.data import SyntheticCollapseDataModule
+
+    from tests.helpers import MultiMLP
+
+    data = SyntheticCollapseDataModule(num_samples=512, num_modalities=3, snr=[4.0, 1.0, 0.5], batch_size=64)
+    cb = ogm(seed=0)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=1, log_every_n_steps=1))
+    trainer.fit(MultiMLP(data.feature_dims), datamodule=data)
+    coeffs = {m: trainer.callback_metrics[f"balance/ogm/coeff/{m}"].item() for m in data.modalities}
+    ratios = {m: trainer.callback_metrics[f"balance/ogm/ratio/{m}"].item() for m in data.modalities}
+    assert cb.num_edits == trainer.global_step > 0
+    # the strongest modality is slowed (k < 1), the weaker ones are not
+    strongest = max(ratios, key=ratios.get)
+    assert ratios[strongest] > 1 and coeffs[strongest] < 1
+    assert all(coeffs[m] == 1.0 for m in data.modalities if ratios[m] <= 1)
