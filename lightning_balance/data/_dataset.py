@@ -13,6 +13,8 @@ lives here so that no loader code is duplicated:
 
 from __future__ import annotations
 
+import abc
+
 import numbers
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -121,7 +123,7 @@ class _EpochSeededRandomSampler(RandomSampler):
         yield from super().__iter__()
 
 
-class _SplitDataModule(pl.LightningDataModule):
+class _SplitDataModule(pl.LightningDataModule, abc.ABC):
     """Base class: serves in-memory train/val/test splits of paired modality tensors.
 
     Subclasses implement :meth:`_make_splits` (returning ``{"train": {...}, "val": {...},
@@ -149,8 +151,9 @@ class _SplitDataModule(pl.LightningDataModule):
         self.splits: Splits | None = None
         self.datasets: dict[str, MultimodalTensorDataset] = {}
 
-    def _make_splits(self) -> Splits:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _make_splits(self) -> Splits:
+        """Build ``{"train": {...}, "val": {...}, "test": {...}}`` (each a dict of equal-length tensors)."""
 
     def setup(self, stage: str | None = None) -> None:
         """Build the three splits (once; later calls reuse them)."""
