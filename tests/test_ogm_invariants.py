@@ -7,14 +7,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 
-from lightning_balance import OGMGE
+from lightning_balance import OGMGE, ModalityMonitor
 from tests.helpers import SaveParams, TinyAV, flat_params, loader, trainer_kwargs
 
 
-def run(tmp_path, callbacks, *, batch_size=16, model=None, **trainer_overrides):
+def run(tmp_path, callbacks, *, batch_size=16, model=None, val=False, **trainer_overrides):
     model = model or TinyAV()
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, **trainer_overrides))
-    trainer.fit(model, loader(batch_size=batch_size))
+    trainer.fit(model, loader(batch_size=batch_size), loader(n=32, batch_size=batch_size, seed=1) if val else None)
     return model, trainer
 
 
@@ -34,7 +34,8 @@ def test_ogm_ge_changes_training(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_ddp_parity_and_identical_ranks(tmp_path):
-    """2 processes x batch 8 == 1 process x batch 16; both ranks hold the same parameters.
+    """2 processes x batch 8 == 1 process x batch 16; both ranks hold the same parameters; the
+    monitor's validation metrics (synchronised across ranks) equal the single-process ones.
 
     The DDP run draws its noise seed on rank 0 and broadcasts it (seed=None), so identical ranks also
     prove the seed broadcast; the single-process run then reuses that seed.
@@ -42,8 +43,8 @@ def test_ddp_parity_and_identical_ranks(tmp_path):
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
     torch.manual_seed(0)
-    ddp_cb = ogm(seed=None)
-    run(ddp_dir, [ddp_cb, SaveParams(str(ddp_dir))], batch_size=8, devices=2, strategy="ddp_spawn", max_epochs=2,
+    callbacks = [ogm(seed=None), ModalityMonitor(), SaveParams(str(ddp_dir))]
+    run(ddp_dir, callbacks, batch_size=8, val=True, devices=2, strategy="ddp_spawn", max_epochs=2,
         use_distributed_sampler=False)
     rank0 = torch.load(ddp_dir / "rank0.pt")
     rank1 = torch.load(ddp_dir / "rank1.pt")
@@ -52,9 +53,15 @@ def test_ddp_parity_and_identical_ranks(tmp_path):
     state = rank0["states"]["OGMGE"]
     assert state["num_edits"] == 8
 
-    single_cb = ogm(seed=state["seed"])
-    single, _ = run(tmp_path, [single_cb], batch_size=16, max_epochs=2)
+    single_monitor = ModalityMonitor()
+    single, _ = run(tmp_path, [ogm(seed=state["seed"]), single_monitor], batch_size=16, val=True, max_epochs=2)
     torch.testing.assert_close(rank0["params"], flat_params(single), rtol=1e-5, atol=1e-6)
+    ddp_history = rank0["states"]["ModalityMonitor"]["history"]
+    assert len(ddp_history) == len(single_monitor.history) == 2
+    for ddp_row, single_row in zip(ddp_history, single_monitor.history):
+        assert ddp_row.keys() == single_row.keys()
+        for key in ddp_row:
+            assert ddp_row[key] == pytest.approx(single_row[key], rel=1e-5), key
     # and the edit mattered: without OGM-GE the parameters differ by far more than the tolerance
     plain, _ = run(tmp_path, [], batch_size=16, max_epochs=2)
     assert (flat_params(plain) - rank0["params"]).abs().max() > 1e-3
