@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # Elsewhere, without a GPU, use the CPU wheels: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lightning_balance examples tests
 
 bench: $(STAMP)
 	$(PY) examples/overhead.py

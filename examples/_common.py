@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
-from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from collections.abc import Sequence
+from typing import Optional
 
 import lightning.pytorch as pl
 import torch
@@ -15,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from lightning_balance import ModalityMonitor, MultimodalMixin
+from lightning_balance import MultimodalMixin
 from lightning_balance.data import AVDigitsDataModule
 from lightning_balance.functional import linear_probe_accuracy
 
@@ -161,7 +160,3 @@ def format_table(rows: dict[str, list[dict[str, float]]], columns: Sequence[tupl
         cells = [mean_std([r.get(key, float("nan")) for r in runs]) for key, _ in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def monitor() -> ModalityMonitor:
-    return ModalityMonitor()

@@ -1,6 +1,5 @@
 """The modality contract: declaration, per-step records, unimodal logits, and bad input."""
 
-import math
 
 import lightning.pytorch as pl
 import pytest

@@ -408,7 +408,7 @@ def test_synthetic_snr_controls_separation():
 
 def test_synthetic_presets_and_overrides():
     assert set(PRESETS) == {"dominant", "balanced", "many"}
-    for name, kwargs in PRESETS.items():
+    for kwargs in PRESETS.values():
         data = make_synthetic_collapse(num_samples=300, **kwargs)
         assert len([k for k in data["train"] if k != "target"]) == kwargs["num_modalities"]
     # Dominant: the easy modality sees only 5 groups, so it caps near 50%; the weak one is needed.

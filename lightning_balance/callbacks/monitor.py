@@ -60,7 +60,7 @@ class ModalityMonitor(Callback):
                 f"ModalityMonitor needs the modality contract: make {type(pl_module).__name__} inherit "
                 f"`lightning_balance.MultimodalMixin` and call `self.configure_modalities(...)`."
             )
-        pl_module.modalities  # raises a clear error if undeclared
+        _ = pl_module.modalities  # raises a clear error if the module has not declared its modalities
 
     def _build(self, pl_module: MultimodalMixin, num_classes: int, device: torch.device) -> nn.ModuleDict:
         def acc() -> MulticlassAccuracy:
