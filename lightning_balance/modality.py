@@ -358,6 +358,29 @@ class MultimodalMixin:
         """The record of the latest :meth:`fuse` call (``None`` before the first one)."""
         return self._lb_record
 
+    @property
+    def record_count(self) -> int:
+        """How many times :meth:`fuse` has been called; a callback notes it at batch start."""
+        return self._lb_calls
+
+    def record_since(self, count: int, who: str, step: str = "training_step", need_targets: bool = True) -> ModalityRecord:
+        """The latest record, provided :meth:`fuse` was called after ``record_count`` was ``count``.
+
+        Raises:
+            ModalityContractError: naming ``who`` and the fix, if ``step`` did not call ``self.fuse``
+                since then, or called it without targets while ``need_targets``.
+        """
+        record = self._lb_record
+        if record is None or record.index <= count:
+            raise ModalityContractError(
+                f"{who} found no modality record for this batch: `{step}` must obtain its logits with "
+                f"`self.fuse(features, targets)` (features = {{modality: encoder output}}) so that per-modality "
+                f"outputs are visible to the balancing callbacks."
+            )
+        if need_targets and record.targets is None:
+            raise ModalityContractError(f"{who} needs targets: call `self.fuse(features, targets)` in `{step}`.")
+        return record
+
     # ------------------------------------------------------------------ the per-step contract
     def fuse(self, features: Mapping[str, Tensor], targets: Optional[Tensor] = None) -> Tensor:
         """Fuse per-modality features into logits and record the step for the balancing methods.

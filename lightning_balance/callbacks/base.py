@@ -112,6 +112,7 @@ class GradientBalancingCallback(Callback, abc.ABC):
 
     method: ClassVar[str] = "base"
     fsdp_ok: ClassVar[bool] = False
+    needs_targets: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -213,18 +214,14 @@ class GradientBalancingCallback(Callback, abc.ABC):
         return f"{type(self).__name__} selected no parameters for modality {modality!r}."
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._index_at_batch_start = pl_module._lb_calls  # type: ignore[attr-defined]
+        self._index_at_batch_start = pl_module.record_count  # type: ignore[attr-defined]
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if not self.is_active(trainer):
             return
-        record = pl_module.balance_record  # type: ignore[attr-defined]
-        if record is None or record.index == self._index_at_batch_start:
-            raise ModalityContractError(
-                f"{type(self).__name__} found no modality record for this training step: "
-                f"`training_step` must obtain its logits with `self.fuse(features, targets)` "
-                f"(features = {{modality: encoder output}}) so the callback can see per-modality outputs."
-            )
+        record = pl_module.record_since(  # type: ignore[attr-defined]
+            self._index_at_batch_start, type(self).__name__, need_targets=self.needs_targets
+        )
         if record.index == self._consumed_index:
             return  # a second backward on the same record (manual optimisation): counted once
         if not record.training:

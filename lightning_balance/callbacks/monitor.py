@@ -82,16 +82,7 @@ class ModalityMonitor(Callback):
 
     @torch.no_grad()
     def _batch_end(self, pl_module: pl.LightningModule, stage: str) -> None:
-        record = pl_module.balance_record  # type: ignore[attr-defined]
-        if record is None or record.index == self._index_at_batch_start:
-            raise ModalityContractError(
-                f"ModalityMonitor found no modality record for this {stage} batch: `{stage}_step` must "
-                f"obtain its logits with `self.fuse(features, targets)`."
-            )
-        if record.targets is None:
-            raise ModalityContractError(
-                f"ModalityMonitor needs targets: call self.fuse(features, targets) in {stage}_step."
-            )
+        record = pl_module.record_since(self._index_at_batch_start, "ModalityMonitor", f"{stage}_step")  # type: ignore[attr-defined]
         names = pl_module.modalities  # type: ignore[attr-defined]
         targets = record.targets
         fused = record.logits.detach()
@@ -141,7 +132,7 @@ class ModalityMonitor(Callback):
         self._epoch_start()
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._index_at_batch_start = pl_module._lb_calls  # type: ignore[attr-defined]
+        self._index_at_batch_start = pl_module.record_count  # type: ignore[attr-defined]
 
     on_test_batch_start = on_validation_batch_start
 

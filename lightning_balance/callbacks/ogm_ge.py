@@ -127,8 +127,6 @@ class OGMGE(GradientBalancingCallback):
         )
 
     def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
-        if record.targets is None:
-            raise ValueError("OGMGE needs targets: call self.fuse(features, targets) in training_step.")
         logits = record.unimodal_logits()
         stacked = stack_modalities(logits, self.active_modalities)
         scores = modality_scores(stacked, record.targets)
