@@ -4,6 +4,7 @@ from lightning_balance._distributed import UnsupportedStrategyError
 from lightning_balance.callbacks import (
     OGMGE,
     GradientBalancingCallback,
+    InfoReg,
     ModalityMonitor,
     NonFiniteStatisticsError,
     StepStatistics,
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "OGMGE",
     "GradientBalancingCallback",
+    "InfoReg",
     "ModalityContractError",
     "ModalityMonitor",
     "ModalityRecord",

@@ -1,0 +1,94 @@
+"""The four invariants of benchmark-protocol.md §5 for every gradient-touching callback after OGM-GE
+(which has its own, more detailed file): DDP parity with identical ranks, accumulation parity, resume
+parity (parameters and callback state), and inertness outside the active epochs."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_balance import InfoReg
+from tests.helpers import SaveParams, TinyAV, flat_params, loader, trainer_kwargs
+
+# name -> factory of a fresh callback, configured so that it edits the gradients of TinyAV's first epochs
+METHODS = {
+    "inforeg": lambda **kw: InfoReg(strength=kw.pop("strength", 0.5), **kw),
+}
+
+
+def run(tmp_path, callbacks, *, batch_size=16, model=None, **trainer_overrides):
+    model = model or TinyAV()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, **trainer_overrides))
+    trainer.fit(model, loader(batch_size=batch_size))
+    return model, trainer
+
+
+def _state_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return a == pytest.approx(b, rel=1e-5, abs=1e-9)
+    return a == b
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_changes_training(tmp_path, name):
+    plain, _ = run(tmp_path, [])
+    edited, _ = run(tmp_path, [METHODS[name]()])
+    assert (flat_params(plain) - flat_params(edited)).abs().max() > 1e-3
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_ddp_parity_and_identical_ranks(tmp_path, name):
+    ddp_dir = tmp_path / "ddp"
+    ddp_dir.mkdir()
+    run(ddp_dir, [METHODS[name](), SaveParams(str(ddp_dir))], batch_size=8, devices=2, strategy="ddp_spawn",
+        use_distributed_sampler=False)
+    rank0 = torch.load(ddp_dir / "rank0.pt")
+    rank1 = torch.load(ddp_dir / "rank1.pt")
+    assert torch.equal(rank0["params"], rank1["params"]), "replicas diverged"
+    key = type(METHODS[name]()).__name__
+    assert _state_equal(rank0["states"][key], rank1["states"][key])
+    single_cb = METHODS[name]()
+    single, _ = run(tmp_path, [single_cb], batch_size=16)
+    torch.testing.assert_close(rank0["params"], flat_params(single), rtol=1e-5, atol=1e-6)
+    assert _state_equal(rank0["states"][key], single_cb.state_dict())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_accumulation_parity(tmp_path, name):
+    full_cb, acc_cb = METHODS[name](), METHODS[name]()
+    full, _ = run(tmp_path, [full_cb], batch_size=16)
+    accumulated, _ = run(tmp_path, [acc_cb], batch_size=8, accumulate_grad_batches=2)
+    torch.testing.assert_close(flat_params(accumulated), flat_params(full), rtol=1e-5, atol=1e-6)
+    assert full_cb.num_edits == acc_cb.num_edits == 8  # once per optimizer step
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_resume_parity(tmp_path, name):
+    straight_cb = METHODS[name]()
+    straight, _ = run(tmp_path / "a", [straight_cb], max_epochs=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    run(tmp_path / "b", [METHODS[name](), ckpt], max_epochs=2, enable_checkpointing=True)
+    resumed_cb = METHODS[name]()
+    resumed = TinyAV(seed=123)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[resumed_cb], max_epochs=4))
+    trainer.fit(resumed, loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=1e-6, atol=1e-7)
+    assert _state_equal(resumed_cb.state_dict(), straight_cb.state_dict())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_inert_before_start_epoch(tmp_path, name):
+    plain, _ = run(tmp_path, [], max_epochs=1)
+    late_cb = METHODS[name](start_epoch=1)
+    late, _ = run(tmp_path, [late_cb], max_epochs=1)
+    assert torch.equal(flat_params(plain), flat_params(late))
+    assert late_cb.num_edits == 0
