@@ -2,11 +2,13 @@
 
 from lightning_balance._distributed import UnsupportedStrategyError
 from lightning_balance.callbacks import (
+    AGM,
     OGMGE,
     GradientBalancingCallback,
     InfoReg,
     ModalityMonitor,
     NonFiniteStatisticsError,
+    PMR,
     StepStatistics,
 )
 from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
@@ -14,6 +16,7 @@ from lightning_balance.modality import ModalityContractError, ModalityRecord, Mu
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGM",
     "OGMGE",
     "GradientBalancingCallback",
     "InfoReg",
@@ -22,6 +25,7 @@ __all__ = [
     "ModalityRecord",
     "MultimodalMixin",
     "NonFiniteStatisticsError",
+    "PMR",
     "StepStatistics",
     "UnsupportedStrategyError",
     "__version__",

@@ -48,6 +48,7 @@ How per-modality predictions are obtained from a jointly trained model (``unimod
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 __all__ = ["ModalityRecord", "MultimodalMixin", "ModalityContractError", "UnimodalMode"]
 
@@ -90,6 +92,7 @@ class ModalityRecord:
     _owner: Any = field(default=None, repr=False)
     _autocast: tuple[str, bool, Optional[torch.dtype]] = field(default=("cpu", False, None), repr=False)
     _unimodal: Optional[dict[str, Tensor]] = field(default=None, repr=False)
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -170,6 +173,7 @@ class MultimodalMixin:
     _lb_spec: Optional[_ModalitySpec] = None
     _lb_record: Optional[ModalityRecord] = None
     _lb_calls: int = 0
+    _lb_hooks: Optional[dict[int, Any]] = None
 
     # ------------------------------------------------------------------ declaration
     def configure_modalities(
@@ -395,12 +399,22 @@ class MultimodalMixin:
         spec = self.modality_spec
         self._check_features(features, targets)
         ordered = {m: features[m] for m in spec.names}
+        hooks = list(self._lb_hooks.values()) if self._lb_hooks and self.training and torch.is_grad_enabled() else []  # type: ignore[attr-defined]
+        extras: dict[str, Any] = {}
+        for hook in hooks:
+            tap = getattr(hook, "tap_features", None)
+            if tap is not None:
+                ordered = tap(self, ordered, targets, extras)
         logits = self.fuse_features(ordered)
         if not isinstance(logits, Tensor) or logits.ndim < 2 or logits.shape[0] != next(iter(ordered.values())).shape[0]:
             raise ModalityContractError(
                 f"fuse_features must return logits of shape (N, C) with N the batch size, got "
                 f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}."
             )
+        for hook in hooks:
+            tap = getattr(hook, "tap_logits", None)
+            if tap is not None:
+                logits = tap(self, ordered, targets, logits, extras)
         self._lb_calls += 1
         self._lb_record = ModalityRecord(
             index=self._lb_calls,
@@ -410,8 +424,41 @@ class MultimodalMixin:
             training=bool(self.training),  # type: ignore[attr-defined]
             _owner=self,
             _autocast=_autocast_state(logits.device.type),
+            extras=extras,
         )
         return logits
+
+    def register_fuse_hook(self, hook: Any) -> RemovableHandle:
+        """Let ``hook`` act inside :meth:`fuse` on training steps (training mode, gradients enabled).
+
+        ``hook.tap_features(module, features, targets, extras) -> features`` (optional) runs before the
+        fusion and may wrap the features (e.g. in a gradient tap); ``hook.tap_logits(module, features,
+        targets, logits, extras) -> logits`` (optional) runs after it. ``extras`` is a dict stored on the
+        step's :class:`ModalityRecord`. Hooks run in registration order; the handle removes the hook.
+        """
+        if self._lb_hooks is None:
+            self._lb_hooks = OrderedDict()
+        handle = RemovableHandle(self._lb_hooks)
+        self._lb_hooks[handle.id] = hook
+        return handle
+
+    def encode_batch(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        """Per-modality features and class targets of a training batch, without fusing or recording.
+
+        Optional: override it for callbacks that make their own pass over data (e.g. PMR's prototypes,
+        computed in eval mode under ``no_grad``). Return ``({modality: encoder output}, targets)``.
+        """
+        raise ModalityContractError(
+            f"{type(self).__name__}.encode_batch(batch) is not implemented: a callback needs per-modality "
+            f"features of whole batches outside training_step. Override it to return "
+            f"({{modality: encoder(batch[...])}}, targets)."
+        )
+
+    def fusion_modules(self) -> list[nn.Module]:
+        """The declared fusion / head modules (empty when the fusion is an overridden ``fuse_features``)."""
+        spec = self.modality_spec
+        paths = [p for p in (spec.head_path, spec.fusion_path) if p is not None]
+        return [self.get_submodule(p) for p in paths]  # type: ignore[attr-defined]
 
     def fuse_features(self, features: Mapping[str, Tensor]) -> Tensor:
         """Map per-modality features to fused logits. Override for a fusion that is not a module."""
@@ -521,4 +568,5 @@ class MultimodalMixin:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)  # type: ignore[misc]
         state = dict(state)
         state["_lb_record"] = None
+        state["_lb_hooks"] = None  # hooks belong to the callbacks of one process
         return state

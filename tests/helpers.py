@@ -73,6 +73,9 @@ class TinyAV(MultimodalMixin, pl.LightningModule):
     def forward_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"audio": self.audio_encoder(batch["audio"]), "visual": self.visual_encoder(batch["visual"])}
 
+    def encode_batch(self, batch: dict[str, torch.Tensor]):
+        return self.forward_features(batch), batch["target"]
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
         logits = self.fuse(self.forward_features(batch), batch["target"])
         loss = F.cross_entropy(logits, batch["target"])

@@ -9,13 +9,18 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_balance import InfoReg
+from lightning_balance import AGM, PMR, InfoReg
 from tests.helpers import SaveParams, TinyAV, flat_params, loader, trainer_kwargs
 
 # name -> factory of a fresh callback, configured so that it edits the gradients of TinyAV's first epochs
 METHODS = {
     "inforeg": lambda **kw: InfoReg(strength=kw.pop("strength", 0.5), **kw),
+    "agm": lambda **kw: AGM(alpha=kw.pop("alpha", 2.0), **kw),
+    "pmr": lambda **kw: PMR(alpha=kw.pop("alpha", 1.0), fraction=kw.pop("fraction", 0.25), **kw),
+    "pmr_steps": lambda **kw: PMR(prototypes="steps", rule="continuous", entropy_weight=0.5, entropy_epochs=1, **kw),
 }
+# methods whose coefficients act inside each backward pass (reduce_at="micro_batch")
+IN_BACKWARD = {"agm", "pmr", "pmr_steps"}
 
 
 def run(tmp_path, callbacks, *, batch_size=16, model=None, **trainer_overrides):
@@ -62,7 +67,7 @@ def test_ddp_parity_and_identical_ranks(tmp_path, name):
     assert _state_equal(rank0["states"][key], single_cb.state_dict())
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(set(METHODS) - IN_BACKWARD))
 def test_accumulation_parity(tmp_path, name):
     full_cb, acc_cb = METHODS[name](), METHODS[name]()
     full, _ = run(tmp_path, [full_cb], batch_size=16)
@@ -92,3 +97,30 @@ def test_inert_before_start_epoch(tmp_path, name):
     late, _ = run(tmp_path, [late_cb], max_epochs=1)
     assert torch.equal(flat_params(plain), flat_params(late))
     assert late_cb.num_edits == 0
+
+
+@pytest.mark.parametrize("name", sorted(IN_BACKWARD))
+def test_in_backward_methods_refuse_accumulation_unless_asked(tmp_path, name):
+    with pytest.raises(ValueError, match="accumulation='per_micro_batch'"):
+        run(tmp_path, [METHODS[name]()], batch_size=8, accumulate_grad_batches=2)
+    cb = METHODS[name](accumulation="per_micro_batch")
+    accumulated, _ = run(tmp_path, [cb], batch_size=8, accumulate_grad_batches=2)
+    full, _ = run(tmp_path, [METHODS[name]()], batch_size=16)
+    assert cb.num_edits > 0
+    # per-micro-batch coefficients: close to, but not exactly, the full-batch run
+    assert (flat_params(accumulated) - flat_params(full)).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("name", ["inforeg", "agm", "pmr_steps"])
+def test_three_modalities_on_the_synthetic_benchmark(tmp_path, name):
+    from lightning_balance.data import SyntheticCollapseDataModule
+
+    from tests.helpers import MultiMLP
+
+    data = SyntheticCollapseDataModule(num_samples=512, num_modalities=3, snr=[4.0, 1.0, 0.5], batch_size=64)
+    cb = METHODS[name]()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=2, log_every_n_steps=1))
+    trainer.fit(MultiMLP(data.feature_dims), datamodule=data)
+    assert cb.num_edits > 0
+    logged = {k.rsplit("/", 1)[-1] for k in trainer.callback_metrics if k.startswith(f"balance/{cb.method}/")}
+    assert set(data.modalities) <= logged

@@ -1,8 +1,10 @@
 """Lightning callbacks: thin shells around :mod:`lightning_balance.functional`."""
 
+from lightning_balance.callbacks.agm import AGM
 from lightning_balance.callbacks.base import GradientBalancingCallback, NonFiniteStatisticsError, StepStatistics
 from lightning_balance.callbacks.inforeg import InfoReg
 from lightning_balance.callbacks.monitor import ModalityMonitor
 from lightning_balance.callbacks.ogm_ge import OGMGE
+from lightning_balance.callbacks.pmr import PMR
 
-__all__ = ["GradientBalancingCallback", "InfoReg", "ModalityMonitor", "NonFiniteStatisticsError", "OGMGE", "StepStatistics"]
+__all__ = ["AGM", "GradientBalancingCallback", "InfoReg", "ModalityMonitor", "NonFiniteStatisticsError", "OGMGE", "PMR", "StepStatistics"]

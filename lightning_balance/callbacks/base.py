@@ -113,6 +113,10 @@ class GradientBalancingCallback(Callback, abc.ABC):
     method: ClassVar[str] = "base"
     fsdp_ok: ClassVar[bool] = False
     needs_targets: ClassVar[bool] = True
+    #: ``"step"``: statistics reduced and the edit made once per optimizer step (exact under accumulation).
+    #: ``"micro_batch"``: reduced before each backward and applied inside it through gradient taps
+    #: (:meth:`prepare_backward`), for methods whose coefficients act on the backward pass itself.
+    reduce_at: ClassVar[Literal["step", "micro_batch"]] = "step"
 
     def __init__(
         self,
@@ -149,6 +153,9 @@ class GradientBalancingCallback(Callback, abc.ABC):
         self._index_at_batch_start = 0
         self._consumed_index = -1
         self._per_optimizer: dict[int, tuple[Any, dict[str, list[nn.Parameter]]]] = {}
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._hook_handle: Any = None
+        self._enabled = False  # whether the method acts on the current batch (epoch window)
 
     # ------------------------------------------------------------------ to implement
     @abc.abstractmethod
@@ -159,9 +166,17 @@ class GradientBalancingCallback(Callback, abc.ABC):
     def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
         """Coefficients (and anything to log) from rank-reduced statistics; identical on every rank."""
 
-    @abc.abstractmethod
     def edit(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device) -> None:
-        """Edit ``p.grad`` in place for the parameters in ``groups`` (modality → parameters)."""
+        """Edit ``p.grad`` in place for the parameters in ``groups`` (modality → parameters), once per
+        optimizer step (after accumulation and AMP unscaling). Step methods must implement it."""
+        if self.reduce_at == "step":
+            raise NotImplementedError(f"{type(self).__name__} must implement edit().")
+
+    def prepare_backward(self, pl_module: MultimodalMixin, record: ModalityRecord, result: dict[str, Tensor],
+                         loss_scale: float) -> None:
+        """``reduce_at="micro_batch"`` methods: fill the record's gradient taps before its backward.
+        ``loss_scale`` is the factor between the user's loss and the tensor being back-propagated."""
+        raise NotImplementedError(f"{type(self).__name__} must implement prepare_backward().")
 
     def metrics(self, result: dict[str, Tensor]) -> dict[str, Tensor]:
         """Scalars to log, keys relative to ``balance/<method>/``."""
@@ -209,12 +224,33 @@ class GradientBalancingCallback(Callback, abc.ABC):
         self._per_optimizer = {}
         self._stats.reset()
         self._result = None
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
+        if hasattr(self, "tap_features") or hasattr(self, "tap_logits"):
+            self._hook_handle = pl_module.register_fuse_hook(self)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (self.reduce_at == "micro_batch" and pl_module.automatic_optimization
+                and trainer.accumulate_grad_batches > 1 and getattr(self, "accumulation", "raise") == "raise"):
+            raise ValueError(
+                f"{type(self).__name__} acts inside each backward pass, so under accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches} its coefficients would come from each micro-batch, not from "
+                f"the optimizer step's batch. Train without accumulation (a larger batch), or pass "
+                f"accumulation='per_micro_batch' to accept per-micro-batch coefficients."
+            )
 
     def _empty_group_message(self, modality: str) -> str:
         return f"{type(self).__name__} selected no parameters for modality {modality!r}."
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._index_at_batch_start = pl_module.record_count  # type: ignore[attr-defined]
+        self._enabled = self.is_active(trainer)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if not self.is_active(trainer):
@@ -231,35 +267,58 @@ class GradientBalancingCallback(Callback, abc.ABC):
         self._consumed_index = record.index
         self._stats.update(self.collect(pl_module, record))
         self._result = None
+        if self.reduce_at == "micro_batch":
+            self._result = self._reduce_and_compute(trainer, pl_module)
+            if self._result is not None:
+                self.prepare_backward(pl_module, record, self._result, self._loss_scale(trainer, pl_module))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if not self.is_active(trainer):
             self._stats.reset()
             return
-        if self._stats.pending:
-            stats = self._stats.reduce(trainer.strategy)
-            if not bool(torch.stack([torch.isfinite(v).all() for v in stats.values()]).all()):  # one host sync
-                if self.nonfinite == "raise":
-                    bad = [k for k, v in stats.items() if not bool(torch.isfinite(v).all())]
-                    raise NonFiniteStatisticsError(
-                        f"{type(self).__name__}: non-finite statistics {bad} at global step {trainer.global_step} "
-                        f"(NaN/inf in the unimodal logits?). Check the model's inputs and learning rate; under fp16 "
-                        f"pass nonfinite='skip' to skip the edit on overflow steps the GradScaler skips anyway."
-                    )
-                self._result = None
-                return
-            self._result = self.compute(stats)
-            if self.log_metrics and _logs_this_step(trainer):
-                log_balance_metrics(
-                    pl_module,
-                    {f"balance/{self.method}/{k}": v for k, v in self.metrics(self._result).items()},
-                    on_step=True,
-                    on_epoch=False,
-                )
+        self._optimizer = optimizer
+        if self.reduce_at == "step" and self._stats.pending:
+            self._result = self._reduce_and_compute(trainer, pl_module)
         if self._result is None:
             return
         self.edit(self._groups_for(optimizer), self._result, pl_module.device)
         self.num_edits += 1
+
+    def _reduce_and_compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[dict[str, Tensor]]:
+        """Reduce the pending statistics across ranks (one collective), check them, compute, log."""
+        stats = self._stats.reduce(trainer.strategy)
+        if not bool(torch.stack([torch.isfinite(v).all() for v in stats.values()]).all()):  # one host sync
+            if self.nonfinite == "raise":
+                bad = [k for k, v in stats.items() if not bool(torch.isfinite(v).all())]
+                raise NonFiniteStatisticsError(
+                    f"{type(self).__name__}: non-finite statistics {bad} at global step {trainer.global_step} "
+                    f"(NaN/inf in the unimodal logits?). Check the model's inputs and learning rate; under fp16 "
+                    f"pass nonfinite='skip' to skip the edit on overflow steps the GradScaler skips anyway."
+                )
+            return None
+        result = self.compute(stats)
+        if not result:
+            return None  # nothing to apply this step (e.g. no prototypes yet)
+        if self.log_metrics and _logs_this_step(trainer):
+            log_balance_metrics(
+                pl_module,
+                {f"balance/{self.method}/{k}": v for k, v in self.metrics(result).items()},
+                on_step=True,
+                on_epoch=False,
+            )
+        return result
+
+    @staticmethod
+    def _loss_scale(trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """Factor between the user's loss and the tensor ``backward()`` is called on: ``1/accumulate``
+        (automatic optimisation divides the loss) times the AMP GradScaler's scale, if any."""
+        scale = 1.0
+        if pl_module.automatic_optimization:
+            scale /= trainer.accumulate_grad_batches
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scale *= float(scaler.get_scale())
+        return scale
 
     def _groups_for(self, optimizer: torch.optim.Optimizer) -> dict[str, list[nn.Parameter]]:
         cached = self._per_optimizer.get(id(optimizer))

@@ -1,20 +1,37 @@
 """Functional core: each method's math as pure tensor functions (no Lightning import)."""
 
+from lightning_balance.functional.agm import agm_coefficients, agm_scores, shapley_responses, shapley_weights
 from lightning_balance.functional.inforeg import fisher_trace_increment, inforeg_coefficients, prime_window_indicator
 from lightning_balance.functional.ogm import ge_noise_std, ogm_coefficients, ogm_ratios
+from lightning_balance.functional.pmr import (
+    class_feature_sums,
+    pmr_weights,
+    prototype_entropy,
+    prototype_logits,
+    update_prototypes,
+)
 from lightning_balance.functional.probe import fit_linear_probe, linear_probe_accuracy
 from lightning_balance.functional.scores import modality_scores, stack_modalities, true_class_probability
 
 __all__ = [
+    "agm_coefficients",
+    "agm_scores",
+    "class_feature_sums",
     "fisher_trace_increment",
     "fit_linear_probe",
-    "inforeg_coefficients",
     "ge_noise_std",
+    "inforeg_coefficients",
     "linear_probe_accuracy",
     "modality_scores",
     "ogm_coefficients",
     "ogm_ratios",
+    "pmr_weights",
     "prime_window_indicator",
+    "prototype_entropy",
+    "prototype_logits",
+    "shapley_responses",
+    "shapley_weights",
     "stack_modalities",
     "true_class_probability",
+    "update_prototypes",
 ]

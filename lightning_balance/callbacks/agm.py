@@ -1,0 +1,193 @@
+"""AGM as a callback (Li, Li, Hu, Lei, Li, Zhou, "Boosting Multi-modal Model Performance with Adaptive
+Gradient Modulation", ICCV 2023)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_balance._taps import GradientTap, mix_gradients
+from lightning_balance.callbacks.base import GradientBalancingCallback
+from lightning_balance.functional.agm import agm_coefficients, agm_scores, shapley_responses, shapley_weights
+from lightning_balance.modality import ModalityRecord, MultimodalMixin
+
+__all__ = ["AGM"]
+
+
+class AGM(GradientBalancingCallback):
+    r"""Adaptive Gradient Modulation (AGM): modulate each modality's Shapley response in the backward pass.
+
+    **Mono-modal responses.** In every training step the fusion is run again on the recorded features
+    with modalities removed (features set to zero), giving ``F(S)`` for every non-empty subset ``S``
+    (``F(all)`` is the step's own fused output, ``F(∅) = 0``). The Shapley response of modality ``u``:
+    :math:`m_u = \sum_{S \not\ni u} \frac{|S|!(M-|S|-1)!}{M!}[F(S \cup u) - F(S)]`; for two modalities
+    ``m_a = ½[F(a,v) − F(0,v) + F(a,0)]``, and ``Σ_u m_u = F(all)``.
+
+    **Coefficients.** With :math:`\ell_u = -\tfrac1N\sum_i \log \max(\sigma(m_{u,i})[y_i], 10^{-8})`,
+    :math:`r_u = \exp(\tfrac{M}{M-1}(\bar\ell - \ell_u))`, the same from the running means ``L_u`` of
+    ``ℓ_u`` over all previous iterations (:math:`\bar r_u`), and
+    :math:`\kappa_u = \exp(\alpha \min(\bar r_u - r_u, \text{clamp}))`. A modality doing better than its
+    usual standing (``r_u > r̄_u``) is slowed, one doing worse is boosted.
+
+    **Application.** The gradient reaching ``m_u`` is multiplied by ``κ_u`` (the official identity
+    modules with backward hooks). Since ``m_u`` is a linear combination of the ``F(S)``, this is done
+    by one gradient tap on the fused logits: ``F(S)`` receives :math:`\sum_u \kappa_u W_{u,S}\, g` where
+    ``g`` is the gradient of *your* loss with respect to the fused logits; with ``κ = 1`` training is
+    unchanged. Encoders and fusion both feel it, as in the paper.
+
+    **Clip rule** (official CREMA-D code): after backward, if any element of a fusion/head weight
+    gradient exceeds ``clip`` in magnitude, the total gradient norm of the optimizer's parameters is
+    clipped to ``clip``.
+
+    Differences from the official code: modalities are removed at the **feature** level through the
+    module's fusion (no extra encoder passes: the cost is ``2^M − 2`` fusion passes); the fusion runs
+    in eval mode for those passes (as the official padded passes do). ``ℓ_u`` is reduced over ranks before
+    ``κ`` is computed (one all-reduce of ``M + 1`` numbers per step), so DDP gives the single-process
+    result. Because ``κ`` acts inside the backward pass, under gradient accumulation it would be a
+    per-micro-batch coefficient: refused unless ``accumulation="per_micro_batch"``.
+
+    Args:
+        alpha: modulation strength α (official default 1.0; BalanceBenchmark uses 0.1).
+        clamp: upper clamp of ``r̄ − r`` (official CREMA-D code 10; ``None``: no clamp).
+        clip: threshold and max-norm of the clip rule (official 1.0; ``None`` disables it).
+        accumulation: ``"raise"`` or ``"per_micro_batch"`` (see above).
+        modalities, start_epoch, end_epoch, nonfinite, allow_untested_strategy, log_metrics: see
+            :class:`GradientBalancingCallback` (official modulation epochs 0–20; default: no end).
+
+    Logged: ``balance/agm/{kappa,score,ratio,target_ratio}/<m>``.
+
+    State (checkpointed): the running means ``L_u`` and the iteration count.
+
+    Example::
+
+        trainer = Trainer(callbacks=[AGM(alpha=1.0)])
+    """
+
+    method = "agm"
+    reduce_at = "micro_batch"
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        clamp: Optional[float] = 10.0,
+        clip: Optional[float] = 1.0,
+        accumulation: Literal["raise", "per_micro_batch"] = "raise",
+        modalities: Optional[Sequence[str]] = None,
+        start_epoch: int = 0,
+        end_epoch: Optional[int] = None,
+        nonfinite: Literal["raise", "skip"] = "raise",
+        allow_untested_strategy: bool = False,
+        log_metrics: bool = True,
+    ) -> None:
+        super().__init__(
+            modalities=modalities,
+            start_epoch=start_epoch,
+            end_epoch=end_epoch,
+            nonfinite=nonfinite,
+            allow_untested_strategy=allow_untested_strategy,
+            log_metrics=log_metrics,
+        )
+        for name, value in (("alpha", alpha), ("clamp", clamp), ("clip", clip)):
+            if value is None and name != "alpha":
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0{'' if name == 'alpha' else ' or None'}, got {value!r}.")
+        if accumulation not in ("raise", "per_micro_batch"):
+            raise ValueError(f"accumulation must be 'raise' or 'per_micro_batch', got {accumulation!r}.")
+        self.alpha = float(alpha)
+        self.clamp = None if clamp is None else float(clamp)
+        self.clip = None if clip is None else float(clip)
+        self.accumulation = accumulation
+        self.running: Optional[Tensor] = None  # L_u
+        self.iterations = 0  # t
+        self._weights = torch.zeros(0)
+        self._module: Optional[MultimodalMixin] = None
+        self._order: list[int] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        self._module = pl_module  # type: ignore[assignment]
+        m = len(self.active_modalities)
+        self._weights = shapley_weights(m)
+        if self.running is None:
+            self.running = torch.zeros(m)
+
+    # ------------------------------------------------------------------ forward: the masked fusion passes
+    def tap_logits(self, module: MultimodalMixin, features: dict[str, Tensor], targets: Optional[Tensor],
+                   logits: Tensor, extras: dict[str, Any]) -> Tensor:
+        if not self._enabled:
+            return logits
+        names = self.active_modalities
+        full = 2 ** len(names) - 1
+        fusion = [f for f in module.fusion_modules() if f.training]
+        for f in fusion:
+            f.eval()
+        try:
+            masked = []
+            for subset in range(1, full):
+                present = {n for b, n in enumerate(names) if subset >> b & 1}
+                kept = {k: (z if (k in present or k not in names) else torch.zeros_like(z)) for k, z in features.items()}
+                masked.append(module.fuse_features(kept))
+        finally:
+            for f in fusion:
+                f.train()
+        tap = GradientTap()
+        extras["agm"] = {"tap": tap, "subsets": torch.stack([o.detach() for o in (*masked, logits)])}
+        return mix_gradients(tap, logits, *masked)
+
+    # ------------------------------------------------------------------ statistics → coefficients → taps
+    def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
+        data = record.extras.get("agm")
+        if data is None:
+            raise RuntimeError("AGM found no masked fusion passes on the step record; was it registered on the module?")
+        responses = shapley_responses(data["subsets"].float(), self._weights)
+        scores = agm_scores(responses, record.targets)
+        return {"scores": scores, "count": scores.new_tensor([record.batch_size])}
+
+    def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        losses = stats["scores"] / stats["count"]
+        assert self.running is not None
+        running = self.running.to(losses.device)
+        kappa, r, r_bar = agm_coefficients(losses, running, self.alpha, self.clamp)
+        self.iterations += 1
+        t = self.iterations
+        self.running = running * (t - 1) / t + losses / t
+        return {"kappa": kappa, "score": losses, "ratio": r, "target_ratio": r_bar}
+
+    def prepare_backward(self, pl_module: MultimodalMixin, record: ModalityRecord, result: dict[str, Tensor],
+                         loss_scale: float) -> None:
+        per_subset = result["kappa"] @ self._weights.to(result["kappa"].device)  # (2^M - 1,), full set last
+        record.extras["agm"]["tap"].coefficients = torch.cat([per_subset[-1:], per_subset[:-1]])
+
+    def metrics(self, result: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {f"{k}/{m}": result[k][i] for k in ("kappa", "score", "ratio", "target_ratio")
+                for i, m in enumerate(self.active_modalities)}
+
+    # ------------------------------------------------------------------ optimizer step: the clip rule
+    def edit(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device) -> None:
+        if self.clip is None or self._module is None or self._optimizer is None:
+            return
+        owned = {id(p) for g in self._optimizer.param_groups for p in g["params"]}
+        head = [p.grad for p in self._module.shared_parameters()
+                if p.ndim >= 2 and id(p) in owned and p.grad is not None]
+        if not head:
+            return
+        if bool(torch.stack([g.abs().amax() for g in head]).amax() > self.clip):
+            params = [p for g in self._optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.clip)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        running = None if self.running is None else self.running.detach().cpu().clone()
+        return {**super().state_dict(), "running": running, "iterations": self.iterations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.running = state_dict.get("running")
+        self.iterations = int(state_dict.get("iterations", 0))

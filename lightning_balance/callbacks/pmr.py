@@ -1,0 +1,299 @@
+"""PMR as a callback (Fan, Xu, Wang, Wang, Guo, "PMR: Prototypical Modal Rebalance for Multimodal
+Learning", CVPR 2023)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_balance._distributed import all_reduce_sum
+from lightning_balance._taps import GradientTap, add_gradient
+from lightning_balance.callbacks.base import GradientBalancingCallback
+from lightning_balance.functional.pmr import (
+    class_feature_sums,
+    pmr_weights,
+    prototype_entropy,
+    prototype_logits,
+    update_prototypes,
+)
+from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
+
+__all__ = ["PMR"]
+
+
+class PMR(GradientBalancingCallback):
+    r"""Prototypical Modal Rebalance (PMR): pull the slower modality's features toward its class prototypes.
+
+    **Prototypes.** Per modality ``m`` and class ``k``, :math:`c^m_k = \operatorname{mean}\{z^m_i : y_i = k\}`,
+    recomputed before every epoch (so: before training and after each epoch) with momentum
+    :math:`c \leftarrow (1-\mu) c_{new} + \mu c_{old}` from the second computation on.
+    ``prototypes="pass"`` (official) takes them from a ``no_grad`` eval-mode pass over the first
+    ``fraction`` of the epoch's training batches, through the module's :meth:`encode_batch`;
+    ``prototypes="steps"`` takes them, at no extra cost, from the features the previous epoch's
+    training steps recorded (then epoch 0 has no prototypes and no PCE). Class sums and counts are
+    summed over ranks, so every rank holds the same prototypes; a class absent from the subset keeps its
+    previous prototype (the official code would divide 0 by 0).
+
+    **Per step.** Prototype logits :math:`\ell^m_{i,k} = -\lVert z^m_i - c^m_k\rVert_2`, scores
+    :math:`s^m = \sum_i \sigma(\ell^m_i)[y_i]` (summed over ranks), and the term added to your loss:
+
+    .. math::
+        \alpha \sum_m \beta_m \, \mathrm{CE}(\ell^m, y) \;-\; \mu_H \sum_m e_m \, \overline{H}(\sigma(\ell^m))
+
+    ``rule="binary"`` (official code): ``β = 1`` on every modality behind the leader (for two, the
+    weaker one). ``rule="continuous"`` (paper): :math:`\beta_m = \operatorname{clip}(\max_k s_k / s_m - 1, 0, 1)`.
+    The entropy term (paper's PER, absent from the released code, off by default) maximises the
+    prototype entropy of the leading modality, :math:`e_m = \max_{k\ne m}\operatorname{clip}(s_m/s_k-1,0,1)`,
+    during the first ``entropy_epochs`` epochs. Prototypes are constants: the term trains only each
+    modality's own encoder.
+
+    How it is applied: the term's gradient with respect to each modality's features is added to the
+    gradient reaching those features in your ``backward()`` (a gradient tap), scaled like your loss
+    (``1/accumulate_grad_batches``, AMP loss scale). Your loss is unchanged, and DDP averages the term's
+    gradient like the rest. Because the weights are decided per backward pass (as the card advises), gradient
+    accumulation is refused unless ``accumulation="per_micro_batch"``. Under manual optimisation the
+    term enters each ``manual_backward`` at full weight.
+
+    Args:
+        alpha: PCE weight α (official CLI default 1.0; CREMA-D concat script 2.0).
+        momentum: prototype momentum μ (official CLI default 0.2; CREMA-D script 0.0).
+        rule: ``"binary"`` or ``"continuous"`` (see above).
+        entropy_weight: ``μ_H`` of the entropy term (0: off, as the released code).
+        entropy_epochs: epochs from ``start_epoch`` during which the entropy term is applied.
+        prototypes: ``"pass"`` or ``"steps"`` (see above).
+        fraction: share of the epoch's training batches used by ``prototypes="pass"`` (official 0.1).
+        accumulation: ``"raise"`` or ``"per_micro_batch"``.
+        modalities, start_epoch, end_epoch, nonfinite, allow_untested_strategy, log_metrics: see
+            :class:`GradientBalancingCallback` (official modulation epochs 0–100).
+
+    Logged: ``balance/pmr/{score,pce_weight,entropy_weight}/<m>`` (score: mean prototype probability of
+    the true class).
+
+    State (checkpointed): the prototypes and which classes have one.
+
+    Example::
+
+        trainer = Trainer(callbacks=[PMR(alpha=2.0, momentum=0.0)])
+    """
+
+    method = "pmr"
+    reduce_at = "micro_batch"
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        momentum: float = 0.2,
+        rule: Literal["binary", "continuous"] = "binary",
+        entropy_weight: float = 0.0,
+        entropy_epochs: int = 0,
+        prototypes: Literal["pass", "steps"] = "pass",
+        fraction: float = 0.1,
+        accumulation: Literal["raise", "per_micro_batch"] = "raise",
+        modalities: Optional[Sequence[str]] = None,
+        start_epoch: int = 0,
+        end_epoch: Optional[int] = None,
+        nonfinite: Literal["raise", "skip"] = "raise",
+        allow_untested_strategy: bool = False,
+        log_metrics: bool = True,
+    ) -> None:
+        super().__init__(
+            modalities=modalities,
+            start_epoch=start_epoch,
+            end_epoch=end_epoch,
+            nonfinite=nonfinite,
+            allow_untested_strategy=allow_untested_strategy,
+            log_metrics=log_metrics,
+        )
+        for name, value in (("alpha", alpha), ("entropy_weight", entropy_weight)):
+            if not _is_number(value) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
+        if not _is_number(momentum) or not 0 <= momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}.")
+        if rule not in ("binary", "continuous"):
+            raise ValueError(f"rule must be 'binary' or 'continuous', got {rule!r}.")
+        if not isinstance(entropy_epochs, int) or isinstance(entropy_epochs, bool) or entropy_epochs < 0:
+            raise ValueError(f"entropy_epochs must be an int >= 0, got {entropy_epochs!r}.")
+        if prototypes not in ("pass", "steps"):
+            raise ValueError(f"prototypes must be 'pass' or 'steps', got {prototypes!r}.")
+        if not _is_number(fraction) or not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}.")
+        if accumulation not in ("raise", "per_micro_batch"):
+            raise ValueError(f"accumulation must be 'raise' or 'per_micro_batch', got {accumulation!r}.")
+        self.alpha = float(alpha)
+        self.momentum = float(momentum)
+        self.rule = rule
+        self.entropy_weight = float(entropy_weight)
+        self.entropy_epochs = entropy_epochs
+        self.prototypes = prototypes
+        self.fraction = float(fraction)
+        self.accumulation = accumulation
+        # state
+        self.centroids: dict[str, Tensor] = {}  # modality -> (C, d)
+        self.seen: dict[str, Tensor] = {}  # modality -> (C,) bool
+        self._epoch_sums: dict[str, Tensor] = {}  # prototypes="steps": this epoch's class sums / counts
+        self._epoch = 0
+
+    # ------------------------------------------------------------------ prototypes
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch = trainer.current_epoch
+        if not self.is_active(trainer):
+            return
+        if self.prototypes == "steps":
+            if self._epoch_sums:
+                self._update_from(self._epoch_sums)
+            self._epoch_sums = {}
+            return
+        self._update_from(self._prototype_pass(trainer, pl_module))
+
+    def _update_from(self, sums: dict[str, Tensor]) -> None:
+        for m in self.active_modalities:
+            s, n = sums[f"sum/{m}"], sums[f"count/{m}"]
+            self.centroids[m], self.seen[m] = update_prototypes(
+                s, n, self.centroids.get(m), self.seen.get(m), self.momentum
+            )
+
+    def _prototype_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        loader = trainer.train_dataloader
+        if not isinstance(loader, torch.utils.data.DataLoader):
+            raise ModalityContractError(
+                "PMR(prototypes='pass') iterates the training DataLoader; with several training loaders use "
+                "prototypes='steps'."
+            )
+        total = trainer.num_training_batches
+        if not math.isfinite(total):
+            raise ModalityContractError("PMR(prototypes='pass') needs a sized training loader; use prototypes='steps'.")
+        limit = max(1, math.ceil(self.fraction * total))
+        was_training = pl_module.training
+        pl_module.eval()
+        sums: dict[str, Tensor] = {}
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(loader):
+                    if i >= limit:
+                        break
+                    batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+                    features, targets = pl_module.encode_batch(batch)  # type: ignore[attr-defined]
+                    self._add_class_sums(sums, pl_module, features, targets)
+        finally:
+            pl_module.train(was_training)
+        names = sorted(sums)
+        flat = all_reduce_sum(torch.cat([sums[k].reshape(-1) for k in names]), trainer.strategy)
+        out, offset = {}, 0
+        for k in names:
+            out[k] = flat[offset : offset + sums[k].numel()].reshape(sums[k].shape)
+            offset += sums[k].numel()
+        return out
+
+    def _num_classes(self, pl_module: MultimodalMixin, features: dict[str, Tensor]) -> int:
+        if self.centroids:
+            return next(iter(self.centroids.values())).shape[0]
+        with torch.no_grad():
+            return int(pl_module.fuse_features({k: v[:1] for k, v in features.items()}).shape[-1])
+
+    def _add_class_sums(self, sums: dict[str, Tensor], pl_module: Any, features: dict[str, Tensor],
+                        targets: Tensor) -> None:
+        classes = self._num_classes(pl_module, features)
+        for m in self.active_modalities:
+            s, n = class_feature_sums(features[m].detach(), targets, classes)
+            sums[f"sum/{m}"] = sums[f"sum/{m}"] + s if f"sum/{m}" in sums else s
+            sums[f"count/{m}"] = sums[f"count/{m}"] + n if f"count/{m}" in sums else n
+
+    # ------------------------------------------------------------------ forward: the feature taps
+    def tap_features(self, module: MultimodalMixin, features: dict[str, Tensor], targets: Optional[Tensor],
+                     extras: dict[str, Any]) -> dict[str, Tensor]:
+        if not self._enabled or not self.centroids:
+            return features
+        taps = {m: GradientTap() for m in self.active_modalities}
+        extras["pmr"] = taps
+        return {k: (add_gradient(taps[k], z) if k in taps else z) for k, z in features.items()}
+
+    # ------------------------------------------------------------------ statistics → weights → taps
+    def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        if self.prototypes == "steps":
+            self._add_class_sums(out, pl_module, record.features, record.targets)  # type: ignore[arg-type]
+        if self.centroids:
+            scores = []
+            for m in self.active_modalities:
+                logits = prototype_logits(record.features[m].detach(), self.centroids[m], self.seen[m])
+                known = self.seen[m].to(logits.device)[record.targets]
+                p = torch.softmax(logits, dim=-1).gather(1, record.targets.unsqueeze(1)).squeeze(1)
+                scores.append(torch.where(known, p, torch.zeros_like(p)).sum())
+            out["scores"] = torch.stack(scores)
+            out["count"] = out["scores"].new_tensor([record.batch_size])
+        return out
+
+    def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.prototypes == "steps":
+            for k, v in stats.items():
+                if k.startswith(("sum/", "count/")):
+                    self._epoch_sums[k] = self._epoch_sums[k] + v if k in self._epoch_sums else v.clone()
+        if "scores" not in stats:
+            return {}
+        pce, entropy = pmr_weights(stats["scores"], self.rule)
+        in_per = self._epoch - self.start_epoch < self.entropy_epochs
+        return {
+            "score": stats["scores"] / stats["count"],
+            "pce_weight": self.alpha * pce,
+            "entropy_weight": self.entropy_weight * entropy * float(in_per),
+        }
+
+    def prepare_backward(self, pl_module: MultimodalMixin, record: ModalityRecord, result: dict[str, Tensor],
+                         loss_scale: float) -> None:
+        if not result or "pmr" not in record.extras:
+            return
+        taps = record.extras["pmr"]
+        targets = record.targets
+        pce_w = result["pce_weight"].tolist()
+        ent_w = result["entropy_weight"].tolist()
+        for i, m in enumerate(self.active_modalities):
+            if pce_w[i] == 0.0 and ent_w[i] == 0.0:
+                continue
+            z = record.features[m].detach().float().requires_grad_(True)
+            with torch.enable_grad():
+                logits = prototype_logits(z, self.centroids[m], self.seen[m])
+                known = self.seen[m].to(z.device)[targets]
+                n = z.shape[0]
+                loss = z.new_zeros(())
+                if pce_w[i]:
+                    ce = F.cross_entropy(logits[known], targets[known], reduction="sum") if bool(known.any()) else loss
+                    loss = loss + pce_w[i] * ce / n
+                if ent_w[i]:
+                    loss = loss - ent_w[i] * prototype_entropy(logits).mean()
+                (grad,) = torch.autograd.grad(loss, z)
+            taps[m].extra = grad * loss_scale
+
+    def metrics(self, result: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {f"{k}/{m}": result[k][i] for k in ("score", "pce_weight", "entropy_weight") if k in result
+                for i, m in enumerate(self.active_modalities)}
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "centroids": {m: c.detach().cpu().clone() for m, c in self.centroids.items()},
+            "seen": {m: s.detach().cpu().clone() for m, s in self.seen.items()},
+            "epoch_sums": {k: v.detach().cpu().clone() for k, v in self._epoch_sums.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.centroids = dict(state_dict.get("centroids", {}))
+        self.seen = dict(state_dict.get("seen", {}))
+        self._epoch_sums = dict(state_dict.get("epoch_sums", {}))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        device = pl_module.device
+        self.centroids = {m: c.to(device) for m, c in self.centroids.items()}
+        self.seen = {m: s.to(device) for m, s in self.seen.items()}
+        self._epoch_sums = {k: v.to(device) for k, v in self._epoch_sums.items()}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,80 @@
+"""AGM math (Li, Li, Hu, Lei, Li, Zhou, "Boosting Multi-modal Model Performance with Adaptive Gradient
+Modulation", ICCV 2023). Pure tensor functions, no Lightning.
+
+Subsets of the M modalities are bit masks ``1 .. 2^M - 1`` (bit ``u`` set: modality ``u`` present);
+``F(S)`` is the fused output with the modalities outside ``S`` removed, and ``F(∅) := 0`` as in the
+official code.
+"""
+
+from __future__ import annotations
+
+from math import factorial
+
+import torch
+from torch import Tensor
+
+__all__ = ["shapley_weights", "shapley_responses", "agm_scores", "agm_coefficients"]
+
+
+def shapley_weights(num_modalities: int) -> Tensor:
+    r"""``(M, 2^M - 1)`` matrix ``W`` with :math:`m_u = \sum_S W[u, S-1] F(S)` the Shapley response of ``u``:
+
+    :math:`m_u = \sum_{S \subseteq M \setminus u} \frac{|S|!(M-|S|-1)!}{M!} [F(S \cup u) - F(S)]`,
+    with ``F(∅) = 0``. For M = 2: ``m_a = ½[F(a,v) − F(0,v) + F(a,0)]``. Columns sum to 1 for the full
+    set and to 0 for every other subset, so ``Σ_u m_u = F(all)``.
+    """
+    m = num_modalities
+    if m < 2:
+        raise ValueError(f"AGM needs at least 2 modalities, got {m}.")
+
+    def weight(size: int) -> float:
+        return factorial(size) * factorial(m - size - 1) / factorial(m)
+
+    w = torch.zeros(m, 2**m - 1, dtype=torch.float64)
+    for subset in range(1, 2**m):
+        size = bin(subset).count("1")
+        for u in range(m):
+            if subset >> u & 1:
+                w[u, subset - 1] += weight(size - 1)  # F(S ∪ u) with |S| = size - 1
+            else:
+                w[u, subset - 1] -= weight(size)  # -F(S)
+    return w.float()
+
+
+def shapley_responses(subset_logits: Tensor, weights: Tensor) -> Tensor:
+    """Mono-modal responses ``(M, N, C)`` from the stacked ``(2^M - 1, N, C)`` subset outputs."""
+    return torch.einsum("us,snc->unc", weights.to(subset_logits), subset_logits)
+
+
+def agm_scores(responses: Tensor, targets: Tensor, floor: float = 1e-8) -> Tensor:
+    """Per-modality batch **sums** of ``-log max(σ(m_u)[y], floor)`` (the official score, lower = better)."""
+    p = torch.softmax(responses.float(), dim=-1)
+    index = targets.reshape(1, -1, 1).expand(responses.shape[0], -1, 1)
+    return -torch.log(p.gather(-1, index).squeeze(-1).clamp_min(floor)).sum(dim=-1)
+
+
+def agm_coefficients(
+    losses: Tensor, running: Tensor, alpha: float, clamp: float | None = 10.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Modulation coefficients from the current mean scores and the running means before this step.
+
+    .. math::
+        r_u = \exp\big(\tfrac{M}{M-1}(\bar\ell - \ell_u)\big), \quad
+        \bar r_u = \exp\big(\tfrac{M}{M-1}(\bar L - L_u)\big), \quad
+        \kappa_u = \exp\big(\alpha \min(\bar r_u - r_u, \text{clamp})\big)
+
+    For M = 2, ``r_a = exp(ℓ_v − ℓ_a)`` as in the official code.
+
+    Returns:
+        ``(kappa, r, r_bar)``, each ``(M,)``.
+    """
+    m = losses.numel()
+    scale = m / (m - 1)
+    losses = losses.float()
+    running = running.float().to(losses.device)
+    r = torch.exp(scale * (losses.mean() - losses))
+    r_bar = torch.exp(scale * (running.mean() - running))
+    diff = r_bar - r
+    if clamp is not None:
+        diff = diff.clamp(max=clamp)
+    return torch.exp(alpha * diff), r, r_bar
