@@ -39,6 +39,9 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
     def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.encoders[m](batch[m]) for m in self.modalities}
 
+    def encode_batch(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return self.features(batch), batch["target"]  # the contract's optional hook (PMR's prototype pass)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.fuse(self.features(batch), batch["target"])
         loss = F.cross_entropy(logits, batch["target"])

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import AVDigitsNet  # noqa: E402
 
-from lightning_balance import OGMGE  # noqa: E402
+from lightning_balance import AGM, OGMGE, PMR, InfoReg  # noqa: E402
 from lightning_balance.data import MultimodalTensorDataset  # noqa: E402
 
 
@@ -70,11 +70,26 @@ class Alternating(pl.Callback):
         for cb in self.inner:
             cb.setup(trainer, pl_module, stage)
 
+    def on_fit_start(self, trainer, pl_module):
+        for cb in self.inner:
+            cb.on_fit_start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer, pl_module):  # epoch-level work (snapshots, prototypes): not timed
+        for cb in self.inner:
+            cb.on_train_epoch_start(trainer, pl_module)
+
+    def teardown(self, trainer, pl_module, stage):
+        for cb in self.inner:
+            cb.teardown(trainer, pl_module, stage)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._arm = "B" if batch_idx % 2 else "A"
         if self._arm == "B":
             for cb in self.inner:
                 cb.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        else:
+            for cb in self.inner:  # step A: the methods' forward taps stay out of the graph
+                cb._enabled = False
         self._t0 = time.perf_counter()
 
     def on_before_backward(self, trainer, pl_module, loss):
@@ -128,19 +143,24 @@ def main(argv: list[str] | None = None) -> None:
     def ogm(params: str) -> Callable[[], list[pl.Callback]]:
         return lambda: [OGMGE(alpha=0.3, params=params, noise=False, log_metrics=False)]
 
+    def others() -> dict[str, Callable[[], list[pl.Callback]]]:
+        return {"InfoReg": lambda: [InfoReg(log_metrics=False)],
+                "AGM": lambda: [AGM(log_metrics=False)],
+                "PMR": lambda: [PMR(log_metrics=False)]}
+
     # (name, model factory, input dims, batch size, {method: callbacks factory})
     setups: list[tuple[str, Callable[[], pl.LightningModule], dict[str, int], int, dict]] = []
     av = {"audio": 40, "visual": 64}
     setups.append(("AV-Digits MLP", lambda: AVDigitsNet(input_dims=av), av, 64,
                    {"OGM-GE": ogm_ge("weights"), "OGM (no noise)": ogm("weights"),
-                    "OGM-GE + logging": ogm_ge("weights", log=True)}))
+                    "OGM-GE + logging": ogm_ge("weights", log=True), **others()}))
     for m in (2, 4, 8):
         dims = {f"m{i}": 128 for i in range(m)}
         setups.append((f"synthetic MLP, M={m}", lambda dims=dims: AVDigitsNet(input_dims=dims, hidden=2048, feature_dim=512),
-                       dims, 128, {"OGM-GE": ogm_ge("weights"), "OGM (no noise)": ogm("weights")}))
+                       dims, 128, {"OGM-GE": ogm_ge("weights"), "OGM (no noise)": ogm("weights"), **others()}))
     conv_dims = {f"m{i}": 64 for i in range(4)}
     setups.append(("synthetic Conv1d, M=4", lambda: ConvNet(conv_dims), conv_dims, 16,
-                   {"OGM-GE": ogm_ge("conv"), "OGM (no noise)": ogm("conv")}))
+                   {"OGM-GE": ogm_ge("conv"), "OGM (no noise)": ogm("conv"), **others()}))
 
     rows = []
     for name, factory, dims, batch, methods in setups:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lightning_balance import OGMGE, ModalityMonitor
+from lightning_balance import AGM, OGMGE, PMR, InfoReg, ModalityMonitor
 from lightning_balance.data import AVDigitsDataModule, SyntheticCollapseDataModule
 
 jsonargparse = pytest.importorskip("jsonargparse", reason="jsonargparse (the `cli` extra) is not installed")
@@ -27,6 +27,12 @@ trainer:
       init_args: {alpha: 0.8, params: weights, modalities: [audio, visual], end_epoch: null, seed: 3}
     - class_path: lightning_balance.ModalityMonitor
       init_args: {missing: false}
+    - class_path: lightning_balance.InfoReg
+      init_args: {strength: {audio: 0.95, visual: 0.1}, window_from: audio, score: mean}
+    - class_path: lightning_balance.AGM
+      init_args: {alpha: 0.5, clip: null, accumulation: per_micro_batch}
+    - class_path: lightning_balance.PMR
+      init_args: {alpha: 2.0, momentum: 0.0, rule: continuous, prototypes: steps}
 model:
   fusion: concat
   lr: 0.05
@@ -40,9 +46,15 @@ model:
     monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ModalityMonitor))
     assert monitor.missing is False
     assert cli.model.lr == 0.05
+    inforeg = next(cb for cb in cli.trainer.callbacks if isinstance(cb, InfoReg))
+    assert (inforeg.strength, inforeg.window_from, inforeg.score) == ({"audio": 0.95, "visual": 0.1}, "audio", "mean")
+    agm = next(cb for cb in cli.trainer.callbacks if isinstance(cb, AGM))
+    assert (agm.alpha, agm.clip, agm.accumulation) == (0.5, None, "per_micro_batch")
+    pmr = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PMR))
+    assert (pmr.alpha, pmr.momentum, pmr.rule, pmr.prototypes) == (2.0, 0.0, "continuous", "steps")
 
 
-@pytest.mark.parametrize("cls", [AVDigitsDataModule, SyntheticCollapseDataModule, OGMGE, ModalityMonitor])
+@pytest.mark.parametrize("cls", [AVDigitsDataModule, SyntheticCollapseDataModule, OGMGE, ModalityMonitor, InfoReg, AGM, PMR])
 def test_constructor_signatures_resolve(cls):
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(cls, "x")

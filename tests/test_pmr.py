@@ -167,3 +167,21 @@ def test_bad_arguments(kwargs, match):
 def test_math_is_finite_with_unseen_classes():
     logits = prototype_logits(torch.randn(3, 2), torch.randn(4, 2), torch.tensor([True, True, False, False]))
     assert math.isfinite(prototype_entropy(logits).sum().item())
+
+
+def test_prototype_pass_leaves_the_shuffling_unchanged(tmp_path):
+    """With a shuffling loader, the pass must not consume training's random stream: with alpha=0 the
+    run equals plain training exactly."""
+    from torch.utils.data import DataLoader
+
+    def shuffled():
+        return DataLoader(DictDataset(n=64), batch_size=16, shuffle=True)
+
+    runs = []
+    for callbacks in ([], [PMR(alpha=0.0)]):
+        torch.manual_seed(7)
+        model = TinyAV()
+        torch.manual_seed(7)
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, max_epochs=2)).fit(model, shuffled())
+        runs.append(flat_params(model))
+    assert torch.equal(runs[0], runs[1])

@@ -34,7 +34,8 @@ class PMR(GradientBalancingCallback):
     recomputed before every epoch (so: before training and after each epoch) with momentum
     :math:`c \leftarrow (1-\mu) c_{new} + \mu c_{old}` from the second computation on.
     ``prototypes="pass"`` (official) takes them from a ``no_grad`` eval-mode pass over the first
-    ``fraction`` of the epoch's training batches, through the module's :meth:`encode_batch`;
+    ``fraction`` of the epoch's training batches, through the module's :meth:`encode_batch` (torch's
+    RNG is forked for the pass, so training's shuffling is unchanged);
     ``prototypes="steps"`` takes them, at no extra cost, from the features the previous epoch's
     training steps recorded (then epoch 0 has no prototypes and no PCE). Class sums and counts are
     summed over ranks, so every rank holds the same prototypes; a class absent from the subset keeps its
@@ -173,7 +174,9 @@ class PMR(GradientBalancingCallback):
         pl_module.eval()
         sums: dict[str, Tensor] = {}
         try:
-            with torch.no_grad():
+            # fork the RNG: the pass reads the batches this epoch will start with (a shuffling sampler draws
+            # the same order again) and leaves training's random stream untouched
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 for i, batch in enumerate(loader):
                     if i >= limit:
                         break

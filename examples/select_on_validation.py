@@ -1,0 +1,78 @@
+"""Choose a method's main hyper-parameter on AV-Digits **validation** accuracy (test data is never read).
+
+    python examples/select_on_validation.py --method ogm_ge --values 0.1 0.3 0.8 1.5 3.0 --seeds 0 1 2
+    python examples/select_on_validation.py --method agm                      # its default grid
+
+Prints, per value, the best validation accuracy of the joint model (mean ± std over seeds), with the
+baseline (no method) for comparison, and writes the per-seed values to JSON. The selected value is
+the one with the highest mean; it is what ``av_digits_benchmark.py`` then uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import AVDigitsNet, fit, mean_std  # noqa: E402
+
+from lightning_balance import AGM, OGMGE, PMR, InfoReg  # noqa: E402
+from lightning_balance.data import AVDigitsDataModule  # noqa: E402
+
+# method -> (parameter name, default grid, factory of the callbacks for one value)
+SEARCH: dict[str, tuple[str, list[float], Callable[[float], list[pl.Callback]]]] = {
+    "ogm_ge": ("alpha", [0.1, 0.3, 0.8, 1.5, 3.0], lambda v: [OGMGE(alpha=v, params="weights")]),
+    "ogm": ("alpha", [0.1, 0.3, 0.8, 1.5, 3.0], lambda v: [OGMGE(alpha=v, params="weights", noise=False)]),
+    "inforeg": ("strength", [0.1, 0.3, 0.95, 2.0], lambda v: [InfoReg(strength=v)]),
+    "agm": ("alpha", [0.1, 0.5, 1.0, 2.5], lambda v: [AGM(alpha=v)]),
+    "pmr": ("alpha", [0.2, 0.6, 1.0, 2.0], lambda v: [PMR(alpha=v)]),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", required=True, choices=sorted(SEARCH))
+    parser.add_argument("--values", nargs="+", type=float, help="grid of the method's parameter")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the baseline runs")
+    parser.add_argument("--out", default="results")
+    args = parser.parse_args(argv)
+    name, grid_values, factory = SEARCH[args.method]
+    values = args.values or grid_values
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    torch.set_num_threads(2)
+    os.makedirs(args.out, exist_ok=True)
+    grid: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as root:
+        for seed in args.seeds:
+            data = AVDigitsDataModule(seed=seed)
+            data.setup()
+            for value in ([] if args.no_baseline else [None]) + values:
+                pl.seed_everything(seed, verbose=False)
+                callbacks = [] if value is None else factory(value)
+                _, val = fit(AVDigitsNet(), data, callbacks, args.epochs, f"{root}/{seed}-{value}", progress=False)
+                grid.setdefault("baseline" if value is None else f"{name}={value:g}", []).append(val)
+                print(f"seed {seed} {name} {value}: best val acc {val:.4f}", flush=True)
+    print(f"\n{args.method}\n\n| setting | best val acc (mean ± std) |\n|---|---|")
+    for key, vals in grid.items():
+        print(f"| {key} | {mean_std(vals)} |")
+    best = max((k for k in grid if k != "baseline"), key=lambda k: sum(grid[k]) / len(grid[k]))
+    print(f"\nselected on validation: {best}")
+    with open(os.path.join(args.out, f"select_{args.method}.json"), "w") as f:
+        json.dump({"command": "python examples/select_on_validation.py " + " ".join(argv or sys.argv[1:]),
+                   "method": args.method, "parameter": name, "seeds": args.seeds, "val_acc": grid,
+                   "selected": best}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
