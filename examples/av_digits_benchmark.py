@@ -34,7 +34,7 @@ from _common import (  # noqa: E402
     format_table,
 )
 
-from lightning_balance import AGM, OGMGE, PMR, InfoReg, ModalityMonitor  # noqa: E402
+from lightning_balance import OGMGE, ModalityMonitor  # noqa: E402
 from lightning_balance.data import AVDigitsDataModule  # noqa: E402
 
 # Balancing methods: name -> factory of the callbacks added to the joint model's Trainer.
