@@ -171,3 +171,15 @@ class MultiMLP(MultimodalMixin, pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class FirstGradients(pl.Callback):
+    """Keeps a copy of every parameter's gradient at the first optimizer step (after the callbacks
+    listed before it have edited them)."""
+
+    def __init__(self) -> None:
+        self.grads: Optional[list[torch.Tensor]] = None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self.grads is None:
+            self.grads = [p.grad.clone() for p in pl_module.parameters()]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lightning_balance import AGM
 from lightning_balance.functional import agm_coefficients, agm_scores, shapley_responses, shapley_weights
-from tests.helpers import DictDataset, TinyAV, loader, trainer_kwargs
+from tests.helpers import FirstGradients, DictDataset, TinyAV, loader, trainer_kwargs
 
 
 def test_shapley_weights_two_and_three_modalities():
@@ -52,19 +52,12 @@ def test_scores_and_coefficients_by_hand():
         shapley_weights(1)
 
 
-class GradProbe(pl.Callback):
-    def __init__(self):
-        self.grads = None
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if self.grads is None:
-            self.grads = [p.grad.clone() for p in pl_module.parameters()]
 
 
 @pytest.mark.parametrize("fusion", ["concat", "gated"])
 def test_first_step_matches_the_official_hook_mechanism(tmp_path, fusion):
     cb = AGM(alpha=1.5, clip=None)
-    probe = GradProbe()
+    probe = FirstGradients()
     model = TinyAV(fusion=fusion)
     reference = TinyAV(fusion=fusion)
     reference.load_state_dict(model.state_dict())

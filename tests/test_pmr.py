@@ -17,7 +17,7 @@ from lightning_balance.functional import (
     prototype_logits,
     update_prototypes,
 )
-from tests.helpers import DictDataset, TinyAV, flat_params, loader, trainer_kwargs
+from tests.helpers import FirstGradients, DictDataset, TinyAV, flat_params, loader, trainer_kwargs
 
 
 def test_class_sums_and_prototype_update():
@@ -66,20 +66,13 @@ def test_weights_by_hand():
         pmr_weights(torch.ones(2), "soft")
 
 
-class GradProbe(pl.Callback):
-    def __init__(self):
-        self.grads = None
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if self.grads is None:
-            self.grads = [p.grad.clone() for p in pl_module.parameters()]
 
 
 @pytest.mark.parametrize("rule", ["binary", "continuous"])
 def test_first_step_equals_the_loss_written_out(tmp_path, rule):
     alpha = 2.0
     cb = PMR(alpha=alpha, rule=rule, fraction=1.0, entropy_weight=0.3, entropy_epochs=1)
-    probe = GradProbe()
+    probe = FirstGradients()
     model = TinyAV()
     reference = TinyAV()
     reference.load_state_dict(model.state_dict())

@@ -75,6 +75,11 @@ class StepStatistics:
         self._values = {}
 
 
+def is_number(value: Any) -> bool:
+    """A real number, not a bool (for argument validation)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def log_balance_metrics(pl_module: pl.LightningModule, metrics: dict[str, Tensor], **kwargs: Any) -> None:
     """Log through ``pl_module.log`` (any Lightning logger) unless the Trainer runs barebones."""
     trainer = pl_module._trainer

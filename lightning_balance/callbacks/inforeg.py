@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_balance.callbacks.base import GradientBalancingCallback, log_balance_metrics
+from lightning_balance.callbacks.base import GradientBalancingCallback, is_number, log_balance_metrics
 from lightning_balance.functional.inforeg import (
     fisher_trace_increment,
     inforeg_coefficients,
@@ -105,15 +105,15 @@ class InfoReg(GradientBalancingCallback):
             log_metrics=log_metrics,
         )
         if isinstance(strength, Mapping):
-            bad = {k: v for k, v in strength.items() if not _is_number(v) or v < 0}
+            bad = {k: v for k, v in strength.items() if not is_number(v) or v < 0}
             if bad or not strength:
                 raise ValueError(f"strength must map modality names to numbers >= 0, got {dict(strength)!r}.")
             strength = {str(k): float(v) for k, v in strength.items()}
-        elif not _is_number(strength) or strength < 0:
+        elif not is_number(strength) or strength < 0:
             raise ValueError(f"strength must be a number >= 0 or a mapping modality -> number, got {strength!r}.")
         else:
             strength = float(strength)
-        if not _is_number(threshold):
+        if not is_number(threshold):
             raise ValueError(f"threshold must be a number, got {threshold!r}.")
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise ValueError(f"window must be an int >= 1, got {window!r}.")
@@ -285,7 +285,3 @@ class InfoReg(GradientBalancingCallback):
         if self._trace is not None:
             self._trace = self._trace.to(device)
         self._snapshot = {m: [s.to(device) for s in ss] for m, ss in self._snapshot.items()}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_balance._distributed import all_reduce_sum
 from lightning_balance._taps import GradientTap, add_gradient
-from lightning_balance.callbacks.base import GradientBalancingCallback
+from lightning_balance.callbacks.base import GradientBalancingCallback, is_number
 from lightning_balance.functional.pmr import (
     class_feature_sums,
     pmr_weights,
@@ -112,9 +112,9 @@ class PMR(GradientBalancingCallback):
             log_metrics=log_metrics,
         )
         for name, value in (("alpha", alpha), ("entropy_weight", entropy_weight)):
-            if not _is_number(value) or value < 0:
+            if not is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
-        if not _is_number(momentum) or not 0 <= momentum <= 1:
+        if not is_number(momentum) or not 0 <= momentum <= 1:
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}.")
         if rule not in ("binary", "continuous"):
             raise ValueError(f"rule must be 'binary' or 'continuous', got {rule!r}.")
@@ -122,7 +122,7 @@ class PMR(GradientBalancingCallback):
             raise ValueError(f"entropy_epochs must be an int >= 0, got {entropy_epochs!r}.")
         if prototypes not in ("pass", "steps"):
             raise ValueError(f"prototypes must be 'pass' or 'steps', got {prototypes!r}.")
-        if not _is_number(fraction) or not 0 < fraction <= 1:
+        if not is_number(fraction) or not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}.")
         if accumulation not in ("raise", "per_micro_batch"):
             raise ValueError(f"accumulation must be 'raise' or 'per_micro_batch', got {accumulation!r}.")
@@ -296,7 +296,3 @@ class PMR(GradientBalancingCallback):
         self.centroids = {m: c.to(device) for m, c in self.centroids.items()}
         self.seen = {m: s.to(device) for m, s in self.seen.items()}
         self._epoch_sums = {k: v.to(device) for k, v in self._epoch_sums.items()}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
