@@ -200,3 +200,38 @@ def test_strategy_allow_list():
     with pytest.warns(UserWarning, match="not been tested"):
         check_strategy(custom, "OGMGE", allow_untested=True)
     assert issubclass(Custom, Strategy)
+
+
+def test_fuse_hooks_run_in_training_only_and_can_be_removed():
+    import pickle
+
+    from tests.helpers import TinyAV
+
+    calls = []
+
+    class Hook:
+        def tap_features(self, module, features, targets, extras):
+            calls.append("features")
+            extras["seen"] = True
+            return {k: v * 1.0 for k, v in features.items()}
+
+        def tap_logits(self, module, features, targets, logits, extras):
+            calls.append("logits")
+            return logits + 0.0
+
+    model = TinyAV()
+    handle = model.register_fuse_hook(Hook())
+    batch = {"audio": torch.randn(3, 6), "visual": torch.randn(3, 5)}
+    model.train()
+    model.fuse(model.forward_features(batch))
+    assert calls == ["features", "logits"] and model.balance_record.extras == {"seen": True}
+    model.eval()
+    model.fuse(model.forward_features(batch))
+    with torch.no_grad():
+        model.train()
+        model.fuse(model.forward_features(batch))
+    assert calls == ["features", "logits"]  # eval mode and no_grad: hooks skipped
+    assert pickle.loads(pickle.dumps(model))._lb_hooks is None  # hooks never travel with the module
+    handle.remove()
+    model.fuse(model.forward_features(batch))
+    assert calls == ["features", "logits"]
