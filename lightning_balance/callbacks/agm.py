@@ -17,6 +17,8 @@ from lightning_balance.modality import ModalityRecord, MultimodalMixin
 
 __all__ = ["AGM"]
 
+_MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase, nn.AlphaDropout)
+
 
 class AGM(GradientBalancingCallback):
     r"""Adaptive Gradient Modulation (AGM): modulate each modality's Shapley response in the backward pass.
@@ -106,13 +108,18 @@ class AGM(GradientBalancingCallback):
         self.iterations = 0  # t
         self._weights = torch.zeros(0)
         self._module: Optional[MultimodalMixin] = None
-        self._order: list[int] = []
+        self._head_weights: list[nn.Parameter] = []
+        self._mode_dependent = True
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         self._module = pl_module  # type: ignore[assignment]
+        self._head_weights = [p for p in pl_module.shared_parameters() if p.ndim >= 2]  # type: ignore[attr-defined]
+        # the masked passes run the fusion in eval mode; skip the mode switch when no layer depends on it
+        self._mode_dependent = any(isinstance(mod, _MODE_DEPENDENT) for f in pl_module.fusion_modules()  # type: ignore[attr-defined]
+                                   for mod in f.modules())
         m = len(self.active_modalities)
         self._weights = shapley_weights(m)
         if self.running is None:
@@ -125,7 +132,7 @@ class AGM(GradientBalancingCallback):
             return logits
         names = self.active_modalities
         full = 2 ** len(names) - 1
-        fusion = [f for f in module.fusion_modules() if f.training]
+        fusion = [f for f in module.fusion_modules() if f.training] if self._mode_dependent else []
         for f in fusion:
             f.eval()
         try:
@@ -174,8 +181,7 @@ class AGM(GradientBalancingCallback):
         if self.clip is None or self._module is None or self._optimizer is None:
             return
         owned = {id(p) for g in self._optimizer.param_groups for p in g["params"]}
-        head = [p.grad for p in self._module.shared_parameters()
-                if p.ndim >= 2 and id(p) in owned and p.grad is not None]
+        head = [p.grad for p in self._head_weights if id(p) in owned and p.grad is not None]
         if not head:
             return
         if bool(torch.stack([g.abs().amax() for g in head]).amax() > self.clip):

@@ -222,12 +222,17 @@ class PMR(GradientBalancingCallback):
         if self.prototypes == "steps":
             self._add_class_sums(out, pl_module, record.features, record.targets)  # type: ignore[arg-type]
         if self.centroids:
-            scores = []
-            for m in self.active_modalities:
-                logits = prototype_logits(record.features[m].detach(), self.centroids[m], self.seen[m])
-                known = self.seen[m].to(logits.device)[record.targets]
-                p = torch.softmax(logits, dim=-1).gather(1, record.targets.unsqueeze(1)).squeeze(1)
-                scores.append(torch.where(known, p, torch.zeros_like(p)).sum())
+            scores, kept = [], {}
+            with torch.enable_grad():  # the logits are reused, with their graph, by prepare_backward
+                for m in self.active_modalities:
+                    z = record.features[m].detach().float().requires_grad_(True)
+                    logits = prototype_logits(z, self.centroids[m], self.seen[m])
+                    kept[m] = (z, logits)
+                    with torch.no_grad():
+                        known = self.seen[m].to(logits.device)[record.targets]
+                        p = torch.softmax(logits, dim=-1).gather(1, record.targets.unsqueeze(1)).squeeze(1)
+                        scores.append(torch.where(known, p, torch.zeros_like(p)).sum())
+            record.extras["pmr_logits"] = kept
             out["scores"] = torch.stack(scores)
             out["count"] = out["scores"].new_tensor([record.batch_size])
         return out
@@ -258,9 +263,8 @@ class PMR(GradientBalancingCallback):
         for i, m in enumerate(self.active_modalities):
             if pce_w[i] == 0.0 and ent_w[i] == 0.0:
                 continue
-            z = record.features[m].detach().float().requires_grad_(True)
+            z, logits = record.extras["pmr_logits"][m]
             with torch.enable_grad():
-                logits = prototype_logits(z, self.centroids[m], self.seen[m])
                 known = self.seen[m].to(z.device)[targets]
                 n = z.shape[0]
                 loss = z.new_zeros(())
@@ -269,6 +273,8 @@ class PMR(GradientBalancingCallback):
                     loss = loss + pce_w[i] * ce / n
                 if ent_w[i]:
                     loss = loss - ent_w[i] * prototype_entropy(logits).mean()
+                if not loss.requires_grad:  # no sample of a class with a prototype: nothing to add
+                    continue
                 (grad,) = torch.autograd.grad(loss, z)
             taps[m].extra = grad * loss_scale
 
