@@ -34,15 +34,20 @@ from _common import (  # noqa: E402
     format_table,
 )
 
-from lightning_balance import OGMGE, ModalityMonitor  # noqa: E402
+from lightning_balance import AGM, OGMGE, PMR, InfoReg, ModalityMonitor  # noqa: E402
 from lightning_balance.data import AVDigitsDataModule  # noqa: E402
 
 # Balancing methods: name -> factory of the callbacks added to the joint model's Trainer.
-# OGM-GE's alpha was chosen on validation accuracy with examples/select_ogm_alpha.py (see docs/results.md).
+# Each method's main parameter was chosen on validation accuracy (seeds 0-2) with
+# examples/select_on_validation.py --method <name>; the grids and results are in docs/results.md.
 METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
     "baseline": lambda: [],
     "ogm_ge": lambda: [OGMGE(alpha=0.1, params="weights")],
     "ogm": lambda: [OGMGE(alpha=0.1, params="weights", noise=False)],
+    "inforeg": lambda: [InfoReg(strength=0.3)],
+    "inforeg_official": lambda: [InfoReg.official()],  # the paper's constants (0.95 audio, 0.10 visual), not tuned
+    "agm": lambda: [AGM(alpha=0.5)],
+    "pmr": lambda: [PMR(alpha=4.0)],
 }
 
 COLUMNS = [

@@ -153,6 +153,16 @@ class SaveParams(pl.Callback):
         torch.save({"params": flat_params(pl_module), "states": states},
                    f"{self.directory}/rank{trainer.global_rank}.pt")
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Shut the process group down on both ranks together: left to the exit handlers, gloo's threads
+        # are sometimes destroyed while the peer is still connected ("terminate called without an active
+        # exception", SIGABRT in the spawned worker).
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 class MultiMLP(MultimodalMixin, pl.LightningModule):
     """M modalities, one small MLP encoder each, concat head; batches are dicts with a "target" key."""
