@@ -48,8 +48,8 @@ How per-modality predictions are obtained from a jointly trained model (``unimod
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
