@@ -174,6 +174,7 @@ class MultimodalMixin:
     _lb_record: Optional[ModalityRecord] = None
     _lb_calls: int = 0
     _lb_hooks: Optional[dict[int, Any]] = None
+    _lb_loss_weights: Optional[dict[str, float]] = None
 
     # ------------------------------------------------------------------ declaration
     def configure_modalities(
@@ -512,6 +513,57 @@ class MultimodalMixin:
         feats = {m: (z.detach() if detach_features else z) for m, z in record.features.items()}
         logits = self.compute_unimodal_logits(feats)
         return sum(F.cross_entropy(logits[m].float(), record.targets) for m in spec.names)  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ unimodal auxiliary objectives
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """Weights of :meth:`add_unimodal_losses`: ``"fused"`` and one per modality (all 1.0 by default).
+
+        A plain dict: set entries directly, or let a callback (Gradient-Blending) set them during training.
+        """
+        if self._lb_loss_weights is None:
+            self._lb_loss_weights = {"fused": 1.0, **{m: 1.0 for m in self.modality_spec.names}}
+        return self._lb_loss_weights
+
+    @loss_weights.setter
+    def loss_weights(self, weights: Mapping[str, float]) -> None:
+        expected = {"fused", *self.modality_spec.names}
+        if set(weights) != expected:
+            raise ModalityContractError(
+                f"loss_weights must have exactly the keys {sorted(expected)}, got {sorted(weights)}."
+            )
+        bad = {k: v for k, v in weights.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0}
+        if bad:
+            raise ModalityContractError(f"loss_weights must be numbers >= 0, got {bad}.")
+        self._lb_loss_weights = {k: float(v) for k, v in weights.items()}
+
+    def add_unimodal_losses(self, fused_loss: Tensor, record: Optional[ModalityRecord] = None) -> Tensor:
+        r"""The multimodal objective with unimodal auxiliary losses:
+
+        .. math:: L = w_{fused} L_{fused} + \sum_m w_m \, \mathrm{CE}(o_m, y)
+
+        with ``o_m`` the unimodal logits of the step (declared ``unimodal`` mode: split head, masked
+        fusion or auxiliary heads), **attached** to the graph, so each encoder also learns from its
+        own prediction. Weights are :attr:`loss_weights`. The weighted terms are kept on the step's
+        record (``record.extras["objective"]``) for callbacks that treat them separately (MMPareto).
+
+        Call it in ``training_step`` after :meth:`fuse`: ``return self.add_unimodal_losses(loss)``.
+        """
+        record = record or self._require_record("add_unimodal_losses()")
+        if record.targets is None:
+            raise ModalityContractError("add_unimodal_losses() needs targets: call self.fuse(features, targets).")
+        if not isinstance(fused_loss, Tensor) or fused_loss.ndim != 0:
+            raise ModalityContractError(
+                f"add_unimodal_losses() takes the scalar loss of the fused logits, got "
+                f"{tuple(fused_loss.shape) if isinstance(fused_loss, Tensor) else type(fused_loss).__name__}."
+            )
+        weights = self.loss_weights
+        logits = self.compute_unimodal_logits(record.features)
+        terms = {"fused": weights["fused"] * fused_loss}
+        for m in self.modality_spec.names:
+            terms[m] = weights[m] * F.cross_entropy(logits[m].float(), record.targets)
+        record.extras["objective"] = terms
+        return sum(terms.values())  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ internals
     def _require_record(self, who: str) -> ModalityRecord:

@@ -47,12 +47,14 @@ class TinyAV(MultimodalMixin, pl.LightningModule):
     """Two MLP encoders; concat + linear head (default) or a gated fusion."""
 
     def __init__(self, fusion: str = "concat", lr: float = 0.1, momentum: float = 0.9, classes: int = 4,
-                 unimodal: str = "auto", manual: bool = False, dims: tuple[int, int] = (6, 5), seed: int = 0) -> None:
+                 unimodal: str = "auto", manual: bool = False, dims: tuple[int, int] = (6, 5), seed: int = 0,
+                 aux_losses: bool = False) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.audio_encoder = nn.Sequential(nn.Linear(dims[0], 8), nn.Tanh(), nn.Linear(8, 8))
         self.visual_encoder = nn.Sequential(nn.Linear(dims[1], 8), nn.Tanh(), nn.Linear(8, 8))
         self.lr, self.momentum = lr, momentum
+        self.aux_losses = aux_losses  # train with the unimodal auxiliary objectives (add_unimodal_losses)
         self.automatic_optimization = not manual
         if fusion == "concat":
             self.head = nn.Linear(16, classes)
@@ -79,7 +81,9 @@ class TinyAV(MultimodalMixin, pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
         logits = self.fuse(self.forward_features(batch), batch["target"])
         loss = F.cross_entropy(logits, batch["target"])
-        if self.modality_spec.unimodal == "heads":
+        if self.aux_losses:
+            loss = self.add_unimodal_losses(loss)
+        elif self.modality_spec.unimodal == "heads":
             loss = loss + self.unimodal_loss()
         if self.automatic_optimization:
             return loss

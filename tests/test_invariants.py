@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_balance import AGM, PMR, InfoReg
+from lightning_balance import AGM, PMR, InfoReg, MMPareto
 from tests.helpers import SaveParams, TinyAV, flat_params, loader, trainer_kwargs
 
 # name -> factory of a fresh callback, configured so that it edits the gradients of TinyAV's first epochs
@@ -18,7 +18,18 @@ METHODS = {
     "agm": lambda **kw: AGM(alpha=kw.pop("alpha", 2.0), **kw),
     "pmr": lambda **kw: PMR(alpha=kw.pop("alpha", 1.0), fraction=kw.pop("fraction", 0.25), **kw),
     "pmr_steps": lambda **kw: PMR(prototypes="steps", rule="continuous", entropy_weight=0.5, entropy_epochs=1, **kw),
+    "mmpareto": lambda **kw: MMPareto(**kw),
+    "mmpareto_heads": lambda **kw: MMPareto(gamma=1.0, **kw),
 }
+# the model each method is tested on (TinyAV keyword arguments)
+MODELS = {
+    "mmpareto": {"aux_losses": True},
+    "mmpareto_heads": {"aux_losses": True, "fusion": "gated", "unimodal": "heads"},
+}
+
+
+def model_for(name, **kw):
+    return TinyAV(**{**MODELS.get(name, {}), **kw})
 # methods whose coefficients act inside each backward pass (reduce_at="micro_batch")
 IN_BACKWARD = {"agm", "pmr", "pmr_steps"}
 
@@ -44,8 +55,8 @@ def _state_equal(a, b):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_changes_training(tmp_path, name):
-    plain, _ = run(tmp_path, [])
-    edited, _ = run(tmp_path, [METHODS[name]()])
+    plain, _ = run(tmp_path, [], model=model_for(name))
+    edited, _ = run(tmp_path, [METHODS[name]()], model=model_for(name))
     assert (flat_params(plain) - flat_params(edited)).abs().max() > 1e-3
 
 
@@ -55,14 +66,14 @@ def test_ddp_parity_and_identical_ranks(tmp_path, name):
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
     run(ddp_dir, [METHODS[name](), SaveParams(str(ddp_dir))], batch_size=8, devices=2, strategy="ddp_spawn",
-        use_distributed_sampler=False)
+        use_distributed_sampler=False, model=model_for(name))
     rank0 = torch.load(ddp_dir / "rank0.pt")
     rank1 = torch.load(ddp_dir / "rank1.pt")
     assert torch.equal(rank0["params"], rank1["params"]), "replicas diverged"
     key = type(METHODS[name]()).__name__
     assert _state_equal(rank0["states"][key], rank1["states"][key])
     single_cb = METHODS[name]()
-    single, _ = run(tmp_path, [single_cb], batch_size=16)
+    single, _ = run(tmp_path, [single_cb], batch_size=16, model=model_for(name))
     torch.testing.assert_close(rank0["params"], flat_params(single), rtol=1e-5, atol=1e-6)
     assert _state_equal(rank0["states"][key], single_cb.state_dict())
 
@@ -70,8 +81,8 @@ def test_ddp_parity_and_identical_ranks(tmp_path, name):
 @pytest.mark.parametrize("name", sorted(set(METHODS) - IN_BACKWARD))
 def test_accumulation_parity(tmp_path, name):
     full_cb, acc_cb = METHODS[name](), METHODS[name]()
-    full, _ = run(tmp_path, [full_cb], batch_size=16)
-    accumulated, _ = run(tmp_path, [acc_cb], batch_size=8, accumulate_grad_batches=2)
+    full, _ = run(tmp_path, [full_cb], batch_size=16, model=model_for(name))
+    accumulated, _ = run(tmp_path, [acc_cb], batch_size=8, accumulate_grad_batches=2, model=model_for(name))
     torch.testing.assert_close(flat_params(accumulated), flat_params(full), rtol=1e-5, atol=1e-6)
     assert full_cb.num_edits == acc_cb.num_edits == 8  # once per optimizer step
 
@@ -79,11 +90,11 @@ def test_accumulation_parity(tmp_path, name):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_resume_parity(tmp_path, name):
     straight_cb = METHODS[name]()
-    straight, _ = run(tmp_path / "a", [straight_cb], max_epochs=4)
+    straight, _ = run(tmp_path / "a", [straight_cb], max_epochs=4, model=model_for(name))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
-    run(tmp_path / "b", [METHODS[name](), ckpt], max_epochs=2, enable_checkpointing=True)
+    run(tmp_path / "b", [METHODS[name](), ckpt], max_epochs=2, enable_checkpointing=True, model=model_for(name))
     resumed_cb = METHODS[name]()
-    resumed = TinyAV(seed=123)
+    resumed = model_for(name, seed=123)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[resumed_cb], max_epochs=4))
     trainer.fit(resumed, loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=1e-6, atol=1e-7)
@@ -92,9 +103,9 @@ def test_resume_parity(tmp_path, name):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_inert_before_start_epoch(tmp_path, name):
-    plain, _ = run(tmp_path, [], max_epochs=1)
+    plain, _ = run(tmp_path, [], max_epochs=1, model=model_for(name))
     late_cb = METHODS[name](start_epoch=1)
-    late, _ = run(tmp_path, [late_cb], max_epochs=1)
+    late, _ = run(tmp_path, [late_cb], max_epochs=1, model=model_for(name))
     assert torch.equal(flat_params(plain), flat_params(late))
     assert late_cb.num_edits == 0
 

@@ -80,6 +80,15 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def loss_scales(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[float, float]:
+    """``(1/accumulate_grad_batches under automatic optimisation else 1, the AMP GradScaler's scale or 1)``:
+    what Lightning multiplies the user's loss by before ``backward()``."""
+    accumulate = 1.0 / trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1.0
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    amp = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+    return accumulate, amp
+
+
 def log_balance_metrics(pl_module: pl.LightningModule, metrics: dict[str, Tensor], **kwargs: Any) -> None:
     """Log through ``pl_module.log`` (any Lightning logger) unless the Trainer runs barebones."""
     trainer = pl_module._trainer
@@ -315,15 +324,9 @@ class GradientBalancingCallback(Callback, abc.ABC):
 
     @staticmethod
     def _loss_scale(trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-        """Factor between the user's loss and the tensor ``backward()`` is called on: ``1/accumulate``
-        (automatic optimisation divides the loss) times the AMP GradScaler's scale, if any."""
-        scale = 1.0
-        if pl_module.automatic_optimization:
-            scale /= trainer.accumulate_grad_batches
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            scale *= float(scaler.get_scale())
-        return scale
+        """Factor between the user's loss and the tensor ``backward()`` is called on (see :func:`loss_scales`)."""
+        accumulate, amp = loss_scales(trainer, pl_module)
+        return accumulate * amp
 
     def _groups_for(self, optimizer: torch.optim.Optimizer) -> dict[str, list[nn.Parameter]]:
         cached = self._per_optimizer.get(id(optimizer))

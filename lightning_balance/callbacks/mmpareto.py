@@ -1,0 +1,203 @@
+"""MMPareto as a callback (Wei & Hu, "MMPareto: Boosting Multimodal Learning with Innocent Unimodal
+Assistance", ICML 2024)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_balance.callbacks.base import (
+    GradientBalancingCallback,
+    _logs_this_step,
+    is_number,
+    log_balance_metrics,
+    loss_scales,
+)
+from lightning_balance.functional.mmpareto import pareto_merge, pareto_weights
+from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
+
+__all__ = ["MMPareto"]
+
+
+class MMPareto(GradientBalancingCallback):
+    r"""MMPareto: merge each encoder's multimodal and unimodal gradients without conflict.
+
+    Needs the unimodal auxiliary objectives: ``training_step`` returns
+    ``self.add_unimodal_losses(fused_loss)`` (:meth:`MultimodalMixin.add_unimodal_losses`), i.e.
+    ``L = L_mm + Σ_u L_u``. For encoder ``u`` only ``L_mm`` and its own ``L_u`` have a gradient:
+    ``g_mm`` and ``g_u``. Per optimizer step, over the whole encoder:
+
+    .. math::
+        \cos = \frac{\langle g_{mm}, g_u\rangle}{\lVert g_{mm}\rVert\lVert g_u\rVert},\quad
+        (w_{mm}, w_u) = \begin{cases} (\tfrac12, \tfrac12) & \cos > 0 \\
+        (c^*, 1 - c^*),\ c^* = \mathrm{clip}\big(\frac{\lVert g_u\rVert^2 - \langle g_{mm}, g_u\rangle}
+        {\lVert g_{mm} - g_u\rVert^2}, 0.001, 0.999\big) & \cos \le 0 \end{cases}
+
+    and per parameter tensor ``p``: :math:`\hat g_p = 2(w_{mm} g_{mm,p} + w_u g_{u,p})`,
+    :math:`g_p \leftarrow \gamma\, \hat g_p \max(1, \lVert g_{mm,p} + g_{u,p}\rVert / \lVert\hat g_p\rVert)`.
+    Heads and fusion keep their ordinary gradient. Without conflict the encoder gets ``γ (g_mm + g_u)``:
+    with ``γ = 1.5`` that is a 1.5× encoder learning rate, to keep in mind when comparing.
+
+    How the per-loss gradients are obtained: before your ``backward()``, one ``torch.autograd.grad`` of
+    each ``L_u`` with respect to its encoder (one extra backward through each encoder's own branch;
+    the official code runs four full backward passes). ``g_mm`` is then the accumulated ``.grad``
+    minus ``g_u``. ``autograd.grad`` bypasses DDP's reduction, so the ``g_u`` are summed over
+    micro-batches (scaled like your loss) and averaged over ranks in the step's single all-reduce
+    before any cosine or weight is computed: DDP and gradient accumulation give the single-process,
+    full-batch result. Gradients are unscaled (AMP) and dot products taken in float64.
+
+    Args:
+        gamma: amplification γ (official 1.5).
+        modalities, start_epoch, end_epoch, nonfinite, allow_untested_strategy, log_metrics: see
+            :class:`GradientBalancingCallback`.
+
+    Logged: ``balance/mmpareto/cos/<m>``, ``balance/mmpareto/w_mm/<m>``, ``balance/mmpareto/conflict/<m>``
+    (this step, 0 or 1) and ``balance/mmpareto/conflict_rate/<m>`` (share of the edited steps so far with
+    a conflict; checkpointed).
+
+    Example::
+
+        class Model(MultimodalMixin, LightningModule):
+            def training_step(self, batch, i):
+                logits = self.fuse(features, y)
+                return self.add_unimodal_losses(F.cross_entropy(logits, y))
+
+        trainer = Trainer(callbacks=[MMPareto(gamma=1.5)])
+    """
+
+    method = "mmpareto"
+
+    def __init__(
+        self,
+        gamma: float = 1.5,
+        modalities: Optional[Sequence[str]] = None,
+        start_epoch: int = 0,
+        end_epoch: Optional[int] = None,
+        nonfinite: Literal["raise", "skip"] = "raise",
+        allow_untested_strategy: bool = False,
+        log_metrics: bool = True,
+    ) -> None:
+        super().__init__(
+            modalities=modalities,
+            start_epoch=start_epoch,
+            end_epoch=end_epoch,
+            nonfinite=nonfinite,
+            allow_untested_strategy=allow_untested_strategy,
+            log_metrics=log_metrics,
+        )
+        if not is_number(gamma) or gamma <= 0:
+            raise ValueError(f"gamma must be a number > 0, got {gamma!r}.")
+        self.gamma = float(gamma)
+        self.conflicts: Optional[Tensor] = None  # per modality: edited steps with cos <= 0
+        self.merges = 0  # edited steps
+        self._module: Optional[pl.LightningModule] = None
+        self._trainer: Optional[pl.Trainer] = None
+        self._trainable: dict[str, list[nn.Parameter]] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        self._module, self._trainer = pl_module, trainer
+        self._trainable = {m: [p for p in ps if p.requires_grad] for m, ps in self._groups.items()}
+        if self.conflicts is None:
+            self.conflicts = torch.zeros(len(self.active_modalities))
+
+    # ------------------------------------------------------------------ per micro-batch: g_u
+    def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
+        terms = record.extras.get("objective")
+        if terms is None:
+            raise ModalityContractError(
+                "MMPareto needs the unimodal losses of the step: return "
+                "`self.add_unimodal_losses(fused_loss)` from training_step (after self.fuse(features, targets))."
+            )
+        trainer = pl_module.trainer  # type: ignore[attr-defined]
+        accumulate, amp = loss_scales(trainer, pl_module)
+        out = {}
+        for m in self.active_modalities:
+            params = self._trainable[m]
+            grads = torch.autograd.grad(terms[m] * (accumulate * amp), params, retain_graph=True, allow_unused=True)
+            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                              for g, p in zip(grads, params)])
+            out[f"grad/{m}"] = flat / amp if amp != 1.0 else flat
+        return out
+
+    def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        world = self._trainer.world_size if self._trainer is not None else 1
+        return {k: v / world for k, v in stats.items()}  # DDP averages .grad; average g_u alike
+
+    # ------------------------------------------------------------------ per optimizer step: merge
+    def edit(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device) -> None:
+        cos_all, w_all = [], []
+        for i, m in enumerate(self.active_modalities):
+            params = self._trainable[m]
+            owned = {id(p) for p in groups[m]}
+            if not owned.intersection(id(p) for p in params):
+                cos_all.append(None)
+                w_all.append(None)
+                continue
+            if len(owned) != len(groups[m]) or any(id(p) not in owned for p in params):
+                raise ModalityContractError(
+                    f"MMPareto merges the gradient of the whole {m!r} encoder; its parameters are split over "
+                    f"several optimizers. Put each encoder's parameters in one optimizer."
+                )
+            flat = result[f"grad/{m}"].to(device)
+            g_uni, offset = [], 0
+            for p in params:
+                g_uni.append(flat[offset : offset + p.numel()].view_as(p).to(p.dtype))
+                offset += p.numel()
+            totals = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            g_mm = torch._foreach_sub(totals, g_uni)
+            dot = torch.stack([torch.vdot(a.reshape(-1).double(), b.reshape(-1).double()) for a, b in zip(g_mm, g_uni)]).sum()
+            sq_mm = torch.stack(torch._foreach_norm(g_mm)).double().square().sum()
+            sq_uni = torch.stack(torch._foreach_norm(g_uni)).double().square().sum()
+            w_mm, w_uni, cos = pareto_weights(dot, sq_mm, sq_uni)
+            merged = pareto_merge(g_mm, g_uni, w_mm, w_uni, self.gamma)
+            for p, g in zip(params, merged):
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)
+            assert self.conflicts is not None
+            self.conflicts = self.conflicts.to(device)
+            self.conflicts[i] += (cos <= 0).float()
+            cos_all.append(cos)
+            w_all.append(w_mm)
+        self.merges += 1
+        self._log(cos_all, w_all)
+
+    def _log(self, cos_all: list[Optional[Tensor]], w_all: list[Optional[Tensor]]) -> None:
+        trainer, module = self._trainer, self._module
+        if not self.log_metrics or trainer is None or module is None or not _logs_this_step(trainer):
+            return
+        metrics = {}
+        for i, m in enumerate(self.active_modalities):
+            if cos_all[i] is None:
+                continue
+            metrics[f"balance/{self.method}/cos/{m}"] = cos_all[i]
+            metrics[f"balance/{self.method}/w_mm/{m}"] = w_all[i]
+            metrics[f"balance/{self.method}/conflict/{m}"] = (cos_all[i] <= 0).float()
+            metrics[f"balance/{self.method}/conflict_rate/{m}"] = self.conflicts[i] / max(1, self.merges)  # type: ignore[index]
+        log_balance_metrics(module, metrics, on_step=True, on_epoch=False)
+
+    @property
+    def conflict_rate(self) -> dict[str, float]:
+        """Share of the edited steps in which each encoder's two gradients conflicted (cos ≤ 0)."""
+        if self.conflicts is None or self.merges == 0:
+            return {m: 0.0 for m in self.active_modalities}
+        return {m: float(self.conflicts[i]) / self.merges for i, m in enumerate(self.active_modalities)}
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        conflicts = None if self.conflicts is None else self.conflicts.detach().cpu().clone()
+        return {**super().state_dict(), "conflicts": conflicts, "merges": self.merges}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.conflicts = state_dict.get("conflicts")
+        self.merges = int(state_dict.get("merges", 0))
+

@@ -1,0 +1,53 @@
+"""MMPareto math (Wei & Hu, "MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance",
+ICML 2024). Pure tensor functions, no Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["pareto_weights", "pareto_merge"]
+
+
+def pareto_weights(dot: Tensor, sq_mm: Tensor, sq_uni: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Weights of the multimodal and unimodal gradients of each encoder.
+
+    With :math:`\cos = \langle g_{mm}, g_u\rangle / (\lVert g_{mm}\rVert \lVert g_u\rVert)` over the whole
+    encoder: ``cos > 0`` (no conflict) gives the uniform ``(½, ½)``; otherwise the two-vector min-norm
+    point :math:`c^* = (\lVert g_u\rVert^2 - \langle g_{mm}, g_u\rangle) / \lVert g_{mm} - g_u\rVert^2`,
+    clipped to ``[0.001, 0.999]``, gives ``(c*, 1 − c*)``.
+
+    Args:
+        dot, sq_mm, sq_uni: ``(M,)`` (or scalars): :math:`\langle g_{mm}, g_u\rangle`, :math:`\lVert g_{mm}\rVert^2`,
+            :math:`\lVert g_u\rVert^2` per encoder.
+
+    Returns:
+        ``(w_mm, w_uni, cos)``.
+    """
+    dot, sq_mm, sq_uni = dot.double(), sq_mm.double(), sq_uni.double()
+    cos = dot / (sq_mm.sqrt() * sq_uni.sqrt()).clamp_min(eps)
+    c = ((sq_uni - dot) / (sq_mm + sq_uni - 2 * dot).clamp_min(eps)).clamp(0.001, 0.999)
+    conflict = cos <= 0
+    half = torch.full_like(c, 0.5)
+    w_mm = torch.where(conflict, c, half)
+    return w_mm.float(), (1 - w_mm).float(), cos.float()
+
+
+def pareto_merge(g_mm: Sequence[Tensor], g_uni: Sequence[Tensor], w_mm: Tensor, w_uni: Tensor,
+                 gamma: float) -> list[Tensor]:
+    r"""The merged gradient of one encoder, per parameter tensor ``p``:
+
+    :math:`\hat g_p = 2(w_{mm} g_{mm,p} + w_u g_{u,p})`,
+    :math:`g_p = \gamma \, \hat g_p \max(1, \lVert g_{mm,p} + g_{u,p}\rVert / \lVert \hat g_p\rVert)`:
+    the Pareto direction, scaled back up (never down) to the norm of the uniform sum, then by ``γ``.
+    Without conflict (``w = ½``) this is ``γ (g_mm + g_u)``.
+    """
+    merged = torch._foreach_add(torch._foreach_mul(list(g_mm), 2 * w_mm), torch._foreach_mul(list(g_uni), 2 * w_uni))
+    uniform = torch.stack(torch._foreach_norm(torch._foreach_add(list(g_mm), list(g_uni))))
+    norms = torch.stack(torch._foreach_norm(merged))
+    factors = gamma * torch.maximum(torch.ones_like(norms), uniform / norms.clamp_min(1e-30))
+    torch._foreach_mul_(merged, list(factors.unbind()))
+    return merged

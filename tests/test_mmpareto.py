@@ -1,0 +1,197 @@
+"""MMPareto: min-norm weights and merged gradients against hand-computed values; the callback's
+first step against the official recipe (separate backward passes per loss); conflict engagement;
+the unimodal auxiliary objectives; bad input."""
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_balance import MMPareto, ModalityContractError
+from lightning_balance.functional import pareto_merge, pareto_weights
+from tests.helpers import DictDataset, FirstGradients, TinyAV, loader, trainer_kwargs
+
+
+def test_weights_with_and_without_conflict():
+    # g_mm = (1, 0), g_u = (-1, 1): <.,.> = -1, |g_mm|^2 = 1, |g_u|^2 = 2 -> c* = (2 + 1) / |(2, -1)|^2 = 3/5
+    w_mm, w_u, cos = pareto_weights(torch.tensor(-1.0), torch.tensor(1.0), torch.tensor(2.0))
+    assert (w_mm.item(), w_u.item()) == pytest.approx((0.6, 0.4))
+    assert cos.item() == pytest.approx(-1 / math.sqrt(2))
+    # no conflict: uniform
+    w_mm, w_u, cos = pareto_weights(torch.tensor(0.5), torch.tensor(1.0), torch.tensor(2.0))
+    assert (w_mm.item(), w_u.item()) == (0.5, 0.5) and cos.item() > 0
+    # orthogonal counts as conflict (cos <= 0), min-norm point of two orthogonal vectors
+    w_mm, w_u, _ = pareto_weights(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(4.0))
+    assert (w_mm.item(), w_u.item()) == pytest.approx((0.8, 0.2))
+    # clipped to [0.001, 0.999]
+    w_mm, _, _ = pareto_weights(torch.tensor(-1e-9), torch.tensor(1e-6), torch.tensor(100.0))
+    assert w_mm.item() == pytest.approx(0.999)
+
+
+def test_merge_by_hand():
+    g_mm, g_u = [torch.tensor([1.0, 0.0])], [torch.tensor([-1.0, 1.0])]
+    merged = pareto_merge(g_mm, g_u, torch.tensor(0.6), torch.tensor(0.4), gamma=1.5)
+    g_hat = torch.tensor([2 * (0.6 - 0.4), 2 * 0.4])  # (0.4, 0.8)
+    factor = 1.5 * max(1.0, 1.0 / g_hat.norm().item())  # |g_mm + g_u| = |(0, 1)| = 1
+    torch.testing.assert_close(merged[0], factor * g_hat)
+    # without conflict: gamma * (g_mm + g_u), per tensor
+    a, b = [torch.randn(3, 2), torch.randn(4)], [torch.randn(3, 2), torch.randn(4)]
+    merged = pareto_merge(a, b, torch.tensor(0.5), torch.tensor(0.5), gamma=1.5)
+    for m, x, y in zip(merged, a, b):
+        torch.testing.assert_close(m, 1.5 * (x + y))
+
+
+def official_reference(model, batch, gamma):
+    """The official recipe: separate backward passes for L_mm and each L_u, merge per encoder by hand."""
+    y = batch["target"]
+    encoders = {"audio": list(model.audio_encoder.parameters()), "visual": list(model.visual_encoder.parameters())}
+
+    def losses():
+        feats = model.forward_features(batch)
+        uni = model.compute_unimodal_logits(feats)
+        return F.cross_entropy(model.fuse_features(feats), y), {m: F.cross_entropy(uni[m], y) for m in uni}
+
+    l_mm, l_uni = losses()
+    total = l_mm + sum(l_uni.values())
+    heads = [p for p in model.parameters() if all(p is not q for ps in encoders.values() for q in ps)]
+    expected = dict(zip(map(id, heads), torch.autograd.grad(total, heads, retain_graph=True)))
+    info = {}
+    for m, params in encoders.items():
+        g_mm = torch.autograd.grad(l_mm, params, retain_graph=True)
+        g_u = torch.autograd.grad(l_uni[m], params, retain_graph=True)
+        flat_mm = torch.cat([g.reshape(-1) for g in g_mm]).double()
+        flat_u = torch.cat([g.reshape(-1) for g in g_u]).double()
+        cos = (flat_mm @ flat_u / (flat_mm.norm() * flat_u.norm())).item()
+        if cos > 0:
+            w_mm = 0.5
+        else:
+            w_mm = min(max(((flat_u @ flat_u - flat_mm @ flat_u) / (flat_mm - flat_u).square().sum()).item(), 0.001), 0.999)
+        info[m] = (cos, w_mm)
+        for p, a, b in zip(params, g_mm, g_u):
+            g_hat = 2 * (w_mm * a + (1 - w_mm) * b)
+            expected[id(p)] = gamma * g_hat * max(1.0, ((a + b).norm() / g_hat.norm()).item())
+    return [expected[id(p)] for p in model.parameters()], info
+
+
+class Opposed(TinyAV):
+    """Auxiliary unimodal heads initialised as the negated slices of the fused head: the unimodal and
+    multimodal gradients of each encoder point in opposite directions (a conflict by construction)."""
+
+    def __init__(self):
+        super().__init__(fusion="gated", unimodal="heads", aux_losses=True)
+        with torch.no_grad():
+            self.aux["audio"].weight.copy_(-self.fusion.out.weight * 3)
+            self.aux["visual"].weight.copy_(-self.fusion.out.weight * 3)
+
+
+@pytest.mark.parametrize("kind", ["concat", "conflict"])
+def test_first_step_equals_the_official_recipe(tmp_path, kind):
+    model = TinyAV(aux_losses=True) if kind == "concat" else Opposed()
+    reference = TinyAV(aux_losses=True) if kind == "concat" else Opposed()
+    reference.load_state_dict(model.state_dict())
+    cb, probe = MMPareto(gamma=1.5), FirstGradients()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb, probe], max_steps=1, log_every_n_steps=1))
+    trainer.fit(model, loader())
+    data = DictDataset(n=64)
+    batch = {k: torch.stack([data[i][k] for i in range(16)]) for k in ("audio", "visual", "target")}
+    expected, info = official_reference(reference, batch, gamma=1.5)
+    for got, want in zip(probe.grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    for m, (cos, w_mm) in info.items():
+        assert trainer.callback_metrics[f"balance/mmpareto/cos/{m}"].item() == pytest.approx(cos, rel=1e-4, abs=1e-6)
+        assert trainer.callback_metrics[f"balance/mmpareto/w_mm/{m}"].item() == pytest.approx(w_mm, rel=1e-4)
+        if kind == "conflict":
+            assert cos < 0 and w_mm != pytest.approx(0.5)  # the Pareto branch engaged
+            assert cb.conflict_rate[m] == 1.0
+
+
+def test_without_conflict_the_encoders_get_gamma_times_the_sum(tmp_path):
+    """Aux heads equal to the fused head's slices: the two gradients agree, weights are uniform and the
+    encoder gradient is gamma x the plain gradient of L_mm + L_u."""
+
+    class Agreeing(TinyAV):
+        def __init__(self):
+            super().__init__(fusion="gated", unimodal="heads", aux_losses=True)
+            with torch.no_grad():
+                self.aux["audio"].weight.copy_(self.fusion.out.weight)
+                self.aux["visual"].weight.copy_(self.fusion.out.weight)
+
+    plain_probe, probe = FirstGradients(), FirstGradients()
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[plain_probe], max_steps=1)).fit(Agreeing(), loader())
+    cb = MMPareto(gamma=1.5)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb, probe], max_steps=1, log_every_n_steps=1))
+    model = Agreeing()
+    trainer.fit(model, loader())
+    assert cb.conflict_rate == {"audio": 0.0, "visual": 0.0}
+    for name_p, plain, got in zip([n for n, _ in model.named_parameters()], plain_probe.grads, probe.grads):
+        factor = 1.5 if name_p.startswith(("audio_encoder", "visual_encoder")) else 1.0
+        torch.testing.assert_close(got, factor * plain, rtol=1e-5, atol=1e-7)
+
+
+def test_conflict_rate_is_logged_and_checkpointed(tmp_path):
+    cb = MMPareto()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=1, log_every_n_steps=1))
+    trainer.fit(Opposed(), loader())
+    assert cb.merges == 4
+    rate = trainer.callback_metrics["balance/mmpareto/conflict_rate/audio"].item()
+    assert 0.0 < rate <= 1.0 and rate == pytest.approx(cb.conflict_rate["audio"])
+    state = cb.state_dict()
+    fresh = MMPareto()
+    fresh.load_state_dict(state)
+    assert fresh.merges == 4 and torch.equal(fresh.conflicts, state["conflicts"])
+
+
+def test_needs_the_unimodal_losses(tmp_path):
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[MMPareto()], max_epochs=1))
+    with pytest.raises(ModalityContractError, match="add_unimodal_losses"):
+        trainer.fit(TinyAV(), loader())
+
+
+def test_bad_gamma():
+    for bad in (0, -1, "x", True):
+        with pytest.raises(ValueError, match="gamma"):
+            MMPareto(gamma=bad)
+
+
+def test_add_unimodal_losses_by_hand():
+    model = TinyAV()
+    batch = {"audio": torch.randn(5, 6), "visual": torch.randn(5, 5), "target": torch.tensor([0, 1, 2, 3, 0])}
+    feats = model.forward_features(batch)
+    logits = model.fuse(feats, batch["target"])
+    fused = F.cross_entropy(logits, batch["target"])
+    model.loss_weights = {"fused": 0.5, "audio": 2.0, "visual": 0.0}
+    total = model.add_unimodal_losses(fused)
+    w = model.head.weight
+    o_a = feats["audio"] @ w[:, :8].T + model.head.bias / 2
+    want = 0.5 * fused + 2.0 * F.cross_entropy(o_a, batch["target"])
+    torch.testing.assert_close(total, want)
+    total.backward()  # attached: the audio encoder learns from its own prediction
+    assert model.audio_encoder[0].weight.grad.abs().sum() > 0
+    assert set(model.balance_record.extras["objective"]) == {"fused", "audio", "visual"}
+    with pytest.raises(ModalityContractError, match="keys"):
+        model.loss_weights = {"fused": 1.0, "audio": 1.0}
+    with pytest.raises(ModalityContractError, match=">= 0"):
+        model.loss_weights = {"fused": 1.0, "audio": -1.0, "visual": 1.0}
+    with pytest.raises(ModalityContractError, match="scalar"):
+        model.add_unimodal_losses(torch.ones(3))
+
+
+def test_fp16_amp_uses_unscaled_per_loss_gradients(tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from tests.helpers import flat_params
+
+    def fit(callbacks, **kw):
+        model = TinyAV(aux_losses=True)
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, max_epochs=1, **kw)).fit(model, loader())
+        return flat_params(model)
+
+    plain = fit([])
+    fp32 = fit([MMPareto(gamma=1.5)])
+    amp = MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12))
+    fp16 = fit([MMPareto(gamma=1.5)], plugins=[amp])
+    gap = (fp32 - plain).abs().max().item()
+    assert gap > 0.01
+    assert (fp16 - fp32).abs().max().item() < gap / 5  # a scaled g_u would be 4096x too large
