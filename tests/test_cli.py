@@ -2,7 +2,7 @@
 
 import pytest
 
-from lightning_balance import AGM, OGMGE, PMR, InfoReg, ModalityMonitor
+from lightning_balance import AGM, OGMGE, PMR, GradientBlending, InfoReg, MMPareto, ModalityMonitor
 from lightning_balance.data import AVDigitsDataModule, SyntheticCollapseDataModule
 
 jsonargparse = pytest.importorskip("jsonargparse", reason="jsonargparse (the `cli` extra) is not installed")
@@ -54,7 +54,8 @@ model:
     assert (pmr.alpha, pmr.momentum, pmr.rule, pmr.prototypes) == (2.0, 0.0, "continuous", "steps")
 
 
-@pytest.mark.parametrize("cls", [AVDigitsDataModule, SyntheticCollapseDataModule, OGMGE, ModalityMonitor, InfoReg, AGM, PMR])
+@pytest.mark.parametrize("cls", [AVDigitsDataModule, SyntheticCollapseDataModule, OGMGE, ModalityMonitor, InfoReg, AGM, PMR,
+                                 MMPareto, GradientBlending])
 def test_constructor_signatures_resolve(cls):
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(cls, "x")

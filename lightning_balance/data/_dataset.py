@@ -136,14 +136,22 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
         seed: Seed of the data construction and of the train shuffle (>= 0).
         num_workers: DataLoader worker processes (>= 0).
         drop_last: Drop the last incomplete *training* batch (val/test never drop).
+        holdout_fraction: Share of the training split set aside, in ``[0, 1)``, as a *held-out part of
+            the training data* (``holdout_dataloader()``) for methods that measure generalisation
+            during training (Gradient-Blending); the train loader then serves the rest. Never the
+            validation or test data. 0 (default): no hold-out.
     """
 
     modalities: tuple[str, ...] = ()
     num_classes: int = 0
     feature_dims: dict[str, int] = {}
 
-    def __init__(self, batch_size: int = 64, seed: int = 0, num_workers: int = 0, drop_last: bool = False) -> None:
+    def __init__(self, batch_size: int = 64, seed: int = 0, num_workers: int = 0, drop_last: bool = False,
+                 holdout_fraction: float = 0.0) -> None:
         super().__init__()
+        if not isinstance(holdout_fraction, (int, float)) or isinstance(holdout_fraction, bool) or not 0 <= holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction!r}. Use e.g. 0.1, or 0 for none.")
+        self.holdout_fraction = float(holdout_fraction)
         self.batch_size = _check_int("batch_size", batch_size, low=1, hint="Pass a positive batch size, e.g. 64.")
         self.seed = _check_int("seed", seed, low=0, hint="Pass a non-negative integer seed.")
         self.num_workers = _check_int("num_workers", num_workers, low=0, hint="Use 0 to load in the main process.")
@@ -159,7 +167,14 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
         """Build the three splits (once; later calls reuse them)."""
         if self.splits is None:
             self.splits = self._make_splits()
-            self.datasets = {name: MultimodalTensorDataset(self.splits[name]) for name in SPLIT_NAMES}
+            if self.holdout_fraction > 0:
+                train = self.splits["train"]
+                n = len(next(iter(train.values())))
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 7919))
+                cut = max(1, round(self.holdout_fraction * n))
+                self.splits["holdout"] = {k: v[order[:cut]] for k, v in train.items()}
+                self.splits["train"] = {k: v[order[cut:]] for k, v in train.items()}
+            self.datasets = {name: MultimodalTensorDataset(split) for name, split in self.splits.items()}
 
     def _dataset(self, split: str) -> MultimodalTensorDataset:
         if split not in self.datasets:
@@ -184,6 +199,14 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._dataset("val"), shuffle=False, drop_last=False, **self._loader_kwargs())
+
+    def holdout_dataloader(self) -> DataLoader:
+        """The held-out part of the training data (``holdout_fraction > 0``), in order."""
+        if self.holdout_fraction == 0:
+            raise RuntimeError(
+                f"{type(self).__name__} has no held-out training data: pass holdout_fraction (e.g. 0.1)."
+            )
+        return DataLoader(self._dataset("holdout"), shuffle=False, drop_last=False, **self._loader_kwargs())
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self._dataset("test"), shuffle=False, drop_last=False, **self._loader_kwargs())

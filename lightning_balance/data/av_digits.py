@@ -255,6 +255,8 @@ class AVDigitsDataModule(_SplitDataModule):
         val_fraction: Fraction of each modality's training part used as val, in (0, 1).
         num_workers: DataLoader worker processes (>= 0).
         drop_last: Drop the last incomplete training batch.
+        holdout_fraction: Share of the training split held out for methods that measure
+            generalisation during training (``holdout_dataloader()``); 0 for none.
 
     Attributes:
         modalities: ``("audio", "visual")``.
@@ -273,8 +275,10 @@ class AVDigitsDataModule(_SplitDataModule):
         val_fraction: float = 0.15,
         num_workers: int = 0,
         drop_last: bool = False,
+        holdout_fraction: float = 0.0,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, drop_last=drop_last)
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, drop_last=drop_last,
+                         holdout_fraction=holdout_fraction)
         self.remove_components = _check_int(
             "remove_components",
             remove_components,

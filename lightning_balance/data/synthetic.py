@@ -256,6 +256,8 @@ class SyntheticCollapseDataModule(_SplitDataModule):
         test_fraction: See :func:`make_synthetic_collapse`.
         num_workers: DataLoader worker processes (>= 0).
         drop_last: Drop the last incomplete training batch.
+        holdout_fraction: Share of the training split held out for methods that measure
+            generalisation during training (``holdout_dataloader()``); 0 for none.
 
     Attributes:
         modalities: Tuple of modality names.
@@ -281,8 +283,10 @@ class SyntheticCollapseDataModule(_SplitDataModule):
         test_fraction: float | None = None,
         num_workers: int = 0,
         drop_last: bool = False,
+        holdout_fraction: float = 0.0,
     ) -> None:
-        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, drop_last=drop_last)
+        super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, drop_last=drop_last,
+                         holdout_fraction=holdout_fraction)
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)} or None, got {preset!r}.")
         explicit = {

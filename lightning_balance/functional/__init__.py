@@ -1,6 +1,7 @@
 """Functional core: each method's math as pure tensor functions (no Lightning import)."""
 
 from lightning_balance.functional.agm import agm_coefficients, agm_scores, shapley_responses, shapley_weights
+from lightning_balance.functional.gblend import gblend_weights
 from lightning_balance.functional.inforeg import fisher_trace_increment, inforeg_coefficients, prime_window_indicator
 from lightning_balance.functional.mmpareto import pareto_merge, pareto_weights
 from lightning_balance.functional.ogm import ge_noise_std, ogm_coefficients, ogm_ratios
@@ -20,6 +21,7 @@ __all__ = [
     "class_feature_sums",
     "fisher_trace_increment",
     "fit_linear_probe",
+    "gblend_weights",
     "ge_noise_std",
     "inforeg_coefficients",
     "linear_probe_accuracy",
