@@ -28,13 +28,19 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
     a linear head; SGD with momentum. The mixin is the only thing that balancing adds to it."""
 
     def __init__(self, input_dims: Optional[dict[str, int]] = None, hidden: int = 256, feature_dim: int = 128,
-                 num_classes: int = 10, lr: float = 0.02, momentum: float = 0.9) -> None:
+                 num_classes: int = 10, lr: float = 0.02, momentum: float = 0.9, aux_heads: bool = False,
+                 unimodal_losses: bool = False) -> None:
         super().__init__()
         input_dims = input_dims or {"audio": 40, "visual": 64}
         self.save_hyperparameters()
         self.encoders = nn.ModuleDict({m: mlp(d, hidden, feature_dim) for m, d in input_dims.items()})
         self.head = nn.Linear(feature_dim * len(input_dims), num_classes)
-        self.configure_modalities({m: self.encoders[m] for m in input_dims}, head=self.head)
+        if aux_heads:  # one linear head per modality (MMPareto's and Gradient-Blending's unimodal heads)
+            self.aux_heads = nn.ModuleDict({m: nn.Linear(feature_dim, num_classes) for m in input_dims})
+            self.configure_modalities({m: self.encoders[m] for m in input_dims}, head=self.head, unimodal="heads",
+                                      unimodal_heads=dict(self.aux_heads.items()))
+        else:
+            self.configure_modalities({m: self.encoders[m] for m in input_dims}, head=self.head)
 
     def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.encoders[m](batch[m]) for m in self.modalities}
@@ -46,6 +52,8 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
         logits = self.fuse(self.features(batch), batch["target"])
         loss = F.cross_entropy(logits, batch["target"])
         self.log("train_loss", loss, prog_bar=True)
+        if self.hparams.get("unimodal_losses", False):  # multimodal + unimodal objectives (weights: self.loss_weights)
+            return self.add_unimodal_losses(loss)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -54,6 +62,20 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+
+
+# How each benchmark method's joint model and data differ from the baseline's (model and datamodule
+# keyword arguments); shared by the benchmark runner and the validation search.
+SETUPS: dict[str, tuple[dict, dict]] = {
+    "uni_losses": ({"aux_heads": True, "unimodal_losses": True}, {}),
+    "mmpareto": ({"aux_heads": True, "unimodal_losses": True}, {}),
+    "gblend": ({"aux_heads": True, "unimodal_losses": True}, {"holdout_fraction": 0.1}),
+}
+
+
+def setup_for(method: str) -> tuple[dict, dict]:
+    """(model kwargs, datamodule kwargs) of a benchmark method (empty for the plain setup)."""
+    return SETUPS.get(method, ({}, {}))
 
 
 class UnimodalNet(pl.LightningModule):

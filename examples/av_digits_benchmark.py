@@ -32,9 +32,10 @@ from _common import (  # noqa: E402
     evaluate_unimodal,
     fit,
     format_table,
+    setup_for,
 )
 
-from lightning_balance import AGM, OGMGE, PMR, InfoReg, ModalityMonitor  # noqa: E402
+from lightning_balance import AGM, OGMGE, PMR, GradientBlending, InfoReg, MMPareto, ModalityMonitor  # noqa: E402
 from lightning_balance.data import AVDigitsDataModule  # noqa: E402
 
 # Balancing methods: name -> factory of the callbacks added to the joint model's Trainer.
@@ -48,6 +49,10 @@ METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
     "inforeg_official": lambda: [InfoReg.official()],  # the paper's constants (0.95 audio, 0.10 visual), not tuned
     "agm": lambda: [AGM(alpha=0.5)],
     "pmr": lambda: [PMR(alpha=4.0)],
+    # multimodal + unimodal losses (auxiliary linear heads), alone and combined by MMPareto / G-Blending
+    "uni_losses": lambda: [],
+    "mmpareto": lambda: [MMPareto(gamma=1.5)],
+    "gblend": lambda: [GradientBlending(every_n_epochs=10)],
 }
 
 COLUMNS = [
@@ -75,9 +80,19 @@ def run_seed(seed: int, methods: list[str], epochs: int, root: str, progress: bo
         results["unimodal ensemble"] = evaluate_ensemble(alone, data)
     for method in methods:
         pl.seed_everything(seed, verbose=False)
+        model_kwargs, data_kwargs = setup_for(method)
+        method_data = data
+        if data_kwargs:
+            method_data = AVDigitsDataModule(seed=seed, **data_kwargs)
+            method_data.setup()
         watch = ModalityMonitor()
-        model, val = fit(AVDigitsNet(), data, [*METHODS[method](), watch], epochs, f"{root}/{method}", progress)
+        callbacks = METHODS[method]()
+        model, val = fit(AVDigitsNet(**model_kwargs), method_data, [*callbacks, watch], epochs,
+                         f"{root}/{method}", progress)
         results[method] = {**evaluate_joint(model, data), "val_acc": val}
+        for cb in callbacks:
+            if isinstance(cb, MMPareto):
+                results[method].update({f"conflict_rate_{m}": r for m, r in cb.conflict_rate.items()})
         curves[method] = watch.history
     return results, curves
 

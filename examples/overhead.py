@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import AVDigitsNet  # noqa: E402
 
-from lightning_balance import AGM, OGMGE, PMR, InfoReg  # noqa: E402
+from lightning_balance import AGM, OGMGE, PMR, InfoReg, MMPareto  # noqa: E402
 from lightning_balance.data import MultimodalTensorDataset  # noqa: E402
 
 
@@ -35,7 +35,7 @@ class ConvNet(AVDigitsNet):
     """Synthetic model with Conv1d encoders (input (N, 1, length) per modality), mean-pooled, concat head."""
 
     def __init__(self, input_dims: dict[str, int], channels: int = 256, layers: int = 4, kernel: int = 5,
-                 num_classes: int = 10) -> None:
+                 num_classes: int = 10, aux_heads: bool = False, unimodal_losses: bool = False) -> None:
         pl.LightningModule.__init__(self)
         self.save_hyperparameters()
         def encoder() -> torch.nn.Sequential:
@@ -45,7 +45,12 @@ class ConvNet(AVDigitsNet):
             return torch.nn.Sequential(*mods, torch.nn.AdaptiveAvgPool1d(1), torch.nn.Flatten())
         self.encoders = torch.nn.ModuleDict({m: encoder() for m in input_dims})
         self.head = torch.nn.Linear(channels * len(input_dims), num_classes)
-        self.configure_modalities({m: self.encoders[m] for m in input_dims}, head=self.head)
+        if aux_heads:
+            self.aux_heads = torch.nn.ModuleDict({m: torch.nn.Linear(channels, num_classes) for m in input_dims})
+            self.configure_modalities({m: self.encoders[m] for m in input_dims}, head=self.head, unimodal="heads",
+                                      unimodal_heads=dict(self.aux_heads.items()))
+        else:
+            self.configure_modalities({m: self.encoders[m] for m in input_dims}, head=self.head)
 
     def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.encoders[m](batch[m].unsqueeze(1)) for m in self.modalities}
@@ -158,9 +163,21 @@ def main(argv: list[str] | None = None) -> None:
         dims = {f"m{i}": 128 for i in range(m)}
         setups.append((f"synthetic MLP, M={m}", lambda dims=dims: AVDigitsNet(input_dims=dims, hidden=2048, feature_dim=512),
                        dims, 128, {"OGM-GE": ogm_ge("weights"), "OGM (no noise)": ogm("weights"), **others()}))
+    # MMPareto: the model trains on multimodal + unimodal losses (auxiliary heads) in both arms; the
+    # ratio is MMPareto's extra cost over a plain step of that objective
+    mmpareto = {"MMPareto": lambda: [MMPareto(log_metrics=False)]}
+    setups.append(("AV-Digits MLP + aux heads", lambda: AVDigitsNet(input_dims=av, aux_heads=True, unimodal_losses=True),
+                   av, 64, mmpareto))
+    for m in (2, 4):
+        dims = {f"m{i}": 128 for i in range(m)}
+        setups.append((f"synthetic MLP + aux heads, M={m}",
+                       lambda dims=dims: AVDigitsNet(input_dims=dims, hidden=2048, feature_dim=512, aux_heads=True,
+                                                     unimodal_losses=True), dims, 128, mmpareto))
     conv_dims = {f"m{i}": 64 for i in range(4)}
     setups.append(("synthetic Conv1d, M=4", lambda: ConvNet(conv_dims), conv_dims, 16,
                    {"OGM-GE": ogm_ge("conv"), "OGM (no noise)": ogm("conv"), **others()}))
+    setups.append(("synthetic Conv1d + aux heads, M=2", lambda: ConvNet({"m0": 64, "m1": 64}, aux_heads=True, unimodal_losses=True),
+                   {"m0": 64, "m1": 64}, 16, mmpareto))
 
     rows = []
     for name, factory, dims, batch, methods in setups:

@@ -22,9 +22,9 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AVDigitsNet, fit, mean_std  # noqa: E402
+from _common import AVDigitsNet, fit, mean_std, setup_for  # noqa: E402
 
-from lightning_balance import AGM, OGMGE, PMR, InfoReg  # noqa: E402
+from lightning_balance import AGM, OGMGE, PMR, GradientBlending, InfoReg, MMPareto  # noqa: E402
 from lightning_balance.data import AVDigitsDataModule  # noqa: E402
 
 # method -> (parameter name, default grid, factory of the callbacks for one value)
@@ -34,6 +34,8 @@ SEARCH: dict[str, tuple[str, list[float], Callable[[float], list[pl.Callback]]]]
     "inforeg": ("strength", [0.1, 0.3, 0.95, 2.0], lambda v: [InfoReg(strength=v)]),
     "agm": ("alpha", [0.1, 0.5, 1.0, 2.5], lambda v: [AGM(alpha=v)]),
     "pmr": ("alpha", [0.2, 0.6, 1.0, 2.0], lambda v: [PMR(alpha=v)]),
+    "mmpareto": ("gamma", [1.0, 1.5, 2.0], lambda v: [MMPareto(gamma=v)]),
+    "gblend": ("every_n_epochs", [5, 10, 20], lambda v: [GradientBlending(every_n_epochs=int(v))]),
 }
 
 
@@ -54,13 +56,16 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(args.out, exist_ok=True)
     grid: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as root:
+        model_kwargs, data_kwargs = setup_for(args.method)
         for seed in args.seeds:
-            data = AVDigitsDataModule(seed=seed)
-            data.setup()
+            plain_data = AVDigitsDataModule(seed=seed)
+            method_data = AVDigitsDataModule(seed=seed, **data_kwargs) if data_kwargs else plain_data
             for value in ([] if args.no_baseline else [None]) + values:
                 pl.seed_everything(seed, verbose=False)
                 callbacks = [] if value is None else factory(value)
-                _, val = fit(AVDigitsNet(), data, callbacks, args.epochs, f"{root}/{seed}-{value}", progress=False)
+                model = AVDigitsNet() if value is None else AVDigitsNet(**model_kwargs)
+                data = plain_data if value is None else method_data
+                _, val = fit(model, data, callbacks, args.epochs, f"{root}/{seed}-{value}", progress=False)
                 grid.setdefault("baseline" if value is None else f"{name}={value:g}", []).append(val)
                 print(f"seed {seed} {name} {value}: best val acc {val:.4f}", flush=True)
     print(f"\n{args.method}\n\n| setting | best val acc (mean ± std) |\n|---|---|")
