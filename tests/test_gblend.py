@@ -121,3 +121,17 @@ def test_datamodule_holdout_split():
         plain.holdout_dataloader()
     with pytest.raises(ValueError, match="holdout_fraction"):
         AVDigitsDataModule(holdout_fraction=1.0)
+
+
+@pytest.mark.timeout(300)
+def test_ddp_ranks_train_with_the_same_weights(tmp_path):
+    from tests.helpers import SaveParams
+
+    cb = GradientBlending(every_n_epochs=1, estimate_epochs=3)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb, SaveParams(str(tmp_path))], max_epochs=2,
+                                          devices=2, strategy="ddp_spawn"))
+    trainer.fit(TinyAV(aux_losses=True, dims=(6, 24)), datamodule=HoldoutData())
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(rank0["params"], rank1["params"])
+    assert rank0["states"]["GradientBlending"] == rank1["states"]["GradientBlending"]
+    assert len(rank0["states"]["GradientBlending"]["history"]) == 2
