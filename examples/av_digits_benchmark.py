@@ -51,8 +51,8 @@ METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
     "pmr": lambda: [PMR(alpha=4.0)],
     # multimodal + unimodal losses (auxiliary linear heads), alone and combined by MMPareto / G-Blending
     "uni_losses": lambda: [],
-    "mmpareto": lambda: [MMPareto(gamma=1.5)],
-    "gblend": lambda: [GradientBlending(every_n_epochs=10)],
+    "mmpareto": lambda: [MMPareto(gamma=2.0)],
+    "gblend": lambda: [GradientBlending(every_n_epochs=20)],
 }
 
 COLUMNS = [

@@ -48,8 +48,8 @@ class InfoReg(GradientBalancingCallback):
     default; ``"any"``/``"all"``: any/all modalities' windows; or one modality's name, as the official
     ``"audio"``); with M > 2 the dominant modality is compared with the runner-up. The official
     behaviour is :meth:`InfoReg.official`. The paper also trains with the unimodal losses
-    ``CE(o_a, y) + CE(o_v, y)`` added to the fused loss; this callback does not change the loss: add them in
-    your ``training_step`` to reproduce the full recipe.
+    ``CE(o_a, y) + CE(o_v, y)`` added to the fused loss; this callback does not change the loss: return
+    ``self.add_unimodal_losses(loss)`` from your ``training_step`` to reproduce the full recipe.
 
     Deviations needed outside one GPU: scores are summed over micro-batches and ranks (one all-reduce)
     and the edit happens once per optimizer step on the accumulated, unscaled gradients, so the Fisher
