@@ -57,7 +57,7 @@ METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
 
 COLUMNS = [
     ("acc", "fused acc"), ("f1", "macro-F1"),
-    ("acc_audio", "audio (split head)"), ("acc_visual", "visual (split head)"),
+    ("acc_audio", "audio (unimodal logits)"), ("acc_visual", "visual (unimodal logits)"),
     ("probe_audio", "audio probe"), ("probe_visual", "visual probe"),
     ("acc_without_audio", "acc, audio missing"), ("acc_without_visual", "acc, visual missing"),
     ("val_acc", "best val acc"),
@@ -104,7 +104,7 @@ def plot(curves_by_seed: list[dict[str, list[dict[str, float]]]], path: str) -> 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    keys = [("val_acc/audio", "audio (split head)"), ("val_acc/visual", "visual (split head)"),
+    keys = [("val_acc/audio", "audio (unimodal logits)"), ("val_acc/visual", "visual (unimodal logits)"),
             ("val_acc_fused", "fused")]
     methods = list(curves_by_seed[0])
     for ax, (key, title) in zip(axes, keys):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_balance import MMPareto, ModalityContractError
-from lightning_balance.functional import pareto_merge, pareto_weights
+from lightning_balance.functional import pareto_merge, pareto_merge_from_sum_, pareto_weights
 from tests.helpers import DictDataset, FirstGradients, TinyAV, loader, trainer_kwargs
 
 
@@ -41,6 +41,16 @@ def test_merge_by_hand():
     merged = pareto_merge(a, b, torch.tensor(0.5), torch.tensor(0.5), gamma=1.5)
     for m, x, y in zip(merged, a, b):
         torch.testing.assert_close(m, 1.5 * (x + y))
+
+
+def test_in_place_merge_from_the_sum_equals_the_merge():
+    g_mm = [torch.randn(3, 4), torch.randn(5)]
+    g_u = [torch.randn(3, 4), torch.randn(5)]
+    totals = [a + b for a, b in zip(g_mm, g_u)]
+    want = pareto_merge(g_mm, g_u, torch.tensor(0.7), torch.tensor(0.3), gamma=1.5)
+    pareto_merge_from_sum_(totals, g_u, 0.7, 0.3, gamma=1.5)
+    for got, w in zip(totals, want):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)
 
 
 def official_reference(model, batch, gamma):

@@ -46,6 +46,8 @@ class StepStatistics:
 
     def __init__(self) -> None:
         self._values: dict[str, Tensor] = {}
+        #: copy the first value of each state (set False when callers hand over fresh tensors they never reuse)
+        self.copy = True
 
     @property
     def pending(self) -> bool:
@@ -55,11 +57,17 @@ class StepStatistics:
         for name, value in values.items():
             value = value.detach().float()
             current = self._values.get(name)
-            self._values[name] = value.clone() if current is None else current + value
+            if current is None:
+                self._values[name] = value.clone() if self.copy else value
+            else:
+                current.add_(value)
 
     def reduce(self, strategy: pl.strategies.Strategy) -> dict[str, Tensor]:
         """Sum every state over ranks with one all-reduce, return them, and reset."""
         names = sorted(self._values)  # identical order on every rank
+        if strategy.world_size == 1:  # nothing to reduce: no flattening copy
+            out, self._values = self._values, {}
+            return out
         flat = torch.cat([self._values[n].reshape(-1) for n in names])
         flat = all_reduce_sum(flat, strategy)
         out, offset = {}, 0
@@ -131,6 +139,9 @@ class GradientBalancingCallback(Callback, abc.ABC):
     #: ``"micro_batch"``: reduced before each backward and applied inside it through gradient taps
     #: (:meth:`prepare_backward`), for methods whose coefficients act on the backward pass itself.
     reduce_at: ClassVar[Literal["step", "micro_batch"]] = "step"
+    #: check every reduced statistic for NaN/inf before ``compute`` (a pass over each); methods whose
+    #: statistics are large (whole gradients) set False and check the scalars they derive instead
+    check_finite_stats: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -301,14 +312,7 @@ class GradientBalancingCallback(Callback, abc.ABC):
     def _reduce_and_compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[dict[str, Tensor]]:
         """Reduce the pending statistics across ranks (one collective), check them, compute, log."""
         stats = self._stats.reduce(trainer.strategy)
-        if not bool(torch.stack([torch.isfinite(v).all() for v in stats.values()]).all()):  # one host sync
-            if self.nonfinite == "raise":
-                bad = [k for k, v in stats.items() if not bool(torch.isfinite(v).all())]
-                raise NonFiniteStatisticsError(
-                    f"{type(self).__name__}: non-finite statistics {bad} at global step {trainer.global_step} "
-                    f"(NaN/inf in the unimodal logits?). Check the model's inputs and learning rate; under fp16 "
-                    f"pass nonfinite='skip' to skip the edit on overflow steps the GradScaler skips anyway."
-                )
+        if self.check_finite_stats and not self.statistics_finite(stats, trainer.global_step):
             return None
         result = self.compute(stats)
         if not result:
@@ -321,6 +325,19 @@ class GradientBalancingCallback(Callback, abc.ABC):
                 on_epoch=False,
             )
         return result
+
+    def statistics_finite(self, stats: dict[str, Tensor], step: int) -> bool:
+        """Whether all ``stats`` are finite; raises :class:`NonFiniteStatisticsError` under ``nonfinite="raise"``."""
+        if bool(torch.stack([torch.isfinite(v).all() for v in stats.values()]).all()):  # one host sync
+            return True
+        if self.nonfinite == "raise":
+            bad = [k for k, v in stats.items() if not bool(torch.isfinite(v).all())]
+            raise NonFiniteStatisticsError(
+                f"{type(self).__name__}: non-finite statistics {bad} at global step {step} "
+                f"(NaN/inf in the unimodal logits?). Check the model's inputs and learning rate; under fp16 "
+                f"pass nonfinite='skip' to skip the edit on overflow steps the GradScaler skips anyway."
+            )
+        return False
 
     @staticmethod
     def _loss_scale(trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:

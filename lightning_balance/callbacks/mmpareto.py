@@ -17,7 +17,7 @@ from lightning_balance.callbacks.base import (
     log_balance_metrics,
     loss_scales,
 )
-from lightning_balance.functional.mmpareto import pareto_merge, pareto_weights
+from lightning_balance.functional.mmpareto import pareto_merge_from_sum_, pareto_weights
 from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
 
 __all__ = ["MMPareto"]
@@ -43,8 +43,9 @@ class MMPareto(GradientBalancingCallback):
     with ``γ = 1.5`` that is a 1.5× encoder learning rate, to keep in mind when comparing.
 
     How the per-loss gradients are obtained: before your ``backward()``, one ``torch.autograd.grad`` of
-    each ``L_u`` with respect to its encoder (one extra backward through each encoder's own branch;
-    the official code runs four full backward passes). ``g_mm`` is then the accumulated ``.grad``
+    ``Σ_u L_u`` with respect to the encoders (each ``L_u`` reaches only its own encoder, so this gives
+    every ``g_u`` in one extra backward through the unimodal branches; the official code runs four
+    full backward passes). ``g_mm`` is then the accumulated ``.grad``
     minus ``g_u``. ``autograd.grad`` bypasses DDP's reduction, so the ``g_u`` are summed over
     micro-batches (scaled like your loss) and averaged over ranks in the step's single all-reduce
     before any cosine or weight is computed: DDP and gradient accumulation give the single-process,
@@ -70,6 +71,7 @@ class MMPareto(GradientBalancingCallback):
     """
 
     method = "mmpareto"
+    check_finite_stats = False  # whole gradients: the derived dot products are checked instead
 
     def __init__(
         self,
@@ -97,6 +99,7 @@ class MMPareto(GradientBalancingCallback):
         self._module: Optional[pl.LightningModule] = None
         self._trainer: Optional[pl.Trainer] = None
         self._trainable: dict[str, list[nn.Parameter]] = {}
+        self._stats.copy = False  # the per-loss gradient vectors are fresh tensors: no defensive copy
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -117,22 +120,30 @@ class MMPareto(GradientBalancingCallback):
             )
         trainer = pl_module.trainer  # type: ignore[attr-defined]
         accumulate, amp = loss_scales(trainer, pl_module)
-        out = {}
-        for m in self.active_modalities:
-            params = self._trainable[m]
-            grads = torch.autograd.grad(terms[m] * (accumulate * amp), params, retain_graph=True, allow_unused=True)
-            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                              for g, p in zip(grads, params)])
-            out[f"grad/{m}"] = flat / amp if amp != 1.0 else flat
+        # one backward for all modalities: L_k reaches no encoder but k's (split head, auxiliary heads and
+        # masked fusion all give o_k from z_k alone), so d(sum_k L_k)/d(theta_u) = d(L_u)/d(theta_u)
+        names = self.active_modalities
+        params = [p for m in names for p in self._trainable[m]]
+        objective = sum(terms[m] for m in names) * (accumulate * amp)
+        grads = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
+        out, k = {}, 0
+        for m in names:
+            for j, p in enumerate(self._trainable[m]):
+                g = grads[k] if grads[k] is not None else torch.zeros_like(p)
+                out[f"grad/{m}/{j:05d}"] = g / amp if amp != 1.0 else g
+                k += 1
         return out
 
     def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
         world = self._trainer.world_size if self._trainer is not None else 1
-        return {k: v / world for k, v in stats.items()}  # DDP averages .grad; average g_u alike
+        if world == 1:
+            return stats
+        return {k: v.div_(world) for k, v in stats.items()}  # DDP averages .grad; average g_u alike
 
     # ------------------------------------------------------------------ per optimizer step: merge
     def edit(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device) -> None:
-        cos_all, w_all = [], []
+        cos_all: list[Optional[Tensor]] = []
+        w_all: list[Optional[Tensor]] = []
         for i, m in enumerate(self.active_modalities):
             params = self._trainable[m]
             owned = {id(p) for p in groups[m]}
@@ -145,23 +156,28 @@ class MMPareto(GradientBalancingCallback):
                     f"MMPareto merges the gradient of the whole {m!r} encoder; its parameters are split over "
                     f"several optimizers. Put each encoder's parameters in one optimizer."
                 )
-            flat = result[f"grad/{m}"].to(device)
-            g_uni, offset = [], 0
             for p in params:
-                g_uni.append(flat[offset : offset + p.numel()].view_as(p).to(p.dtype))
-                offset += p.numel()
-            totals = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            g_mm = torch._foreach_sub(totals, g_uni)
-            dot = torch.stack([torch.vdot(a.reshape(-1).double(), b.reshape(-1).double()) for a, b in zip(g_mm, g_uni)]).sum()
-            sq_mm = torch.stack(torch._foreach_norm(g_mm)).double().square().sum()
-            sq_uni = torch.stack(torch._foreach_norm(g_uni)).double().square().sum()
-            w_mm, w_uni, cos = pareto_weights(dot, sq_mm, sq_uni)
-            merged = pareto_merge(g_mm, g_uni, w_mm, w_uni, self.gamma)
-            for p, g in zip(params, merged):
                 if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.copy_(g)
+                    p.grad = torch.zeros_like(p)
+            totals = [p.grad for p in params]  # g_mm + g_u, averaged over ranks by DDP
+            g_uni = [result[f"grad/{m}/{j:05d}"].to(device=device, dtype=p.dtype) for j, p in enumerate(params)]
+            # <g_mm, g_u>, |g_mm|^2 and |g_u|^2 from <g, g_u>, |g|^2, |g_u|^2 (g = g_mm + g_u), without
+            # materialising g_mm: the common no-conflict step is then a single in-place scale
+            total_norms = torch.stack(torch._foreach_norm(totals)).double()
+            dot_total = torch.stack([torch.dot(g.reshape(-1), u.reshape(-1)) for g, u in zip(totals, g_uni)]).double().sum()
+            sq_uni = torch.stack(torch._foreach_norm(g_uni)).double().square().sum()
+            sq_total = total_norms.square().sum()
+            dot = dot_total - sq_uni
+            sq_mm = (sq_total - 2 * dot_total + sq_uni).clamp_min(0)
+            if not self.statistics_finite({"dot": dot, "sq_mm": sq_mm, "sq_uni": sq_uni}, self._step()):
+                cos_all.append(None)
+                w_all.append(None)
+                continue
+            w_mm, w_uni, cos = pareto_weights(dot, sq_mm, sq_uni)
+            if bool(cos > 0):  # uniform weights: the merged gradient is gamma * (g_mm + g_u)
+                torch._foreach_mul_(totals, self.gamma)
+            else:
+                pareto_merge_from_sum_(totals, g_uni, float(w_mm), float(w_uni), self.gamma)
             assert self.conflicts is not None
             self.conflicts = self.conflicts.to(device)
             self.conflicts[i] += (cos <= 0).float()
@@ -169,6 +185,9 @@ class MMPareto(GradientBalancingCallback):
             w_all.append(w_mm)
         self.merges += 1
         self._log(cos_all, w_all)
+
+    def _step(self) -> int:
+        return self._trainer.global_step if self._trainer is not None else -1
 
     def _log(self, cos_all: list[Optional[Tensor]], w_all: list[Optional[Tensor]]) -> None:
         trainer, module = self._trainer, self._module

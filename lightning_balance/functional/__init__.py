@@ -3,7 +3,7 @@
 from lightning_balance.functional.agm import agm_coefficients, agm_scores, shapley_responses, shapley_weights
 from lightning_balance.functional.gblend import gblend_weights
 from lightning_balance.functional.inforeg import fisher_trace_increment, inforeg_coefficients, prime_window_indicator
-from lightning_balance.functional.mmpareto import pareto_merge, pareto_weights
+from lightning_balance.functional.mmpareto import pareto_merge, pareto_merge_from_sum_, pareto_weights
 from lightning_balance.functional.ogm import ge_noise_std, ogm_coefficients, ogm_ratios
 from lightning_balance.functional.pmr import (
     class_feature_sums,
@@ -28,6 +28,7 @@ __all__ = [
     "modality_scores",
     "ogm_coefficients",
     "pareto_merge",
+    "pareto_merge_from_sum_",
     "pareto_weights",
     "ogm_ratios",
     "pmr_weights",

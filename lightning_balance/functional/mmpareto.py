@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["pareto_weights", "pareto_merge"]
+__all__ = ["pareto_weights", "pareto_merge", "pareto_merge_from_sum_"]
 
 
 def pareto_weights(dot: Tensor, sq_mm: Tensor, sq_uni: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
@@ -37,17 +37,36 @@ def pareto_weights(dot: Tensor, sq_mm: Tensor, sq_uni: Tensor, eps: float = 1e-1
 
 
 def pareto_merge(g_mm: Sequence[Tensor], g_uni: Sequence[Tensor], w_mm: Tensor, w_uni: Tensor,
-                 gamma: float) -> list[Tensor]:
+                 gamma: float, uniform_norms: Tensor | None = None) -> list[Tensor]:
     r"""The merged gradient of one encoder, per parameter tensor ``p``:
 
     :math:`\hat g_p = 2(w_{mm} g_{mm,p} + w_u g_{u,p})`,
     :math:`g_p = \gamma \, \hat g_p \max(1, \lVert g_{mm,p} + g_{u,p}\rVert / \lVert \hat g_p\rVert)`:
     the Pareto direction, scaled back up (never down) to the norm of the uniform sum, then by ``γ``.
-    Without conflict (``w = ½``) this is ``γ (g_mm + g_u)``.
+    Without conflict (``w = ½``) this is ``γ (g_mm + g_u)``. ``uniform_norms`` (the per-tensor
+    :math:`\lVert g_{mm,p} + g_{u,p}\rVert`, if already known) saves a pass.
     """
     merged = torch._foreach_add(torch._foreach_mul(list(g_mm), 2 * w_mm), torch._foreach_mul(list(g_uni), 2 * w_uni))
-    uniform = torch.stack(torch._foreach_norm(torch._foreach_add(list(g_mm), list(g_uni))))
+    if uniform_norms is None:
+        uniform_norms = torch.stack(torch._foreach_norm(torch._foreach_add(list(g_mm), list(g_uni))))
+    uniform = uniform_norms
     norms = torch.stack(torch._foreach_norm(merged))
     factors = gamma * torch.maximum(torch.ones_like(norms), uniform / norms.clamp_min(1e-30))
     torch._foreach_mul_(merged, list(factors.unbind()))
     return merged
+
+
+def pareto_merge_from_sum_(totals: Sequence[Tensor], g_uni: Sequence[Tensor], w_mm: float, w_uni: float,
+                           gamma: float) -> None:
+    r""":func:`pareto_merge` in place, from the per-tensor sums ``totals = g_mm + g_u`` (what one backward
+    of ``L_mm + L_u`` leaves in ``.grad``) and ``g_u``, without materialising ``g_mm``:
+    :math:`\hat g = 2 w_{mm} (g_{mm} + g_u) + 2 (w_u - w_{mm}) g_u`, four passes and no allocation
+    of gradient size.
+    """
+    totals = list(totals)
+    uniform = torch.stack(torch._foreach_norm(totals))
+    torch._foreach_mul_(totals, 2 * w_mm)
+    torch._foreach_add_(totals, list(g_uni), alpha=2 * (w_uni - w_mm))
+    norms = torch.stack(torch._foreach_norm(totals))
+    factors = gamma * torch.maximum(torch.ones_like(norms), uniform / norms.clamp_min(1e-30))
+    torch._foreach_mul_(totals, list(factors.unbind()))
