@@ -33,6 +33,7 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
         super().__init__()
         input_dims = input_dims or {"audio": 40, "visual": 64}
         self.save_hyperparameters()
+        self.use_unimodal_losses = unimodal_losses
         self.encoders = nn.ModuleDict({m: mlp(d, hidden, feature_dim) for m, d in input_dims.items()})
         self.head = nn.Linear(feature_dim * len(input_dims), num_classes)
         if aux_heads:  # one linear head per modality (MMPareto's and Gradient-Blending's unimodal heads)
@@ -52,7 +53,7 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
         logits = self.fuse(self.features(batch), batch["target"])
         loss = F.cross_entropy(logits, batch["target"])
         self.log("train_loss", loss, prog_bar=True)
-        if self.hparams.get("unimodal_losses", False):  # multimodal + unimodal objectives (weights: self.loss_weights)
+        if self.use_unimodal_losses:  # multimodal + unimodal objectives (weights: self.loss_weights)
             return self.add_unimodal_losses(loss)
         return loss
 

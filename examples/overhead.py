@@ -37,7 +37,7 @@ class ConvNet(AVDigitsNet):
     def __init__(self, input_dims: dict[str, int], channels: int = 256, layers: int = 4, kernel: int = 5,
                  num_classes: int = 10, aux_heads: bool = False, unimodal_losses: bool = False) -> None:
         pl.LightningModule.__init__(self)
-        self.save_hyperparameters()
+        self.use_unimodal_losses = unimodal_losses
         def encoder() -> torch.nn.Sequential:
             mods: list[torch.nn.Module] = [torch.nn.Conv1d(1, channels, kernel, padding=kernel // 2), torch.nn.ReLU()]
             for _ in range(layers - 1):
