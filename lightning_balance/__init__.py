@@ -13,11 +13,15 @@ from lightning_balance.callbacks import (
     PMR,
     StepStatistics,
 )
+from lightning_balance.losses import CMLLoss, LossTerm, LossTerms
 from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CMLLoss",
+    "LossTerm",
+    "LossTerms",
     "AGM",
     "OGMGE",
     "GradientBalancingCallback",

@@ -565,6 +565,20 @@ class MultimodalMixin:
         record.extras["objective"] = terms
         return sum(terms.values())  # type: ignore[return-value]
 
+    # ------------------------------------------------------------------ loss terms
+    def configure_loss_terms(self, terms: Any) -> None:
+        """Attach balancing loss terms (a list of :class:`~lightning_balance.losses.LossTerm`, or a mapping
+        name → term); ``training_step`` then returns ``self.add_loss_terms(loss)``."""
+        from lightning_balance.losses.base import configure_loss_terms
+
+        configure_loss_terms(self, terms)
+
+    def add_loss_terms(self, loss: Tensor, record: Optional[ModalityRecord] = None) -> Tensor:
+        """``loss`` plus every active attached loss term (weighted); each is logged under ``balance/<name>/``."""
+        from lightning_balance.losses.base import add_loss_terms
+
+        return add_loss_terms(self, loss, record)
+
     # ------------------------------------------------------------------ internals
     def _require_record(self, who: str) -> ModalityRecord:
         if self._lb_record is None:

@@ -1,6 +1,7 @@
 """Functional core: each method's math as pure tensor functions (no Lightning import)."""
 
 from lightning_balance.functional.agm import agm_coefficients, agm_scores, shapley_responses, shapley_weights
+from lightning_balance.functional.cml import cml_ranking_penalty, removal_chains
 from lightning_balance.functional.gblend import gblend_weights
 from lightning_balance.functional.inforeg import fisher_trace_increment, inforeg_coefficients, prime_window_indicator
 from lightning_balance.functional.mmpareto import pareto_merge, pareto_merge_from_sum_, pareto_weights
@@ -19,6 +20,7 @@ __all__ = [
     "agm_coefficients",
     "agm_scores",
     "class_feature_sums",
+    "cml_ranking_penalty",
     "fisher_trace_increment",
     "fit_linear_probe",
     "gblend_weights",
@@ -35,6 +37,7 @@ __all__ = [
     "prime_window_indicator",
     "prototype_entropy",
     "prototype_logits",
+    "removal_chains",
     "shapley_responses",
     "shapley_weights",
     "stack_modalities",

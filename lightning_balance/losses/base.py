@@ -1,0 +1,119 @@
+"""Loss terms: balancing methods that add to the user's objective instead of editing gradients."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Optional, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
+
+__all__ = ["LossTerm", "LossTerms", "configure_loss_terms", "add_loss_terms"]
+
+
+class LossTerm(nn.Module, abc.ABC):
+    """A balancing loss term: a plain ``nn.Module`` whose :meth:`from_record` computes its value from a
+    step of the modality contract. Its own parameters (if any) train with the model.
+
+    Args:
+        weight: multiplier of the term in the objective.
+        start_epoch, end_epoch: epochs (inclusive) in which the term is added; ``None``: no end.
+    """
+
+    name: ClassVar[str] = "term"
+
+    def __init__(self, weight: float = 1.0, start_epoch: int = 0, end_epoch: Optional[int] = None) -> None:
+        super().__init__()
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+            raise ValueError(f"weight must be a number >= 0, got {weight!r}.")
+        if not isinstance(start_epoch, int) or start_epoch < 0:
+            raise ValueError(f"start_epoch must be an int >= 0, got {start_epoch!r}.")
+        if end_epoch is not None and (not isinstance(end_epoch, int) or end_epoch < start_epoch):
+            raise ValueError(f"end_epoch must be None or an int >= start_epoch, got {end_epoch!r}.")
+        self.weight = float(weight)
+        self.start_epoch = start_epoch
+        self.end_epoch = end_epoch
+
+    def active(self, epoch: int) -> bool:
+        return epoch >= self.start_epoch and (self.end_epoch is None or epoch <= self.end_epoch)
+
+    @abc.abstractmethod
+    def from_record(self, module: MultimodalMixin, record: ModalityRecord) -> tuple[Tensor, dict[str, Tensor]]:
+        """The term's (unweighted) scalar value for this step, and metrics to log under ``balance/<name>/``."""
+
+
+def configure_loss_terms(module: MultimodalMixin, terms: Union[Sequence[LossTerm], Mapping[str, LossTerm]]) -> None:
+    """Attach loss terms to ``module`` (as the submodule ``balance_losses``, so their parameters train and
+    are checkpointed). Keys are the terms' names (or the mapping's keys) and must be unique."""
+    if isinstance(terms, Mapping):
+        named = dict(terms)
+    else:
+        named = {}
+        for term in terms:
+            if term.name in named:
+                raise ModalityContractError(
+                    f"two loss terms are named {term.name!r}; pass a mapping {{name: term}} to give them distinct names."
+                )
+            named[term.name] = term
+    bad = [k for k, t in named.items() if not isinstance(t, LossTerm)]
+    if bad:
+        raise ModalityContractError(f"loss terms must be LossTerm modules; {bad} are not.")
+    module.balance_losses = nn.ModuleDict(named)  # type: ignore[attr-defined]
+
+
+def add_loss_terms(module: Any, loss: Tensor, record: Optional[ModalityRecord] = None) -> Tensor:
+    """``loss + Σ_k weight_k · term_k(step)`` for the module's active loss terms; logs each term."""
+    terms = getattr(module, "balance_losses", None)
+    if terms is None:
+        raise ModalityContractError(
+            "add_loss_terms() found no loss terms: attach them with self.configure_loss_terms([...]) or the "
+            "LossTerms([...]) callback."
+        )
+    record = record or module._require_record("add_loss_terms()")
+    trainer = module._trainer
+    epoch = trainer.current_epoch if trainer is not None else 0
+    total = loss
+    metrics: dict[str, Tensor] = {}
+    for name, term in terms.items():
+        if not term.active(epoch):
+            continue
+        value, extra = term.from_record(module, record)
+        total = total + term.weight * value
+        metrics[f"balance/{name}/loss"] = value.detach()
+        metrics.update({f"balance/{name}/{k}": v.detach() for k, v in extra.items()})
+    if trainer is not None and metrics and not getattr(trainer, "barebones", False) and module.training:
+        module.log_dict(metrics, on_step=True, on_epoch=False)
+    return total
+
+
+class LossTerms(Callback):
+    """Attach loss terms to the module from the Trainer's callbacks (so LightningCLI YAML can set them);
+    ``training_step`` then returns ``self.add_loss_terms(loss)``.
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_balance.LossTerms
+              init_args:
+                terms:
+                  - class_path: lightning_balance.losses.CMLLoss
+                    init_args: {rank_weight: 0.1}
+    """
+
+    def __init__(self, terms: Sequence[LossTerm]) -> None:
+        if not terms:
+            raise ValueError("LossTerms needs at least one loss term.")
+        self.terms = list(terms)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, MultimodalMixin):
+            raise ModalityContractError(
+                f"LossTerms needs the modality contract: make {type(pl_module).__name__} inherit MultimodalMixin."
+            )
+        if getattr(pl_module, "balance_losses", None) is None:
+            pl_module.configure_loss_terms(self.terms)
