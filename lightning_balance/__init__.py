@@ -13,17 +13,21 @@ from lightning_balance.callbacks import (
     PMR,
     StepStatistics,
 )
-from lightning_balance.losses import CMLLoss, LossTerm, LossTerms
+from lightning_balance.heads import CosineHead
+from lightning_balance.losses import CMLLoss, ContrastiveLoss, LossTerm, LossTerms, ReconstructionLoss
 from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CMLLoss",
+    "ContrastiveLoss",
+    "CosineHead",
     "LossTerm",
     "LossTerms",
     "AGM",
     "OGMGE",
+    "ReconstructionLoss",
     "GradientBalancingCallback",
     "GradientBlending",
     "InfoReg",

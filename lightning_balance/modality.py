@@ -93,6 +93,7 @@ class ModalityRecord:
     _autocast: tuple[str, bool, Optional[torch.dtype]] = field(default=("cpu", False, None), repr=False)
     _unimodal: Optional[dict[str, Tensor]] = field(default=None, repr=False)
     extras: dict[str, Any] = field(default_factory=dict, repr=False)
+    inputs: Optional[dict[str, Tensor]] = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -387,12 +388,15 @@ class MultimodalMixin:
         return record
 
     # ------------------------------------------------------------------ the per-step contract
-    def fuse(self, features: Mapping[str, Tensor], targets: Optional[Tensor] = None) -> Tensor:
+    def fuse(self, features: Mapping[str, Tensor], targets: Optional[Tensor] = None,
+             inputs: Optional[Mapping[str, Tensor]] = None) -> Tensor:
         """Fuse per-modality features into logits and record the step for the balancing methods.
 
         Args:
             features: modality → features of shape ``(N, ...)``; exactly the declared modalities.
             targets: class indices of shape ``(N,)``; needed by methods that score modalities.
+            inputs: optional modality → encoder input, for loss terms that need the raw inputs
+                (reconstruction, unimodal teachers).
 
         Returns:
             The fused logits, from :meth:`fuse_features`.
@@ -426,6 +430,7 @@ class MultimodalMixin:
             _owner=self,
             _autocast=_autocast_state(logits.device.type),
             extras=extras,
+            inputs=dict(inputs) if inputs is not None else None,
         )
         return logits
 

@@ -2,6 +2,7 @@
 
 from lightning_balance.functional.agm import agm_coefficients, agm_scores, shapley_responses, shapley_weights
 from lightning_balance.functional.cml import cml_ranking_penalty, removal_chains
+from lightning_balance.functional.contrastive import symmetric_info_nce
 from lightning_balance.functional.gblend import gblend_weights
 from lightning_balance.functional.inforeg import fisher_trace_increment, inforeg_coefficients, prime_window_indicator
 from lightning_balance.functional.mmpareto import pareto_merge, pareto_merge_from_sum_, pareto_weights
@@ -41,6 +42,7 @@ __all__ = [
     "shapley_responses",
     "shapley_weights",
     "stack_modalities",
+    "symmetric_info_nce",
     "true_class_probability",
     "update_prototypes",
 ]

@@ -2,5 +2,7 @@
 
 from lightning_balance.losses.base import LossTerm, LossTerms, add_loss_terms, configure_loss_terms
 from lightning_balance.losses.cml import CMLLoss
+from lightning_balance.losses.contrastive import ContrastiveLoss
+from lightning_balance.losses.reconstruction import ReconstructionLoss
 
-__all__ = ["CMLLoss", "LossTerm", "LossTerms", "add_loss_terms", "configure_loss_terms"]
+__all__ = ["CMLLoss", "ContrastiveLoss", "ReconstructionLoss", "LossTerm", "LossTerms", "add_loss_terms", "configure_loss_terms"]

@@ -115,5 +115,13 @@ class LossTerms(Callback):
             raise ModalityContractError(
                 f"LossTerms needs the modality contract: make {type(pl_module).__name__} inherit MultimodalMixin."
             )
+        if trainer.world_size > 1:
+            # Attaching modules from a callback under DDP was seen to leave the terms' parameters
+            # unsynchronised in some runs (cause not found yet); refuse rather than diverge silently.
+            raise ModalityContractError(
+                "LossTerms attaches loss terms from a callback, which is single-process only for now. Under DDP, "
+                "attach them in the module's __init__ with self.configure_loss_terms([...]) (LightningCLI can "
+                "pass the terms as an init argument of the model)."
+            )
         if getattr(pl_module, "balance_losses", None) is None:
             pl_module.configure_loss_terms(self.terms)
