@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from lightning_balance import MultimodalMixin
+from lightning_balance import CMLLoss, ContrastiveLoss, CosineHead, MultimodalMixin, ReconstructionLoss
 from lightning_balance.data import AVDigitsDataModule
 from lightning_balance.functional import linear_probe_accuracy
 
@@ -29,19 +29,25 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
 
     def __init__(self, input_dims: Optional[dict[str, int]] = None, hidden: int = 256, feature_dim: int = 128,
                  num_classes: int = 10, lr: float = 0.02, momentum: float = 0.9, aux_heads: bool = False,
-                 unimodal_losses: bool = False) -> None:
+                 unimodal_losses: bool = False, cosine_scale: Optional[float] = None,
+                 loss_terms: Optional[list] = None) -> None:
         super().__init__()
         input_dims = input_dims or {"audio": 40, "visual": 64}
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["loss_terms"])
         self.use_unimodal_losses = unimodal_losses
         self.encoders = nn.ModuleDict({m: mlp(d, hidden, feature_dim) for m, d in input_dims.items()})
         self.head = nn.Linear(feature_dim * len(input_dims), num_classes)
-        if aux_heads:  # one linear head per modality (MMPareto's and Gradient-Blending's unimodal heads)
+        if cosine_scale is not None:  # MMCosine: the cosine head replaces the linear one
+            self.head = CosineHead([feature_dim] * len(input_dims), num_classes, scale=cosine_scale)
+            self.configure_modalities({m: self.encoders[m] for m in input_dims}, fusion=self.head)
+        elif aux_heads:  # one linear head per modality (MMPareto's and Gradient-Blending's unimodal heads)
             self.aux_heads = nn.ModuleDict({m: nn.Linear(feature_dim, num_classes) for m in input_dims})
             self.configure_modalities({m: self.encoders[m] for m in input_dims}, head=self.head, unimodal="heads",
                                       unimodal_heads=dict(self.aux_heads.items()))
         else:
             self.configure_modalities({m: self.encoders[m] for m in input_dims}, head=self.head)
+        if loss_terms:
+            self.configure_loss_terms(loss_terms)
 
     def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.encoders[m](batch[m]) for m in self.modalities}
@@ -50,9 +56,11 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
         return self.features(batch), batch["target"]  # the contract's optional hook (PMR's prototype pass)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self.fuse(self.features(batch), batch["target"])
+        logits = self.fuse(self.features(batch), batch["target"], inputs={m: batch[m] for m in self.modalities})
         loss = F.cross_entropy(logits, batch["target"])
         self.log("train_loss", loss, prog_bar=True)
+        if getattr(self, "balance_losses", None) is not None:  # loss terms (CML, contrastive, ...)
+            loss = self.add_loss_terms(loss)
         if self.use_unimodal_losses:  # multimodal + unimodal objectives (weights: self.loss_weights)
             return self.add_unimodal_losses(loss)
         return loss
@@ -71,12 +79,20 @@ SETUPS: dict[str, tuple[dict, dict]] = {
     "uni_losses": ({"aux_heads": True, "unimodal_losses": True}, {}),
     "mmpareto": ({"aux_heads": True, "unimodal_losses": True}, {}),
     "gblend": ({"aux_heads": True, "unimodal_losses": True}, {"holdout_fraction": 0.1}),
+    "cml": ({"loss_terms": lambda: [CMLLoss(rank_weight=1.0)]}, {}),
+    "mmcosine": ({"cosine_scale": 10.0}, {}),
+    "contrastive": ({"loss_terms": lambda: [ContrastiveLoss(feature_dims={"audio": 128, "visual": 128}, weight=0.1)]}, {}),
+    "reconstruction": ({"loss_terms": lambda: [ReconstructionLoss({"audio": 128, "visual": 128}, {"audio": 40, "visual": 64},
+                                                                   weight=0.1)]}, {}),
 }
 
 
-def setup_for(method: str) -> tuple[dict, dict]:
-    """(model kwargs, datamodule kwargs) of a benchmark method (empty for the plain setup)."""
-    return SETUPS.get(method, ({}, {}))
+def setup_for(method: str, **overrides) -> tuple[dict, dict]:
+    """(model kwargs, datamodule kwargs) of a benchmark method (empty for the plain setup). Callable values
+    are factories (fresh loss-term modules for every run); ``overrides`` replace model kwargs."""
+    model, data = SETUPS.get(method, ({}, {}))
+    model = {**model, **overrides}
+    return {k: (v() if callable(v) else v) for k, v in model.items()}, dict(data)
 
 
 class UnimodalNet(pl.LightningModule):

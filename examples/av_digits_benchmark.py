@@ -53,6 +53,11 @@ METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
     "uni_losses": lambda: [],
     "mmpareto": lambda: [MMPareto(gamma=2.0)],
     "gblend": lambda: [GradientBlending(every_n_epochs=20)],
+    # loss terms and heads (their parameters are in _common.SETUPS: they change the model, not the Trainer)
+    "cml": lambda: [],
+    "mmcosine": lambda: [],
+    "contrastive": lambda: [],
+    "reconstruction": lambda: [],
 }
 
 COLUMNS = [

@@ -24,7 +24,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import AVDigitsNet, fit, mean_std, setup_for  # noqa: E402
 
-from lightning_balance import AGM, OGMGE, PMR, GradientBlending, InfoReg, MMPareto  # noqa: E402
+from lightning_balance import (  # noqa: E402
+    AGM,
+    OGMGE,
+    PMR,
+    CMLLoss,
+    ContrastiveLoss,
+    GradientBlending,
+    InfoReg,
+    MMPareto,
+    ReconstructionLoss,
+)
 from lightning_balance.data import AVDigitsDataModule  # noqa: E402
 
 # method -> (parameter name, default grid, factory of the callbacks for one value)
@@ -36,6 +46,19 @@ SEARCH: dict[str, tuple[str, list[float], Callable[[float], list[pl.Callback]]]]
     "pmr": ("alpha", [0.2, 0.6, 1.0, 2.0], lambda v: [PMR(alpha=v)]),
     "mmpareto": ("gamma", [1.0, 1.5, 2.0], lambda v: [MMPareto(gamma=v)]),
     "gblend": ("every_n_epochs", [5, 10, 20], lambda v: [GradientBlending(every_n_epochs=int(v))]),
+    # loss terms and heads: the value goes into the model (see MODEL_PARAMETER)
+    "cml": ("rank_weight", [0.1, 1.0, 3.0], lambda v: []),
+    "mmcosine": ("scale", [5.0, 10.0, 15.0], lambda v: []),
+    "contrastive": ("weight", [0.03, 0.1, 0.3], lambda v: []),
+    "reconstruction": ("weight", [0.03, 0.1, 0.3], lambda v: []),
+}
+# methods whose searched value is a model argument: method -> function(value) -> model kwargs overrides
+MODEL_PARAMETER: dict[str, Callable[[float], dict]] = {
+    "cml": lambda v: {"loss_terms": lambda: [CMLLoss(rank_weight=v)]},
+    "mmcosine": lambda v: {"cosine_scale": v},
+    "contrastive": lambda v: {"loss_terms": lambda: [ContrastiveLoss(feature_dims={"audio": 128, "visual": 128}, weight=v)]},
+    "reconstruction": lambda v: {"loss_terms": lambda: [ReconstructionLoss({"audio": 128, "visual": 128},
+                                                                           {"audio": 40, "visual": 64}, weight=v)]},
 }
 
 
@@ -56,14 +79,15 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(args.out, exist_ok=True)
     grid: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as root:
-        model_kwargs, data_kwargs = setup_for(args.method)
+        _, data_kwargs = setup_for(args.method)
         for seed in args.seeds:
             plain_data = AVDigitsDataModule(seed=seed)
             method_data = AVDigitsDataModule(seed=seed, **data_kwargs) if data_kwargs else plain_data
             for value in ([] if args.no_baseline else [None]) + values:
                 pl.seed_everything(seed, verbose=False)
                 callbacks = [] if value is None else factory(value)
-                model = AVDigitsNet() if value is None else AVDigitsNet(**model_kwargs)
+                overrides = MODEL_PARAMETER[args.method](value) if args.method in MODEL_PARAMETER and value is not None else {}
+                model = AVDigitsNet() if value is None else AVDigitsNet(**setup_for(args.method, **overrides)[0])
                 data = plain_data if value is None else method_data
                 _, val = fit(model, data, callbacks, args.epochs, f"{root}/{seed}-{value}", progress=False)
                 grid.setdefault("baseline" if value is None else f"{name}={value:g}", []).append(val)
