@@ -59,7 +59,7 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
         logits = self.fuse(self.features(batch), batch["target"], inputs={m: batch[m] for m in self.modalities})
         loss = F.cross_entropy(logits, batch["target"])
         self.log("train_loss", loss, prog_bar=True)
-        if getattr(self, "balance_losses", None) is not None:  # loss terms (CML, contrastive, ...)
+        if getattr(self, "balance_losses", None) is not None and not getattr(self, "skip_loss_terms", False):
             loss = self.add_loss_terms(loss)
         if self.use_unimodal_losses:  # multimodal + unimodal objectives (weights: self.loss_weights)
             return self.add_unimodal_losses(loss)
@@ -79,11 +79,14 @@ SETUPS: dict[str, tuple[dict, dict]] = {
     "uni_losses": ({"aux_heads": True, "unimodal_losses": True}, {}),
     "mmpareto": ({"aux_heads": True, "unimodal_losses": True}, {}),
     "gblend": ({"aux_heads": True, "unimodal_losses": True}, {"holdout_fraction": 0.1}),
-    "cml": ({"loss_terms": lambda: [CMLLoss(rank_weight=1.0)]}, {}),
-    "mmcosine": ({"cosine_scale": 10.0}, {}),
-    "contrastive": ({"loss_terms": lambda: [ContrastiveLoss(feature_dims={"audio": 128, "visual": 128}, weight=0.1)]}, {}),
+    # parameters chosen on validation with examples/select_on_validation.py (docs/results.md)
+    "cml": ({"loss_terms": lambda: [CMLLoss(rank_weight=0.1)]}, {}),
+    "mmcosine": ({"cosine_scale": 5.0}, {}),
+    "contrastive": ({"loss_terms": lambda: [ContrastiveLoss(feature_dims={"audio": 128, "visual": 128}, weight=0.3)]}, {}),
     "reconstruction": ({"loss_terms": lambda: [ReconstructionLoss({"audio": 128, "visual": 128}, {"audio": 40, "visual": 64},
-                                                                   weight=0.1)]}, {}),
+                                                                   weight=0.03)]}, {}),
+    # a stacked combination: a gradient callback and a loss term in one Trainer
+    "ogm_ge+cml": ({"loss_terms": lambda: [CMLLoss(rank_weight=0.1)]}, {}),
 }
 
 

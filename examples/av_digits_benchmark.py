@@ -58,6 +58,7 @@ METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
     "mmcosine": lambda: [],
     "contrastive": lambda: [],
     "reconstruction": lambda: [],
+    "ogm_ge+cml": lambda: [OGMGE(alpha=0.1, params="weights")],
 }
 
 COLUMNS = [

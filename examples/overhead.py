@@ -27,7 +27,16 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import AVDigitsNet  # noqa: E402
 
-from lightning_balance import AGM, OGMGE, PMR, InfoReg, MMPareto  # noqa: E402
+from lightning_balance import (  # noqa: E402
+    AGM,
+    OGMGE,
+    PMR,
+    CMLLoss,
+    ContrastiveLoss,
+    InfoReg,
+    MMPareto,
+    ReconstructionLoss,
+)
 from lightning_balance.data import MultimodalTensorDataset  # noqa: E402
 
 
@@ -113,6 +122,29 @@ class Alternating(pl.Callback):
             self.times[self._arm].append(elapsed)
 
 
+class AlternatingTerms(Alternating):
+    """A B A B ... for loss terms: the module skips its loss terms on the A steps."""
+
+    def __init__(self, warmup: int) -> None:
+        super().__init__([], warmup)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        pl_module.skip_loss_terms = self._arm == "A"
+        self._t0 = time.perf_counter()
+
+
+def measure_terms(model: pl.LightningModule, data: DataLoader, warmup: int) -> dict[str, float]:
+    """Median step time without (A) and with (B) the module's loss terms, alternating step by step."""
+    probe = AlternatingTerms(warmup)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=[probe],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    a, b = statistics.median(probe.times["A"]), statistics.median(probe.times["B"])
+    return {"median_ms_without": 1e3 * a, "median_ms_with": 1e3 * b, "ratio": b / a, "timed_steps": len(probe.times["B"])}
+
+
 def fixed_batches(dims: dict[str, int], batch_size: int, steps: int, classes: int = 10) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     n = batch_size * steps
@@ -180,6 +212,24 @@ def main(argv: list[str] | None = None) -> None:
                    {"m0": 64, "m1": 64}, 16, mmpareto))
 
     rows = []
+    # loss terms: the same model with and without its terms (A/B within one fit)
+    def term_factories(dims: dict[str, int], feature_dim: int) -> dict[str, Callable[[], list]]:
+        feats = {m: feature_dim for m in dims}
+        return {"CML": lambda: [CMLLoss(rank_weight=0.1)],
+                "contrastive": lambda: [ContrastiveLoss(feature_dims=feats, weight=0.3)],
+                "reconstruction": lambda: [ReconstructionLoss(feats, dict(dims), weight=0.03)]}
+
+    for name, dims, hidden, feature_dim, batch in (("AV-Digits MLP", av, 256, 128, 64),
+                                                    ("synthetic MLP, M=2", {"m0": 128, "m1": 128}, 2048, 512, 128)):
+        for term, make in term_factories(dims, feature_dim).items():
+            torch.manual_seed(0)
+            model = AVDigitsNet(input_dims=dims, hidden=hidden, feature_dim=feature_dim, loss_terms=make())
+            res = measure_terms(model, fixed_batches(dims, batch, args.steps), warmup=10)
+            params = sum(p.numel() for p in model.parameters())
+            rows.append({"model": name, "params": params, "batch": batch, "method": f"{term} (loss term)", **res})
+            print(f"{name:22s} {params / 1e6:5.2f}M  {term:18s} {res['median_ms_without']:8.2f} ms -> "
+                  f"{res['median_ms_with']:8.2f} ms  ratio {res['ratio']:.3f}", flush=True)
+
     for name, factory, dims, batch, methods in setups:
         torch.manual_seed(0)
         model = factory()
