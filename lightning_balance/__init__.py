@@ -14,7 +14,15 @@ from lightning_balance.callbacks import (
     StepStatistics,
 )
 from lightning_balance.heads import CosineHead
-from lightning_balance.losses import CMLLoss, ContrastiveLoss, LossTerm, LossTerms, ReconstructionLoss
+from lightning_balance.losses import (
+    CMLLoss,
+    ContrastiveLoss,
+    LossTerm,
+    LossTerms,
+    ReconstructionLoss,
+    UMTLoss,
+    UnimodalEnsemble,
+)
 from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
 
 __version__ = "0.1.0"
@@ -39,6 +47,8 @@ __all__ = [
     "NonFiniteStatisticsError",
     "PMR",
     "StepStatistics",
+    "UMTLoss",
+    "UnimodalEnsemble",
     "UnsupportedStrategyError",
     "__version__",
 ]

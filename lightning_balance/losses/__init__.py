@@ -4,5 +4,7 @@ from lightning_balance.losses.base import LossTerm, LossTerms, add_loss_terms, c
 from lightning_balance.losses.cml import CMLLoss
 from lightning_balance.losses.contrastive import ContrastiveLoss
 from lightning_balance.losses.reconstruction import ReconstructionLoss
+from lightning_balance.losses.umt import UMTLoss, UnimodalEnsemble, choose_ume_or_umt, fit_unimodal_teachers
 
-__all__ = ["CMLLoss", "ContrastiveLoss", "ReconstructionLoss", "LossTerm", "LossTerms", "add_loss_terms", "configure_loss_terms"]
+__all__ = ["CMLLoss", "ContrastiveLoss", "ReconstructionLoss", "LossTerm", "LossTerms", "UMTLoss", "UnimodalEnsemble", "add_loss_terms", "choose_ume_or_umt",
+           "configure_loss_terms", "fit_unimodal_teachers"]

@@ -1,0 +1,170 @@
+"""UMT (uni-modal teacher) and UME (uni-modal ensemble): Du et al., "On Uni-Modal Feature Learning in
+Supervised Multi-Modal Learning", ICML 2023."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_balance.losses.base import LossTerm
+from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
+
+__all__ = ["UMTLoss", "UnimodalEnsemble", "choose_ume_or_umt", "fit_unimodal_teachers"]
+
+
+class UMTLoss(LossTerm):
+    r"""Uni-Modal Teacher: distil each encoder's features toward a frozen, separately trained unimodal teacher.
+
+    .. math:: L = \sum_m \mathrm{MSE}\big(z_m, \phi^T_m(x_m)\big)
+
+    (mean over batch and feature dimensions; the paper distils the encoder output that enters the fusion,
+    BalanceBenchmark uses λ = 10). Teachers see the same inputs as the students: pass them with
+    ``self.fuse(features, targets, inputs={m: x_m})``. Teachers are frozen (no gradient, so outside DDP's
+    reduction), always in eval mode (their BatchNorm statistics never move) and run under ``no_grad``.
+
+    Args:
+        teachers: modality → teacher encoder (e.g. from :func:`fit_unimodal_teachers`, or your own module).
+        checkpoints: optional modality → path of a ``state_dict`` (or a Lightning checkpoint whose
+            ``state_dict`` entries start with ``state_prefix``) loaded into that teacher.
+        state_prefix: prefix of the teacher's keys inside a Lightning checkpoint (e.g. ``"encoder."``).
+        weight: λ (BalanceBenchmark 10).
+        start_epoch, end_epoch: see :class:`LossTerm`.
+    """
+
+    name = "umt"
+
+    def __init__(self, teachers: Mapping[str, nn.Module], checkpoints: Optional[Mapping[str, str]] = None,
+                 state_prefix: str = "", weight: float = 10.0, start_epoch: int = 0,
+                 end_epoch: Optional[int] = None) -> None:
+        super().__init__(weight=weight, start_epoch=start_epoch, end_epoch=end_epoch)
+        if not teachers:
+            raise ValueError("UMTLoss needs at least one teacher: teachers={modality: encoder}.")
+        self.teachers = nn.ModuleDict(dict(teachers))
+        for m, path in (checkpoints or {}).items():
+            if m not in self.teachers:
+                raise ValueError(f"checkpoint given for {m!r}, which has no teacher.")
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = state.get("state_dict", state)
+            if state_prefix:
+                state = {k[len(state_prefix):]: v for k, v in state.items() if k.startswith(state_prefix)}
+            self.teachers[m].load_state_dict(state)
+        for p in self.teachers.parameters():
+            p.requires_grad_(False)
+        self.teachers.eval()
+
+    def train(self, mode: bool = True) -> UMTLoss:
+        super().train(mode)
+        self.teachers.eval()  # teachers stay in eval mode
+        return self
+
+    def forward(self, features: Mapping[str, Tensor], inputs: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:  # type: ignore[override]
+        per = {}
+        for m, teacher in self.teachers.items():
+            if m not in features or m not in inputs:
+                raise ModalityContractError(f"UMTLoss needs the features and the input of {m!r}.")
+            with torch.no_grad():
+                target = teacher(inputs[m])
+            z = features[m]
+            if target.shape != z.shape:
+                raise ModalityContractError(
+                    f"UMTLoss: the teacher of {m!r} outputs features of shape {tuple(target.shape)}, the student's "
+                    f"encoder {tuple(z.shape)}; teacher and student encoders must output the same width."
+                )
+            per[m] = F.mse_loss(z.float(), target.float())
+        return torch.stack(list(per.values())).sum(), per
+
+    def from_record(self, module: MultimodalMixin, record: ModalityRecord) -> tuple[Tensor, dict[str, Tensor]]:
+        if record.inputs is None:
+            raise ModalityContractError(
+                "UMTLoss needs the raw inputs for the teachers: call self.fuse(features, targets, inputs={modality: x})."
+            )
+        total, per = self.forward(record.features, record.inputs)
+        return total, {f"mse/{m}": v.detach() for m, v in per.items()}
+
+
+class UnimodalEnsemble(nn.Module):
+    """UME: predict with separately trained unimodal models and combine their predictions.
+
+    Args:
+        models: modality → a module mapping that modality's input to logits.
+        combine: ``"mean"`` (average of the probabilities, the paper's ensemble) or ``"product"`` (sum of
+            log-probabilities).
+
+    ``forward(inputs)`` takes ``{modality: x}`` and returns log-probabilities ``(N, C)``.
+    """
+
+    def __init__(self, models: Mapping[str, nn.Module], combine: Literal["mean", "product"] = "mean") -> None:
+        super().__init__()
+        if combine not in ("mean", "product"):
+            raise ValueError(f"combine must be 'mean' or 'product', got {combine!r}.")
+        if not models:
+            raise ValueError("UnimodalEnsemble needs at least one model.")
+        self.models = nn.ModuleDict(dict(models))
+        self.combine = combine
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        log_p = torch.stack([F.log_softmax(self.models[m](inputs[m]).float(), -1) for m in self.models])
+        if self.combine == "product":
+            return torch.log_softmax(log_p.sum(0), -1)
+        return torch.logsumexp(log_p, 0) - torch.log(torch.tensor(float(len(self.models))))
+
+
+def choose_ume_or_umt(ensemble_val_accuracy: float, joint_val_accuracy: float) -> str:
+    """The paper's rule, on **validation** data: if the unimodal ensemble is at least as good as naive
+    joint training, uni-modal features dominate and UME is the choice; otherwise paired (cross-modal)
+    features matter and UMT is."""
+    return "UME" if ensemble_val_accuracy >= joint_val_accuracy else "UMT"
+
+
+class _UnimodalModel(pl.LightningModule):
+    def __init__(self, encoder: nn.Module, width: int, num_classes: int, modality: str, lr: float, momentum: float) -> None:
+        super().__init__()
+        self.encoder, self.head, self.modality = encoder, nn.Linear(width, num_classes), modality
+        self.lr, self.momentum = lr, momentum
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[self.modality]), batch["target"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+def fit_unimodal_teachers(module: MultimodalMixin, datamodule: pl.LightningDataModule, num_classes: int,
+                          max_epochs: int = 40, lr: float = 0.02, momentum: float = 0.9,
+                          **trainer_kwargs: Any) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """Train one unimodal model per modality from the module's own encoders (fresh copies, parameters
+    re-initialised) and a linear head, on the datamodule's batches ``{modality: x, "target": y}``.
+
+    Returns ``(teachers, models)``: the trained encoders (for :class:`UMTLoss`) and the full unimodal
+    models (encoder + head, for :class:`UnimodalEnsemble`).
+    """
+    teachers, models = {}, {}
+    for m in module.modalities:
+        encoders = module.modality_encoders(m)
+        if len(encoders) != 1:
+            raise ModalityContractError(f"fit_unimodal_teachers needs one encoder module for {m!r}, got {len(encoders)}.")
+        encoder = copy.deepcopy(encoders[0])
+        for sub in encoder.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+        datamodule.setup("fit")
+        sample = next(iter(datamodule.train_dataloader()))
+        with torch.no_grad():
+            width = encoder(sample[m]).reshape(sample[m].shape[0], -1).shape[-1]
+        model = _UnimodalModel(encoder, width, num_classes, m, lr, momentum)
+        kwargs = {"max_epochs": max_epochs, "logger": False, "enable_checkpointing": False,
+                  "enable_progress_bar": False, "enable_model_summary": False, **trainer_kwargs}
+        pl.Trainer(**kwargs).fit(model, train_dataloaders=datamodule.train_dataloader())
+        model.eval()
+        teachers[m] = model.encoder
+        models[m] = model
+    return teachers, models
