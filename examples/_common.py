@@ -188,6 +188,21 @@ def evaluate_ensemble(models: Sequence[UnimodalNet], data: AVDigitsDataModule) -
     return {"acc": acc, "f1": f1}
 
 
+@torch.no_grad()
+def evaluate_ume(ensemble: torch.nn.Module, data: AVDigitsDataModule) -> dict[str, float]:
+    """UME on test, and on validation for the paper's choice rule (UME if its validation accuracy is at
+    least the joint baseline's)."""
+    out = {}
+    for split, prefix in (("test", ""), ("val", "val_")):
+        x = data.splits[split]
+        log_p = ensemble.eval()({m: x[m] for m in ensemble.models})
+        acc, f1 = _acc_f1(log_p, x["target"], log_p.shape[-1])
+        out[f"{prefix}acc"] = acc
+        if not prefix:
+            out["f1"] = f1
+    return out
+
+
 def mean_std(values: Sequence[float]) -> str:
     values = [v for v in values if not math.isnan(v)]
     if not values:

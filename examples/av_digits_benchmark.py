@@ -12,6 +12,7 @@ validation accuracy over epochs.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -29,13 +30,24 @@ from _common import (  # noqa: E402
     UnimodalNet,
     evaluate_ensemble,
     evaluate_joint,
+    evaluate_ume,
     evaluate_unimodal,
     fit,
     format_table,
     setup_for,
 )
 
-from lightning_balance import AGM, OGMGE, PMR, GradientBlending, InfoReg, MMPareto, ModalityMonitor  # noqa: E402
+from lightning_balance import (  # noqa: E402
+    AGM,
+    OGMGE,
+    PMR,
+    GradientBlending,
+    InfoReg,
+    MMPareto,
+    ModalityMonitor,
+    UMTLoss,
+    UnimodalEnsemble,
+)
 from lightning_balance.data import AVDigitsDataModule  # noqa: E402
 
 # Balancing methods: name -> factory of the callbacks added to the joint model's Trainer.
@@ -59,7 +71,11 @@ METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
     "contrastive": lambda: [],
     "reconstruction": lambda: [],
     "ogm_ge+cml": lambda: [OGMGE(alpha=0.1, params="weights")],
+    # UMT: the unimodal references' encoders are the frozen teachers (needs the references)
+    "umt": lambda: [],
+    "ogm_ge+umt": lambda: [OGMGE(alpha=0.1, params="weights")],
 }
+UMT_WEIGHT = 10.0  # BalanceBenchmark's lambda; not tuned
 
 COLUMNS = [
     ("acc", "fused acc"), ("f1", "macro-F1"),
@@ -76,6 +92,7 @@ def run_seed(seed: int, methods: list[str], epochs: int, root: str, progress: bo
     data.setup()
     results: dict[str, dict[str, float]] = {}
     curves: dict[str, list[dict[str, float]]] = {}
+    alone_by_modality: dict = {}
     if references:
         alone = []
         for modality, dim in data.feature_dims.items():
@@ -83,10 +100,19 @@ def run_seed(seed: int, methods: list[str], epochs: int, root: str, progress: bo
             model, val = fit(UnimodalNet(modality, dim), data, [], epochs, f"{root}/{modality}", progress)
             results[f"{modality} alone"] = {**evaluate_unimodal(model, data), "val_acc": val}
             alone.append(model)
+            alone_by_modality[modality] = model
         results["unimodal ensemble"] = evaluate_ensemble(alone, data)
+        ume = UnimodalEnsemble({m: torch.nn.Sequential(model.encoder, model.head) for m, model in alone_by_modality.items()},
+                               combine="mean")
+        results["UME (mean of probabilities)"] = evaluate_ume(ume, data)
     for method in methods:
         pl.seed_everything(seed, verbose=False)
         model_kwargs, data_kwargs = setup_for(method)
+        if method in ("umt", "ogm_ge+umt"):
+            if not alone_by_modality:
+                raise SystemExit("umt needs the unimodal references (drop --no-references): they are its teachers.")
+            teachers = {m: copy.deepcopy(model.encoder) for m, model in alone_by_modality.items()}
+            model_kwargs["loss_terms"] = [UMTLoss(teachers, weight=UMT_WEIGHT)]
         method_data = data
         if data_kwargs:
             method_data = AVDigitsDataModule(seed=seed, **data_kwargs)

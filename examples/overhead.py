@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AVDigitsNet  # noqa: E402
+from _common import AVDigitsNet, mlp  # noqa: E402
 
 from lightning_balance import (  # noqa: E402
     AGM,
@@ -36,6 +36,7 @@ from lightning_balance import (  # noqa: E402
     InfoReg,
     MMPareto,
     ReconstructionLoss,
+    UMTLoss,
 )
 from lightning_balance.data import MultimodalTensorDataset  # noqa: E402
 
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200, help="steps per setting (A and B alternate; 10 warm-up)")
     parser.add_argument("--out", default="results")
+    parser.add_argument("--only-terms", action="store_true", help="only the loss terms (writes overhead_terms.json)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
@@ -215,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     # loss terms: the same model with and without its terms (A/B within one fit)
     def term_factories(dims: dict[str, int], feature_dim: int) -> dict[str, Callable[[], list]]:
         feats = {m: feature_dim for m in dims}
-        return {"CML": lambda: [CMLLoss(rank_weight=0.1)],
+        hidden_of = {128: 256, 512: 2048}[feature_dim]
+        return {"UMT": lambda: [UMTLoss({m: mlp(d, hidden_of, feature_dim) for m, d in dims.items()})],
+                "CML": lambda: [CMLLoss(rank_weight=0.1)],
                 "contrastive": lambda: [ContrastiveLoss(feature_dims=feats, weight=0.3)],
                 "reconstruction": lambda: [ReconstructionLoss(feats, dict(dims), weight=0.03)]}
 
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:22s} {params / 1e6:5.2f}M  {term:18s} {res['median_ms_without']:8.2f} ms -> "
                   f"{res['median_ms_with']:8.2f} ms  ratio {res['ratio']:.3f}", flush=True)
 
-    for name, factory, dims, batch, methods in setups:
+    for name, factory, dims, batch, methods in ([] if args.only_terms else setups):
         torch.manual_seed(0)
         model = factory()
         params = sum(p.numel() for p in model.parameters())
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         draws.append(time.perf_counter() - t0)
     rng_ms = 1e3 * statistics.median(draws[1:])
     print(f"\nGaussian draw of 5M float32 elements (torch normal_, this device): {rng_ms:.1f} ms")
-    with open(os.path.join(args.out, "overhead.json"), "w") as f:
+    with open(os.path.join(args.out, "overhead_terms.json" if args.only_terms else "overhead.json"), "w") as f:
         json.dump({"command": "python examples/overhead.py " + " ".join(argv or sys.argv[1:]),
                    "device": "cpu", "threads": torch.get_num_threads(), "normal_5M_ms": rng_ms, "rows": rows},
                   f, indent=1)
