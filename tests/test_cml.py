@@ -2,13 +2,14 @@
 subtraction on a concat head), the loss-term mixin in Lightning (logging, YAML), bad input."""
 
 import math
+from typing import Optional
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_balance import CMLLoss, LossTerms, ModalityContractError
+from lightning_balance import CMLLoss, LossTerm, LossTerms, ModalityContractError
 from lightning_balance.functional import cml_ranking_penalty, removal_chains
 from tests.helpers import TinyAV, loader, trainer_kwargs
 
@@ -106,6 +107,10 @@ def test_bad_input():
     model.configure_loss_terms([CMLLoss()])
     with pytest.raises(ModalityContractError, match="targets"):
         model.add_loss_terms(logits.sum())
+    empty = {"audio": torch.randn(0, 6), "visual": torch.randn(0, 5)}
+    model.fuse(model.forward_features(empty), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ModalityContractError, match="empty batch"):
+        model.add_loss_terms(torch.zeros(()))
     with pytest.raises(ModalityContractError, match="named 'cml'"):
         model.configure_loss_terms([CMLLoss(), CMLLoss()])
     for kwargs, match in (({"rank_weight": -1}, "rank_weight"), ({"gate": "x"}, "gate"), ({"weight": -1}, "weight")):
@@ -138,3 +143,33 @@ trainer:
     cb = next(c for c in cli.trainer.callbacks if isinstance(c, LossTerms))
     term = cb.terms[0]
     assert (term.rank_weight, term.gate, term.weight) == (0.3, "all", 2.0)
+
+
+class TermsFromInit(WithTerms):
+    """Loss terms as a model init argument (the form that also works under DDP), set from YAML."""
+
+    def __init__(self, loss_terms: Optional[list[LossTerm]] = None, lr: float = 0.1):
+        super().__init__(lr=lr)
+        if loss_terms:
+            self.configure_loss_terms(loss_terms)
+
+
+def test_yaml_model_init_argument(tmp_path, monkeypatch):
+    pytest.importorskip("jsonargparse", reason="jsonargparse (the `cli` extra) is not installed")
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text("""
+trainer: {accelerator: cpu, max_epochs: 1, logger: false, enable_checkpointing: false}
+model:
+  loss_terms:
+    - class_path: lightning_balance.CMLLoss
+      init_args: {rank_weight: 0.5}
+    - class_path: lightning_balance.ContrastiveLoss
+      init_args: {weight: 0.2}
+""")
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    cli = LightningCLI(TermsFromInit, args=["--config", str(config)], run=False, save_config_callback=None)
+    terms = cli.model.balance_losses
+    assert set(terms) == {"cml", "contrastive"}
+    assert terms["cml"].rank_weight == 0.5 and terms["contrastive"].weight == 0.2

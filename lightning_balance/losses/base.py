@@ -75,6 +75,8 @@ def add_loss_terms(module: Any, loss: Tensor, record: Optional[ModalityRecord] =
             "LossTerms([...]) callback."
         )
     record = record or module._require_record("add_loss_terms()")
+    if record.batch_size == 0:
+        raise ModalityContractError("add_loss_terms() got an empty batch (0 samples): drop empty batches before fusing.")
     trainer = module._trainer
     epoch = trainer.current_epoch if trainer is not None else 0
     total = loss
