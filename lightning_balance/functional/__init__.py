@@ -3,6 +3,14 @@
 from lightning_balance.functional.agm import agm_coefficients, agm_scores, shapley_responses, shapley_weights
 from lightning_balance.functional.cml import cml_ranking_penalty, removal_chains
 from lightning_balance.functional.contrastive import symmetric_info_nce
+from lightning_balance.functional.diagnostics import (
+    effective_rank,
+    linear_cka,
+    masked_accuracy_value,
+    numerical_rank,
+    shapley_contributions,
+    variance_inflation,
+)
 from lightning_balance.functional.gblend import gblend_weights
 from lightning_balance.functional.inforeg import fisher_trace_increment, inforeg_coefficients, prime_window_indicator
 from lightning_balance.functional.mmpareto import pareto_merge, pareto_merge_from_sum_, pareto_weights
@@ -22,27 +30,33 @@ __all__ = [
     "agm_scores",
     "class_feature_sums",
     "cml_ranking_penalty",
+    "effective_rank",
     "fisher_trace_increment",
     "fit_linear_probe",
     "gblend_weights",
     "ge_noise_std",
     "inforeg_coefficients",
+    "linear_cka",
     "linear_probe_accuracy",
+    "masked_accuracy_value",
     "modality_scores",
+    "numerical_rank",
     "ogm_coefficients",
+    "ogm_ratios",
     "pareto_merge",
     "pareto_merge_from_sum_",
     "pareto_weights",
-    "ogm_ratios",
     "pmr_weights",
     "prime_window_indicator",
     "prototype_entropy",
     "prototype_logits",
     "removal_chains",
+    "shapley_contributions",
     "shapley_responses",
     "shapley_weights",
     "stack_modalities",
     "symmetric_info_nce",
     "true_class_probability",
     "update_prototypes",
+    "variance_inflation",
 ]
