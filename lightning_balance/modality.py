@@ -50,7 +50,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -492,16 +492,21 @@ class MultimodalMixin:
         if spec.unimodal == "heads":
             return {m: self.get_submodule(spec.unimodal_head_paths[m])(features[m]) for m in spec.names}  # type: ignore[index]
         # mask: every other modality's features set to zero.
-        out = {}
-        for m in spec.names:
-            masked = {k: (v if k == m else torch.zeros_like(v)) for k, v in features.items()}
-            out[m] = self.fuse_features(masked)
-        return out
+        return {m: self.fuse_subset(features, (m,)) for m in spec.names}
+
+    def fuse_subset(self, features: Mapping[str, Tensor], present: Collection[str]) -> Tensor:
+        """Fused logits with only the modalities in ``present`` (the others' features set to zero).
+
+        The one way every method removes modalities (masked unimodal logits, missing-modality accuracy,
+        AGM's Shapley responses, CML's nested subsets, Shapley contributions): through the fusion, at the
+        feature level, without re-running the encoders.
+        """
+        return self.fuse_features({k: (v if k in present else torch.zeros_like(v)) for k, v in features.items()})
 
     def fuse_without(self, features: Mapping[str, Tensor], missing: str) -> Tensor:
         """Fused logits with modality ``missing`` absent (its features set to zero)."""
         self.check_modality(missing)
-        return self.fuse_features({k: (torch.zeros_like(v) if k == missing else v) for k, v in features.items()})
+        return self.fuse_subset(features, [k for k in features if k != missing])
 
     def unimodal_loss(self, record: Optional[ModalityRecord] = None, detach_features: bool = True) -> Tensor:
         """Sum over modalities of the cross-entropy of each auxiliary unimodal head (``unimodal='heads'``).

@@ -138,9 +138,8 @@ class AGM(GradientBalancingCallback):
         try:
             masked = []
             for subset in range(1, full):
-                present = {n for b, n in enumerate(names) if subset >> b & 1}
-                kept = {k: (z if (k in present or k not in names) else torch.zeros_like(z)) for k, z in features.items()}
-                masked.append(module.fuse_features(kept))
+                present = {n for b, n in enumerate(names) if subset >> b & 1} | (set(features) - set(names))
+                masked.append(module.fuse_subset(features, present))
         finally:
             for f in fusion:
                 f.train()

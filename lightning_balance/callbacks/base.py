@@ -88,6 +88,17 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def training_batches(trainer: pl.Trainer, loader: Any, limit: Optional[int] = None):
+    """The first ``limit`` batches of ``loader`` (all if ``None``), moved to the device, for callbacks that make
+    their own pass over training data (PMR's prototypes, Gradient-Blending's estimates). torch's RNG is
+    forked, so a shuffling sampler replays this epoch's order and training's random stream is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        for i, batch in enumerate(loader):
+            if limit is not None and i >= limit:
+                break
+            yield trainer.strategy.batch_to_device(batch, trainer.strategy.root_device)
+
+
 def loss_scales(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[float, float]:
     """``(1/accumulate_grad_batches under automatic optimisation else 1, the AMP GradScaler's scale or 1)``:
     what Lightning multiplies the user's loss by before ``backward()``."""

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_balance._distributed import check_strategy
-from lightning_balance.callbacks.base import log_balance_metrics
+from lightning_balance.callbacks.base import log_balance_metrics, training_batches
 from lightning_balance.functional.gblend import gblend_weights
 from lightning_balance.modality import ModalityContractError, MultimodalMixin
 
@@ -148,7 +148,7 @@ class GradientBlending(Callback):
             optimizer = _like(trainer.optimizers[0], net.parameters())
             net.train()
             for _ in range(epochs):
-                for batch in self._batches(trainer, train_loader, self.max_batches):
+                for batch in training_batches(trainer, train_loader, self.max_batches):
                     optimizer.zero_grad(set_to_none=True)
                     _head_loss(net, batch, head).backward()
                     optimizer.step()
@@ -157,20 +157,12 @@ class GradientBlending(Callback):
         w, g, o = gblend_weights(*(torch.tensor(x) for x in (before_t, before_v, after_t, after_v)))
         return {"weights": w.tolist(), "delta_g": g.tolist(), "delta_o": o.tolist()}
 
-    @staticmethod
-    def _batches(trainer: pl.Trainer, loader: Iterable, limit: Optional[int]):
-        with torch.random.fork_rng(devices=[]):  # leave the training run's random stream untouched
-            for i, batch in enumerate(loader):
-                if limit is not None and i >= limit:
-                    break
-                yield trainer.strategy.batch_to_device(batch, trainer.strategy.root_device)
-
     def _mean_loss(self, net: Any, trainer: pl.Trainer, loader: Iterable, head: str, limit: Optional[int]) -> float:
         was_training = net.training
         net.eval()
         total, count = 0.0, 0
         with torch.no_grad():
-            for batch in self._batches(trainer, loader, limit):
+            for batch in training_batches(trainer, loader, limit):
                 _, targets = net.encode_batch(batch)
                 total += float(_head_loss(net, batch, head, reduction="sum"))
                 count += int(targets.shape[0])

@@ -169,12 +169,13 @@ class MMPareto(GradientBalancingCallback):
             sq_total = total_norms.square().sum()
             dot = dot_total - sq_uni
             sq_mm = (sq_total - 2 * dot_total + sq_uni).clamp_min(0)
-            if not self.statistics_finite({"dot": dot, "sq_mm": sq_mm, "sq_uni": sq_uni}, self._step()):
+            w_mm, w_uni, cos = pareto_weights(dot, sq_mm, sq_uni)
+            finite, agree = torch.stack([torch.isfinite(torch.stack([dot, sq_mm, sq_uni])).all(), cos > 0]).tolist()  # one sync
+            if not finite and not self.statistics_finite({"dot": dot, "sq_mm": sq_mm, "sq_uni": sq_uni}, self._step()):
                 cos_all.append(None)
                 w_all.append(None)
                 continue
-            w_mm, w_uni, cos = pareto_weights(dot, sq_mm, sq_uni)
-            if bool(cos > 0):  # uniform weights: the merged gradient is gamma * (g_mm + g_u)
+            if agree:  # uniform weights: the merged gradient is gamma * (g_mm + g_u)
                 torch._foreach_mul_(totals, self.gamma)
             else:
                 pareto_merge_from_sum_(totals, g_uni, float(w_mm), float(w_uni), self.gamma)

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_balance._distributed import all_reduce_sum
 from lightning_balance._taps import GradientTap, add_gradient
-from lightning_balance.callbacks.base import GradientBalancingCallback, is_number
+from lightning_balance.callbacks.base import GradientBalancingCallback, StepStatistics, is_number, training_batches
 from lightning_balance.functional.pmr import (
     class_feature_sums,
     pmr_weights,
@@ -174,24 +173,15 @@ class PMR(GradientBalancingCallback):
         pl_module.eval()
         sums: dict[str, Tensor] = {}
         try:
-            # fork the RNG: the pass reads the batches this epoch will start with (a shuffling sampler draws
-            # the same order again) and leaves training's random stream untouched
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                for i, batch in enumerate(loader):
-                    if i >= limit:
-                        break
-                    batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+            with torch.no_grad():
+                for batch in training_batches(trainer, loader, limit):
                     features, targets = pl_module.encode_batch(batch)  # type: ignore[attr-defined]
                     self._add_class_sums(sums, pl_module, features, targets)
         finally:
             pl_module.train(was_training)
-        names = sorted(sums)
-        flat = all_reduce_sum(torch.cat([sums[k].reshape(-1) for k in names]), trainer.strategy)
-        out, offset = {}, 0
-        for k in names:
-            out[k] = flat[offset : offset + sums[k].numel()].reshape(sums[k].shape)
-            offset += sums[k].numel()
-        return out
+        stats = StepStatistics()  # class sums and counts of every rank: one all-reduce
+        stats.update(sums)
+        return stats.reduce(trainer.strategy)
 
     def _num_classes(self, pl_module: MultimodalMixin, features: dict[str, Tensor]) -> int:
         if self.centroids:
@@ -268,13 +258,12 @@ class PMR(GradientBalancingCallback):
                 known = self.seen[m].to(z.device)[targets]
                 n = z.shape[0]
                 loss = z.new_zeros(())
-                if pce_w[i]:
-                    ce = F.cross_entropy(logits[known], targets[known], reduction="sum") if bool(known.any()) else loss
-                    loss = loss + pce_w[i] * ce / n
+                if pce_w[i]:  # samples of a class without a prototype contribute 0 (no host sync to find them)
+                    safe = logits.masked_fill(~known.unsqueeze(1), 0.0)
+                    ce = F.cross_entropy(safe, targets, reduction="none") * known
+                    loss = loss + pce_w[i] * ce.sum() / n
                 if ent_w[i]:
                     loss = loss - ent_w[i] * prototype_entropy(logits).mean()
-                if not loss.requires_grad:  # no sample of a class with a prototype: nothing to add
-                    continue
                 (grad,) = torch.autograd.grad(loss, z)
             taps[m].extra = grad * loss_scale
 

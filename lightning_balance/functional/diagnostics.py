@@ -4,10 +4,10 @@ Shapley modality contribution. Definitions from the standard references named in
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from math import factorial
-
 import torch
 from torch import Tensor
+
+from lightning_balance.functional.agm import shapley_weights
 
 __all__ = ["effective_rank", "numerical_rank", "linear_cka", "variance_inflation", "shapley_contributions"]
 
@@ -70,26 +70,15 @@ def variance_inflation(features: Tensor, ridge: float = 1e-6) -> Tensor:
 def shapley_contributions(value: Callable[[frozenset[str]], float], modalities: Sequence[str]) -> dict[str, float]:
     r"""Shapley contribution of each modality to a set function ``v`` (e.g. accuracy with the modalities
     outside ``S`` removed): :math:`\phi_m = \sum_{S \subseteq M \setminus m} \frac{|S|!(M-|S|-1)!}{M!}
-    [v(S \cup m) - v(S)]`. ``v`` is called once per subset (``2^M`` calls), including the empty set."""
+    [v(S \cup m) - v(S)]`. ``v`` is called once per subset (``2^M`` calls), including the empty set; the
+    weights are AGM's :func:`~lightning_balance.functional.agm.shapley_weights` applied to ``v(S) − v(∅)``."""
     names = list(modalities)
-    m = len(names)
-    cache: dict[frozenset[str], float] = {}
-
-    def v(subset: frozenset[str]) -> float:
-        if subset not in cache:
-            cache[subset] = float(value(subset))
-        return cache[subset]
-
-    out = {}
-    for name in names:
-        others = [k for k in names if k != name]
-        total = 0.0
-        for mask in range(2 ** len(others)):
-            subset = frozenset(k for b, k in enumerate(others) if mask >> b & 1)
-            w = factorial(len(subset)) * factorial(m - len(subset) - 1) / factorial(m)
-            total += w * (v(subset | {name}) - v(subset))
-        out[name] = total
-    return out
+    empty = float(value(frozenset()))
+    # subsets as bit masks 1 .. 2^M - 1 (bit b: names[b] present), the order of shapley_weights
+    gains = torch.tensor([float(value(frozenset(n for b, n in enumerate(names) if mask >> b & 1))) - empty
+                          for mask in range(1, 2 ** len(names))], dtype=torch.float64)
+    phi = shapley_weights(len(names)).double() @ gains
+    return dict(zip(names, phi.tolist()))
 
 
 def masked_accuracy_value(fuse: Callable[[Mapping[str, Tensor]], Tensor], features: Mapping[str, Tensor],

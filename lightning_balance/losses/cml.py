@@ -80,8 +80,7 @@ class CMLLoss(LossTerm):
         full = 2**m - 1
         by_mask = {full: record.logits}
         for mask in range(1, full):
-            kept = {k: (z if mask >> b & 1 else torch.zeros_like(z)) for b, (k, z) in enumerate(record.features.items())}
-            by_mask[mask] = module.fuse_features(kept)
+            by_mask[mask] = module.fuse_subset(record.features, [k for b, k in enumerate(names) if mask >> b & 1])
         stacked = torch.stack([by_mask[k] for k in range(1, full + 1)])  # (2^M - 1, N, C)
         weights = (2 ** torch.arange(m, device=device)).view(1, 1, m)
         masks = (present.long() * weights).sum(-1)  # (M, N) subset mask per chain step and sample
