@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import lightning.pytorch as pl
@@ -73,29 +73,53 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
 
 
-# How each benchmark method's joint model and data differ from the baseline's (model and datamodule
-# keyword arguments); shared by the benchmark runner and the validation search.
-SETUPS: dict[str, tuple[dict, dict]] = {
-    "uni_losses": ({"aux_heads": True, "unimodal_losses": True}, {}),
-    "mmpareto": ({"aux_heads": True, "unimodal_losses": True}, {}),
-    "gblend": ({"aux_heads": True, "unimodal_losses": True}, {"holdout_fraction": 0.1}),
-    # parameters chosen on validation with examples/select_on_validation.py (docs/results.md)
-    "cml": ({"loss_terms": lambda: [CMLLoss(rank_weight=0.1)]}, {}),
-    "mmcosine": ({"cosine_scale": 5.0}, {}),
-    "contrastive": ({"loss_terms": lambda: [ContrastiveLoss(feature_dims={"audio": 128, "visual": 128}, weight=0.3)]}, {}),
-    "reconstruction": ({"loss_terms": lambda: [ReconstructionLoss({"audio": 128, "visual": 128}, {"audio": 40, "visual": 64},
-                                                                   weight=0.03)]}, {}),
-    # a stacked combination: a gradient callback and a loss term in one Trainer
-    "ogm_ge+cml": ({"loss_terms": lambda: [CMLLoss(rank_weight=0.1)]}, {}),
+AV_DIMS = {"audio": 40, "visual": 64}
+
+
+def _feature_dims(input_dims: dict[str, int]) -> dict[str, int]:
+    return {m: 128 for m in input_dims}  # AVDigitsNet's feature_dim
+
+
+# How each benchmark method's joint model and data differ from the baseline's: method -> function of the
+# dataset's input dims returning (model kwargs, datamodule kwargs). Shared by the benchmark runner and the
+# validation search. Loss terms are factories, built only when a model is made (after the seed is set).
+SETUPS: dict[str, Callable[[dict[str, int]], tuple[dict, dict]]] = {
+    "uni_losses": lambda dims: ({"aux_heads": True, "unimodal_losses": True}, {}),
+    "mmpareto": lambda dims: ({"aux_heads": True, "unimodal_losses": True}, {}),
+    "gblend": lambda dims: ({"aux_heads": True, "unimodal_losses": True}, {"holdout_fraction": 0.1}),
+    # parameters chosen on AV-Digits validation with examples/select_on_validation.py (docs/results.md)
+    "cml": lambda dims: ({"loss_terms": lambda: [CMLLoss(rank_weight=0.1)]}, {}),
+    "mmcosine": lambda dims: ({"cosine_scale": 5.0}, {}),
+    "contrastive": lambda dims: ({"loss_terms": lambda: [ContrastiveLoss(feature_dims=_feature_dims(dims), weight=0.3)]},
+                                 {}),
+    "reconstruction": lambda dims: ({"loss_terms": lambda: [ReconstructionLoss(_feature_dims(dims), dict(dims),
+                                                                               weight=0.03)]}, {}),
 }
 
 
-def setup_for(method: str, **overrides) -> tuple[dict, dict]:
-    """(model kwargs, datamodule kwargs) of a benchmark method (empty for the plain setup). Callable values
-    are factories (fresh loss-term modules for every run); ``overrides`` replace model kwargs."""
-    model, data = SETUPS.get(method, ({}, {}))
-    model = {**model, **overrides}
-    return {k: (v() if callable(v) else v) for k, v in model.items()}, dict(data)
+def setup_for(method: str, input_dims: Optional[dict[str, int]] = None, **overrides) -> tuple[dict, dict]:
+    """(model kwargs, datamodule kwargs) of a benchmark method on data with ``input_dims`` (AV-Digits by
+    default). A stacked method ``"a+b"`` merges its parts: loss terms are concatenated, flags combined,
+    data arguments merged. ``overrides`` replace model kwargs; callable values are factories, called last."""
+    dims = dict(input_dims or AV_DIMS)
+    model: dict = {}
+    data: dict = {}
+    for part in method.split("+"):
+        if part not in SETUPS:
+            continue
+        part_model, part_data = SETUPS[part](dims)
+        for key, value in part_model.items():
+            if key == "loss_terms":
+                model[key] = [*model.get(key, []), value]
+            elif key in model and model[key] != value:
+                raise ValueError(f"{method}: its parts set {key} to {model[key]!r} and {value!r}; they cannot stack.")
+            else:
+                model[key] = value
+        data.update(part_data)
+    model.update(overrides)
+    if "loss_terms" in model and isinstance(model["loss_terms"], list):
+        model["loss_terms"] = [term for factory in model["loss_terms"] for term in factory()]
+    return {k: (v() if callable(v) else v) for k, v in model.items()}, data
 
 
 class UnimodalNet(pl.LightningModule):

@@ -5,7 +5,7 @@
 
 Prints, per value, the best validation accuracy of the joint model (mean ± std over seeds), with the
 baseline (no method) for comparison, and writes the per-seed values to JSON. The selected value is
-the one with the highest mean; it is what ``av_digits_benchmark.py`` then uses.
+the one with the highest mean; it is what ``benchmark.py`` then uses.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AVDigitsNet, fit, mean_std, setup_for  # noqa: E402
+from _common import AV_DIMS, AVDigitsNet, fit, mean_std, setup_for  # noqa: E402
 
 from lightning_balance import (  # noqa: E402
     AGM,
@@ -57,8 +57,7 @@ MODEL_PARAMETER: dict[str, Callable[[float], dict]] = {
     "cml": lambda v: {"loss_terms": lambda: [CMLLoss(rank_weight=v)]},
     "mmcosine": lambda v: {"cosine_scale": v},
     "contrastive": lambda v: {"loss_terms": lambda: [ContrastiveLoss(feature_dims={"audio": 128, "visual": 128}, weight=v)]},
-    "reconstruction": lambda v: {"loss_terms": lambda: [ReconstructionLoss({"audio": 128, "visual": 128},
-                                                                           {"audio": 40, "visual": 64}, weight=v)]},
+    "reconstruction": lambda v: {"loss_terms": lambda: [ReconstructionLoss({"audio": 128, "visual": 128}, AV_DIMS, weight=v)]},
 }
 
 

@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import (
 )
 from torch import Tensor
 
-__all__ = ["UnsupportedStrategyError", "all_reduce_sum", "check_strategy", "shared_generator"]
+__all__ = ["UnsupportedStrategyError", "all_reduce_sum", "check_strategy", "gather_samples", "shared_generator"]
 
 
 class UnsupportedStrategyError(RuntimeError):
@@ -77,6 +77,39 @@ def all_reduce_sum(tensor: Tensor, strategy: Strategy) -> Tensor:
     if strategy.world_size > 1:
         return strategy.reduce(tensor, reduce_op="sum")
     return tensor
+
+
+def gather_samples(local: Tensor, strategy: Strategy, interleave: bool = False, total: int | None = None) -> Tensor:
+    """Every rank's ``(n_r, d)`` rows, on every rank: one all-gather of the row counts, one of the rows.
+
+    ``interleave=True`` puts the rows back into the order of one process reading the dataset when rank ``r``
+    of ``W`` read samples ``r, r+W, r+2W, ...`` (``DistributedSampler`` without shuffle), and ``total``
+    drops the samples that such a sampler repeats to give every rank the same count. Otherwise the ranks'
+    rows are concatenated in rank order.
+    """
+    world = strategy.world_size
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return local if total is None else local[:total]
+    count = torch.tensor([local.shape[0]], device=local.device, dtype=torch.long)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    width = max(sizes)
+    padded = torch.zeros((width, *local.shape[1:]), device=local.device, dtype=local.dtype)
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    if interleave:
+        if len(set(sizes)) != 1 and max(sizes) - min(sizes) > 1:
+            raise RuntimeError(f"Cannot interleave rank row counts {sizes}: an interleaving sampler gives every "
+                               f"rank the same count up to one.")
+        # row i of rank r is sample i*W + r; ranks with one row fewer leave a hole at the end
+        out = torch.stack(parts, dim=1).reshape(width * world, *local.shape[1:])
+        valid = (torch.arange(width)[:, None] < torch.tensor(sizes)[None, :]).reshape(-1).to(local.device)
+        out = out[valid]
+    else:
+        out = torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    return out if total is None else out[:total]
 
 
 def shared_generator(seed: int, counter: int, device: torch.device) -> torch.Generator:

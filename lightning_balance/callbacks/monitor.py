@@ -81,7 +81,7 @@ class ModalityMonitor(Callback):
         self._scores = None
 
     @torch.no_grad()
-    def _batch_end(self, pl_module: pl.LightningModule, stage: str) -> None:
+    def _batch_end(self, pl_module: pl.LightningModule, stage: str) -> tuple[Any, dict[str, Tensor]]:
         record = pl_module.record_since(self._index_at_batch_start, "ModalityMonitor", f"{stage}_step")  # type: ignore[attr-defined]
         names = pl_module.modalities  # type: ignore[attr-defined]
         targets = record.targets
@@ -100,6 +100,7 @@ class ModalityMonitor(Callback):
                 self._metrics[f"without_{m}"].update(without.float(), targets)
         scores = modality_scores(stack_modalities(uni, names), targets)
         self._scores = scores if self._scores is None else self._scores + scores
+        return record, uni
 
     def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._metrics is None or self._scores is None:

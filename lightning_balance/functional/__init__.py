@@ -4,7 +4,12 @@ from lightning_balance.functional.agm import agm_coefficients, agm_scores, shapl
 from lightning_balance.functional.cml import cml_ranking_penalty, removal_chains
 from lightning_balance.functional.contrastive import symmetric_info_nce
 from lightning_balance.functional.diagnostics import (
+    collapse_diagnostics,
+    contribution_summary,
+    cross_validated_probe_accuracy,
+    diagnostics_table,
     effective_rank,
+    imbalance_verdict,
     linear_cka,
     masked_accuracy_value,
     numerical_rank,
@@ -30,10 +35,15 @@ __all__ = [
     "agm_scores",
     "class_feature_sums",
     "cml_ranking_penalty",
+    "collapse_diagnostics",
+    "contribution_summary",
+    "cross_validated_probe_accuracy",
+    "diagnostics_table",
     "effective_rank",
     "fisher_trace_increment",
     "fit_linear_probe",
     "gblend_weights",
+    "imbalance_verdict",
     "ge_noise_std",
     "inforeg_coefficients",
     "linear_cka",

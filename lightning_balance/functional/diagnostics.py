@@ -3,11 +3,16 @@ Shapley modality contribution. Definitions from the standard references named in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import math
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from lightning_balance.functional.agm import shapley_weights
+from lightning_balance.functional.probe import linear_probe_accuracy
 
 __all__ = ["effective_rank", "numerical_rank", "linear_cka", "variance_inflation", "shapley_contributions"]
 
@@ -96,4 +101,182 @@ def masked_accuracy_value(fuse: Callable[[Mapping[str, Tensor]], Tensor], featur
     return value
 
 
-__all__.append("masked_accuracy_value")
+def cross_validated_probe_accuracy(features: Tensor, targets: Tensor, num_classes: int, folds: int = 2,
+                                   weight_decay: float = 1e-4) -> float:
+    """Linear-probe accuracy of frozen features by ``folds``-fold cross-validation on one set of samples
+    (sample ``i`` is in fold ``i mod folds``): how much linearly readable class information an encoder
+    carries, measured on validation data alone. Deterministic (L-BFGS, no sampling)."""
+    if not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"folds must be an integer >= 2, got {folds!r}.")
+    z = features.reshape(features.shape[0], -1)
+    n = z.shape[0]
+    if n < 2 * folds:
+        raise ValueError(f"A {folds}-fold probe needs at least {2 * folds} samples, got {n}; "
+                         f"validate on more samples or lower probe_folds.")
+    fold = torch.arange(n, device=z.device) % folds
+    correct = 0.0
+    for k in range(folds):
+        train, test = fold != k, fold == k
+        acc = linear_probe_accuracy(z[train], targets[train], z[test], targets[test], num_classes, weight_decay)
+        correct += acc * int(test.sum())
+    return correct / n
+
+
+def contribution_summary(contributions: Mapping[str, float]) -> dict[str, float]:
+    r"""Imbalance of Shapley contributions :math:`\phi`: ``ratio`` = max φ / min φ (``inf`` when
+    min φ ≤ 0, i.e. a modality adds nothing), ``gap`` = max φ − min φ, and ``imbalance`` =
+    (max φ − min φ) / Σ|φ| in [0, 1] (0: equal contributions; 1: one modality does everything)."""
+    phi = list(contributions.values())
+    hi, lo = max(phi), min(phi)
+    total = sum(abs(p) for p in phi)
+    return {"ratio": hi / lo if lo > 0 else math.inf, "gap": hi - lo,
+            "imbalance": (hi - lo) / total if total > 0 else 0.0}
+
+
+def collapse_diagnostics(
+    features: Mapping[str, Tensor],
+    targets: Tensor,
+    fuse_subset: Callable[[Mapping[str, Tensor], Collection[str]], Tensor],
+    num_classes: int,
+    *,
+    unimodal_logits: Optional[Mapping[str, Tensor]] = None,
+    probe: bool = True,
+    probe_folds: int = 2,
+    vif: bool = True,
+) -> dict[str, float]:
+    """Every imbalance and collapse measurement on one set of samples, as a flat ``{name: value}`` dict.
+
+    Args:
+        features: ``{modality: (N, ...)}`` features of the same N samples (flattened per sample).
+        targets: ``(N,)`` class indices.
+        fuse_subset: ``(features, present) -> logits`` with the modalities outside ``present`` removed
+            (:meth:`MultimodalMixin.fuse_subset <lightning_balance.MultimodalMixin.fuse_subset>`).
+        num_classes: number of classes.
+        unimodal_logits: optional ``{modality: (N, C)}`` unimodal logits, scored as ``acc/<m>``.
+        probe: fit a cross-validated linear probe on each modality's features (the costly part).
+        probe_folds: folds of the probe's cross-validation.
+        vif: compute variance inflation factors (one ``d × d`` inverse per modality and for the fusion input).
+
+    Returns (``<m>`` each modality; ``fused`` is the fusion's input, the concatenation of all features):
+        ``acc_fused``; ``acc/<m>``; ``acc_without/<m>`` (modality missing); ``contribution/<m>`` (dataset-level
+        Shapley contribution to accuracy, ``v(S)`` = accuracy with the modalities outside ``S`` zeroed, ``v(∅)``
+        included); ``contribution_ratio``, ``contribution_gap``, ``contribution_imbalance``
+        (:func:`contribution_summary`); ``probe/<m>``; ``erank/<m|fused>``, ``erank_norm/<m|fused>``
+        (effective rank / min(N, d)), ``nrank/<m|fused>``; ``cka/<m>`` (linear CKA of fused vs ``m``);
+        ``vif_mean/<m|fused>``, ``vif_max/<m|fused>``; ``seconds/<group>``, the time each group took.
+    """
+    names = list(features)
+    if not names:
+        raise ValueError("features is empty: pass one (N, ...) tensor per modality.")
+    n = targets.shape[0]
+    for m, z in features.items():
+        if z.shape[0] != n:
+            raise ValueError(f"features[{m!r}] has {z.shape[0]} samples but targets has {n}.")
+    out: dict[str, float] = {}
+    clock = time.perf_counter()
+    cache: dict[frozenset[str], float] = {}
+
+    def v(subset: frozenset[str]) -> float:
+        if subset not in cache:
+            with torch.no_grad():
+                logits = fuse_subset(features, subset)
+            cache[subset] = float((logits.argmax(-1) == targets).double().mean())
+        return cache[subset]
+
+    full = frozenset(names)
+    out["acc_fused"] = v(full)
+    phi = shapley_contributions(v, names)
+    for m in names:
+        out[f"contribution/{m}"] = phi[m]
+        out[f"acc_without/{m}"] = v(full - {m})
+        if unimodal_logits is not None:
+            out[f"acc/{m}"] = float((unimodal_logits[m].argmax(-1) == targets).double().mean())
+    for key, val in contribution_summary(phi).items():
+        out[f"contribution_{key}"] = val
+    out["seconds/contribution"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    flat = {m: features[m].detach().reshape(n, -1) for m in names}
+    fused = torch.cat([flat[m] for m in names], dim=1)
+    for key, z in [*flat.items(), ("fused", fused)]:
+        er = effective_rank(z)
+        out[f"erank/{key}"] = er
+        out[f"erank_norm/{key}"] = er / max(1, min(z.shape))
+        out[f"nrank/{key}"] = float(numerical_rank(z))
+        if key != "fused":
+            out[f"cka/{key}"] = linear_cka(fused, z)
+    out["seconds/rank_cka"] = time.perf_counter() - clock
+    if vif:
+        clock = time.perf_counter()
+        for key, z in [*flat.items(), ("fused", fused)]:
+            factors = variance_inflation(z)
+            out[f"vif_mean/{key}"] = float(factors.mean()) if factors.numel() else math.nan
+            out[f"vif_max/{key}"] = float(factors.max()) if factors.numel() else math.nan
+        out["seconds/vif"] = time.perf_counter() - clock
+    if probe:
+        clock = time.perf_counter()
+        for m in names:
+            out[f"probe/{m}"] = cross_validated_probe_accuracy(flat[m], targets, num_classes, probe_folds)
+        out["seconds/probe"] = time.perf_counter() - clock
+    return out
+
+
+def imbalance_verdict(values: Mapping[str, float], modalities: Sequence[str],
+                      alone_probe: Optional[Mapping[str, float]] = None, tolerance: float = 0.02) -> list[str]:
+    """A short verdict a person can act on, from :func:`collapse_diagnostics` values: which modality
+    dominates and by how much, which modalities the model ignores, and, for each modality whose probe
+    accuracy when trained alone is given in ``alone_probe``, whether joint training under-learns its
+    encoder (probe after joint training below the alone reference by more than ``tolerance``)."""
+    names = list(modalities)
+    phi = {m: values[f"contribution/{m}"] for m in names}
+    lines = []
+    if len(names) > 1:
+        dominant = max(names, key=phi.__getitem__)
+        others = ", ".join(f"{m} {phi[m]:.3f}" for m in names if m != dominant)
+        ratio = values.get("contribution_ratio", math.inf)
+        ratio_text = f"ratio {ratio:.1f}" if math.isfinite(ratio) else "ratio unbounded"
+        lines.append(f"{dominant} dominates: Shapley contribution to accuracy {phi[dominant]:.3f} vs {others} "
+                     f"({ratio_text}).")
+    for m in names:
+        drop = values["acc_fused"] - values[f"acc_without/{m}"]
+        if phi[m] <= tolerance and drop <= tolerance:
+            lines.append(f"{m} is IGNORED: contribution {phi[m]:.3f}, accuracy without it drops only {drop:.3f}.")
+    for m in names:
+        if f"probe/{m}" not in values:
+            continue
+        probe = values[f"probe/{m}"]
+        if alone_probe and m in alone_probe:
+            gap = alone_probe[m] - probe
+            state = (f"UNDER-LEARNED by joint training ({gap:.3f} below)" if gap > tolerance
+                     else "learned as well as alone")
+            lines.append(f"{m} encoder: linear probe {probe:.3f} after joint training vs {alone_probe[m]:.3f} "
+                         f"trained alone -> {state}.")
+        else:
+            lines.append(f"{m} encoder: linear probe {probe:.3f} (no trained-alone reference given).")
+    return lines
+
+
+def diagnostics_table(values: Mapping[str, float], modalities: Sequence[str],
+                      alone_probe: Optional[Mapping[str, float]] = None) -> str:
+    """Markdown table of :func:`collapse_diagnostics` values, one row per modality and one for the fusion."""
+    columns = [("contribution", "contribution"), ("acc_without", "acc without it"), ("acc", "unimodal acc"),
+               ("probe", "probe"), ("alone", "probe alone"), ("erank", "eff. rank"), ("cka", "CKA to fused"),
+               ("vif_mean", "mean VIF")]
+    def cell(key: str, m: str) -> str:
+        if key == "alone":
+            val = (alone_probe or {}).get(m)
+        else:
+            val = values.get(f"{key}/{m}")
+        if val is None or (isinstance(val, float) and math.isnan(val)):
+            return "–"
+        return f"{val:.1f}" if key in ("erank", "vif_mean") else f"{val:.3f}"
+    used = [(k, t) for k, t in columns if any(cell(k, m) != "–" for m in [*modalities, "fused"])]
+    lines = ["| | " + " | ".join(t for _, t in used) + " |", "|---" * (len(used) + 1) + "|"]
+    for m in [*modalities, "fused"]:
+        label = f"fused (acc {values['acc_fused']:.3f})" if m == "fused" else m
+        lines.append(f"| {label} | " + " | ".join(cell(k, m) for k, _ in used) + " |")
+    return "\n".join(lines)
+
+
+__all__ += ["masked_accuracy_value", "cross_validated_probe_accuracy", "contribution_summary",
+            "collapse_diagnostics", "imbalance_verdict", "diagnostics_table"]

@@ -21,20 +21,22 @@ def fit_linear_probe(
         raise ValueError(
             f"features must be (N, D) and targets (N,), got {tuple(features.shape)} and {tuple(targets.shape)}."
         )
-    x = features.detach().double()
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
-    x = (x - mean) / std
-    weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    # usable from Lightning's validation loop, which runs under inference mode
+    with torch.inference_mode(False), torch.enable_grad():
+        x = features.detach().double().clone()
+        targets = targets.clone()
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
+        x = (x - mean) / std
+        weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
+        bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight.T + bias, targets) + weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(x @ weight.T + bias, targets) + weight_decay * weight.pow(2).sum()
+            loss.backward()
+            return loss
 
-    with torch.enable_grad():
         optimizer.step(closure)
     return weight.detach(), bias.detach(), mean, std
 
