@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/av_digits_benchmark.py
+	$(PY) examples/benchmark.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

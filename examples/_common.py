@@ -227,20 +227,21 @@ def evaluate_ume(ensemble: torch.nn.Module, data: AVDigitsDataModule) -> dict[st
     return out
 
 
-def mean_std(values: Sequence[float]) -> str:
+def _summarise(values: Sequence[float], digits: int, spread) -> str:
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return spread(values)
 
 
-def format_table(rows: dict[str, list[dict[str, float]]], columns: Sequence[tuple[str, str]]) -> str:
-    """Markdown table: one row per method, mean ± std over seeds of each column."""
-    head = "| method | " + " | ".join(title for _, title in columns) + " |"
-    lines = [head, "|" + "---|" * (len(columns) + 1)]
-    for name, runs in rows.items():
-        cells = [mean_std([r.get(key, float("nan")) for r in runs]) for key, _ in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def mean_std(values: Sequence[float]) -> str:
+    """Mean ± standard deviation over seeds."""
+    return _summarise(values, 3, lambda v: f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}")
+
+
+def median_range(values: Sequence[float]) -> str:
+    """Median (min–max) over seeds: cost ratios are timings on a shared machine, where one disturbed run
+    should not move the summary."""
+    return _summarise(values, 2, lambda v: f"{statistics.median(v):.2f} ({min(v):.2f}–{max(v):.2f})")

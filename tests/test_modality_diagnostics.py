@@ -170,3 +170,31 @@ def test_unknown_reference_modality_is_named(tmp_path):
         trainer.validate(model(), DataLoader(DictDataset(n=16), batch_size=8), verbose=False)
     with pytest.raises(RuntimeError, match="No diagnosis yet"):
         diag.report()
+
+
+def test_plot_reaches_wandb_as_an_image(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logged = []
+    original = WandbLogger.log_image
+
+    def spy(self, key, images, step=None, **kwargs):
+        logged.append((key, list(images)))
+        return original(self, key, images, step=step, **kwargs)
+
+    monkeypatch.setattr(WandbLogger, "log_image", spy)
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="lightning_balance_test")
+    diag = ModalityDiagnostics(plot=True, verbose=False, plot_dir=str(tmp_path / "plots"))
+    try:
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[diag], max_epochs=1, logger=logger))
+        trainer.fit(model(), DataLoader(DictDataset(n=32), batch_size=8),
+                    DataLoader(DictDataset(n=32, seed=1), batch_size=8))
+        summary_keys = set(dict(logger.experiment.summary).keys())
+    finally:
+        wandb.finish()
+    assert logged == [("balance/diagnostics/plot", [str(tmp_path / "plots" / "diagnostics.png")])]
+    assert "balance/diagnostics/contribution/audio" in summary_keys

@@ -299,13 +299,16 @@ class ModalityDiagnostics(ModalityMonitor):
             if self.probe:
                 left.plot(diag_epochs, [row[f"probe/{m}"] for row in self.diagnostics_history], "o--", color=f"C{i}",
                           label=f"{m} probe")
+            if self.alone_probe and m in self.alone_probe:
+                left.axhline(self.alone_probe[m], color=f"C{i}", ls=":", lw=1, label=f"{m} probe, trained alone")
             right.plot(diag_epochs, [row[f"contribution/{m}"] for row in self.diagnostics_history], "o-",
                        color=f"C{i}", label=m)
         left.set(title="validation accuracy", xlabel="epoch")
         right.set(title="Shapley contribution to accuracy", xlabel="epoch")
+        left.legend(fontsize=7, loc="center right")
+        right.legend(fontsize=8)
         for ax in (left, right):
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
