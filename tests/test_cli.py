@@ -2,7 +2,7 @@
 
 import pytest
 
-from lightning_balance import AGM, OGMGE, PMR, GradientBlending, InfoReg, MMPareto, ModalityMonitor
+from lightning_balance import AGM, OGMGE, PMR, GradientBlending, InfoReg, MMPareto, ModalityDiagnostics, ModalityMonitor
 from lightning_balance.data import AVDigitsDataModule, SyntheticCollapseDataModule
 
 jsonargparse = pytest.importorskip("jsonargparse", reason="jsonargparse (the `cli` extra) is not installed")
@@ -33,6 +33,8 @@ trainer:
       init_args: {alpha: 0.5, clip: null, accumulation: per_micro_batch}
     - class_path: lightning_balance.PMR
       init_args: {alpha: 2.0, momentum: 0.0, rule: continuous, prototypes: steps}
+    - class_path: lightning_balance.ModalityDiagnostics
+      init_args: {every_n_epochs: 5, alone_probe: {audio: 0.62, visual: 0.9}, max_samples: 512, plot: false}
 model:
   fusion: concat
   lr: 0.05
@@ -43,7 +45,7 @@ model:
                        seed_everything_default=0)
     ogm = next(cb for cb in cli.trainer.callbacks if isinstance(cb, OGMGE))
     assert (ogm.alpha, ogm.params, ogm.modalities, ogm.end_epoch, ogm.seed) == (0.8, "weights", ("audio", "visual"), None, 3)
-    monitor = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ModalityMonitor))
+    monitor = next(cb for cb in cli.trainer.callbacks if type(cb) is ModalityMonitor)
     assert monitor.missing is False
     assert cli.model.lr == 0.05
     inforeg = next(cb for cb in cli.trainer.callbacks if isinstance(cb, InfoReg))
@@ -52,10 +54,12 @@ model:
     assert (agm.alpha, agm.clip, agm.accumulation) == (0.5, None, "per_micro_batch")
     pmr = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PMR))
     assert (pmr.alpha, pmr.momentum, pmr.rule, pmr.prototypes) == (2.0, 0.0, "continuous", "steps")
+    diag = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ModalityDiagnostics))
+    assert (diag.every_n_epochs, diag.alone_probe, diag.max_samples, diag.plot) == (5, {"audio": 0.62, "visual": 0.9}, 512, False)
 
 
 @pytest.mark.parametrize("cls", [AVDigitsDataModule, SyntheticCollapseDataModule, OGMGE, ModalityMonitor, InfoReg, AGM, PMR,
-                                 MMPareto, GradientBlending])
+                                 MMPareto, GradientBlending, ModalityDiagnostics])
 def test_constructor_signatures_resolve(cls):
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(cls, "x")

@@ -196,7 +196,11 @@ class ModalityDiagnostics(ModalityMonitor):
         if trainer.world_size == 1:
             return "rank", None
         loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        if isinstance(loaders, (list, tuple)):
+            if len(loaders) != 1:  # samples of several loaders: no single one-process order to restore
+                return "rank", None
+            loaders = loaders[0]
+        loader = loaders
         sampler = getattr(loader, "sampler", None)
         if self.sample_order == "auto":
             if isinstance(sampler, DistributedSampler) and not sampler.shuffle:
