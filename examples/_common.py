@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 from lightning_balance import CMLLoss, ContrastiveLoss, CosineHead, MultimodalMixin, ReconstructionLoss
-from lightning_balance.data import AVDigitsDataModule
+from lightning_balance.data import AVDigitsDataModule, SyntheticCollapseDataModule
 from lightning_balance.functional import linear_probe_accuracy
 
 
@@ -74,6 +74,17 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
 
 
 AV_DIMS = {"audio": 40, "visual": 64}
+
+
+def make_data(dataset: str, seed: int, **kwargs: Any) -> pl.LightningDataModule:
+    """AV-Digits, or the synthetic setting with a weak but necessary modality: ``m0`` is easy (snr 4) but
+    only tells 5 groups of 2 classes apart, ``m1`` is weak (snr 1) but sees all 10 classes."""
+    if dataset == "av_digits":
+        data = AVDigitsDataModule(seed=seed, **kwargs)
+    else:
+        data = SyntheticCollapseDataModule(preset="dominant", num_samples=3000, seed=seed, **kwargs)
+    data.setup()
+    return data
 
 
 def _feature_dims(input_dims: dict[str, int]) -> dict[str, int]:

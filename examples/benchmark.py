@@ -30,7 +30,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -44,6 +43,7 @@ from _common import (  # noqa: E402
     evaluate_ume,
     evaluate_unimodal,
     fit,
+    make_data,
     mean_std,
     median_range,
     setup_for,
@@ -60,7 +60,6 @@ from lightning_balance import (  # noqa: E402
     UMTLoss,
     UnimodalEnsemble,
 )
-from lightning_balance.data import AVDigitsDataModule, SyntheticCollapseDataModule  # noqa: E402
 
 # Balancing methods: name -> factory of the callbacks added to the joint model's Trainer (model and data
 # changes are in _common.SETUPS). Each method's main parameter was chosen on AV-Digits validation accuracy
@@ -102,17 +101,6 @@ def _check_method(name: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown method part(s) {unknown} in {name!r}; choose from "
                                          f"{sorted(METHODS)}, joined by '+' to stack them, or 'all'.")
     return name
-
-
-def make_data(dataset: str, seed: int, **kwargs: Any) -> pl.LightningDataModule:
-    """AV-Digits, or the synthetic setting with a weak but necessary modality: ``m0`` is easy (snr 4) but
-    only tells 5 groups of 2 classes apart, ``m1`` is weak (snr 1) but sees all 10 classes."""
-    if dataset == "av_digits":
-        data = AVDigitsDataModule(seed=seed, **kwargs)
-    else:
-        data = SyntheticCollapseDataModule(preset="dominant", num_samples=3000, seed=seed, **kwargs)
-    data.setup()
-    return data
 
 
 class StepTimer(pl.Callback):
@@ -279,7 +267,8 @@ def plot_curves(curves_by_seed: list[dict[str, list[dict[str, float]]]], modalit
 def write_outputs(saved: dict, stem: str) -> None:
     """The JSON file, the markdown table and the two PNGs of one dataset's run (also from a saved JSON)."""
     dataset, per_seed, seeds = saved["dataset"], saved["results"], saved["seeds"]
-    modalities = list(make_data(dataset, 0).feature_dims)
+    modalities = [k[len("probe_"):] for k in per_seed["baseline" if "baseline" in per_seed else saved["methods"][0]][0]
+                  if k.startswith("probe_")]
     title = f"{TITLES[dataset]}: {len(seeds)} seed(s), test metrics at the best-validation epoch"
     table = format_table(per_seed, columns(modalities))
     header = (f"{title}; mean ± std over seeds {seeds}; {saved['epochs']} epochs; {saved['seconds']:.0f} s on "

@@ -28,8 +28,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AVDigitsNet, UnimodalNet, fit, mean_std  # noqa: E402
-from benchmark import make_data  # noqa: E402
+from _common import AVDigitsNet, UnimodalNet, fit, make_data, mean_std  # noqa: E402
 
 from lightning_balance import ModalityDiagnostics  # noqa: E402
 from lightning_balance.functional import (  # noqa: E402
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"seed": seed, **diagnose(joint, alone, data),
                          "monitor": monitor.diagnostics_history})
             print(f"seed {seed} done", flush=True)
-    mods = list(make_data(args.dataset, 0).feature_dims)
+    mods = list(data.feature_dims)
     keys = [k for k in rows[0] if k not in ("seed", "monitor")]
     mean = {k: statistics.mean(r[k] for r in rows) for k in keys}
     print(f"\nTest split, mean over seeds {args.seeds}; probes fitted on the training split; "

@@ -59,8 +59,11 @@ def test_shapley_by_hand_and_a_noise_modality():
     g = torch.Generator().manual_seed(3)
     y = torch.randint(0, 3, (300,), generator=g)
     feats = {"signal": torch.nn.functional.one_hot(y, 3).float(), "noise": torch.randn(300, 3, generator=g)}
-    fuse = lambda f: f["signal"] * 5 + 0.0 * f["noise"]  # noqa: E731
-    value = masked_accuracy_value(fuse, feats, y)
+    def fuse_subset(f, present):  # the contract's way: absent modalities are zeroed
+        kept = {k: (z if k in present else torch.zeros_like(z)) for k, z in f.items()}
+        return kept["signal"] * 5 + 0.0 * kept["noise"]
+
+    value = masked_accuracy_value(fuse_subset, feats, y)
     phi = shapley_contributions(value, ["signal", "noise"])
     assert phi["noise"] == pytest.approx(0.0, abs=1e-9)
     empty = value(frozenset())  # everything zeroed: the accuracy of always predicting class 0

@@ -1,5 +1,5 @@
 """Gradient-Blending: the weight formula by hand; on a constructed case where one head overfits, that
-head's weight collapses; the weights reach the module's loss; resume; bad input."""
+head's weight collapses; the weights reach the module's loss; identical DDP ranks; resume parity; bad input."""
 
 import lightning.pytorch as pl
 import pytest
@@ -135,3 +135,33 @@ def test_ddp_ranks_train_with_the_same_weights(tmp_path):
     assert torch.equal(rank0["params"], rank1["params"])
     assert rank0["states"]["GradientBlending"] == rank1["states"]["GradientBlending"]
     assert len(rank0["states"]["GradientBlending"]["history"]) == 2
+
+
+def test_resume_parity(tmp_path):
+    """Weights estimated at epoch 0 must still apply after resuming at epoch 2, and the epoch-3 estimate
+    must match an uninterrupted run (parameters and callback state)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.helpers import flat_params
+
+    def model():
+        torch.manual_seed(0)
+        return TinyAV(aux_losses=True, dims=(6, 24))
+
+    straight_cb = GradientBlending(every_n_epochs=3, estimate_epochs=2)
+    straight = model()
+    pl.Trainer(**trainer_kwargs(tmp_path / "a", callbacks=[straight_cb], max_epochs=4)).fit(straight, datamodule=HoldoutData())
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    first = pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[GradientBlending(every_n_epochs=3, estimate_epochs=2), ckpt],
+                                        max_epochs=2, enable_checkpointing=True))
+    first.fit(model(), datamodule=HoldoutData())
+    resumed_cb = GradientBlending(every_n_epochs=3, estimate_epochs=2)
+    torch.manual_seed(123)
+    resumed = TinyAV(aux_losses=True, dims=(6, 24))
+    pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[resumed_cb], max_epochs=4)).fit(
+        resumed, datamodule=HoldoutData(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert len(straight_cb.history) == 2 and [h["epoch"] for h in resumed_cb.history] == [0, 3]
+    torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=1e-6, atol=1e-7)
+    for got, want in zip(resumed_cb.history, straight_cb.history, strict=True):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert resumed_cb.weights == pytest.approx(straight_cb.weights, rel=1e-6)

@@ -1,5 +1,6 @@
 """The shared machinery: statistics container and the single-device reduction."""
 
+import pytest
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
@@ -31,3 +32,25 @@ def test_statistics_are_detached_float32_copies():
 def test_all_reduce_sum_is_identity_on_one_device():
     t = torch.tensor([1.0, 2.0])
     assert all_reduce_sum(t, SingleDeviceStrategy(torch.device("cpu"))) is t
+
+
+def test_a_method_missing_its_hook_fails_when_defined():
+    from lightning_balance.callbacks.base import GradientBalancingCallback
+
+    with pytest.raises(TypeError, match="reduce_at='step' and must implement edit"):
+        class NoEdit(GradientBalancingCallback):  # noqa: F841
+            def collect(self, pl_module, record):
+                return {}
+
+            def compute(self, stats):
+                return {}
+
+    with pytest.raises(TypeError, match="reduce_at='micro_batch' and must implement prepare_backward"):
+        class NoTaps(GradientBalancingCallback):  # noqa: F841
+            reduce_at = "micro_batch"
+
+            def collect(self, pl_module, record):
+                return {}
+
+            def compute(self, stats):
+                return {}

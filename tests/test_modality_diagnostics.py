@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from lightning_balance import ModalityDiagnostics
 from lightning_balance.functional import collapse_diagnostics
-from tests.helpers import DictDataset, TinyAV, trainer_kwargs
+from tests.helpers import DictDataset, SaveParams, TinyAV, trainer_kwargs
 
 
 def model() -> TinyAV:
@@ -23,23 +23,14 @@ def model() -> TinyAV:
     return TinyAV()
 
 
-class DumpDiagnostics(pl.Callback):
-    """Writes each rank's diagnosis to ``rank<r>.json`` and shuts the process group down cleanly."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
+class DumpDiagnostics(SaveParams):
+    """Writes each rank's diagnosis to ``rank<r>.json`` (and, as SaveParams, shuts the process group down on
+    both ranks together)."""
 
     def on_validation_end(self, trainer, pl_module):
         diag = next(cb for cb in trainer.callbacks if isinstance(cb, ModalityDiagnostics))
         with open(f"{self.directory}/rank{trainer.global_rank}.json", "w") as f:
             json.dump({"diag": diag.diagnostics_history, "monitor": diag.history}, f)
-
-    def teardown(self, trainer, pl_module, stage):
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
 
 
 def validate(tmp_path, n, devices=1, batch_size=8, **diag_kwargs):

@@ -204,15 +204,23 @@ class GradientBalancingCallback(Callback, abc.ABC):
 
     def edit(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device) -> None:
         """Edit ``p.grad`` in place for the parameters in ``groups`` (modality → parameters), once per
-        optimizer step (after accumulation and AMP unscaling). Step methods must implement it."""
-        if self.reduce_at == "step":
-            raise NotImplementedError(f"{type(self).__name__} must implement edit().")
+        optimizer step (after accumulation and AMP unscaling). Required when ``reduce_at="step"``; optional
+        for ``"micro_batch"`` methods, which act inside the backward pass (no edit by default)."""
 
     def prepare_backward(self, pl_module: MultimodalMixin, record: ModalityRecord, result: dict[str, Tensor],
                          loss_scale: float) -> None:
-        """``reduce_at="micro_batch"`` methods: fill the record's gradient taps before its backward.
+        """Required when ``reduce_at="micro_batch"``: fill the record's gradient taps before its backward.
         ``loss_scale`` is the factor between the user's loss and the tensor being back-propagated."""
-        raise NotImplementedError(f"{type(self).__name__} must implement prepare_backward().")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A method must override the hook its reduce_at relies on: checked when the class is defined,
+        # not at the first optimizer step.
+        super().__init_subclass__(**kwargs)
+        if any(getattr(getattr(cls, name), "__isabstractmethod__", False) for name in ("collect", "compute")):
+            return  # an intermediate abstract base
+        needed = "edit" if cls.reduce_at == "step" else "prepare_backward"
+        if getattr(cls, needed) is getattr(GradientBalancingCallback, needed):
+            raise TypeError(f"{cls.__name__} has reduce_at={cls.reduce_at!r} and must implement {needed}().")
 
     def metrics(self, result: dict[str, Tensor]) -> dict[str, Tensor]:
         """Scalars to log, keys relative to ``balance/<method>/``."""

@@ -86,17 +86,23 @@ def shapley_contributions(value: Callable[[frozenset[str]], float], modalities: 
     return dict(zip(names, phi.tolist()))
 
 
-def masked_accuracy_value(fuse: Callable[[Mapping[str, Tensor]], Tensor], features: Mapping[str, Tensor],
-                          targets: Tensor, chance: float | None = None) -> Callable[[frozenset[str]], float]:
-    """``v(S)`` = accuracy of ``fuse`` with the features of the modalities outside ``S`` zeroed; ``v(∅)`` is
-    the accuracy with everything zeroed (or ``chance`` if given)."""
+def masked_accuracy_value(fuse_subset: Callable[[Mapping[str, Tensor], Collection[str]], Tensor],
+                          features: Mapping[str, Tensor], targets: Tensor,
+                          chance: float | None = None) -> Callable[[frozenset[str]], float]:
+    """``v(S)`` = accuracy of ``fuse_subset(features, S)``, the fused prediction with the modalities outside
+    ``S`` removed (:meth:`MultimodalMixin.fuse_subset <lightning_balance.MultimodalMixin.fuse_subset>`, or any
+    function with that signature); ``v(∅)`` is the accuracy with everything removed (or ``chance`` if given).
+    Each subset is evaluated once and cached."""
+    cache: dict[frozenset[str], float] = {}
 
     def value(subset: frozenset[str]) -> float:
         if not subset and chance is not None:
             return chance
-        kept = {k: (z if k in subset else torch.zeros_like(z)) for k, z in features.items()}
-        with torch.no_grad():
-            return float((fuse(kept).argmax(-1) == targets).float().mean())
+        if subset not in cache:
+            with torch.no_grad():
+                logits = fuse_subset(features, subset)
+            cache[subset] = float((logits.argmax(-1) == targets).double().mean())
+        return cache[subset]
 
     return value
 
@@ -174,15 +180,7 @@ def collapse_diagnostics(
             raise ValueError(f"features[{m!r}] has {z.shape[0]} samples but targets has {n}.")
     out: dict[str, float] = {}
     clock = time.perf_counter()
-    cache: dict[frozenset[str], float] = {}
-
-    def v(subset: frozenset[str]) -> float:
-        if subset not in cache:
-            with torch.no_grad():
-                logits = fuse_subset(features, subset)
-            cache[subset] = float((logits.argmax(-1) == targets).double().mean())
-        return cache[subset]
-
+    v = masked_accuracy_value(fuse_subset, features, targets)
     full = frozenset(names)
     out["acc_fused"] = v(full)
     phi = shapley_contributions(v, names)
