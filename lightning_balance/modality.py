@@ -47,17 +47,21 @@ How per-modality predictions are obtained from a jointly trained model (``unimod
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from lightning_balance._objectives import ObjectivesMixin
+from lightning_balance._record import ModalityRecord, autocast_state, batch_token
 
 __all__ = ["ModalityRecord", "MultimodalMixin", "ModalityContractError", "UnimodalMode"]
 
@@ -71,48 +75,6 @@ class ModalityContractError(ValueError):
     """Raised when a module's modality declaration, or what a step records, breaks the contract."""
 
 
-@dataclass
-class ModalityRecord:
-    """What one call of :meth:`MultimodalMixin.fuse` recorded.
-
-    Attributes:
-        index: increasing counter of ``fuse`` calls on the module; callbacks use it to tell a fresh
-            record from one they have already consumed.
-        features: per-modality features, as passed (still attached to the autograd graph).
-        logits: the fused logits (attached to the graph).
-        targets: the class targets passed to ``fuse`` (``None`` if none were given).
-        training: whether the module was in training mode.
-    """
-
-    index: int
-    features: dict[str, Tensor]
-    logits: Tensor
-    targets: Optional[Tensor]
-    training: bool
-    _owner: Any = field(default=None, repr=False)
-    _autocast: tuple[str, bool, Optional[torch.dtype]] = field(default=("cpu", False, None), repr=False)
-    _unimodal: Optional[dict[str, Tensor]] = field(default=None, repr=False)
-    extras: dict[str, Any] = field(default_factory=dict, repr=False)
-    inputs: Optional[dict[str, Tensor]] = field(default=None, repr=False)
-
-    @property
-    def batch_size(self) -> int:
-        return self.logits.shape[0]
-
-    def autocast(self) -> torch.autocast:
-        """The autocast state of the forward pass that made this record (callbacks run outside it)."""
-        device_type, enabled, dtype = self._autocast
-        return torch.autocast(device_type, dtype=dtype, enabled=enabled)
-
-    def unimodal_logits(self) -> dict[str, Tensor]:
-        """Detached per-modality logits for this record, computed once and cached."""
-        if self._unimodal is None:
-            detached = {m: z.detach() for m, z in self.features.items()}
-            with torch.no_grad(), self.autocast():
-                self._unimodal = self._owner.compute_unimodal_logits(detached)
-        return self._unimodal
-
-
 @dataclass(frozen=True)
 class _ModalitySpec:
     names: tuple[str, ...]
@@ -121,6 +83,7 @@ class _ModalitySpec:
     fusion_path: Optional[str]
     unimodal: str
     unimodal_head_paths: Optional[dict[str, str]]
+    ignore_index: int = -100
 
 
 def _module_path(root: nn.Module, module: nn.Module, what: str) -> str:
@@ -156,14 +119,7 @@ def _resolve(root: nn.Module, spec: Union[nn.Module, str], what: str) -> str:
     )
 
 
-def _autocast_state(device_type: str) -> tuple[str, bool, Optional[torch.dtype]]:
-    if device_type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
-        return (device_type, False, None)
-    enabled = torch.is_autocast_enabled(device_type)
-    return (device_type, enabled, torch.get_autocast_dtype(device_type) if enabled else None)
-
-
-class MultimodalMixin:
+class MultimodalMixin(ObjectivesMixin):
     """Mixin for a LightningModule: declares modalities, records each step for the balancing methods.
 
     Put it before ``LightningModule`` in the bases, call :meth:`configure_modalities` at the end of
@@ -175,7 +131,11 @@ class MultimodalMixin:
     _lb_record: Optional[ModalityRecord] = None
     _lb_calls: int = 0
     _lb_hooks: Optional[dict[int, Any]] = None
-    _lb_loss_weights: Optional[dict[str, float]] = None
+    _lb_batch_records: Optional[list[ModalityRecord]] = None
+    _lb_target_checks: int = 0
+    #: on accelerators, targets are range-checked on the first this many ``fuse`` calls (one host sync
+    #: each); CPU targets are checked on every call
+    target_checks_on_accelerator: int = 16
 
     # ------------------------------------------------------------------ declaration
     def configure_modalities(
@@ -186,6 +146,7 @@ class MultimodalMixin:
         fusion: Optional[Union[nn.Module, str]] = None,
         unimodal: UnimodalMode = "auto",
         unimodal_heads: Optional[Mapping[str, Union[nn.Module, str]]] = None,
+        ignore_index: int = -100,
     ) -> None:
         """Declare the modalities of this module.
 
@@ -200,10 +161,14 @@ class MultimodalMixin:
             unimodal: ``"auto"`` (``"split"`` with ``head``, else ``"mask"``), ``"split"``,
                 ``"mask"`` or ``"heads"``.
             unimodal_heads: modality → auxiliary head module, required for ``unimodal="heads"``.
+            ignore_index: target value of samples without a label (PyTorch's convention, -100). They pass
+                through ``fuse`` and every method leaves them out of its statistics, as
+                ``F.cross_entropy(..., ignore_index=...)`` leaves them out of the loss.
 
         Raises:
             ModalityContractError: for bad names, duplicates, modules that are not submodules,
-                parameters claimed by two modalities, or an incoherent fusion/unimodal choice.
+                parameters claimed by two modalities or by a modality and the fusion, or an incoherent
+                fusion/unimodal choice.
         """
         if not isinstance(self, nn.Module):
             raise TypeError("MultimodalMixin must be mixed into an nn.Module / LightningModule.")
@@ -310,6 +275,23 @@ class MultimodalMixin:
                     stacklevel=2,
                 )
 
+        # A parameter of a modality's encoder must not also be one of the fusion's: methods edit each
+        # modality's parameter group, and would edit the fusion's gradient with it.
+        fusion_like = [(f"fusion {path!r}", path) for path in (head_path, fusion_path) if path is not None]
+        fusion_like += [(f"unimodal head {path!r}", path) for path in (head_paths or {}).values()]
+        for what, path in fusion_like:
+            for pname, p in self.get_submodule(path).named_parameters():
+                if id(p) in owner:
+                    m, enc_name = owner[id(p)]
+                    raise ModalityContractError(
+                        f"Parameter {enc_name!r} of the encoder of modality {m!r} is also parameter {pname!r} of the "
+                        f"{what}. Balancing methods edit each modality's parameters, so they would edit the fusion's "
+                        f"gradient as part of modality {m!r}. Untie it, or declare as the encoder only the modules "
+                        f"that are the modality's own."
+                    )
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ModalityContractError(f"ignore_index must be an int (PyTorch's default is -100), got {ignore_index!r}.")
+
         self._lb_spec = _ModalitySpec(
             names=tuple(names),
             encoder_paths=encoder_paths,
@@ -317,7 +299,9 @@ class MultimodalMixin:
             fusion_path=fusion_path,
             unimodal=unimodal,
             unimodal_head_paths=head_paths,
+            ignore_index=ignore_index,
         )
+        self._register_objective_hooks()
 
     # ------------------------------------------------------------------ queries
     @property
@@ -369,22 +353,46 @@ class MultimodalMixin:
         """How many times :meth:`fuse` has been called; a callback notes it at batch start."""
         return self._lb_calls
 
-    def record_since(self, count: int, who: str, step: str = "training_step", need_targets: bool = True) -> ModalityRecord:
-        """The latest record, provided :meth:`fuse` was called after ``record_count`` was ``count``.
+    def records_since(self, count: int, who: str, step: str = "training_step",
+                      need_targets: bool = True) -> list[ModalityRecord]:
+        """Every record of the current batch made after ``record_count`` was ``count``, oldest first.
+
+        A ``training_step`` may call :meth:`fuse` more than once (two views, two crops); methods act on
+        all of its records.
 
         Raises:
             ModalityContractError: naming ``who`` and the fix, if ``step`` did not call ``self.fuse``
                 since then, or called it without targets while ``need_targets``.
         """
-        record = self._lb_record
-        if record is None or record.index <= count:
+        records = [r for r in (self._lb_batch_records or []) if r.index > count]
+        if not records:
             raise ModalityContractError(
                 f"{who} found no modality record for this batch: `{step}` must obtain its logits with "
                 f"`self.fuse(features, targets)` (features = {{modality: encoder output}}) so that per-modality "
                 f"outputs are visible to the balancing callbacks."
             )
-        if need_targets and record.targets is None:
+        if need_targets and any(r.targets is None for r in records):
             raise ModalityContractError(f"{who} needs targets: call `self.fuse(features, targets)` in `{step}`.")
+        return records
+
+    def record_since(self, count: int, who: str, step: str = "training_step", need_targets: bool = True) -> ModalityRecord:
+        """The latest record, provided :meth:`fuse` was called after ``record_count`` was ``count``
+        (see :meth:`records_since` for all of them)."""
+        return self.records_since(count, who, step, need_targets)[-1]
+
+    def current_record(self, who: str) -> ModalityRecord:
+        """The latest record, which must belong to the batch the Trainer is processing now.
+
+        Raises:
+            ModalityContractError: if :meth:`fuse` has not been called in this step (a record left from
+                an earlier batch would silently pair this step's loss with another batch's features).
+        """
+        record = self._lb_record
+        token = batch_token(self._trainer)  # type: ignore[attr-defined]
+        if record is None or (token is not None and record.batch != token):
+            raise ModalityContractError(
+                f"{who} needs this step's record: call self.fuse(features, targets) in this step before it."
+            )
         return record
 
     # ------------------------------------------------------------------ the per-step contract
@@ -393,45 +401,53 @@ class MultimodalMixin:
         """Fuse per-modality features into logits and record the step for the balancing methods.
 
         Args:
-            features: modality → features of shape ``(N, ...)``; exactly the declared modalities.
-            targets: class indices of shape ``(N,)``; needed by methods that score modalities.
+            features: modality → features of shape ``(N, D)`` or token sequences ``(N, T, D)``; exactly the
+                declared modalities. They reach the fusion in their own shape.
+            targets: class indices of shape ``(N,)`` in ``[0, C)``, or the declared ``ignore_index`` for
+                samples to leave out of every statistic; needed by methods that score modalities.
             inputs: optional modality → encoder input, for loss terms that need the raw inputs
                 (reconstruction, unimodal teachers).
 
         Returns:
-            The fused logits, from :meth:`fuse_features`.
+            The fused logits ``(N, C)``, from :meth:`fuse_features`.
         """
         spec = self.modality_spec
         self._check_features(features, targets)
         ordered = {m: features[m] for m in spec.names}
-        hooks = list(self._lb_hooks.values()) if self._lb_hooks and self.training and torch.is_grad_enabled() else []  # type: ignore[attr-defined]
+        hooks = []
+        if self._lb_hooks and self.training and torch.is_grad_enabled():  # type: ignore[attr-defined]
+            hooks = sorted(self._lb_hooks.values(), key=lambda h: getattr(h, "fuse_order", 0))
         extras: dict[str, Any] = {}
         for hook in hooks:
             tap = getattr(hook, "tap_features", None)
             if tap is not None:
                 ordered = tap(self, ordered, targets, extras)
         logits = self.fuse_features(ordered)
-        if not isinstance(logits, Tensor) or logits.ndim < 2 or logits.shape[0] != next(iter(ordered.values())).shape[0]:
-            raise ModalityContractError(
-                f"fuse_features must return logits of shape (N, C) with N the batch size, got "
-                f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}."
-            )
+        self._check_logits(logits, ordered, targets)
         for hook in hooks:
             tap = getattr(hook, "tap_logits", None)
             if tap is not None:
                 logits = tap(self, ordered, targets, logits, extras)
         self._lb_calls += 1
-        self._lb_record = ModalityRecord(
+        token = batch_token(self._trainer)  # type: ignore[attr-defined]
+        record = ModalityRecord(
             index=self._lb_calls,
             features=ordered,
             logits=logits,
             targets=targets,
             training=bool(self.training),  # type: ignore[attr-defined]
             _owner=self,
-            _autocast=_autocast_state(logits.device.type),
+            _autocast=autocast_state(logits.device.type),
             extras=extras,
             inputs=dict(inputs) if inputs is not None else None,
+            batch=token,
+            ignore_index=spec.ignore_index,
         )
+        previous = self._lb_batch_records
+        if token is None or not previous or previous[-1].batch != token:
+            previous = []  # the records of one batch only: older ones (and their graphs) are released
+        self._lb_batch_records = [*previous, record]
+        self._lb_record = record
         return logits
 
     def register_fuse_hook(self, hook: Any) -> RemovableHandle:
@@ -488,7 +504,9 @@ class MultimodalMixin:
                 )
             weights = torch.split(head.weight, widths, dim=1)
             bias = None if head.bias is None else head.bias / len(spec.names)
-            return {m: F.linear(features[m], w, bias) for m, w in zip(spec.names, weights)}
+            # the fused path concatenates, which promotes mixed dtypes (fp16 audio, fp32 visual): do the same
+            dtype = functools.reduce(torch.promote_types, [features[m].dtype for m in spec.names])
+            return {m: F.linear(features[m].to(dtype), w, bias) for m, w in zip(spec.names, weights)}
         if spec.unimodal == "heads":
             return {m: self.get_submodule(spec.unimodal_head_paths[m])(features[m]) for m in spec.names}  # type: ignore[index]
         # mask: every other modality's features set to zero.
@@ -503,97 +521,53 @@ class MultimodalMixin:
         """
         return self.fuse_features({k: (v if k in present else torch.zeros_like(v)) for k, v in features.items()})
 
+    def pool_features(self, modality: str, features: Tensor) -> Tensor:
+        """One ``(N, D)`` vector per sample from a modality's features, for the methods that need vectors
+        (prototypes, probes, ranks, projections, decoders): ``(N, D)`` as is; ``(N, T, D)`` token
+        sequences (and any ``(N, ..., D)``) averaged over every dimension between the batch and the last.
+
+        The fusion always receives the features in their own shape; only these methods pool. Override it
+        for another pooling (a CLS token: ``features[:, 0]``), or for channels-first maps ``(N, C, L)``,
+        which this default would average over the channels.
+        """
+        if features.ndim <= 2:
+            return features
+        return features.mean(dim=tuple(range(1, features.ndim - 1)))
+
     def fuse_without(self, features: Mapping[str, Tensor], missing: str) -> Tensor:
         """Fused logits with modality ``missing`` absent (its features set to zero)."""
         self.check_modality(missing)
         return self.fuse_subset(features, [k for k in features if k != missing])
 
-    def unimodal_loss(self, record: Optional[ModalityRecord] = None, detach_features: bool = True) -> Tensor:
-        """Sum over modalities of the cross-entropy of each auxiliary unimodal head (``unimodal='heads'``).
-
-        With ``detach_features=True`` (default) only the heads learn from it, so they are online probes
-        of each encoder and do not change the encoders' training.
-        """
-        spec = self.modality_spec
-        if spec.unimodal != "heads":
-            raise ModalityContractError("unimodal_loss() trains auxiliary heads; declare unimodal='heads'.")
-        record = record or self._require_record("unimodal_loss()")
-        if record.targets is None:
-            raise ModalityContractError("unimodal_loss() needs targets: call self.fuse(features, targets).")
-        feats = {m: (z.detach() if detach_features else z) for m, z in record.features.items()}
-        logits = self.compute_unimodal_logits(feats)
-        return sum(F.cross_entropy(logits[m].float(), record.targets) for m in spec.names)  # type: ignore[return-value]
-
-    # ------------------------------------------------------------------ unimodal auxiliary objectives
-    @property
-    def loss_weights(self) -> dict[str, float]:
-        """Weights of :meth:`add_unimodal_losses`: ``"fused"`` and one per modality (all 1.0 by default).
-
-        A plain dict: set entries directly, or let a callback (Gradient-Blending) set them during training.
-        """
-        if self._lb_loss_weights is None:
-            self._lb_loss_weights = {"fused": 1.0, **{m: 1.0 for m in self.modality_spec.names}}
-        return self._lb_loss_weights
-
-    @loss_weights.setter
-    def loss_weights(self, weights: Mapping[str, float]) -> None:
-        expected = {"fused", *self.modality_spec.names}
-        if set(weights) != expected:
-            raise ModalityContractError(
-                f"loss_weights must have exactly the keys {sorted(expected)}, got {sorted(weights)}."
-            )
-        bad = {k: v for k, v in weights.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0}
-        if bad:
-            raise ModalityContractError(f"loss_weights must be numbers >= 0, got {bad}.")
-        self._lb_loss_weights = {k: float(v) for k, v in weights.items()}
-
-    def add_unimodal_losses(self, fused_loss: Tensor, record: Optional[ModalityRecord] = None) -> Tensor:
-        r"""The multimodal objective with unimodal auxiliary losses:
-
-        .. math:: L = w_{fused} L_{fused} + \sum_m w_m \, \mathrm{CE}(o_m, y)
-
-        with ``o_m`` the unimodal logits of the step (declared ``unimodal`` mode: split head, masked
-        fusion or auxiliary heads), **attached** to the graph, so each encoder also learns from its
-        own prediction. Weights are :attr:`loss_weights`. The weighted terms are kept on the step's
-        record (``record.extras["objective"]``) for callbacks that treat them separately (MMPareto).
-
-        Call it in ``training_step`` after :meth:`fuse`: ``return self.add_unimodal_losses(loss)``.
-        """
-        record = record or self._require_record("add_unimodal_losses()")
-        if record.targets is None:
-            raise ModalityContractError("add_unimodal_losses() needs targets: call self.fuse(features, targets).")
-        if not isinstance(fused_loss, Tensor) or fused_loss.ndim != 0:
-            raise ModalityContractError(
-                f"add_unimodal_losses() takes the scalar loss of the fused logits, got "
-                f"{tuple(fused_loss.shape) if isinstance(fused_loss, Tensor) else type(fused_loss).__name__}."
-            )
-        weights = self.loss_weights
-        logits = self.compute_unimodal_logits(record.features)
-        terms = {"fused": weights["fused"] * fused_loss}
-        for m in self.modality_spec.names:
-            terms[m] = weights[m] * F.cross_entropy(logits[m].float(), record.targets)
-        record.extras["objective"] = terms
-        return sum(terms.values())  # type: ignore[return-value]
-
-    # ------------------------------------------------------------------ loss terms
-    def configure_loss_terms(self, terms: Any) -> None:
-        """Attach balancing loss terms (a list of :class:`~lightning_balance.losses.LossTerm`, or a mapping
-        name → term); ``training_step`` then returns ``self.add_loss_terms(loss)``."""
-        from lightning_balance.losses.base import configure_loss_terms
-
-        configure_loss_terms(self, terms)
-
-    def add_loss_terms(self, loss: Tensor, record: Optional[ModalityRecord] = None) -> Tensor:
-        """``loss`` plus every active attached loss term (weighted); each is logged under ``balance/<name>/``."""
-        from lightning_balance.losses.base import add_loss_terms
-
-        return add_loss_terms(self, loss, record)
-
     # ------------------------------------------------------------------ internals
-    def _require_record(self, who: str) -> ModalityRecord:
-        if self._lb_record is None:
-            raise ModalityContractError(f"{who} needs a step record: call self.fuse(features, targets) first.")
-        return self._lb_record
+    def _check_logits(self, logits: Any, features: Mapping[str, Tensor], targets: Optional[Tensor]) -> None:
+        n = next(iter(features.values())).shape[0]
+        if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != n:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            hint = ""
+            if isinstance(logits, Tensor) and logits.ndim == 3 and logits.shape[0] == n:
+                hint = (" These look like per-token logits (N, T, C): with token features (N, T, D), pool the tokens "
+                        "before classifying (e.g. a fusion= module that attends or averages over tokens and returns "
+                        "(N, C)); `head=` (concat + linear) only suits (N, D) features.")
+            raise ModalityContractError(
+                f"fuse_features must return logits of shape (N, C) with N = {n} the batch size, got {shape}.{hint}"
+            )
+        if targets is None or targets.numel() == 0:
+            return
+        if targets.device.type != "cpu":
+            if self._lb_target_checks >= self.target_checks_on_accelerator:
+                return
+            self._lb_target_checks += 1
+        classes = logits.shape[-1]
+        ignore = self.modality_spec.ignore_index
+        bad = ((targets < 0) | (targets >= classes)) & (targets != ignore)
+        if bool(bad.any()):
+            values = sorted({int(v) for v in targets[bad][:8].tolist()})
+            raise ModalityContractError(
+                f"targets must be class indices in [0, {classes}) (the logits have {classes} classes), or "
+                f"ignore_index={ignore} for samples without a label; got {values}. Check the labels of the batch "
+                f"or the head's number of classes (declare another ignore_index in configure_modalities)."
+            )
 
     def _check_features(self, features: Mapping[str, Tensor], targets: Optional[Tensor]) -> None:
         names = self.modality_spec.names
@@ -644,5 +618,6 @@ class MultimodalMixin:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)  # type: ignore[misc]
         state = dict(state)
         state["_lb_record"] = None
+        state["_lb_batch_records"] = None
         state["_lb_hooks"] = None  # hooks belong to the callbacks of one process
         return state

@@ -235,3 +235,133 @@ def test_fuse_hooks_run_in_training_only_and_can_be_removed():
     handle.remove()
     model.fuse(model.forward_features(batch))
     assert calls == ["features", "logits"]
+
+
+# ---------------------------------------------------------------------------------------------- issue 11, contract
+
+
+def test_parameter_shared_by_an_encoder_and_the_fusion_is_refused():
+    m = _Base()
+    m.fusion = nn.Sequential(m.a, nn.Linear(4, 2))  # the fusion reuses the audio encoder's layer
+    with pytest.raises(ModalityContractError, match="Parameter 'a.weight' of the encoder of modality 'audio'.*also parameter "
+                                                      "'0.weight' of the fusion.*Untie it"):
+        m.configure_modalities({"audio": m.a, "visual": m.v}, fusion=m.fusion)
+    m2 = _Base()
+    m2.aux = nn.ModuleDict({"audio": nn.Linear(4, 2), "visual": m2.v})  # a unimodal head that is an encoder
+    with pytest.raises(ModalityContractError, match="'weight' of the unimodal head 'v'"):
+        m2.configure_modalities({"audio": m2.a, "visual": m2.v}, head=m2.head, unimodal="heads",
+                                unimodal_heads={"audio": m2.aux["audio"], "visual": m2.aux["visual"]})
+
+
+def test_targets_are_range_checked_and_ignore_index_samples_pass_through():
+    model = TinyAV()
+    b = batch(6)
+    feats = model.forward_features(b)
+    with pytest.raises(ModalityContractError, match=r"class indices in \[0, 4\).*ignore_index=-100.*got \[-3, 7\]"):
+        model.fuse(feats, torch.tensor([0, 1, 7, 2, -3, 1]))
+    targets = torch.tensor([0, -100, 3, 1, -100, 2])
+    model.fuse(feats, targets)
+    record = model.balance_record
+    assert record.valid.tolist() == [True, False, True, True, False, True]
+    assert record.valid_targets().tolist() == [0, 0, 3, 1, 0, 2]
+    # the unimodal losses leave the unlabelled samples out, like F.cross_entropy(ignore_index=-100)
+    total = model.add_unimodal_losses(torch.zeros(()))
+    uni = model.compute_unimodal_logits(record.features)
+    expected = sum(F.cross_entropy(uni[m], targets) for m in ("audio", "visual"))
+    torch.testing.assert_close(total, expected)
+    other = _Base()
+    other.configure_modalities({"audio": other.a, "visual": other.v}, head=other.head, ignore_index=255)
+    out = other.fuse({"audio": torch.randn(3, 4), "visual": torch.randn(3, 4)}, torch.tensor([0, 255, 1]))
+    assert out.shape == (3, 2) and other.balance_record.valid.tolist() == [True, False, True]
+    with pytest.raises(ModalityContractError, match="got \\[-100\\]"):
+        other.fuse({"audio": torch.randn(1, 4), "visual": torch.randn(1, 4)}, torch.tensor([-100]))
+
+
+class _TokenHead(MultimodalMixin, pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.v = nn.Linear(3, 4)
+        self.head = nn.Linear(8, 2)
+        self.configure_modalities({"audio": self.a, "visual": self.v}, head=self.head)
+
+
+def test_per_token_logits_are_refused_with_the_fix():
+    model = _TokenHead()
+    tokens = {"audio": torch.randn(2, 5, 4), "visual": torch.randn(2, 5, 4)}
+    with pytest.raises(ModalityContractError, match=r"shape \(N, C\).*\(2, 5, 2\).*per-token logits.*pool the tokens"):
+        model.fuse(tokens, torch.tensor([0, 1]))
+
+
+def test_pool_features_averages_tokens_and_keeps_vectors():
+    model = TinyAV()
+    z = torch.randn(3, 7, 8)
+    torch.testing.assert_close(model.pool_features("audio", z), z.mean(1))
+    v = torch.randn(3, 8)
+    assert model.pool_features("audio", v) is v
+
+
+def test_mixed_precision_features_give_split_logits_like_the_fused_head():
+    model = TinyAV()
+    b = batch()
+    feats = model.forward_features(b)
+    feats = {"audio": feats["audio"].half(), "visual": feats["visual"]}  # fp16 audio, fp32 visual
+    logits = model.fuse(feats, b["target"])  # the concat promotes to fp32
+    uni = model.balance_record.unimodal_logits()
+    assert uni["audio"].dtype == torch.float32
+    torch.testing.assert_close(uni["audio"] + uni["visual"], logits.detach())
+
+
+class _TwoViews(TinyAV):
+    def training_step(self, batch, batch_idx):
+        first = self.fuse(self.forward_features(batch), batch["target"])
+        flipped = {k: (v.flip(0) if k != "target" else v.flip(0)) for k, v in batch.items()}
+        second = self.fuse(self.forward_features(flipped), flipped["target"])
+        self.seen.append(len(self.records_since(self.count_at_start, "test")))
+        return F.cross_entropy(first, batch["target"]) + F.cross_entropy(second, flipped["target"])
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.count_at_start = self.record_count
+
+
+def test_records_of_one_batch_are_kept_together_and_released_after(tmp_path):
+    model = _TwoViews()
+    model.seen = []
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1)).fit(model, loader())
+    assert model.seen == [2, 2, 2, 2]
+    assert len(model._lb_batch_records) <= 2  # only the last batch's records are held
+
+
+class _StaleRecord(TinyAV):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            logits = self.fuse(self.forward_features(batch), batch["target"])
+        else:  # forgets to fuse: the record left from batch 0 must not be used
+            feats = self.forward_features(batch)
+            logits = self.head(torch.cat([feats["audio"], feats["visual"]], -1))
+        return self.add_unimodal_losses(F.cross_entropy(logits, batch["target"]))
+
+
+def test_a_record_from_an_earlier_batch_is_never_used(tmp_path):
+    with pytest.raises(ModalityContractError, match="add_unimodal_losses\\(\\) needs this step's record"):
+        pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1)).fit(_StaleRecord(), loader())
+
+
+def test_loss_weights_travel_in_the_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model = TinyAV(aux_losses=True)
+    model.loss_weights = {"fused": 1.0, "audio": 0.25, "visual": 0.5}
+    restored = TinyAV(aux_losses=True)
+    restored.load_state_dict(model.state_dict())
+    assert restored.loss_weights == {"fused": 1.0, "audio": 0.25, "visual": 0.5}
+    plain = TinyAV()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("_balance")})
+    assert plain.loss_weights == {"fused": 1.0, "audio": 1.0, "visual": 1.0}  # checkpoints without weights load
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[ckpt], max_epochs=1, enable_checkpointing=True))
+    trainer.fit(model, loader())
+    resumed = TinyAV(aux_losses=True)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(resumed, loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.loss_weights == {"fused": 1.0, "audio": 0.25, "visual": 0.5}

@@ -74,7 +74,7 @@ def add_loss_terms(module: Any, loss: Tensor, record: Optional[ModalityRecord] =
             "add_loss_terms() found no loss terms: attach them with self.configure_loss_terms([...]) or the "
             "LossTerms([...]) callback."
         )
-    record = record or module._require_record("add_loss_terms()")
+    record = record or module.current_record("add_loss_terms()")
     if record.batch_size == 0:
         raise ModalityContractError("add_loss_terms() got an empty batch (0 samples): drop empty batches before fusing.")
     trainer = module._trainer
