@@ -171,17 +171,19 @@ class SaveParams(pl.Callback):
 class MultiMLP(MultimodalMixin, pl.LightningModule):
     """M modalities, one small MLP encoder each, concat head; batches are dicts with a "target" key."""
 
-    def __init__(self, input_dims: dict[str, int], classes: int = 10, lr: float = 0.05) -> None:
+    def __init__(self, input_dims: dict[str, int], classes: int = 10, lr: float = 0.05, aux_losses: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.encoders = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, 16), nn.ReLU()) for m, d in input_dims.items()})
         self.head = nn.Linear(16 * len(input_dims), classes)
         self.lr = lr
+        self.aux_losses = aux_losses
         self.configure_modalities({m: self.encoders[m] for m in input_dims}, head=self.head)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self.fuse({m: self.encoders[m](batch[m]) for m in self.modalities}, batch["target"])
-        return F.cross_entropy(logits, batch["target"])
+        loss = F.cross_entropy(logits, batch["target"])
+        return self.add_unimodal_losses(loss) if self.aux_losses else loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
@@ -197,3 +199,34 @@ class FirstGradients(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.grads is None:
             self.grads = [p.grad.clone() for p in pl_module.parameters()]
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning can resume inside an epoch: it reports how many batches it has yielded in the
+    current pass (``state_dict``) and skips that many on the first pass after ``load_state_dict`` (a plain
+    DataLoader restarts from its first batch, so a mid-epoch resume would see different batches)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._yielded = 0
+        self._skip = 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self._yielded = skip
+        for i, batch in enumerate(super().__iter__()):
+            if i < skip:
+                continue
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"yielded": self._yielded}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._skip = int(state_dict["yielded"])
+
+
+def resumable_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> ResumableLoader:
+    """:func:`loader`, resumable inside an epoch."""
+    return ResumableLoader(DictDataset(n=n, seed=seed), batch_size=batch_size, sampler=InterleavedSampler(n))

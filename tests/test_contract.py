@@ -168,9 +168,14 @@ def test_callback_argument_errors(tmp_path):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[OGMGE(modalities=["audio", "depth"])], max_epochs=1))
     with pytest.raises(ModalityContractError, match="unknown modalities \\['depth'\\].*declares \\['audio', 'visual'\\]"):
         trainer.fit(TinyAV(), loader())
-    # official default edits conv kernels only: an MLP model gets told what to do instead
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[OGMGE()], max_epochs=1))
-    with pytest.raises(ModalityContractError, match="params='weights'"):
+    # conv kernels only: an MLP model gets told what to do instead
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[OGMGE(params="conv")], max_epochs=1))
+    with pytest.raises(ModalityContractError, match="params='auto' \\(the default\\), 'weights' or 'all'"):
+        trainer.fit(TinyAV(), loader())
+    with pytest.raises(ValueError, match="params must map modality names"):
+        OGMGE(params={"audio": "kernels"})
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[OGMGE(params={"depth": "conv"})], max_epochs=1))
+    with pytest.raises(ModalityContractError, match="unknown modalities \\['depth'\\]"):
         trainer.fit(TinyAV(), loader())
 
 

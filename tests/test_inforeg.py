@@ -61,7 +61,7 @@ class Capture(pl.Callback):
 
 def test_edit_is_the_proximal_gradient(tmp_path):
     """Second epoch, step by step: g_after = g_plain + beta (theta - theta_epoch_start) on the dominant encoder."""
-    cb = InfoReg(strength=0.7, score="mean", start_epoch=1)
+    cb = InfoReg(strength=0.7, score="mean", start_epoch=1, unimodal_losses=False)
     cap = Capture()
     model = TinyAV()
     start = {}
@@ -98,33 +98,104 @@ def test_edit_is_the_proximal_gradient(tmp_path):
         for r, d in zip(ratio, diff):
             torch.testing.assert_close(r, beta * d, rtol=1e-4, atol=1e-6)
     assert regulated > 0
-    assert len(cb.history) == 1 and len(cb.history[0]) == 2 and all(t > 0 for t in cb.history[0])
+    # the trace is measured in every epoch, also before start_epoch (the official history has no gaps)
+    assert len(cb.history) == 2 and all(len(h) == 2 and all(t > 0 for t in h) for h in cb.history)
 
 
 def test_window_closes_on_falling_traces(tmp_path):
-    cb = InfoReg(window=1, threshold=0.0)
+    cb = InfoReg(window=1, threshold=0.0, window_from="own")
     cb.history = [[4.0, 1.0], [2.0, 3.0]]  # audio falling, visual rising
-
-    class Trainer:
-        current_epoch = 2
-
     model = TinyAV()
     cb._groups = {"audio": model.modality_parameters("audio"), "visual": model.modality_parameters("visual")}
     cb.log_metrics = False
-    cb.on_train_epoch_start(Trainer(), model)
+    cb.begin_epoch(None, model, 2)
     assert cb._window_open.tolist() == [False, True]
     assert cb._window_k == pytest.approx([(2 - 4) / 2, (3 - 1) / 3])
-    cb.window_from = "audio"
-    cb.on_train_epoch_start(Trainer(), model)
-    assert cb._window_open.tolist() == [False, False]
-    cb.window_from = "any"
-    cb.on_train_epoch_start(Trainer(), model)
-    assert cb._window_open.tolist() == [True, True]
+    for rule, expected in (("audio", [False, False]), ("first", [False, False]), ("visual", [True, True]),
+                           ("any", [True, True]), ("all", [False, False])):
+        cb.window_from = rule
+        cb.begin_epoch(None, model, 2)
+        assert cb._window_open.tolist() == expected, rule
 
 
-def test_official_preset():
+def test_official_preset_and_the_paper_defaults():
     cb = InfoReg.official(audio="a", visual="v")
     assert cb.strength == {"a": 0.95, "v": 0.10} and cb.window_from == "a" and cb.score == "sum"
+    default = InfoReg()  # the published method for two modalities: first declared = the paper's audio
+    assert default.strength == (0.95, 0.10) and default.window_from == "first" and default.unimodal_losses
+    assert default.score == "sum" and default.threshold == 0.05 and default.window == 10
+    default._groups = {"a": [], "v": [], "t": []}
+    assert default._strength_values() == [0.95, 0.10, 0.10]  # M = 3: documented generalisation
+
+
+def test_default_requires_the_unimodal_losses_of_the_paper(tmp_path):
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[InfoReg()], max_epochs=1))
+    with pytest.raises(ModalityContractError, match="add_unimodal_losses.*unimodal_losses=False"):
+        trainer.fit(TinyAV(), loader())
+
+
+def _official_inforeg(model, epochs, lr=0.1, momentum=0.9):
+    """The official InfoReg training loop (GeWu-Lab/InfoReg_CVPR2025, main.py), restated for TinyAV in plain torch:
+    split-head unimodal logits with bias/2, L = CE(out) + CE(out_a) + CE(out_v) back-propagated, scores = batch sums
+    of the true-class softmax probability, beta_a = 0.95 exp(tanh(s_a - s_v)) if s_a > s_v and k > 0.05,
+    beta_v = 0.10 exp(tanh(s_v - s_a)) if s_v > s_a and k > 0.05, grad += beta (theta - theta_epoch_start) on the
+    dominant encoder, Fisher trace of the final gradients of each encoder's Linear weights, k from the audio
+    trace list pre-padded with 10 zeros: k = (mean(T[-10:]) - mean(T[-11:-1])) / mean(T[-10:]), k_0 = 1."""
+    import copy
+
+    import torch.nn.functional as F
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    audio_traces = [0.0] * 10
+    w = model.head.weight
+    for epoch in range(epochs):
+        if epoch == 0:
+            k = 1.0
+        else:
+            tr1 = sum(audio_traces[-10:]) / 10
+            tr2 = sum(audio_traces[-11:-1]) / 10
+            k = (tr1 - tr2) / tr1
+        start = copy.deepcopy(model)
+        fim = {n: torch.zeros_like(m.weight) for n, m in model.audio_encoder.named_modules() if isinstance(m, torch.nn.Linear)}
+        for batch in loader():
+            za, zv = model.audio_encoder(batch["audio"]), model.visual_encoder(batch["visual"])
+            y = batch["target"]
+            out = model.head(torch.cat([za, zv], 1))
+            out_a = za @ w[:, :8].T + model.head.bias / 2
+            out_v = zv @ w[:, 8:].T + model.head.bias / 2
+            opt.zero_grad()
+            (F.cross_entropy(out, y) + F.cross_entropy(out_a, y) + F.cross_entropy(out_v, y)).backward()
+            score_a = sum(torch.softmax(out_a, 1)[i, y[i]] for i in range(len(y)))
+            score_v = sum(torch.softmax(out_v, 1)[i, y[i]] for i in range(len(y)))
+            beta_a = beta_v = 0.0
+            if score_a > score_v and k > 0.05:
+                beta_a = 0.95 * math.exp(math.tanh(float(score_a - score_v)))
+            elif score_a < score_v and k > 0.05:
+                beta_v = 0.10 * math.exp(math.tanh(float(score_v - score_a)))
+            with torch.no_grad():
+                for p, p0 in zip(model.audio_encoder.parameters(), start.audio_encoder.parameters()):
+                    p.grad += beta_a * (p - p0)
+                for p, p0 in zip(model.visual_encoder.parameters(), start.visual_encoder.parameters()):
+                    p.grad += beta_v * (p - p0)
+                for n, m in model.audio_encoder.named_modules():
+                    if isinstance(m, torch.nn.Linear):
+                        fim[n] += m.weight.grad * m.weight.grad
+            opt.step()
+        audio_traces.append(sum(float(f.mean()) for f in fim.values()))
+    return audio_traces[10:]
+
+
+def test_parameters_follow_the_official_recipe_over_several_epochs(tmp_path):
+    from tests.helpers import flat_params
+
+    reference = TinyAV(seed=3)
+    traces = _official_inforeg(reference, epochs=3)
+    model = TinyAV(seed=3, aux_losses=True)
+    cb = InfoReg()  # the defaults: the published method
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=3)).fit(model, loader())
+    assert cb.num_edits == 12
+    torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=1e-5, atol=1e-6)
+    assert [h[0] for h in cb.history] == pytest.approx(traces, rel=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ METHODS = {
 }
 # the model each method is tested on (TinyAV keyword arguments)
 MODELS = {
+    "inforeg": {"aux_losses": True},  # the published recipe trains with the unimodal losses
     "mmpareto": {"aux_losses": True},
     "mmpareto_heads": {"aux_losses": True, "fusion": "gated", "unimodal": "heads"},
 }
@@ -131,7 +132,7 @@ def test_three_modalities_on_the_synthetic_benchmark(tmp_path, name):
     data = SyntheticCollapseDataModule(num_samples=512, num_modalities=3, snr=[4.0, 1.0, 0.5], batch_size=64)
     cb = METHODS[name]()
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=2, log_every_n_steps=1))
-    trainer.fit(MultiMLP(data.feature_dims), datamodule=data)
+    trainer.fit(MultiMLP(data.feature_dims, aux_losses=name == "inforeg"), datamodule=data)
     assert cb.num_edits > 0
     logged = {k.rsplit("/", 1)[-1] for k in trainer.callback_metrics if k.startswith(f"balance/{cb.method}/")}
     assert set(data.modalities) <= logged

@@ -3,6 +3,7 @@ Gradient Modulation", ICCV 2023)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal, Optional
 
@@ -12,7 +13,13 @@ from torch import Tensor, nn
 
 from lightning_balance._taps import GradientTap, mix_gradients
 from lightning_balance.callbacks.base import GradientBalancingCallback
-from lightning_balance.functional.agm import agm_coefficients, agm_scores, shapley_responses, shapley_weights
+from lightning_balance.functional.agm import (
+    KAPPA_EXPONENT_CAP,
+    agm_coefficients,
+    agm_scores,
+    shapley_responses,
+    shapley_weights,
+)
 from lightning_balance.modality import ModalityRecord, MultimodalMixin
 
 __all__ = ["AGM"]
@@ -43,22 +50,31 @@ class AGM(GradientBalancingCallback):
 
     **Clip rule** (official CREMA-D code): after backward, if any element of a fusion/head weight
     gradient exceeds ``clip`` in magnitude, the total gradient norm of the optimizer's parameters is
-    clipped to ``clip``.
+    clipped to ``clip``. As in the official code, the running means are updated and the clip rule is
+    applied on every training step, also outside ``start_epoch``..``end_epoch``; only the modulation
+    (``κ``) is limited to that window (outside it ``κ = 1``; the official code leaves its hooks at the
+    last coefficients of the window instead, which we do not reproduce).
 
     Differences from the official code: modalities are removed at the **feature** level through the
     module's fusion (no extra encoder passes: the cost is ``2^M − 2`` fusion passes); the fusion runs
     in eval mode for those passes (as the official padded passes do). ``ℓ_u`` is reduced over ranks before
     ``κ`` is computed (one all-reduce of ``M + 1`` numbers per step), so DDP gives the single-process
     result. Because ``κ`` acts inside the backward pass, under gradient accumulation it would be a
-    per-micro-batch coefficient: refused unless ``accumulation="per_micro_batch"``.
+    per-micro-batch coefficient: refused unless ``accumulation="per_micro_batch"``. A ``training_step``
+    that calls ``fuse`` more than once (two views) gets ``ℓ_u`` over the samples of all its calls and
+    every call modulated with the same ``κ``. ``κ`` is computed in float32 from an exponent capped at 80
+    (``exp(80) ≈ 5.5e34``), so a large ``α·(r̄ − r)`` saturates instead of overflowing to ``inf``; with
+    ``clamp=10`` this cap binds for ``α > 8``. AMP overflow steps (skipped by the GradScaler) leave the
+    running means and the iteration count as they were.
 
     Args:
         alpha: modulation strength α (official default 1.0; BalanceBenchmark uses 0.1).
         clamp: upper clamp of ``r̄ − r`` (official CREMA-D code 10; ``None``: no clamp).
         clip: threshold and max-norm of the clip rule (official 1.0; ``None`` disables it).
         accumulation: ``"raise"`` or ``"per_micro_batch"`` (see above).
-        modalities, start_epoch, end_epoch, nonfinite, allow_untested_strategy, log_metrics: see
-            :class:`GradientBalancingCallback` (official modulation epochs 0–20; default: no end).
+        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length, nonfinite,
+            allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback` (official modulation
+            epochs 0–20; default: no end).
 
     Logged: ``balance/agm/{kappa,score,ratio,target_ratio}/<m>``.
 
@@ -71,6 +87,9 @@ class AGM(GradientBalancingCallback):
 
     method = "agm"
     reduce_at = "micro_batch"
+    edit_order = 90  # the clip rule: after every other edit, as clipping comes after these hooks in Lightning
+    observe_outside_window = True  # running means and the clip rule on every step, as the official code
+    designed_for_sgd = True
 
     def __init__(
         self,
@@ -84,6 +103,9 @@ class AGM(GradientBalancingCallback):
         nonfinite: Literal["raise", "skip"] = "raise",
         allow_untested_strategy: bool = False,
         log_metrics: bool = True,
+        start_step: int = 0,
+        end_step: Optional[int] = None,
+        epoch_length: Optional[int] = None,
     ) -> None:
         super().__init__(
             modalities=modalities,
@@ -92,6 +114,9 @@ class AGM(GradientBalancingCallback):
             nonfinite=nonfinite,
             allow_untested_strategy=allow_untested_strategy,
             log_metrics=log_metrics,
+            start_step=start_step,
+            end_step=end_step,
+            epoch_length=epoch_length,
         )
         for name, value in (("alpha", alpha), ("clamp", clamp), ("clip", clip)):
             if value is None and name != "alpha":
@@ -100,12 +125,21 @@ class AGM(GradientBalancingCallback):
                 raise ValueError(f"{name} must be a number >= 0{'' if name == 'alpha' else ' or None'}, got {value!r}.")
         if accumulation not in ("raise", "per_micro_batch"):
             raise ValueError(f"accumulation must be 'raise' or 'per_micro_batch', got {accumulation!r}.")
+        if clamp is not None and alpha * clamp > KAPPA_EXPONENT_CAP:
+            warnings.warn(
+                f"AGM(alpha={alpha}, clamp={clamp}): alpha * clamp = {alpha * clamp:g} exceeds {KAPPA_EXPONENT_CAP:g}, "
+                f"so kappa can reach its cap exp({KAPPA_EXPONENT_CAP:g}) ~ 5.5e34 (the official code would give inf "
+                f"above exp(88.7)). Such a coefficient multiplies the gradient of a modality by up to 1e34: lower "
+                f"alpha (official 1.0) or clamp.",
+                stacklevel=2,
+            )
         self.alpha = float(alpha)
         self.clamp = None if clamp is None else float(clamp)
         self.clip = None if clip is None else float(clip)
         self.accumulation = accumulation
         self.running: Optional[Tensor] = None  # L_u
         self.iterations = 0  # t
+        self._pending: Optional[tuple[Tensor, int]] = None  # (L_u, t) after this optimizer step's batches
         self._weights = torch.zeros(0)
         self._module: Optional[MultimodalMixin] = None
         self._head_weights: list[nn.Parameter] = []
@@ -128,21 +162,23 @@ class AGM(GradientBalancingCallback):
     # ------------------------------------------------------------------ forward: the masked fusion passes
     def tap_logits(self, module: MultimodalMixin, features: dict[str, Tensor], targets: Optional[Tensor],
                    logits: Tensor, extras: dict[str, Any]) -> Tensor:
-        if not self._enabled:
-            return logits
         names = self.active_modalities
         full = 2 ** len(names) - 1
         fusion = [f for f in module.fusion_modules() if f.training] if self._mode_dependent else []
         for f in fusion:
             f.eval()
         try:
-            masked = []
-            for subset in range(1, full):
-                present = {n for b, n in enumerate(names) if subset >> b & 1} | (set(features) - set(names))
-                masked.append(module.fuse_subset(features, present))
+            with torch.set_grad_enabled(self.is_editing):  # outside the window only the scores are needed
+                masked = []
+                for subset in range(1, full):
+                    present = {n for b, n in enumerate(names) if subset >> b & 1} | (set(features) - set(names))
+                    masked.append(module.fuse_subset(features, present))
         finally:
             for f in fusion:
                 f.train()
+        if not self.is_editing:
+            extras["agm"] = {"tap": None, "subsets": torch.stack([o.detach() for o in (*masked, logits)])}
+            return logits
         tap = GradientTap()
         extras["agm"] = {"tap": tap, "subsets": torch.stack([o.detach() for o in (*masked, logits)])}
         return mix_gradients(tap, logits, *masked)
@@ -153,23 +189,36 @@ class AGM(GradientBalancingCallback):
         if data is None:
             raise RuntimeError("AGM found no masked fusion passes on the step record; was it registered on the module?")
         responses = shapley_responses(data["subsets"].float(), self._weights)
-        scores = agm_scores(responses, record.targets)
-        return {"scores": scores, "count": scores.new_tensor([record.batch_size])}
+        valid = record.valid
+        scores = agm_scores(responses, record.valid_targets(), valid=valid)
+        return {"scores": scores, "count": valid.sum().float().reshape(1)}
 
     def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
-        losses = stats["scores"] / stats["count"]
-        assert self.running is not None
-        running = self.running.to(losses.device)
+        losses = stats["scores"] / stats["count"].clamp_min(1)
+        running, t = self._pending if self._pending is not None else (self.running, self.iterations)
+        assert running is not None
+        running = running.to(losses.device)
         kappa, r, r_bar = agm_coefficients(losses, running, self.alpha, self.clamp)
-        self.iterations += 1
-        t = self.iterations
-        self.running = running * (t - 1) / t + losses / t
+        t += 1
+        self._pending = (running * (t - 1) / t + losses / t, t)  # committed once the optimizer step is taken
         return {"kappa": kappa, "score": losses, "ratio": r, "target_ratio": r_bar}
+
+    def commit_step(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device,
+                    active: bool) -> None:
+        if self._pending is not None:
+            self.running, self.iterations = self._pending
+            self._pending = None
+
+    def discard_step(self) -> None:
+        self._pending = None
 
     def prepare_backward(self, pl_module: MultimodalMixin, record: ModalityRecord, result: dict[str, Tensor],
                          loss_scale: float) -> None:
+        data = record.extras.get("agm")
+        if data is None or data["tap"] is None:
+            return
         per_subset = result["kappa"] @ self._weights.to(result["kappa"].device)  # (2^M - 1,), full set last
-        record.extras["agm"]["tap"].coefficients = torch.cat([per_subset[-1:], per_subset[:-1]])
+        data["tap"].coefficients = torch.cat([per_subset[-1:], per_subset[:-1]])
 
     def metrics(self, result: dict[str, Tensor]) -> dict[str, Tensor]:
         return {f"{k}/{m}": result[k][i] for k in ("kappa", "score", "ratio", "target_ratio")

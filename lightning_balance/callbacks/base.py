@@ -2,15 +2,20 @@
 
 One optimizer step of a :class:`GradientBalancingCallback`:
 
-1. ``on_train_batch_start``: remember the module's record counter, to detect a ``training_step``
-   that did not call ``self.fuse(features, targets)``.
-2. ``on_before_backward`` (once per micro-batch, also inside ``manual_backward``): read the step's
-   :class:`~lightning_balance.modality.ModalityRecord` and add the method's per-micro-batch
-   statistics (batch **sums**) to a :class:`StepStatistics`.
+1. ``on_train_batch_start``: begin the method's epoch if it has not begun in this process (also after a
+   resume inside an epoch), remember the module's record counter, to detect a ``training_step`` that
+   did not call ``self.fuse(features, targets)``, and whether the step is in the method's window.
+2. ``on_before_backward`` (once per micro-batch, also inside ``manual_backward``): read every
+   :class:`~lightning_balance.modality.ModalityRecord` of the step and add the method's statistics
+   (sums over the valid samples) to a :class:`StepStatistics`.
 3. ``on_before_optimizer_step`` (once per optimizer step: after accumulation, after AMP unscaling,
-   before gradient clipping): reduce all statistics across ranks with **one** all-reduce, compute
-   the method's coefficients from the global statistics (identical on every rank), edit the
-   gradients of the parameters that this optimizer owns, and log under ``balance/<method>/...``.
+   before gradient clipping): unless the GradScaler will skip the step (fp16 overflow), reduce all
+   statistics across ranks with **one** all-reduce, compute the method's coefficients from the global
+   statistics (identical on every rank), edit the gradients of the parameters that this optimizer owns,
+   commit the once-per-step state, and log under ``balance/<method>/...``.
+
+Several methods in one Trainer run as one pipeline (one all-reduce, edits in a declared order), so
+the order of the ``callbacks`` list does not matter.
 
 Because the statistics are sums and the edit happens once on the accumulated, all-reduced,
 unscaled gradients, the result equals single-process training with the global batch.
@@ -25,6 +30,7 @@ from typing import Any, ClassVar, Literal, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_balance._distributed import all_reduce_sum, check_strategy
@@ -88,11 +94,20 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def forked_devices(device: torch.device) -> list[int]:
+    """The CUDA device indices ``torch.random.fork_rng`` must fork so that work on ``device`` leaves the
+    training run's random streams untouched (the CPU stream is always forked)."""
+    if device.type == "cuda":
+        return [device.index if device.index is not None else torch.cuda.current_device()]
+    return []
+
+
 def training_batches(trainer: pl.Trainer, loader: Any, limit: Optional[int] = None):
     """The first ``limit`` batches of ``loader`` (all if ``None``), moved to the device, for callbacks that make
     their own pass over training data (PMR's prototypes, Gradient-Blending's estimates). torch's RNG is
-    forked, so a shuffling sampler replays this epoch's order and training's random stream is untouched."""
-    with torch.random.fork_rng(devices=[]):
+    forked (the CPU stream and the stream of the training device), so a shuffling sampler replays this epoch's
+    order and training's random streams are untouched."""
+    with torch.random.fork_rng(devices=forked_devices(trainer.strategy.root_device)):
         for i, batch in enumerate(loader):
             if limit is not None and i >= limit:
                 break
@@ -126,19 +141,83 @@ def _logs_this_step(trainer: pl.Trainer) -> bool:
     return bool(getattr(connector, "should_update_logs", True))
 
 
+_ADAPTIVE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "SparseAdam", "Adafactor")
+
+
+def optimizer_step_skipped(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer step about to run will be skipped by the AMP GradScaler (inf/NaN found when
+    the gradients were unscaled: fp16 overflow). Identical on every DDP rank (the gradients are all-reduced).
+
+    Read in ``on_before_optimizer_step``, after Lightning's ``scaler.unscale_(optimizer)``: one host sync,
+    the one ``scaler.step`` makes anyway. For optimizers that unscale inside their own ``step`` (fused
+    ones), the gradients are checked directly.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return False
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
+    found = state.get("found_inf_per_device") if state else None
+    if found:
+        return bool(sum(v.item() for v in found.values()))
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return False
+    return not bool(torch.stack([torch.isfinite(n) for n in torch._foreach_norm(grads)]).all())
+
+
+def reduce_jointly(stats: Sequence[StepStatistics], strategy: pl.strategies.Strategy) -> list[dict[str, Tensor]]:
+    """Reduce the pending statistics of several callbacks with **one** all-reduce (stacked methods share
+    the step's single collective); returns each one's reduced states, in order, and resets them."""
+    if len(stats) == 1 or strategy.world_size == 1:
+        return [s.reduce(strategy) for s in stats]
+    merged = StepStatistics()
+    merged.copy = False
+    for i, s in enumerate(stats):
+        merged._values.update({f"{i:03d}/{k}": v for k, v in s._values.items()})
+        s.reset()
+    flat = merged.reduce(strategy)
+    out: list[dict[str, Tensor]] = [{} for _ in stats]
+    for key, value in flat.items():
+        i, name = key.split("/", 1)
+        out[int(i)][name] = value
+    return out
+
+
 class GradientBalancingCallback(Callback, abc.ABC):
     """Base class of callbacks that edit per-modality gradients once per optimizer step.
 
     Subclasses set ``method`` (the log namespace) and implement :meth:`collect` (per-micro-batch
-    sums from the step record), :meth:`compute` (coefficients from the rank-reduced sums) and
-    :meth:`edit` (apply them to the gradients).
+    sums from the step's records), :meth:`compute` (coefficients from the rank-reduced sums) and
+    :meth:`edit` (apply them to the gradients), and optionally :meth:`commit_step` (state that changes
+    once per optimizer step) and :meth:`begin_epoch` (epoch-level state).
+
+    **Stacking.** Several of these callbacks in one Trainer run as one pipeline, whatever their order in
+    the ``callbacks`` list: every method collects its statistics from the step's records before any
+    method fills a gradient tap; the statistics of all methods are reduced across ranks in one
+    all-reduce; then the edits run in the methods' declared :attr:`edit_order` (MMPareto's merge of the
+    loss gradients first, since it needs them as the loss produced them; then OGM-GE's modulation; then
+    InfoReg's proximal term and Fisher trace; AGM's clip rule last, as Lightning's own clipping comes
+    after these hooks). Both list orders give the same result.
+
+    **Overflow steps.** Under fp16 AMP, a step on which the GradScaler found inf/NaN gradients (and will
+    skip ``optimizer.step``) is recognised: no method edits, commits state, counts an edit, or raises on it.
+
+    **Windows.** ``start_epoch``/``end_epoch`` and ``start_step``/``end_step`` (optimizer steps, i.e.
+    ``trainer.global_step``) both bound when the method edits gradients. ``epoch_length`` makes the
+    method's epoch-level schedule (its windows, and epoch-level state such as prototypes or a trace
+    history) count blocks of that many optimizer steps instead of the Trainer's epochs: for training by
+    steps (``max_steps``, an iterable loader, one long epoch). A method that never edited during a fit
+    warns at its end.
 
     Args:
         modalities: the modalities the method acts on; ``None`` means all declared ones.
         start_epoch: first epoch (0-based, inclusive) in which the method is active.
         end_epoch: last epoch (inclusive) in which it is active; ``None`` for no end.
-        nonfinite: what to do when the reduced statistics contain NaN/inf: ``"raise"`` (default) or
-            ``"skip"`` the edit for that step (e.g. fp16 overflow steps that the GradScaler skips anyway).
+        start_step: first optimizer step (``trainer.global_step``, inclusive) in which it is active.
+        end_step: last optimizer step (inclusive); ``None`` for no end.
+        epoch_length: optimizer steps per "epoch" of the method's schedule; ``None``: the Trainer's epochs.
+        nonfinite: what to do when the reduced statistics contain NaN/inf on a step that is not an AMP
+            overflow step: ``"raise"`` (default) or ``"skip"`` the edit for that step.
         allow_untested_strategy: run under a strategy outside the allow-list (with a warning).
         log_metrics: log metrics under ``balance/<method>/...`` through ``pl_module.log``.
     """
@@ -153,6 +232,14 @@ class GradientBalancingCallback(Callback, abc.ABC):
     #: check every reduced statistic for NaN/inf before ``compute`` (a pass over each); methods whose
     #: statistics are large (whole gradients) set False and check the scalars they derive instead
     check_finite_stats: ClassVar[bool] = True
+    #: position of the method's edit in the pipeline of stacked methods (lower runs first)
+    edit_order: ClassVar[int] = 50
+    #: collect, compute and commit also on steps outside the active window (for statistics the official
+    #: method keeps over the whole run: AGM's running means, InfoReg's Fisher trace); ``edit`` and the
+    #: gradient taps stay inside the window
+    observe_outside_window: ClassVar[bool] = False
+    #: the method was designed and published with SGD: warn when it is paired with an adaptive optimizer
+    designed_for_sgd: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -162,6 +249,9 @@ class GradientBalancingCallback(Callback, abc.ABC):
         nonfinite: Literal["raise", "skip"] = "raise",
         allow_untested_strategy: bool = False,
         log_metrics: bool = True,
+        start_step: int = 0,
+        end_step: Optional[int] = None,
+        epoch_length: Optional[int] = None,
     ) -> None:
         if modalities is not None:
             if isinstance(modalities, str) or not all(isinstance(m, str) for m in modalities):
@@ -170,47 +260,77 @@ class GradientBalancingCallback(Callback, abc.ABC):
                 raise ValueError(f"modalities has duplicates: {list(modalities)}.")
             if len(modalities) < 2:
                 raise ValueError(f"modalities must name at least two modalities to balance, got {list(modalities)}.")
-        if not isinstance(start_epoch, int) or start_epoch < 0:
-            raise ValueError(f"start_epoch must be an int >= 0, got {start_epoch!r}.")
-        if end_epoch is not None and (not isinstance(end_epoch, int) or end_epoch < start_epoch):
-            raise ValueError(f"end_epoch must be None or an int >= start_epoch ({start_epoch}), got {end_epoch!r}.")
+        for name, low, high in (("epoch", start_epoch, end_epoch), ("step", start_step, end_step)):
+            if isinstance(low, bool) or not isinstance(low, int) or low < 0:
+                raise ValueError(f"start_{name} must be an int >= 0, got {low!r}.")
+            if high is not None and (isinstance(high, bool) or not isinstance(high, int) or high < low):
+                raise ValueError(f"end_{name} must be None or an int >= start_{name} ({low}), got {high!r}.")
+        if epoch_length is not None and (isinstance(epoch_length, bool) or not isinstance(epoch_length, int)
+                                         or epoch_length < 1):
+            raise ValueError(f"epoch_length must be None or an int >= 1 (optimizer steps), got {epoch_length!r}.")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
         self.modalities: Optional[tuple[str, ...]] = tuple(modalities) if modalities is not None else None
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
+        self.start_step = start_step
+        self.end_step = end_step
+        self.epoch_length = epoch_length
         self.nonfinite = nonfinite
         self.allow_untested_strategy = allow_untested_strategy
         self.log_metrics = log_metrics  # not `self.log`: Lightning overwrites callback.log with pl_module.log
         self.num_edits = 0  # optimizer steps edited so far (checkpointed)
+        self.num_skipped = 0  # AMP overflow steps seen (not checkpointed: a diagnostic)
         self._stats = StepStatistics()
         self._result: Optional[dict[str, Tensor]] = None
+        self._committed = True  # whether _result's once-per-step state change has been made
         self._groups: dict[str, list[nn.Parameter]] = {}
         self._index_at_batch_start = 0
         self._consumed_index = -1
+        self._records: list[ModalityRecord] = []
         self._per_optimizer: dict[int, tuple[Any, dict[str, list[nn.Parameter]]]] = {}
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._hook_handle: Any = None
-        self._enabled = False  # whether the method acts on the current batch (epoch window)
+        self._enabled = False  # whether the method acts on the current batch (its window)
+        self._begun_epoch: Optional[int] = None  # the method epoch whose begin_epoch has run in this process
 
     # ------------------------------------------------------------------ to implement
     @abc.abstractmethod
     def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
-        """Per-micro-batch statistics from the step record, as **sums** over the batch."""
+        """Per-record statistics, as **sums** over the record's (valid) samples; a step's records, micro-batches
+        and ranks are summed before :meth:`compute`."""
 
     @abc.abstractmethod
     def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Coefficients (and anything to log) from rank-reduced statistics; identical on every rank."""
+        """Coefficients (and anything to log) from rank-reduced statistics; identical on every rank.
+        Must not change the callback's state: state that changes once per optimizer step is changed in
+        :meth:`commit_step`, which is not called on AMP overflow steps."""
 
     def edit(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device) -> None:
         """Edit ``p.grad`` in place for the parameters in ``groups`` (modality → parameters), once per
-        optimizer step (after accumulation and AMP unscaling). Required when ``reduce_at="step"``; optional
-        for ``"micro_batch"`` methods, which act inside the backward pass (no edit by default)."""
+        optimizer step (after accumulation and AMP unscaling), inside the active window (methods with
+        ``observe_outside_window`` are called on every step and check :attr:`is_editing`). Required when
+        ``reduce_at="step"``; optional for ``"micro_batch"`` methods, which act inside the backward pass."""
+
+    def commit_step(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device,
+                    active: bool) -> None:
+        """Once per optimizer step that is not skipped, after every method's edit: update the state the
+        method keeps across steps (running means, traces). ``active``: whether the step was in the window."""
+
+    def discard_step(self) -> None:
+        """The optimizer step is skipped (AMP overflow): drop anything :meth:`compute` prepared for
+        :meth:`commit_step` (the callback's state must stay as it was before the step)."""
 
     def prepare_backward(self, pl_module: MultimodalMixin, record: ModalityRecord, result: dict[str, Tensor],
                          loss_scale: float) -> None:
-        """Required when ``reduce_at="micro_batch"``: fill the record's gradient taps before its backward.
-        ``loss_scale`` is the factor between the user's loss and the tensor being back-propagated."""
+        """Required when ``reduce_at="micro_batch"``: fill the record's gradient taps before its backward
+        (called for every record of the micro-batch). ``loss_scale`` is the factor between the user's loss
+        and the tensor being back-propagated."""
+
+    def begin_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        """Epoch-level state at the start of the method's ``epoch`` (see ``epoch_length``). Called before the
+        first batch of each epoch, also when a run resumes inside an epoch (Lightning then skips
+        ``on_train_epoch_start``): state loaded from the checkpoint must be kept, not rebuilt."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # A method must override the hook its reduce_at relies on: checked when the class is defined,
@@ -226,6 +346,10 @@ class GradientBalancingCallback(Callback, abc.ABC):
         """Scalars to log, keys relative to ``balance/<method>/``."""
         return {}
 
+    def acted(self, result: dict[str, Tensor]) -> bool:
+        """Whether a step with this ``result`` changed training (counted in ``num_edits``)."""
+        return True
+
     def select_parameters(self, pl_module: MultimodalMixin, modality: str) -> list[nn.Parameter]:
         """Which parameters of ``modality`` the method edits (default: its whole parameter group)."""
         return pl_module.modality_parameters(modality)
@@ -235,9 +359,25 @@ class GradientBalancingCallback(Callback, abc.ABC):
     def active_modalities(self) -> tuple[str, ...]:
         return tuple(self._groups)
 
+    def method_epoch(self, trainer: pl.Trainer) -> int:
+        """The epoch of the method's schedule: the Trainer's epoch, or ``global_step // epoch_length``."""
+        if self.epoch_length is None:
+            return trainer.current_epoch
+        return trainer.global_step // self.epoch_length
+
     def is_active(self, trainer: pl.Trainer) -> bool:
-        epoch = trainer.current_epoch
-        return epoch >= self.start_epoch and (self.end_epoch is None or epoch <= self.end_epoch)
+        """Whether the current optimizer step is inside the method's window (epochs and steps)."""
+        epoch, step = self.method_epoch(trainer), trainer.global_step
+        return (epoch >= self.start_epoch and (self.end_epoch is None or epoch <= self.end_epoch)
+                and step >= self.start_step and (self.end_step is None or step <= self.end_step))
+
+    @property
+    def is_editing(self) -> bool:
+        """Whether the current step is in the method's window (set at each batch start)."""
+        return self._enabled
+
+    def _observing(self, trainer: pl.Trainer) -> bool:
+        return self._enabled or self.observe_outside_window
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -268,6 +408,8 @@ class GradientBalancingCallback(Callback, abc.ABC):
         self._per_optimizer = {}
         self._stats.reset()
         self._result = None
+        self._committed = True
+        self._begun_epoch = None
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
@@ -288,54 +430,134 @@ class GradientBalancingCallback(Callback, abc.ABC):
                 f"the optimizer step's batch. Train without accumulation (a larger batch), or pass "
                 f"accumulation='per_micro_batch' to accept per-micro-batch coefficients."
             )
+        if self.designed_for_sgd:
+            adaptive = sorted({type(o).__name__ for o in trainer.optimizers if type(o).__name__ in _ADAPTIVE})
+            if adaptive:
+                rank_zero_warn(
+                    f"{type(self).__name__} was designed and published with SGD (momentum 0.9), and you train with "
+                    f"{', '.join(adaptive)}. An adaptive optimizer divides each gradient by its running magnitude, "
+                    f"which largely cancels a slowly varying per-modality factor; in our trials the method then "
+                    f"hurt accuracy. Prefer SGD with this method, or a method that adds a learning signal "
+                    f"(MMPareto, unimodal losses, CML, UMT). See docs/which_method.md.",
+                    category=UserWarning,
+                )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.num_edits == 0 and not trainer.interrupted:
+            window = f"start_epoch={self.start_epoch}, end_epoch={self.end_epoch}"
+            if self.start_step or self.end_step is not None:
+                window += f", start_step={self.start_step}, end_step={self.end_step}"
+            rank_zero_warn(
+                f"{type(self).__name__} never edited a gradient in this fit ({window}; the fit ran "
+                f"{trainer.current_epoch} epoch(s), {trainer.global_step} optimizer step(s)"
+                f"{'' if self.epoch_length is None else f', epoch_length={self.epoch_length}'}). When training by "
+                f"steps (max_steps, an iterable loader, one long epoch), give the window in steps "
+                f"(start_step/end_step) or set epoch_length.",
+                category=UserWarning,
+            )
 
     def _empty_group_message(self, modality: str) -> str:
         return f"{type(self).__name__} selected no parameters for modality {modality!r}."
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._maybe_begin_epoch(trainer, pl_module)
+
+    def _maybe_begin_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = self.method_epoch(trainer)
+        if self._begun_epoch != epoch:
+            self._begun_epoch = epoch
+            self.begin_epoch(trainer, pl_module, epoch)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._maybe_begin_epoch(trainer, pl_module)  # a mid-epoch resume or a new block of epoch_length steps
         self._index_at_batch_start = pl_module.record_count  # type: ignore[attr-defined]
+        self._result = None
         self._enabled = self.is_active(trainer)
 
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if not self.is_active(trainer):
-            return
-        record = pl_module.record_since(  # type: ignore[attr-defined]
-            self._index_at_batch_start, type(self).__name__, need_targets=self.needs_targets
+    # ------------------------------------------------------------------ the pipeline of stacked methods
+    @staticmethod
+    def _pipeline(trainer: pl.Trainer) -> list[GradientBalancingCallback]:
+        peers = [cb for cb in trainer.callbacks if isinstance(cb, GradientBalancingCallback)]
+        order = {id(cb): i for i, cb in enumerate(peers)}
+        return sorted(peers, key=lambda cb: (cb.edit_order, order[id(cb)]))
+
+    def _leads(self, trainer: pl.Trainer) -> bool:
+        for cb in trainer.callbacks:  # Lightning calls callbacks in list order: the first one runs the pipeline
+            if isinstance(cb, GradientBalancingCallback):
+                return cb is self
+        return False
+
+    def _new_records(self, pl_module: pl.LightningModule) -> list[ModalityRecord]:
+        since = max(self._index_at_batch_start, self._consumed_index)
+        if pl_module.record_count <= since:  # type: ignore[attr-defined]
+            if self._consumed_index > self._index_at_batch_start:
+                return []  # a second backward on records already counted (manual optimisation)
+        records = pl_module.records_since(  # type: ignore[attr-defined]
+            since, type(self).__name__, need_targets=self.needs_targets
         )
-        if record.index == self._consumed_index:
-            return  # a second backward on the same record (manual optimisation): counted once
-        if not record.training:
+        if not all(r.training for r in records):
             raise ModalityContractError(
-                f"{type(self).__name__}: the latest record was made in eval mode; call self.fuse in training_step."
+                f"{type(self).__name__}: the step's record was made in eval mode; call self.fuse in training_step."
             )
-        self._consumed_index = record.index
-        self._stats.update(self.collect(pl_module, record))
-        self._result = None
-        if self.reduce_at == "micro_batch":
-            self._result = self._reduce_and_compute(trainer, pl_module)
-            if self._result is not None:
-                self.prepare_backward(pl_module, record, self._result, self._loss_scale(trainer, pl_module))
+        self._consumed_index = records[-1].index
+        return records
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if not self._leads(trainer):
+            return
+        pipeline = [cb for cb in self._pipeline(trainer) if cb._observing(trainer)]
+        for cb in pipeline:  # 1. every method collects before any method fills a tap
+            cb._records = cb._new_records(pl_module)
+            for record in cb._records:
+                cb._stats.update(cb.collect(pl_module, record))  # type: ignore[arg-type]
+        micro = [cb for cb in pipeline if cb.reduce_at == "micro_batch" and cb._records and cb._stats.pending]
+        if not micro:
+            return
+        reduced = reduce_jointly([cb._stats for cb in micro], trainer.strategy)  # 2. one collective
+        for cb, stats in zip(micro, reduced):  # 3. coefficients, then the taps of every record
+            cb._result = cb._compute_checked(trainer, pl_module, stats)
+            if cb._result is not None and cb._enabled:
+                scale = cb._loss_scale(trainer, pl_module)
+                for record in cb._records:
+                    cb.prepare_backward(pl_module, record, cb._result, scale)  # type: ignore[arg-type]
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        if not self.is_active(trainer):
-            self._stats.reset()
+        if not self._leads(trainer):
             return
-        self._optimizer = optimizer
-        if self.reduce_at == "step" and self._stats.pending:
-            self._result = self._reduce_and_compute(trainer, pl_module)
-        if self._result is None:
+        pipeline = self._pipeline(trainer)
+        if optimizer_step_skipped(trainer, optimizer):
+            for cb in pipeline:  # the scaler skips this step: leave every method's state as it was
+                cb._stats.reset()
+                cb._result, cb._committed = None, True
+                cb.discard_step()
+                cb.num_skipped += 1
             return
-        self.edit(self._groups_for(optimizer), self._result, pl_module.device)
-        self.num_edits += 1
+        pipeline = [cb for cb in pipeline if cb._observing(trainer)]
+        step = [cb for cb in pipeline if cb.reduce_at == "step" and cb._stats.pending]
+        if step:
+            reduced = reduce_jointly([cb._stats for cb in step], trainer.strategy)
+            for cb, stats in zip(step, reduced):
+                cb._result = cb._compute_checked(trainer, pl_module, stats)
+        for cb in pipeline:  # edits in the declared order, then each method's once-per-step state
+            if cb._result is None:
+                continue
+            cb._optimizer = optimizer
+            cb.edit(cb._groups_for(optimizer), cb._result, pl_module.device)  # outside the window only for
+            cb.num_edits += int(cb._enabled and cb.acted(cb._result))  # observe_outside_window methods
+        for cb in pipeline:
+            if cb._result is not None and not cb._committed:
+                cb.commit_step(cb._groups_for(optimizer), cb._result, pl_module.device, cb._enabled)
+                cb._committed = True
 
-    def _reduce_and_compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[dict[str, Tensor]]:
-        """Reduce the pending statistics across ranks (one collective), check them, compute, log."""
-        stats = self._stats.reduce(trainer.strategy)
+    def _compute_checked(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                         stats: dict[str, Tensor]) -> Optional[dict[str, Tensor]]:
+        """Check the reduced statistics, compute the coefficients, log them."""
         if self.check_finite_stats and not self.statistics_finite(stats, trainer.global_step):
             return None
         result = self.compute(stats)
         if not result:
             return None  # nothing to apply this step (e.g. no prototypes yet)
+        self._committed = False
         if self.log_metrics and _logs_this_step(trainer):
             log_balance_metrics(
                 pl_module,
@@ -347,14 +569,14 @@ class GradientBalancingCallback(Callback, abc.ABC):
 
     def statistics_finite(self, stats: dict[str, Tensor], step: int) -> bool:
         """Whether all ``stats`` are finite; raises :class:`NonFiniteStatisticsError` under ``nonfinite="raise"``."""
-        if bool(torch.stack([torch.isfinite(v).all() for v in stats.values()]).all()):  # one host sync
+        if not stats or bool(torch.stack([torch.isfinite(v).all() for v in stats.values()]).all()):  # one host sync
             return True
         if self.nonfinite == "raise":
             bad = [k for k, v in stats.items() if not bool(torch.isfinite(v).all())]
             raise NonFiniteStatisticsError(
-                f"{type(self).__name__}: non-finite statistics {bad} at global step {step} "
-                f"(NaN/inf in the unimodal logits?). Check the model's inputs and learning rate; under fp16 "
-                f"pass nonfinite='skip' to skip the edit on overflow steps the GradScaler skips anyway."
+                f"{type(self).__name__}: non-finite statistics {bad} at global step {step} (NaN/inf in the model's "
+                f"features or logits: this is not an fp16 overflow step, which is recognised and skipped). Check the "
+                f"model's inputs and learning rate, or pass nonfinite='skip' to skip the edit on such steps."
             )
         return False
 

@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_balance.callbacks.base import GradientBalancingCallback, is_number, log_balance_metrics
@@ -21,80 +22,114 @@ from lightning_balance.modality import ModalityContractError, ModalityRecord, Mu
 
 __all__ = ["InfoReg"]
 
-_WINDOW_RULES = ("own", "any", "all")
+_WINDOW_RULES = ("first", "own", "any", "all")
+#: the official CREMA-D constants: c = 0.95 for the first modality (the paper's audio), 0.10 for the others
+PAPER_STRENGTH = (0.95, 0.10)
 
 
 class InfoReg(GradientBalancingCallback):
     r"""Information-acquisition regulation (InfoReg): slow the dominant encoder during its prime learning window.
 
+    The defaults are the published method for two modalities (the official CREMA-D code): the first
+    declared modality plays the paper's audio role, the second its visual role.
+
+    **Objective.** The module trains with the unimodal losses of the split head,
+    :math:`L = \mathrm{CE}(f, y) + \mathrm{CE}(o_1, y) + \mathrm{CE}(o_2, y)`: return
+    ``self.add_unimodal_losses(loss)`` from ``training_step`` (the callback checks it; pass
+    ``unimodal_losses=False`` to train without them, which is not the published method).
+
     **Fisher trace.** For every modality ``u``, over each epoch ``e``, from the final gradients of the
-    encoder's weight tensors (after this callback's own edit, as in the official code):
+    encoder's weight tensors (after every edit of the step, InfoReg's own included, as in the official code),
+    on every step of training (also outside ``start_epoch``/``end_epoch``):
     :math:`T_u(e) = \sum_\ell \operatorname{mean}(\sum_{t \in e} g_{\ell,t}^2)`.
 
     **Prime learning window.** At the start of epoch ``e``:
     :math:`k_e = (T(e-1) - T(e-1-W)) / \sum_{j=e-W}^{e-1} T(j)` (history pre-padded with ``W`` zeros,
-    ``k_0 = 1``); the window is open while ``k_e > threshold``.
+    ``k_0 = 1``); the window is open while ``k_e > threshold``. By default (``window_from="first"``) the
+    first modality's trace opens or closes the window of every modality, as the official code does with
+    the audio encoder's.
 
     **Regulation.** Per optimizer step, with the scores ``s_u = Σ_i σ(o_{u,i})[y_i]`` of the global
-    batch, the dominant modality ``u = argmax s`` gets, if its window is open,
+    batch (sums, as the official code), the dominant modality ``u = argmax s`` gets, if its window is open,
     :math:`\beta_u = c_u \exp(\tanh(s_u - \max_{k \ne u} s_k))` and every parameter of its encoder
     :math:`g \leftarrow g + \beta_u (\theta - \theta^{(e)})`, with :math:`\theta^{(e)}` the encoder's
     parameters at the start of the epoch (a proximal term :math:`\tfrac{\beta_u}{2}\lVert\theta -
-    \theta^{(e)}\rVert^2`). The other modalities are untouched.
+    \theta^{(e)}\rVert^2`). The other modalities are untouched. Official constants: ``c = 0.95`` for
+    audio, ``0.10`` for visual.
 
-    Generalisations of the official code, which hard-wires two modalities, the constants 0.95 (audio)
-    and 0.10 (visual) and watches only the audio encoder's trace: ``strength`` sets ``c_u`` per
-    modality; ``window_from`` says whose trace opens the window (``"own"``: each modality's own, the
-    default; ``"any"``/``"all"``: any/all modalities' windows; or one modality's name, as the official
-    ``"audio"``); with M > 2 the dominant modality is compared with the runner-up. The official
-    behaviour is :meth:`InfoReg.official`. The paper also trains with the unimodal losses
-    ``CE(o_a, y) + CE(o_v, y)`` added to the fused loss; this callback does not change the loss: return
-    ``self.add_unimodal_losses(loss)`` from your ``training_step`` to reproduce the full recipe.
+    **Generalisation beyond the paper** (documented, not published): with M > 2 modalities the default
+    gives the first modality 0.95 and every other 0.10, and the dominant modality is compared with the
+    runner-up. ``strength`` takes one number for all modalities, a sequence in declared order or a
+    mapping; ``window_from="own"`` lets each modality's own trace open its window (``"any"``/``"all"``: any/all
+    modalities' windows); ``score="mean"`` uses mean instead of summed scores (batch-size independent).
+    A run with such settings is a variant of InfoReg, and is reported as one.
 
     Deviations needed outside one GPU: scores are summed over micro-batches and ranks (one all-reduce)
     and the edit happens once per optimizer step on the accumulated, unscaled gradients, so the Fisher
-    trace is accumulated once per optimizer step from gradients identical on every rank.
+    trace is accumulated once per optimizer step from gradients identical on every rank. Steps that the
+    AMP GradScaler skips (fp16 overflow) add nothing to the trace. The official code computes the trace
+    on ``Conv2d``/``Linear`` weights; here on every encoder tensor with ≥ 2 dims (conv kernels of any
+    dimension, linear and attention projections, embeddings).
 
     Args:
-        strength: ``c_u``: one number for every modality, or a mapping modality → number
-            (official: ``{"audio": 0.95, "visual": 0.10}``).
+        strength: ``c_u``: one number for every modality, a sequence in declared order (a shorter one
+            repeats its last entry), or a mapping modality → number. Default: the paper's ``(0.95, 0.10)``.
         threshold: the window is open while ``k_e > threshold`` (official 0.05).
         window: ``W``, epochs averaged by the indicator (official 10).
-        window_from: ``"own"``, ``"any"``, ``"all"`` or a modality name (see above).
+        window_from: ``"first"`` (the first balanced modality's trace; official), ``"own"``, ``"any"``,
+            ``"all"``, or a modality name.
         score: ``"sum"`` (official: batch sums, so ``tanh`` of their difference saturates and
-            ``β ≈ c·e`` whenever one modality leads) or ``"mean"`` (mean true-class probability,
-            batch-size independent).
-        modalities, start_epoch, end_epoch, nonfinite, allow_untested_strategy, log_metrics: see
-            :class:`GradientBalancingCallback`.
+            ``β ≈ c·e`` whenever one modality leads) or ``"mean"``.
+        unimodal_losses: require the unimodal losses in the objective (the published recipe).
+        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length, nonfinite,
+            allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback` (the official
+            code regulates in every epoch). With ``epoch_length``, the trace history, the snapshot and
+            the window are per block of that many optimizer steps.
 
     Logged: ``balance/inforeg/confidence/<m>`` and ``balance/inforeg/beta/<m>`` per logged step;
     ``balance/inforeg/trace/<m>``, ``balance/inforeg/window_k/<m>`` and ``balance/inforeg/window_open/<m>``
     per epoch.
 
     State (checkpointed): the trace history, the current epoch's trace accumulators, and the
-    epoch-start snapshot of the encoders (one extra copy of the encoder parameters).
+    parameter snapshot of the current epoch (so resuming, also inside an epoch, regulates toward the
+    same point).
 
     Example::
 
-        trainer = Trainer(callbacks=[InfoReg(strength=0.95)])
-        trainer = Trainer(callbacks=[InfoReg.official(audio="audio", visual="video")])
+        class Model(MultimodalMixin, LightningModule):
+            def training_step(self, batch, i):
+                logits = self.fuse(features, y)
+                return self.add_unimodal_losses(F.cross_entropy(logits, y))
+
+        trainer = Trainer(callbacks=[InfoReg()])          # the paper's method, first modality = audio
+        trainer = Trainer(callbacks=[InfoReg.official(audio="sound", visual="image")])
+
+    .. warning:: InfoReg was designed and published with SGD; the callback warns when it is paired with
+       an adaptive optimizer (in our trial with AdamW it cost accuracy; docs/methods/inforeg.md).
     """
 
     method = "inforeg"
+    edit_order = 30  # adds its proximal term to the (possibly modulated) gradient, then measures the final one
+    observe_outside_window = True  # the official trace history covers every epoch
+    designed_for_sgd = True
 
     def __init__(
         self,
-        strength: Union[float, Mapping[str, float]] = 0.95,
+        strength: Union[float, Sequence[float], Mapping[str, float]] = PAPER_STRENGTH,
         threshold: float = 0.05,
         window: int = 10,
-        window_from: str = "own",
+        window_from: str = "first",
         score: Literal["sum", "mean"] = "sum",
+        unimodal_losses: bool = True,
         modalities: Optional[Sequence[str]] = None,
         start_epoch: int = 0,
         end_epoch: Optional[int] = None,
         nonfinite: Literal["raise", "skip"] = "raise",
         allow_untested_strategy: bool = False,
         log_metrics: bool = True,
+        start_step: int = 0,
+        end_step: Optional[int] = None,
+        epoch_length: Optional[int] = None,
     ) -> None:
         super().__init__(
             modalities=modalities,
@@ -103,14 +138,22 @@ class InfoReg(GradientBalancingCallback):
             nonfinite=nonfinite,
             allow_untested_strategy=allow_untested_strategy,
             log_metrics=log_metrics,
+            start_step=start_step,
+            end_step=end_step,
+            epoch_length=epoch_length,
         )
         if isinstance(strength, Mapping):
             bad = {k: v for k, v in strength.items() if not is_number(v) or v < 0}
             if bad or not strength:
                 raise ValueError(f"strength must map modality names to numbers >= 0, got {dict(strength)!r}.")
             strength = {str(k): float(v) for k, v in strength.items()}
+        elif isinstance(strength, (list, tuple)):
+            if not strength or not all(is_number(v) and v >= 0 for v in strength):
+                raise ValueError(f"strength must be a non-empty sequence of numbers >= 0, got {strength!r}.")
+            strength = tuple(float(v) for v in strength)
         elif not is_number(strength) or strength < 0:
-            raise ValueError(f"strength must be a number >= 0 or a mapping modality -> number, got {strength!r}.")
+            raise ValueError(f"strength must be a number >= 0, a sequence or a mapping modality -> number, "
+                             f"got {strength!r}.")
         else:
             strength = float(strength)
         if not is_number(threshold):
@@ -118,7 +161,7 @@ class InfoReg(GradientBalancingCallback):
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise ValueError(f"window must be an int >= 1, got {window!r}.")
         if not isinstance(window_from, str) or not window_from:
-            raise ValueError(f"window_from must be 'own', 'any', 'all' or a modality name, got {window_from!r}.")
+            raise ValueError(f"window_from must be one of {list(_WINDOW_RULES)} or a modality name, got {window_from!r}.")
         if score not in ("sum", "mean"):
             raise ValueError(f"score must be 'sum' or 'mean', got {score!r}.")
         self.strength = strength
@@ -126,6 +169,7 @@ class InfoReg(GradientBalancingCallback):
         self.window = window
         self.window_from = window_from
         self.score = score
+        self.unimodal_losses = bool(unimodal_losses)
         # state
         self.history: list[list[float]] = []  # per epoch: trace of each active modality
         self._trace: Optional[Tensor] = None  # running sum for the current epoch
@@ -136,13 +180,14 @@ class InfoReg(GradientBalancingCallback):
         self._window_open = torch.ones(0, dtype=torch.bool)
         self._window_k: list[float] = []
         self._weights: dict[str, list[nn.Parameter]] = {}
-        self._current_epoch = 0
+        self._epoch = 0
 
     @classmethod
     def official(cls, audio: str = "audio", visual: str = "visual", **kwargs: Any) -> InfoReg:
-        """The official CREMA-D configuration: ``c = 0.95`` for ``audio``, ``0.10`` for ``visual``, the
-        window opened by the audio encoder's trace, batch-sum scores, threshold 0.05 over 10 epochs."""
-        kwargs.setdefault("strength", {audio: 0.95, visual: 0.10})
+        """The official CREMA-D configuration with the modalities named: ``c = 0.95`` for ``audio``, ``0.10``
+        for ``visual``, the window opened by the audio encoder's trace, batch-sum scores, threshold 0.05
+        over 10 epochs, unimodal losses required."""
+        kwargs.setdefault("strength", {audio: PAPER_STRENGTH[0], visual: PAPER_STRENGTH[1]})
         kwargs.setdefault("window_from", audio)
         kwargs.setdefault("modalities", [audio, visual])
         return cls(**kwargs)
@@ -171,22 +216,33 @@ class InfoReg(GradientBalancingCallback):
         self._weights = {m: [p for p in ps if p.ndim >= 2] for m, ps in self._groups.items()}
         if not self._window_open.numel():
             self._window_open = torch.ones(len(names), dtype=torch.bool)
+        if isinstance(self.strength, tuple) and self.window_from == "first":
+            roles = ", ".join(f"{m}: c={c}" for m, c in zip(names, self._strength_values()))
+            rank_zero_info(f"InfoReg: {roles}; the window follows the Fisher trace of {names[0]!r} (the paper's audio "
+                           f"role is the first declared modality).")
 
-    def _strengths(self, device: torch.device) -> Tensor:
+    def _strength_values(self) -> list[float]:
         names = self.active_modalities
-        values = [self.strength[m] if isinstance(self.strength, dict) else self.strength for m in names]
-        return torch.tensor(values, dtype=torch.float32, device=device)
+        if isinstance(self.strength, dict):
+            return [self.strength[m] for m in names]
+        if isinstance(self.strength, tuple):
+            return [self.strength[min(i, len(self.strength) - 1)] for i in range(len(names))]
+        return [self.strength] * len(names)
 
     # ------------------------------------------------------------------ epoch-level state
-    def _finalize_trace(self) -> None:
-        if self._trace is not None and self._trace_epoch is not None:
-            self.history.append([float(v) for v in self._trace.tolist()])
+    def _finalize_trace(self, pl_module: Optional[pl.LightningModule] = None) -> None:
+        trace = self._trace
+        if trace is not None and self._trace_epoch is not None:
+            self.history.append([float(v) for v in trace.tolist()])
+            if pl_module is not None and self.log_metrics:
+                metrics = {f"balance/{self.method}/trace/{m}": trace[i] for i, m in enumerate(self.active_modalities)}
+                log_balance_metrics(pl_module, metrics, on_step=False, on_epoch=True)
         self._trace, self._trace_epoch = None, None
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
+    def begin_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        self._epoch = epoch
         if self._trace_epoch is not None and self._trace_epoch < epoch:
-            self._finalize_trace()
+            self._finalize_trace(pl_module if self.epoch_length is not None else None)
         names = self.active_modalities
         per_modality = list(zip(*self.history)) if self.history else [() for _ in names]
         ks = [prime_window_indicator(list(h), self.window) for h in per_modality]
@@ -198,10 +254,11 @@ class InfoReg(GradientBalancingCallback):
         elif self.window_from == "all":
             open_ = [all(own)] * len(names)
         else:
-            open_ = [own[names.index(self.window_from)]] * len(names)
+            source = 0 if self.window_from == "first" else names.index(self.window_from)
+            open_ = [own[source]] * len(names)
         self._window_k = ks
         self._window_open = torch.tensor(open_, dtype=torch.bool)
-        if self._snapshot_epoch != epoch:  # a resume in the middle of an epoch keeps the loaded snapshot
+        if self._snapshot_epoch != epoch:  # a resume inside an epoch keeps the loaded snapshot
             self._snapshot = {m: [p.detach().clone() for p in ps] for m, ps in self._groups.items()}
             self._snapshot_epoch = epoch
         self._snap_by_id = {id(p): s for m, ps in self._groups.items() for p, s in zip(ps, self._snapshot[m])}
@@ -213,22 +270,28 @@ class InfoReg(GradientBalancingCallback):
             log_balance_metrics(pl_module, metrics, on_step=False, on_epoch=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trace = self._trace
-        self._finalize_trace()
-        if trace is not None and self.log_metrics:
-            metrics = {f"balance/{self.method}/trace/{m}": trace[i] for i, m in enumerate(self.active_modalities)}
-            log_balance_metrics(pl_module, metrics, on_step=False, on_epoch=True)
+        if self.epoch_length is None:  # with epoch_length, the block's trace closes when the next block begins
+            self._finalize_trace(pl_module)
 
     # ------------------------------------------------------------------ per step
     def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
+        if self.unimodal_losses and "objective" not in record.extras:
+            raise ModalityContractError(
+                "InfoReg trains with the unimodal losses of the paper (L = CE(fused) + sum_m CE(unimodal_m)): return "
+                "`self.add_unimodal_losses(fused_loss)` from training_step (after self.fuse(features, targets)), or "
+                "pass InfoReg(unimodal_losses=False) to run the variant without them."
+            )
         logits = stack_modalities(record.unimodal_logits(), self.active_modalities)
-        scores = modality_scores(logits, record.targets)
-        return {"scores": scores, "count": scores.new_tensor([record.batch_size])}
+        valid = record.valid
+        scores = modality_scores(logits, record.targets, valid)
+        return {"scores": scores, "count": valid.sum().float().reshape(1)}
 
     def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
-        scores = stats["scores"] if self.score == "sum" else stats["scores"] / stats["count"]
-        beta = inforeg_coefficients(scores, self._strengths(scores.device), self._window_open)
-        return {"confidence": stats["scores"] / stats["count"], "beta": beta}
+        count = stats["count"].clamp_min(1)
+        scores = stats["scores"] if self.score == "sum" else stats["scores"] / count
+        strengths = torch.tensor(self._strength_values(), dtype=torch.float32, device=scores.device)
+        beta = inforeg_coefficients(scores, strengths, self._window_open)
+        return {"confidence": stats["scores"] / count, "beta": beta}
 
     def metrics(self, result: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}
@@ -238,6 +301,8 @@ class InfoReg(GradientBalancingCallback):
         return out
 
     def edit(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device) -> None:
+        if not self.is_editing:  # outside start/end: the trace is still measured (commit_step), no regulation
+            return
         betas = result["beta"].tolist()
         for beta, m in zip(betas, self.active_modalities):
             if beta == 0.0:
@@ -247,6 +312,10 @@ class InfoReg(GradientBalancingCallback):
                 grads = [p.grad for p, _ in pairs]
                 diffs = torch._foreach_sub([p.detach() for p, _ in pairs], [s for _, s in pairs])
                 torch._foreach_add_(grads, diffs, alpha=beta)
+
+    def commit_step(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device,
+                    active: bool) -> None:
+        # the Fisher trace of the step's final gradient, on every step of training
         increments = []
         for m in self.active_modalities:
             owned = {id(p) for p in groups[m]}
@@ -254,11 +323,7 @@ class InfoReg(GradientBalancingCallback):
             increments.append(fisher_trace_increment(grads).to(device))
         step = torch.stack(increments)
         self._trace = step if self._trace is None else self._trace + step
-        self._trace_epoch = self._current_epoch
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        self._current_epoch = trainer.current_epoch
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self._trace_epoch = self._epoch
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_balance.callbacks.base import (
@@ -17,7 +18,7 @@ from lightning_balance.callbacks.base import (
     log_balance_metrics,
     loss_scales,
 )
-from lightning_balance.functional.mmpareto import pareto_merge_from_sum_, pareto_weights
+from lightning_balance.functional.mmpareto import pareto_merge_from_sum_, pareto_stationary, pareto_weights
 from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
 
 __all__ = ["MMPareto"]
@@ -51,13 +52,27 @@ class MMPareto(GradientBalancingCallback):
     before any cosine or weight is computed: DDP and gradient accumulation give the single-process,
     full-batch result. Gradients are unscaled (AMP) and dot products taken in float64.
 
+    **Pareto-stationary steps.** When an encoder's two gradients are exactly opposed (anti-parallel), the
+    segment between them contains 0: no direction decreases both losses, the min-norm point is the zero
+    vector, and the paper's magnitude enhancement has no direction to enlarge. The paper's intent is a
+    direction common to all objectives; at such a point there is none, so the encoder's gradient is set
+    to exactly zero for the step (logged as ``stationary``), as the min-norm formula gives — instead of the
+    official code's ``0/0`` (NaN) or an amplification of round-off into a direction nobody chose. "Exactly"
+    means the Pareto direction's norm is below ``1e-6`` of the two gradients' norms (float64).
+
+    Frozen encoders (every parameter ``requires_grad=False``) are left out of the merge (an info message
+    says which); with every balanced encoder frozen the callback refuses to start. The per-loss gradients
+    need ``autograd.grad(..., retain_graph=True)``, which a ``torch.compile``-d backward with donated
+    buffers refuses: the callback turns ``torch._functorch.config.donated_buffer`` off while it trains
+    (the setting only saves memory) and restores it after the fit.
+
     Args:
         gamma: amplification γ (official 1.5).
-        modalities, start_epoch, end_epoch, nonfinite, allow_untested_strategy, log_metrics: see
-            :class:`GradientBalancingCallback`.
+        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length, nonfinite,
+            allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback`.
 
     Logged: ``balance/mmpareto/cos/<m>``, ``balance/mmpareto/w_mm/<m>``, ``balance/mmpareto/conflict/<m>``
-    (this step, 0 or 1) and ``balance/mmpareto/conflict_rate/<m>`` (share of the edited steps so far with
+    (this step, 0 or 1), ``balance/mmpareto/stationary/<m>`` (0 or 1) and ``balance/mmpareto/conflict_rate/<m>`` (share of the edited steps so far with
     a conflict; checkpointed).
 
     Example::
@@ -72,6 +87,9 @@ class MMPareto(GradientBalancingCallback):
 
     method = "mmpareto"
     check_finite_stats = False  # whole gradients: the derived dot products are checked instead
+    edit_order = 10  # merges the gradients as the losses produced them: before any other method edits them
+    #: ``|ĝ| <= stationary_tol * sqrt(|g_mm|² + |g_u|²)``: the two gradients cancel (Pareto-stationary step)
+    stationary_tol = 1e-6
 
     def __init__(
         self,
@@ -82,6 +100,9 @@ class MMPareto(GradientBalancingCallback):
         nonfinite: Literal["raise", "skip"] = "raise",
         allow_untested_strategy: bool = False,
         log_metrics: bool = True,
+        start_step: int = 0,
+        end_step: Optional[int] = None,
+        epoch_length: Optional[int] = None,
     ) -> None:
         super().__init__(
             modalities=modalities,
@@ -90,12 +111,18 @@ class MMPareto(GradientBalancingCallback):
             nonfinite=nonfinite,
             allow_untested_strategy=allow_untested_strategy,
             log_metrics=log_metrics,
+            start_step=start_step,
+            end_step=end_step,
+            epoch_length=epoch_length,
         )
         if not is_number(gamma) or gamma <= 0:
             raise ValueError(f"gamma must be a number > 0, got {gamma!r}.")
         self.gamma = float(gamma)
         self.conflicts: Optional[Tensor] = None  # per modality: edited steps with cos <= 0
+        self.stationary: Optional[Tensor] = None  # per modality: edited steps where the two gradients cancel
         self.merges = 0  # edited steps
+        self._donated_buffer: Optional[bool] = None
+        self._last_stationary: list[float] = []
         self._module: Optional[pl.LightningModule] = None
         self._trainer: Optional[pl.Trainer] = None
         self._trainable: dict[str, list[nn.Parameter]] = {}
@@ -107,8 +134,33 @@ class MMPareto(GradientBalancingCallback):
             return
         self._module, self._trainer = pl_module, trainer
         self._trainable = {m: [p for p in ps if p.requires_grad] for m, ps in self._groups.items()}
+        frozen = [m for m, ps in self._trainable.items() if not ps]
+        if len(frozen) == len(self._trainable):
+            raise ModalityContractError(
+                f"MMPareto merges each encoder's multimodal and unimodal gradients, but every balanced encoder is "
+                f"frozen ({', '.join(frozen)}: all parameters have requires_grad=False). Unfreeze at least one, or "
+                f"remove MMPareto while the encoders are frozen."
+            )
+        if frozen:
+            rank_zero_info(f"MMPareto: the encoder(s) of {frozen} are frozen (requires_grad=False) and are left "
+                           f"out of the merge.")
         if self.conflicts is None:
             self.conflicts = torch.zeros(len(self.active_modalities))
+        if self.stationary is None:
+            self.stationary = torch.zeros(len(self.active_modalities))
+        import torch._functorch.config as functorch_config
+
+        if self._donated_buffer is None:  # retain_graph=True is refused by compiled backwards with donated buffers
+            self._donated_buffer = bool(functorch_config.donated_buffer)
+        functorch_config.donated_buffer = False
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if stage == "fit" and self._donated_buffer is not None:
+            import torch._functorch.config as functorch_config
+
+            functorch_config.donated_buffer = self._donated_buffer
+            self._donated_buffer = None
 
     # ------------------------------------------------------------------ per micro-batch: g_u
     def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
@@ -122,7 +174,7 @@ class MMPareto(GradientBalancingCallback):
         accumulate, amp = loss_scales(trainer, pl_module)
         # one backward for all modalities: L_k reaches no encoder but k's (split head, auxiliary heads and
         # masked fusion all give o_k from z_k alone), so d(sum_k L_k)/d(theta_u) = d(L_u)/d(theta_u)
-        names = self.active_modalities
+        names = [m for m in self.active_modalities if self._trainable[m]]
         params = [p for m in names for p in self._trainable[m]]
         objective = sum(terms[m] for m in names) * (accumulate * amp)
         grads = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
@@ -144,10 +196,11 @@ class MMPareto(GradientBalancingCallback):
     def edit(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device) -> None:
         cos_all: list[Optional[Tensor]] = []
         w_all: list[Optional[Tensor]] = []
+        self._last_stationary = [0.0] * len(self.active_modalities)
         for i, m in enumerate(self.active_modalities):
             params = self._trainable[m]
             owned = {id(p) for p in groups[m]}
-            if not owned.intersection(id(p) for p in params):
+            if not params or not owned.intersection(id(p) for p in params):
                 cos_all.append(None)
                 w_all.append(None)
                 continue
@@ -170,18 +223,25 @@ class MMPareto(GradientBalancingCallback):
             dot = dot_total - sq_uni
             sq_mm = (sq_total - 2 * dot_total + sq_uni).clamp_min(0)
             w_mm, w_uni, cos = pareto_weights(dot, sq_mm, sq_uni)
-            finite, agree = torch.stack([torch.isfinite(torch.stack([dot, sq_mm, sq_uni])).all(), cos > 0]).tolist()  # one sync
+            stationary = pareto_stationary(dot, sq_mm, sq_uni, w_mm, self.stationary_tol)
+            finite, agree, cancel = torch.stack([torch.isfinite(torch.stack([dot, sq_mm, sq_uni])).all(), cos > 0,
+                                                 stationary]).tolist()  # one sync
             if not finite and not self.statistics_finite({"dot": dot, "sq_mm": sq_mm, "sq_uni": sq_uni}, self._step()):
                 cos_all.append(None)
                 w_all.append(None)
                 continue
             if agree:  # uniform weights: the merged gradient is gamma * (g_mm + g_u)
                 torch._foreach_mul_(totals, self.gamma)
+            elif cancel:  # Pareto-stationary: no common descent direction, the min-norm point is 0
+                torch._foreach_zero_(totals)
             else:
                 pareto_merge_from_sum_(totals, g_uni, float(w_mm), float(w_uni), self.gamma)
-            assert self.conflicts is not None
+            assert self.conflicts is not None and self.stationary is not None
             self.conflicts = self.conflicts.to(device)
+            self.stationary = self.stationary.to(device)
             self.conflicts[i] += (cos <= 0).float()
+            self.stationary[i] += float(cancel)
+            self._last_stationary[i] = float(cancel)
             cos_all.append(cos)
             w_all.append(w_mm)
         self.merges += 1
@@ -201,6 +261,7 @@ class MMPareto(GradientBalancingCallback):
             metrics[f"balance/{self.method}/cos/{m}"] = cos_all[i]
             metrics[f"balance/{self.method}/w_mm/{m}"] = w_all[i]
             metrics[f"balance/{self.method}/conflict/{m}"] = (cos_all[i] <= 0).float()
+            metrics[f"balance/{self.method}/stationary/{m}"] = torch.tensor(self._last_stationary[i])
             metrics[f"balance/{self.method}/conflict_rate/{m}"] = self.conflicts[i] / max(1, self.merges)  # type: ignore[index]
         log_balance_metrics(module, metrics, on_step=True, on_epoch=False)
 
@@ -214,10 +275,12 @@ class MMPareto(GradientBalancingCallback):
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         conflicts = None if self.conflicts is None else self.conflicts.detach().cpu().clone()
-        return {**super().state_dict(), "conflicts": conflicts, "merges": self.merges}
+        stationary = None if self.stationary is None else self.stationary.detach().cpu().clone()
+        return {**super().state_dict(), "conflicts": conflicts, "stationary": stationary, "merges": self.merges}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.conflicts = state_dict.get("conflicts")
+        self.stationary = state_dict.get("stationary")
         self.merges = int(state_dict.get("merges", 0))
 

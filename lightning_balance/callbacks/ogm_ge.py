@@ -3,8 +3,8 @@ Gradient Modulation", CVPR 2022)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal, Optional
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +23,7 @@ _PARAM_RULES = {
     "weights": lambda p: p.ndim >= 2,
     "all": lambda p: True,
 }
+ParamRule = Literal["auto", "conv", "weights", "all"]
 
 
 class OGMGE(GradientBalancingCallback):
@@ -51,10 +52,14 @@ class OGMGE(GradientBalancingCallback):
     Args:
         alpha: modulation strength α (official README: 0.1 on VGGSound, 0.8 on CREMA-D).
         noise: add the GE noise (OGM-GE). ``False`` gives plain OGM.
-        params: which tensors of each modality's encoders are edited. ``"conv"`` (default, as the
-            official code, which edits 4-D conv kernels only; here any kernel with ≥ 3 dims),
-            ``"weights"`` (every tensor with ≥ 2 dims, BalanceBenchmark's choice, needed for MLP or
-            transformer encoders) or ``"all"``.
+        params: which tensors of each modality's encoders are edited: ``"auto"`` (default: a modality
+            whose encoder has convolution kernels, i.e. tensors with ≥ 3 dims, gets those only, as the
+            official code, which edits the 4-D conv kernels of its ResNets; any other encoder — MLP,
+            transformer — gets every tensor with ≥ 2 dims, its weight matrices), ``"conv"`` (kernels with
+            ≥ 3 dims only), ``"weights"`` (every tensor with ≥ 2 dims, BalanceBenchmark's choice), ``"all"``;
+            or a mapping modality → one of these, to choose per modality (e.g. a Conv1d audio encoder and an
+            MLP visual encoder: ``{"audio": "conv", "visual": "weights"}``). Biases and normalisation
+            parameters are edited only with ``"all"``.
         modalities: modalities to balance (default: all declared).
         start_epoch: first epoch with modulation (official default 0).
         end_epoch: last epoch with modulation, inclusive (official default 50); ``None`` for no end.
@@ -69,16 +74,22 @@ class OGMGE(GradientBalancingCallback):
 
     Example::
 
-        trainer = Trainer(callbacks=[OGMGE(alpha=0.8, params="weights")])
+        trainer = Trainer(callbacks=[OGMGE(alpha=0.8)])
+
+    .. warning:: OGM-GE was designed and published with SGD. An adaptive optimizer (Adam, AdamW, ...)
+       divides each gradient by its running magnitude and largely cancels the modulation; in our trial
+       with AdamW it cost accuracy. The callback warns when it sees one (docs/methods/ogm_ge.md).
     """
 
     method = "ogm"
+    edit_order = 20  # after MMPareto's merge of the raw loss gradients, before InfoReg's proximal term
+    designed_for_sgd = True
 
     def __init__(
         self,
         alpha: float = 0.1,
         noise: bool = True,
-        params: Literal["conv", "weights", "all"] = "conv",
+        params: Union[ParamRule, Mapping[str, ParamRule]] = "auto",
         modalities: Optional[Sequence[str]] = None,
         start_epoch: int = 0,
         end_epoch: Optional[int] = 50,
@@ -87,6 +98,9 @@ class OGMGE(GradientBalancingCallback):
         nonfinite: Literal["raise", "skip"] = "raise",
         allow_untested_strategy: bool = False,
         log_metrics: bool = True,
+        start_step: int = 0,
+        end_step: Optional[int] = None,
+        epoch_length: Optional[int] = None,
     ) -> None:
         super().__init__(
             modalities=modalities,
@@ -95,11 +109,20 @@ class OGMGE(GradientBalancingCallback):
             nonfinite=nonfinite,
             allow_untested_strategy=allow_untested_strategy,
             log_metrics=log_metrics,
+            start_step=start_step,
+            end_step=end_step,
+            epoch_length=epoch_length,
         )
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0:
             raise ValueError(f"alpha must be a number >= 0, got {alpha!r}.")
-        if params not in _PARAM_RULES:
-            raise ValueError(f"params must be one of {sorted(_PARAM_RULES)}, got {params!r}.")
+        rules = ("auto", *_PARAM_RULES)
+        if isinstance(params, Mapping):
+            bad = {k: v for k, v in params.items() if not isinstance(k, str) or v not in rules}
+            if bad or not params:
+                raise ValueError(f"params must map modality names to one of {list(rules)}, got {dict(params)!r}.")
+            params = {str(k): str(v) for k, v in params.items()}
+        elif params not in rules:
+            raise ValueError(f"params must be one of {list(rules)} or a mapping modality -> rule, got {params!r}.")
         if not (isinstance(eps, (int, float)) and eps > 0):
             raise ValueError(f"eps must be > 0, got {eps!r}.")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
@@ -111,26 +134,44 @@ class OGMGE(GradientBalancingCallback):
         self.seed = seed
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and isinstance(self.params, dict):
+            declared = pl_module.modalities if isinstance(pl_module, MultimodalMixin) else ()
+            unknown = [m for m in self.params if m not in declared]
+            if declared and unknown:
+                from lightning_balance.modality import ModalityContractError
+
+                raise ModalityContractError(
+                    f"OGMGE(params={self.params}) names unknown modalities {unknown}; the module declares {list(declared)}."
+                )
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.seed is None and self.noise:
             self.seed = broadcast_seed(trainer.strategy)
 
+    def parameter_rule(self, pl_module: MultimodalMixin, modality: str) -> str:
+        """The rule (``"conv"``, ``"weights"`` or ``"all"``) that selects ``modality``'s edited tensors."""
+        rule = self.params.get(modality, "auto") if isinstance(self.params, dict) else self.params
+        if rule == "auto":
+            has_kernels = any(p.ndim >= 3 for p in pl_module.modality_parameters(modality))
+            rule = "conv" if has_kernels else "weights"
+        return rule
+
     def select_parameters(self, pl_module: MultimodalMixin, modality: str) -> list[nn.Parameter]:
-        rule = _PARAM_RULES[self.params]
+        rule = _PARAM_RULES[self.parameter_rule(pl_module, modality)]
         return [p for p in pl_module.modality_parameters(modality) if rule(p)]
 
     def _empty_group_message(self, modality: str) -> str:
         return (
-            f"OGMGE(params={self.params!r}) selected no parameters for modality {modality!r}. The official "
-            f"OGM-GE edits convolution kernels only; for MLP or transformer encoders use params='weights' "
-            f"(every weight matrix) or params='all'."
+            f"OGMGE(params={self.params!r}) selected no parameters for modality {modality!r}: its encoder has no "
+            f"tensor the rule selects (the official OGM-GE edits convolution kernels; 'weights' selects every "
+            f"weight matrix). Use params='auto' (the default), 'weights' or 'all', or a mapping per modality."
         )
 
     def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
         logits = record.unimodal_logits()
         stacked = stack_modalities(logits, self.active_modalities)
-        scores = modality_scores(stacked, record.targets)
-        return {"scores": scores, "count": scores.new_tensor([record.batch_size])}
+        valid = record.valid
+        scores = modality_scores(stacked, record.targets, valid)
+        return {"scores": scores, "count": valid.sum().float().reshape(1)}
 
     def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
         ratios, coeffs = ogm_coefficients(stats["scores"], self.alpha, self.eps)
@@ -138,7 +179,7 @@ class OGMGE(GradientBalancingCallback):
 
     def metrics(self, result: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}
-        confidence = result["scores"] / result["count"]
+        confidence = result["scores"] / result["count"].clamp_min(1)
         for i, m in enumerate(self.active_modalities):
             out[f"confidence/{m}"] = confidence[i]
             out[f"ratio/{m}"] = result["ratios"][i]

@@ -31,12 +31,18 @@ class PMR(GradientBalancingCallback):
 
     **Prototypes.** Per modality ``m`` and class ``k``, :math:`c^m_k = \operatorname{mean}\{z^m_i : y_i = k\}`,
     recomputed before every epoch (so: before training and after each epoch) with momentum
-    :math:`c \leftarrow (1-\mu) c_{new} + \mu c_{old}` from the second computation on.
+    :math:`c \leftarrow (1-\mu) c_{new} + \mu c_{old}` from the third computation on (the official code
+    mixes when the epoch that just ended is > 0: the prototypes before epoch 0 and before epoch 1 are fresh).
+    With ``momentum > 0`` they are computed in every epoch up to ``end_epoch``, also before ``start_epoch``,
+    as the official code does, so that the momentum history is the official one.
     ``prototypes="pass"`` (official) takes them from a ``no_grad`` eval-mode pass over the first
     ``fraction`` of the epoch's training batches, through the module's :meth:`encode_batch` (torch's
     RNG is forked for the pass, so training's shuffling is unchanged);
     ``prototypes="steps"`` takes them, at no extra cost, from the features the previous epoch's
-    training steps recorded (then epoch 0 has no prototypes and no PCE). Class sums and counts are
+    training steps recorded (then epoch 0 has no prototypes and no PCE). Features are pooled to
+    one vector per sample (the module's :meth:`~lightning_balance.MultimodalMixin.pool_features`: token
+    sequences are averaged over the tokens). Samples whose target is the declared ``ignore_index`` are left
+    out. Class sums and counts are
     summed over ranks, so every rank holds the same prototypes; a class absent from the subset keeps its
     previous prototype (the official code would divide 0 by 0).
 
@@ -67,10 +73,13 @@ class PMR(GradientBalancingCallback):
         entropy_weight: ``μ_H`` of the entropy term (0: off, as the released code).
         entropy_epochs: epochs from ``start_epoch`` during which the entropy term is applied.
         prototypes: ``"pass"`` or ``"steps"`` (see above).
-        fraction: share of the epoch's training batches used by ``prototypes="pass"`` (official 0.1).
+        fraction: share of the epoch's training batches used by ``prototypes="pass"`` (official 0.1: the first
+            ``len(loader) // 10`` batches, at least one).
         accumulation: ``"raise"`` or ``"per_micro_batch"``.
-        modalities, start_epoch, end_epoch, nonfinite, allow_untested_strategy, log_metrics: see
-            :class:`GradientBalancingCallback` (official modulation epochs 0–100).
+        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length, nonfinite,
+            allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback` (official
+            modulation epochs 0–100). With ``epoch_length``, prototypes are recomputed every
+            ``epoch_length`` optimizer steps and ``entropy_epochs`` counts those blocks: for training by steps.
 
     Logged: ``balance/pmr/{score,pce_weight,entropy_weight}/<m>`` (score: mean prototype probability of
     the true class).
@@ -101,6 +110,9 @@ class PMR(GradientBalancingCallback):
         nonfinite: Literal["raise", "skip"] = "raise",
         allow_untested_strategy: bool = False,
         log_metrics: bool = True,
+        start_step: int = 0,
+        end_step: Optional[int] = None,
+        epoch_length: Optional[int] = None,
     ) -> None:
         super().__init__(
             modalities=modalities,
@@ -109,6 +121,9 @@ class PMR(GradientBalancingCallback):
             nonfinite=nonfinite,
             allow_untested_strategy=allow_untested_strategy,
             log_metrics=log_metrics,
+            start_step=start_step,
+            end_step=end_step,
+            epoch_length=epoch_length,
         )
         for name, value in (("alpha", alpha), ("entropy_weight", entropy_weight)):
             if not is_number(value) or value < 0:
@@ -137,26 +152,42 @@ class PMR(GradientBalancingCallback):
         self.centroids: dict[str, Tensor] = {}  # modality -> (C, d)
         self.seen: dict[str, Tensor] = {}  # modality -> (C,) bool
         self._epoch_sums: dict[str, Tensor] = {}  # prototypes="steps": this epoch's class sums / counts
+        self._pending_sums: Optional[dict[str, Tensor]] = None  # this optimizer step's, until it is taken
+        self.prototype_epoch: Optional[int] = None  # the epoch whose prototypes are in `centroids`
+        self._sums_epoch: Optional[int] = None  # prototypes="steps": the epoch whose class sums are collected
         self._epoch = 0
+        # "steps" collects class sums on every step (the next epoch's prototypes need them)
+        self.observe_outside_window = prototypes == "steps"
 
     # ------------------------------------------------------------------ prototypes
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch = trainer.current_epoch
-        if not self.is_active(trainer):
-            return
-        if self.prototypes == "steps":
-            if self._epoch_sums:
-                self._update_from(self._epoch_sums)
-            self._epoch_sums = {}
-            return
-        self._update_from(self._prototype_pass(trainer, pl_module))
+    def _needs_prototypes(self, trainer: pl.Trainer, epoch: int) -> bool:
+        if self.end_epoch is not None and epoch > self.end_epoch:
+            return False
+        return self.is_active(trainer) or self.momentum > 0
 
-    def _update_from(self, sums: dict[str, Tensor]) -> None:
+    def begin_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        self._epoch = epoch
+        if self.prototypes == "steps":
+            if self._sums_epoch == epoch:  # resumed inside the epoch: its prototypes and partial sums are loaded
+                return
+            if self._epoch_sums:
+                self._update_from(self._epoch_sums, epoch)
+            self._epoch_sums, self._sums_epoch = {}, epoch
+            return
+        if self.prototype_epoch == epoch:  # resumed inside the epoch: the loaded prototypes are this epoch's
+            return
+        if self._needs_prototypes(trainer, epoch):
+            self._update_from(self._prototype_pass(trainer, pl_module), epoch)
+
+    def _update_from(self, sums: dict[str, Tensor], epoch: int) -> None:
+        # official: momentum when the epoch that just ended is > 0, i.e. from the prototypes of epoch 2 on
+        momentum = self.momentum if epoch >= 2 else 0.0
         for m in self.active_modalities:
             s, n = sums[f"sum/{m}"], sums[f"count/{m}"]
             self.centroids[m], self.seen[m] = update_prototypes(
-                s, n, self.centroids.get(m), self.seen.get(m), self.momentum
+                s, n, self.centroids.get(m), self.seen.get(m), momentum
             )
+        self.prototype_epoch = epoch
 
     def _prototype_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         loader = trainer.train_dataloader
@@ -168,7 +199,7 @@ class PMR(GradientBalancingCallback):
         total = trainer.num_training_batches
         if not math.isfinite(total):
             raise ModalityContractError("PMR(prototypes='pass') needs a sized training loader; use prototypes='steps'.")
-        limit = max(1, math.ceil(self.fraction * total))
+        limit = max(1, math.floor(self.fraction * total + 1e-9))  # official: the first len // 10 batches, at least one
         was_training = pl_module.training
         pl_module.eval()
         sums: dict[str, Tensor] = {}
@@ -176,7 +207,8 @@ class PMR(GradientBalancingCallback):
             with torch.no_grad():
                 for batch in training_batches(trainer, loader, limit):
                     features, targets = pl_module.encode_batch(batch)  # type: ignore[attr-defined]
-                    self._add_class_sums(sums, pl_module, features, targets)
+                    valid = targets != pl_module.modality_spec.ignore_index  # type: ignore[attr-defined]
+                    self._add_class_sums(sums, pl_module, features, torch.where(valid, targets, 0), valid)
         finally:
             pl_module.train(was_training)
         stats = StepStatistics()  # class sums and counts of every rank: one all-reduce
@@ -190,10 +222,11 @@ class PMR(GradientBalancingCallback):
             return int(pl_module.fuse_features({k: v[:1] for k, v in features.items()}).shape[-1])
 
     def _add_class_sums(self, sums: dict[str, Tensor], pl_module: Any, features: dict[str, Tensor],
-                        targets: Tensor) -> None:
-        classes = self._num_classes(pl_module, features)
+                        targets: Tensor, valid: Tensor, classes: Optional[int] = None) -> None:
+        classes = classes if classes is not None else self._num_classes(pl_module, features)
         for m in self.active_modalities:
-            s, n = class_feature_sums(features[m].detach(), targets, classes)
+            vectors = pl_module.pool_features(m, features[m].detach())
+            s, n = class_feature_sums(vectors, targets, classes, valid)
             sums[f"sum/{m}"] = sums[f"sum/{m}"] + s if f"sum/{m}" in sums else s
             sums[f"count/{m}"] = sums[f"count/{m}"] + n if f"count/{m}" in sums else n
 
@@ -209,45 +242,47 @@ class PMR(GradientBalancingCallback):
     # ------------------------------------------------------------------ statistics → weights → taps
     def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
+        valid, targets = record.valid, record.valid_targets()
         if self.prototypes == "steps":
-            self._add_class_sums(out, pl_module, record.features, record.targets)  # type: ignore[arg-type]
+            self._add_class_sums(out, pl_module, record.features, targets, valid,  # type: ignore[arg-type]
+                                 classes=record.logits.shape[-1])
         if self.centroids:
             scores, kept = [], {}
             with torch.enable_grad():  # the logits are reused, with their graph, by prepare_backward
                 for m in self.active_modalities:
                     z = record.features[m].detach().float().requires_grad_(True)
-                    logits = prototype_logits(z, self.centroids[m], self.seen[m])
+                    logits = prototype_logits(pl_module.pool_features(m, z), self.centroids[m], self.seen[m])
                     kept[m] = (z, logits)
                     with torch.no_grad():
-                        known = self.seen[m].to(logits.device)[record.targets]
-                        p = torch.softmax(logits, dim=-1).gather(1, record.targets.unsqueeze(1)).squeeze(1)
+                        known = self.seen[m].to(logits.device)[targets] & valid
+                        p = torch.softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
                         scores.append(torch.where(known, p, torch.zeros_like(p)).sum())
             record.extras["pmr_logits"] = kept
             out["scores"] = torch.stack(scores)
-            out["count"] = out["scores"].new_tensor([record.batch_size])
+            out["count"] = valid.sum().float().reshape(1)
         return out
 
     def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
-        if self.prototypes == "steps":
-            for k, v in stats.items():
-                if k.startswith(("sum/", "count/")):
-                    self._epoch_sums[k] = self._epoch_sums[k] + v if k in self._epoch_sums else v.clone()
+        if self.prototypes == "steps":  # added to the epoch's sums once the optimizer step is taken
+            step = {k: v for k, v in stats.items() if k.startswith(("sum/", "count/"))}
+            pending = self._pending_sums or {}
+            self._pending_sums = {k: pending[k] + v if k in pending else v for k, v in step.items()}
         if "scores" not in stats:
-            return {}
+            return {"pending": torch.zeros(())} if self._pending_sums else {}
         pce, entropy = pmr_weights(stats["scores"], self.rule)
         in_per = self._epoch - self.start_epoch < self.entropy_epochs
         return {
-            "score": stats["scores"] / stats["count"],
+            "score": stats["scores"] / stats["count"].clamp_min(1),
             "pce_weight": self.alpha * pce,
             "entropy_weight": self.entropy_weight * entropy * float(in_per),
         }
 
     def prepare_backward(self, pl_module: MultimodalMixin, record: ModalityRecord, result: dict[str, Tensor],
                          loss_scale: float) -> None:
-        if not result or "pmr" not in record.extras:
+        if "pce_weight" not in result or "pmr" not in record.extras:
             return
         taps = record.extras["pmr"]
-        targets = record.targets
+        targets, valid = record.valid_targets(), record.valid
         pce_w = result["pce_weight"].tolist()
         ent_w = result["entropy_weight"].tolist()
         for i, m in enumerate(self.active_modalities):
@@ -255,17 +290,31 @@ class PMR(GradientBalancingCallback):
                 continue
             z, logits = record.extras["pmr_logits"][m]
             with torch.enable_grad():
-                known = self.seen[m].to(z.device)[targets]
-                n = z.shape[0]
+                known = self.seen[m].to(z.device)[targets] & valid
+                n = max(1, z.shape[0])
                 loss = z.new_zeros(())
                 if pce_w[i]:  # samples of a class without a prototype contribute 0 (no host sync to find them)
                     safe = logits.masked_fill(~known.unsqueeze(1), 0.0)
                     ce = F.cross_entropy(safe, targets, reduction="none") * known
                     loss = loss + pce_w[i] * ce.sum() / n
                 if ent_w[i]:
-                    loss = loss - ent_w[i] * prototype_entropy(logits).mean()
+                    entropy = prototype_entropy(logits) * valid
+                    loss = loss - ent_w[i] * entropy.sum() / valid.sum().clamp_min(1)
                 (grad,) = torch.autograd.grad(loss, z)
             taps[m].extra = grad * loss_scale
+
+    def acted(self, result: dict[str, Tensor]) -> bool:
+        return "pce_weight" in result  # steps without prototypes yet only collect class sums
+
+    def commit_step(self, groups: dict[str, Any], result: dict[str, Tensor], device: torch.device,
+                    active: bool) -> None:
+        if self._pending_sums:
+            for k, v in self._pending_sums.items():
+                self._epoch_sums[k] = self._epoch_sums[k] + v if k in self._epoch_sums else v.clone()
+        self._pending_sums = None
+
+    def discard_step(self) -> None:
+        self._pending_sums = None
 
     def metrics(self, result: dict[str, Tensor]) -> dict[str, Tensor]:
         return {f"{k}/{m}": result[k][i] for k in ("score", "pce_weight", "entropy_weight") if k in result
@@ -278,6 +327,8 @@ class PMR(GradientBalancingCallback):
             "centroids": {m: c.detach().cpu().clone() for m, c in self.centroids.items()},
             "seen": {m: s.detach().cpu().clone() for m, s in self.seen.items()},
             "epoch_sums": {k: v.detach().cpu().clone() for k, v in self._epoch_sums.items()},
+            "prototype_epoch": self.prototype_epoch,
+            "sums_epoch": self._sums_epoch,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -285,6 +336,8 @@ class PMR(GradientBalancingCallback):
         self.centroids = dict(state_dict.get("centroids", {}))
         self.seen = dict(state_dict.get("seen", {}))
         self._epoch_sums = dict(state_dict.get("epoch_sums", {}))
+        self.prototype_epoch = state_dict.get("prototype_epoch")
+        self._sums_epoch = state_dict.get("sums_epoch")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         device = pl_module.device

@@ -18,7 +18,7 @@ from lightning_balance.functional.diagnostics import (
 )
 from lightning_balance.functional.gblend import gblend_weights
 from lightning_balance.functional.inforeg import fisher_trace_increment, inforeg_coefficients, prime_window_indicator
-from lightning_balance.functional.mmpareto import pareto_merge, pareto_merge_from_sum_, pareto_weights
+from lightning_balance.functional.mmpareto import pareto_merge, pareto_merge_from_sum_, pareto_stationary, pareto_weights
 from lightning_balance.functional.ogm import ge_noise_std, ogm_coefficients, ogm_ratios
 from lightning_balance.functional.pmr import (
     class_feature_sums,
@@ -55,6 +55,7 @@ __all__ = [
     "ogm_ratios",
     "pareto_merge",
     "pareto_merge_from_sum_",
+    "pareto_stationary",
     "pareto_weights",
     "pmr_weights",
     "prime_window_indicator",

@@ -46,11 +46,19 @@ def shapley_responses(subset_logits: Tensor, weights: Tensor) -> Tensor:
     return torch.einsum("us,snc->unc", weights.to(subset_logits), subset_logits)
 
 
-def agm_scores(responses: Tensor, targets: Tensor, floor: float = 1e-8) -> Tensor:
-    """Per-modality batch **sums** of ``-log max(σ(m_u)[y], floor)`` (the official score, lower = better)."""
+def agm_scores(responses: Tensor, targets: Tensor, floor: float = 1e-8, valid: Tensor | None = None) -> Tensor:
+    """Per-modality batch **sums** of ``-log max(σ(m_u)[y], floor)`` (the official score, lower = better),
+    over the samples in ``valid`` if given (the others' targets must still be valid indices, e.g. 0)."""
     p = torch.softmax(responses.float(), dim=-1)
     index = targets.reshape(1, -1, 1).expand(responses.shape[0], -1, 1)
-    return -torch.log(p.gather(-1, index).squeeze(-1).clamp_min(floor)).sum(dim=-1)
+    per_sample = -torch.log(p.gather(-1, index).squeeze(-1).clamp_min(floor))
+    if valid is not None:
+        per_sample = per_sample * valid.float()
+    return per_sample.sum(dim=-1)
+
+
+#: cap of the exponent of κ: exp(80) ≈ 5.5e34 is finite in float32 (whose exp overflows above ≈ 88.7)
+KAPPA_EXPONENT_CAP = 80.0
 
 
 def agm_coefficients(
@@ -61,9 +69,11 @@ def agm_coefficients(
     .. math::
         r_u = \exp\big(\tfrac{M}{M-1}(\bar\ell - \ell_u)\big), \quad
         \bar r_u = \exp\big(\tfrac{M}{M-1}(\bar L - L_u)\big), \quad
-        \kappa_u = \exp\big(\alpha \min(\bar r_u - r_u, \text{clamp})\big)
+        \kappa_u = \exp\big(\min(\alpha \min(\bar r_u - r_u, \text{clamp}),\ 80)\big)
 
-    For M = 2, ``r_a = exp(ℓ_v − ℓ_a)`` as in the official code.
+    For M = 2, ``r_a = exp(ℓ_v − ℓ_a)`` as in the official code. The cap at 80 (ours) keeps ``κ`` finite in
+    float32; the official code has none and gives ``inf`` for ``α·(r̄ − r) > 88.7`` (with its clamp of 10:
+    ``α > 8.87``).
 
     Returns:
         ``(kappa, r, r_bar)``, each ``(M,)``.
@@ -77,4 +87,4 @@ def agm_coefficients(
     diff = r_bar - r
     if clamp is not None:
         diff = diff.clamp(max=clamp)
-    return torch.exp(alpha * diff), r, r_bar
+    return torch.exp((alpha * diff).clamp(max=KAPPA_EXPONENT_CAP)), r, r_bar

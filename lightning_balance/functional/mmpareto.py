@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["pareto_weights", "pareto_merge", "pareto_merge_from_sum_"]
+__all__ = ["pareto_weights", "pareto_merge", "pareto_merge_from_sum_", "pareto_stationary"]
 
 
 def pareto_weights(dot: Tensor, sq_mm: Tensor, sq_uni: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
@@ -34,6 +34,16 @@ def pareto_weights(dot: Tensor, sq_mm: Tensor, sq_uni: Tensor, eps: float = 1e-1
     half = torch.full_like(c, 0.5)
     w_mm = torch.where(conflict, c, half)
     return w_mm.float(), (1 - w_mm).float(), cos.float()
+
+
+def pareto_stationary(dot: Tensor, sq_mm: Tensor, sq_uni: Tensor, w_mm: Tensor, tol: float = 1e-6) -> Tensor:
+    r"""Whether the Pareto direction :math:`\hat g = 2(w\, g_{mm} + (1-w) g_u)` vanishes:
+    :math:`\lVert\hat g\rVert \le \mathrm{tol}\,\sqrt{\lVert g_{mm}\rVert^2 + \lVert g_u\rVert^2}`, from the
+    dot products alone (float64). True when the two gradients are (numerically) anti-parallel: a
+    Pareto-stationary point, where no direction decreases both losses."""
+    dot, sq_mm, sq_uni, w = dot.double(), sq_mm.double(), sq_uni.double(), w_mm.double()
+    sq_merged = 4 * (w * w * sq_mm + (1 - w) * (1 - w) * sq_uni + 2 * w * (1 - w) * dot)
+    return sq_merged.clamp_min(0) <= (tol * tol) * (sq_mm + sq_uni)
 
 
 def pareto_merge(g_mm: Sequence[Tensor], g_uni: Sequence[Tensor], w_mm: Tensor, w_uni: Tensor,

@@ -19,10 +19,14 @@ __all__ = [
 ]
 
 
-def class_feature_sums(features: Tensor, targets: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+def class_feature_sums(features: Tensor, targets: Tensor, num_classes: int,
+                       valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Per-class sums ``(C, d)`` and counts ``(C,)`` of ``(N, d)`` features, in float32 (sums, so that
-    batches and ranks add up)."""
+    batches and ranks add up); only the samples in ``valid`` if given (the others' targets must still be
+    valid indices, e.g. 0)."""
     onehot = F.one_hot(targets, num_classes).to(torch.float32)
+    if valid is not None:
+        onehot = onehot * valid.to(torch.float32).unsqueeze(1)
     return onehot.T @ features.reshape(features.shape[0], -1).float(), onehot.sum(0)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -32,7 +33,7 @@ def true_class_probability(logits: Tensor, targets: Tensor) -> Tensor:
     return log_p.gather(-1, index).squeeze(-1).exp()
 
 
-def modality_scores(unimodal_logits: Tensor, targets: Tensor) -> Tensor:
+def modality_scores(unimodal_logits: Tensor, targets: Tensor, valid: Optional[Tensor] = None) -> Tensor:
     """Confidence score of each modality: ``s_m = Σ_i σ(o_{m,i})[y_i]`` (a batch **sum**).
 
     This is the score of OGM-GE (Peng et al., CVPR 2022, Eq. 8) and its family. Sums, not means, so
@@ -41,8 +42,13 @@ def modality_scores(unimodal_logits: Tensor, targets: Tensor) -> Tensor:
     Args:
         unimodal_logits: ``(M, N, C)`` stacked per-modality logits.
         targets: ``(N,)`` class indices.
+        valid: optional ``(N,)`` bool mask: only these samples are summed (the others' targets may be
+            any value, e.g. an ``ignore_index``).
 
     Returns:
         ``(M,)`` float32 scores.
     """
-    return true_class_probability(unimodal_logits, targets).sum(dim=-1)
+    if valid is None:
+        return true_class_probability(unimodal_logits, targets).sum(dim=-1)
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    return (true_class_probability(unimodal_logits, safe) * valid.float()).sum(dim=-1)

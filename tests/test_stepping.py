@@ -1,0 +1,367 @@
+"""Invariants of the gradient machinery for every gradient callback (benchmark-protocol.md §5): resume from a
+checkpoint taken INSIDE an epoch, fp16 with FORCED overflow steps, stacking in both list orders (and one
+collective per optimizer step when stacked), several `fuse` calls in one step, and windows counted in steps."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+from lightning_balance import AGM, OGMGE, PMR, InfoReg, MMPareto
+from tests.helpers import SaveParams, TinyAV, flat_params, loader, resumable_loader, trainer_kwargs
+
+# name -> factory of a fresh callback; every one edits TinyAV(aux_losses=True)'s gradients from its first epochs
+FACTORIES = {
+    "ogm_ge": lambda **kw: OGMGE(alpha=0.5, seed=3, **kw),
+    "inforeg": lambda **kw: InfoReg(**kw),
+    "agm": lambda **kw: AGM(alpha=1.0, **kw),
+    "pmr": lambda **kw: PMR(alpha=1.0, fraction=0.25, momentum=0.5, **kw),
+    "pmr_steps": lambda **kw: PMR(prototypes="steps", rule="continuous", entropy_weight=0.5, entropy_epochs=1, **kw),
+    "mmpareto": lambda **kw: MMPareto(**kw),
+}
+
+
+def _model(**kw):
+    return TinyAV(aux_losses=True, **kw)
+
+
+def _tensors_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return a == pytest.approx(b, rel=1e-5, abs=1e-9)
+    return a == b
+
+
+def _all_finite(state):
+    if isinstance(state, torch.Tensor):
+        return bool(torch.isfinite(state.float()).all())
+    if isinstance(state, dict):
+        return all(_all_finite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(_all_finite(v) for v in state)
+    if isinstance(state, float):
+        return math.isfinite(state)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ mid-epoch resume
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("step", [2, 6])  # inside epoch 0 and inside epoch 1 (4 optimizer steps per epoch)
+def test_resume_from_a_checkpoint_inside_an_epoch(tmp_path, name, step):
+    straight_cb = FACTORIES[name]()
+    straight = _model()
+    pl.Trainer(**trainer_kwargs(tmp_path / "a", callbacks=[straight_cb], max_epochs=3)).fit(straight, resumable_loader())
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=step, save_top_k=-1, filename="{step}")
+    pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[FACTORIES[name](), ckpt], max_epochs=3,
+                                enable_checkpointing=True)).fit(_model(), resumable_loader())
+    resumed_cb = FACTORIES[name]()
+    resumed = _model(seed=123)  # different initial weights: everything must come from the checkpoint
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path / "c", callbacks=[resumed_cb], max_epochs=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(resumed, resumable_loader(), ckpt_path=str(tmp_path / "ckpt" / f"step={step}.ckpt"))
+    torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=1e-6, atol=1e-7)
+    assert _tensors_equal(resumed_cb.state_dict(), straight_cb.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------ fp16 overflow
+class _SkipFirst(TinyAV):
+    """Returns None from its first `skip` training steps: Lightning then takes no backward and no optimizer step,
+    the scaler does not update — the same run as the overflow run with those steps removed."""
+
+    def __init__(self, skip, **kw):
+        super().__init__(aux_losses=True, **kw)
+        self.skip = skip
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step < self.skip:
+            return None
+        return super().training_step(batch, batch_idx)
+
+
+def _fp16(init_scale):
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale,
+                                                                          backoff_factor=2.0**-8))
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_fp16_overflow_steps_are_skipped_without_changing_state(tmp_path, name):
+    """init scale 2^40 overflows the fp16 backward on the first three steps (2^40 -> 2^32 -> 2^24 -> 2^16)."""
+    cb = FACTORIES[name]()
+    model = _model()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=2, plugins=[_fp16(2.0**40)]))
+    trainer.fit(model, loader())  # no exception, also under nonfinite="raise"
+    assert cb.num_skipped == 3
+    assert trainer.precision_plugin.scaler.get_scale() == 2.0**16
+    assert _all_finite(cb.state_dict())
+    assert torch.isfinite(flat_params(model)).all()
+    # the same run in which those three steps are skipped, starting at the scale they end with
+    reference_cb = FACTORIES[name]()
+    reference = _SkipFirst(skip=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[reference_cb], max_epochs=2,
+                                    plugins=[_fp16(2.0**16)])).fit(reference, loader())
+    assert reference_cb.num_skipped == 0
+    torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=0, atol=0)
+    assert _tensors_equal(cb.state_dict(), reference_cb.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------ stacking
+STACKED = ["ogm_ge", "inforeg", "agm", "pmr", "mmpareto"]
+
+
+@pytest.mark.parametrize("first, second", list(itertools.combinations(STACKED, 2)))
+def test_stacked_methods_give_the_same_result_in_both_list_orders(tmp_path, first, second):
+    runs = {}
+    for order in ((first, second), (second, first)):
+        callbacks = [FACTORIES[n]() for n in order]
+        model = _model()
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, max_epochs=2)).fit(model, loader())
+        runs[order] = (flat_params(model), {type(cb).__name__: cb.state_dict() for cb in callbacks})
+    (a_params, a_states), (b_params, b_states) = runs.values()
+    torch.testing.assert_close(a_params, b_params, rtol=0, atol=0)
+    assert _tensors_equal(a_states, b_states)
+    for alone in (first, second):  # both methods acted in the stack
+        model = _model()
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[FACTORIES[alone]()], max_epochs=2)).fit(model, loader())
+        assert (flat_params(model) - a_params).abs().max() > 1e-4, f"{alone} alone equals the stack"
+
+
+class _CountCollectives(SaveParams):
+    """Counts the all-reduces the balancing machinery makes per optimizer step, in the spawned worker."""
+
+    def setup(self, trainer, pl_module, stage):
+        import lightning_balance.callbacks.base as base
+
+        self.calls = 0
+        original = base.all_reduce_sum
+
+        def counting(tensor, strategy):
+            self.calls += 1
+            return original(tensor, strategy)
+
+        base.all_reduce_sum = counting
+
+    def on_train_end(self, trainer, pl_module):
+        states = {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks if cb is not self}
+        torch.save({"params": flat_params(pl_module), "states": states, "calls": self.calls,
+                    "steps": trainer.global_step}, f"{self.directory}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.timeout(300)
+def test_stacked_step_methods_under_ddp_make_one_collective_per_step_and_equal_one_process(tmp_path):
+    ddp_dir = tmp_path / "ddp"
+    ddp_dir.mkdir()
+    names = ["mmpareto", "ogm_ge", "inforeg"]
+    trainer = pl.Trainer(**trainer_kwargs(ddp_dir, callbacks=[*(FACTORIES[n]() for n in names),
+                                                              _CountCollectives(str(ddp_dir))],
+                                          devices=2, strategy="ddp_spawn", use_distributed_sampler=False))
+    trainer.fit(_model(), loader(batch_size=8))
+    rank0, rank1 = torch.load(ddp_dir / "rank0.pt"), torch.load(ddp_dir / "rank1.pt")
+    assert torch.equal(rank0["params"], rank1["params"])
+    assert rank0["calls"] == rank0["steps"] == 8  # one all-reduce per optimizer step for the three methods
+    single_cbs = [FACTORIES[n]() for n in names]
+    single = _model()
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=single_cbs, max_epochs=2)).fit(single, loader(batch_size=16))
+    torch.testing.assert_close(rank0["params"], flat_params(single), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ two fuse calls
+class _TwoViews(TinyAV):
+    """A training step with two `fuse` calls: the batch and the batch with its features scaled (a second view)."""
+
+    def training_step(self, batch, batch_idx):
+        y = batch["target"]
+        first = self.fuse(self.forward_features(batch), y)
+        second_batch = {"audio": batch["audio"] * 0.5, "visual": batch["visual"] * 2.0, "target": y}
+        second = self.fuse(self.forward_features(second_batch), y)
+        return F.cross_entropy(first, y) + F.cross_entropy(second, y)
+
+
+def _views(batch):
+    y = batch["target"]
+    return [(batch["audio"], batch["visual"], y), (batch["audio"] * 0.5, batch["visual"] * 2.0, y)]
+
+
+def test_agm_modulates_every_fuse_call_of_the_step(tmp_path):
+    """Restated: AGM's scores over the samples of both calls, one kappa per modality, hooks on both calls."""
+    alpha = 1.5
+    reference = _TwoViews(seed=1)
+    opt = torch.optim.SGD(reference.parameters(), lr=reference.lr, momentum=reference.momentum)
+    run = torch.zeros(2)
+    for t, batch in enumerate(loader(), start=1):
+        outs, scores = [], torch.zeros(2)
+        for a, v, y in _views(batch):
+            za, zv = reference.audio_encoder(a), reference.visual_encoder(v)
+            f_av = reference.head(torch.cat([za, zv], 1))
+            f_a0 = reference.head(torch.cat([za, torch.zeros_like(zv)], 1))
+            f_0v = reference.head(torch.cat([torch.zeros_like(za), zv], 1))
+            m = [0.5 * (f_av - f_0v + f_a0), 0.5 * (f_av - f_a0 + f_0v)]
+            with torch.no_grad():
+                scores += torch.stack([-torch.log(torch.softmax(r, 1).gather(1, y[:, None]).clamp_min(1e-8)).sum()
+                                       for r in m])
+            outs.append((m, y))
+        losses = scores / 32  # mean over the 2 x 16 samples of the step
+        r = torch.exp(losses.flip(0) - losses)
+        r_bar = torch.exp(run.flip(0) - run)
+        kappa = torch.exp(alpha * (r_bar - r).clamp(max=10))
+        run = run * (t - 1) / t + losses / t
+        loss = 0
+        for (m_a, m_v), y in outs:
+            m_a.register_hook(lambda g, k=float(kappa[0]): g * k)
+            m_v.register_hook(lambda g, k=float(kappa[1]): g * k)
+            loss = loss + F.cross_entropy(m_a + m_v, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model = _TwoViews(seed=1)
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[AGM(alpha=alpha, clip=None)], max_epochs=1)).fit(model, loader())
+    torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_pmr_adds_its_term_to_every_fuse_call_of_the_step(tmp_path):
+    """Restated: prototypes from the first batch; scores over both calls; the PCE of the slower modality added for
+    each call (a mean over that call's samples, like the user's own two cross-entropies)."""
+    alpha = 2.0
+    reference = _TwoViews(seed=2)
+    opt = torch.optim.SGD(reference.parameters(), lr=reference.lr, momentum=reference.momentum)
+    first = next(iter(loader()))
+    with torch.no_grad():
+        z = reference.forward_features(first)
+        protos = {m: torch.stack([z[m][first["target"] == k].mean(0) for k in range(4)]) for m in z}
+    for batch in loader():
+        calls, s = [], torch.zeros(2)
+        for a, v, y in _views(batch):
+            za, zv = reference.audio_encoder(a), reference.visual_encoder(v)
+            sims = [-torch.cdist(za, protos["audio"]), -torch.cdist(zv, protos["visual"])]
+            with torch.no_grad():
+                s += torch.stack([torch.softmax(q, 1).gather(1, y[:, None]).sum() for q in sims])
+            calls.append((za, zv, sims, y))
+        weights = [float(s[0] < s[1]) * alpha, float(s[1] < s[0]) * alpha]  # PCE on the modality behind
+        loss = 0
+        for za, zv, sims, y in calls:
+            loss = loss + F.cross_entropy(reference.head(torch.cat([za, zv], 1)), y)
+            loss = loss + sum(w * F.cross_entropy(q, y) for w, q in zip(weights, sims))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model = _TwoViews(seed=2)
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[PMR(alpha=alpha, fraction=0.25)], max_epochs=1)).fit(model, loader())
+    torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ step windows
+def test_windows_in_steps_and_the_warning_when_a_method_never_acts(tmp_path):
+    one_long_epoch = loader(n=128)  # 8 batches: max_steps ends the fit inside the first epoch
+    late = OGMGE(start_epoch=1)
+    with pytest.warns(UserWarning, match="OGMGE never edited a gradient.*1 epoch\\(s\\), 6 optimizer step.*start_step"):
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[late], max_steps=6)).fit(_model(), one_long_epoch)
+    assert late.num_edits == 0
+    by_steps = OGMGE(start_step=2, end_step=4)
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[by_steps], max_steps=6)).fit(_model(), one_long_epoch)
+    assert by_steps.num_edits == 3  # steps 2, 3, 4
+    pmr = PMR(prototypes="steps", epoch_length=2)
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[pmr], max_steps=6)).fit(_model(), one_long_epoch)
+    assert pmr.prototype_epoch == 2 and pmr.num_edits == 4  # prototypes from steps 0-1, used on steps 2-5
+    inforeg = InfoReg(epoch_length=2)
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[inforeg], max_steps=6)).fit(_model(), one_long_epoch)
+    assert len(inforeg.history) == 2 and inforeg._trace_epoch == 2  # blocks 0 and 1 closed, block 2 running
+    with pytest.raises(ValueError, match="epoch_length must be None or an int >= 1"):
+        OGMGE(epoch_length=0)
+    with pytest.raises(ValueError, match="end_step must be None or an int >= start_step"):
+        OGMGE(start_step=5, end_step=2)
+
+
+def test_ogm_and_inforeg_warn_with_an_adaptive_optimizer(tmp_path):
+    class AdamW(TinyAV):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    for cb in (OGMGE(), InfoReg(unimodal_losses=False), AGM()):
+        with pytest.warns(UserWarning, match=f"{type(cb).__name__} was designed and published with SGD.*AdamW"):
+            pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=1)).fit(AdamW(), loader())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # SGD: no warning from the method
+        try:
+            pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[OGMGE()], max_epochs=1)).fit(TinyAV(), loader())
+        except UserWarning as w:
+            assert "designed and published with SGD" not in str(w), w
+
+
+def test_ogm_ge_default_parameter_rule_per_encoder():
+    from torch import nn
+
+    from lightning_balance import MultimodalMixin
+
+    class Mixed(MultimodalMixin, pl.LightningModule):  # a Conv1d audio encoder and an MLP visual encoder
+        def __init__(self):
+            super().__init__()
+            self.audio = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                                       nn.Linear(4, 8))
+            self.visual = nn.Sequential(nn.Linear(5, 8), nn.ReLU())
+            self.head = nn.Linear(16, 3)
+            self.configure_modalities({"audio": self.audio, "visual": self.visual}, head=self.head)
+
+    model = Mixed()
+    auto = OGMGE()
+    assert auto.parameter_rule(model, "audio") == "conv" and auto.parameter_rule(model, "visual") == "weights"
+    assert [p.shape for p in auto.select_parameters(model, "audio")] == [torch.Size([4, 1, 3])]
+    assert [p.shape for p in auto.select_parameters(model, "visual")] == [torch.Size([8, 5])]
+    chosen = OGMGE(params={"audio": "weights"})
+    assert [p.ndim for p in chosen.select_parameters(model, "audio")] == [3, 2]  # the conv kernel and the linear
+    assert chosen.parameter_rule(model, "visual") == "weights"  # unnamed modalities: "auto"
+
+
+def test_agm_coefficient_saturates_instead_of_overflowing():
+    from lightning_balance.functional import agm_coefficients
+
+    with pytest.warns(UserWarning, match="alpha \\* clamp = 100 exceeds 80"):
+        AGM(alpha=10.0)
+    kappa, _, _ = agm_coefficients(torch.tensor([5.0, 0.1]), torch.tensor([0.1, 5.0]), alpha=10.0, clamp=10.0)
+    assert torch.isfinite(kappa).all() and kappa.max() == pytest.approx(math.exp(80), rel=1e-4)
+    kappa, _, _ = agm_coefficients(torch.tensor([5.0, 0.1]), torch.tensor([0.1, 5.0]), alpha=1.0, clamp=None)
+    assert torch.isfinite(kappa).all()
+
+
+def test_ignore_index_samples_are_left_out_of_the_scores(tmp_path):
+    """OGM-GE's scores with a quarter of the targets set to -100 equal the scores of the labelled samples alone."""
+    captured = {}
+
+    class Capture(OGMGE):
+        def compute(self, stats):
+            captured.setdefault("stats", {k: v.clone() for k, v in stats.items()})
+            return super().compute(stats)
+
+    class Unlabelled(TinyAV):
+        def training_step(self, batch, batch_idx):
+            y = batch["target"].clone()
+            y[::4] = -100
+            logits = self.fuse(self.forward_features(batch), y)
+            captured.setdefault("batch", (self.forward_features(batch), y, logits))
+            return F.cross_entropy(logits, y)
+
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[Capture(seed=0)], max_steps=1)).fit(Unlabelled(), loader())
+    feats, y, _ = captured["batch"]
+    keep = y != -100
+    model = TinyAV()
+    w, b = model.head.weight, model.head.bias
+    expected = []
+    for z, cols in ((feats["audio"], slice(0, 8)), (feats["visual"], slice(8, 16))):
+        p = torch.softmax(z[keep] @ w[:, cols].T + b / 2, 1)
+        expected.append(p.gather(1, y[keep][:, None]).sum())
+    torch.testing.assert_close(captured["stats"]["scores"], torch.stack(expected).detach(), rtol=1e-5, atol=1e-6)
+    assert captured["stats"]["count"].item() == 12
