@@ -205,3 +205,69 @@ def test_fp16_amp_uses_unscaled_per_loss_gradients(tmp_path):
     gap = (fp32 - plain).abs().max().item()
     assert gap > 0.01
     assert (fp16 - fp32).abs().max().item() < gap / 5  # a scaled g_u would be 4096x too large
+
+
+def _edit_with(g_mm, g_u, gamma=1.5):
+    """MMPareto's edit on one encoder tensor whose .grad holds g_mm + g_u (what one backward of L_mm + L_u leaves)."""
+    cb = MMPareto(gamma=gamma, log_metrics=False)
+    audio, visual = torch.nn.Parameter(torch.zeros_like(g_mm)), torch.nn.Parameter(torch.zeros(3))
+    audio.grad, visual.grad = (g_mm + g_u).clone(), torch.ones(3)
+    cb._groups = cb._trainable = {"audio": [audio], "visual": [visual]}
+    cb.conflicts, cb.stationary = torch.zeros(2), torch.zeros(2)
+    cb.edit(cb._groups, {"grad/audio/00000": g_u, "grad/visual/00000": torch.full((3,), 0.5)}, torch.device("cpu"))
+    return audio.grad, cb
+
+
+def test_opposed_gradients_are_a_pareto_stationary_step_with_a_zero_gradient():
+    g = torch.tensor([[0.3, -1.2, 0.7], [2.0, 0.1, -0.4]])
+    for g_u in (-g, -2.5 * g, -2.5 * g * (1 + 1e-5 * torch.randn_like(g))):  # anti-parallel, equal and unequal norms
+        merged, cb = _edit_with(g, g_u)
+        assert torch.equal(merged, torch.zeros_like(g))  # exactly zero: not NaN (official 0/0), not amplified round-off
+        assert cb.stationary.tolist() == [1.0, 0.0] and cb.conflicts.tolist() == [1.0, 0.0]
+    # a conflict that is not stationary keeps the Pareto direction, enlarged to the uniform norm
+    g_u = torch.tensor([[-0.3, 1.0, 0.2], [-1.0, 0.5, 0.9]])
+    merged, cb = _edit_with(g, g_u)
+    a, b = g.reshape(-1).double(), g_u.reshape(-1).double()
+    w = float(((b @ b - a @ b) / ((a - b) @ (a - b))).clamp(0.001, 0.999))
+    g_hat = 2 * (w * g + (1 - w) * g_u)
+    expected = 1.5 * g_hat * max(1.0, float((g + g_u).norm() / g_hat.norm()))
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-7)
+    assert cb.stationary.tolist() == [0.0, 0.0]
+
+
+def test_frozen_encoders(tmp_path):
+    class Frozen(TinyAV):
+        def __init__(self, which):
+            super().__init__(aux_losses=True)
+            for m in which:
+                for p in getattr(self, f"{m}_encoder").parameters():
+                    p.requires_grad_(False)
+
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[MMPareto()], max_epochs=1))
+    with pytest.raises(ModalityContractError, match="every balanced encoder is frozen \\(audio, visual"):
+        trainer.fit(Frozen(["audio", "visual"]), loader())
+    cb = MMPareto()
+    model = Frozen(["audio"])
+    before = [p.clone() for p in model.audio_encoder.parameters()]
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=1)).fit(model, loader())
+    assert cb.merges == 4 and all(torch.equal(a, b) for a, b in zip(before, model.audio_encoder.parameters()))
+
+
+def test_donated_buffers_are_off_while_mmpareto_trains_and_restored_after(tmp_path):
+    """autograd.grad(..., retain_graph=True) is refused by compiled backwards with donated buffers."""
+    import torch._functorch.config as functorch_config
+
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(functorch_config.donated_buffer)
+
+    before = functorch_config.donated_buffer
+    functorch_config.donated_buffer = True
+    try:
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[MMPareto(), Spy()], max_epochs=1)).fit(
+            TinyAV(aux_losses=True), loader())
+        assert seen == [False] * 4 and functorch_config.donated_buffer is True
+    finally:
+        functorch_config.donated_buffer = before

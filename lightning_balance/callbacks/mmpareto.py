@@ -58,7 +58,9 @@ class MMPareto(GradientBalancingCallback):
     direction common to all objectives; at such a point there is none, so the encoder's gradient is set
     to exactly zero for the step (logged as ``stationary``), as the min-norm formula gives — instead of the
     official code's ``0/0`` (NaN) or an amplification of round-off into a direction nobody chose. "Exactly"
-    means the Pareto direction's norm is below ``1e-6`` of the two gradients' norms (float64).
+    means the Pareto direction's norm is below ``1e-3`` of the two gradients' norms: ``g_mm`` is recovered as
+    ``.grad − g_u`` in the gradients' float32, so a smaller Pareto direction is mostly round-off, which the
+    magnitude restoration would otherwise enlarge up to the uniform norm.
 
     Frozen encoders (every parameter ``requires_grad=False``) are left out of the merge (an info message
     says which); with every balanced encoder frozen the callback refuses to start. The per-loss gradients
@@ -88,8 +90,9 @@ class MMPareto(GradientBalancingCallback):
     method = "mmpareto"
     check_finite_stats = False  # whole gradients: the derived dot products are checked instead
     edit_order = 10  # merges the gradients as the losses produced them: before any other method edits them
-    #: ``|ĝ| <= stationary_tol * sqrt(|g_mm|² + |g_u|²)``: the two gradients cancel (Pareto-stationary step)
-    stationary_tol = 1e-6
+    #: ``|ĝ| <= stationary_tol * sqrt(|g_mm|² + |g_u|²)``: the two gradients cancel (Pareto-stationary step). g_mm is
+    #: ``.grad - g_u`` in float32, so below ~1e-3 the Pareto direction is dominated by round-off
+    stationary_tol = 1e-3
 
     def __init__(
         self,

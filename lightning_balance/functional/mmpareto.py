@@ -36,7 +36,7 @@ def pareto_weights(dot: Tensor, sq_mm: Tensor, sq_uni: Tensor, eps: float = 1e-1
     return w_mm.float(), (1 - w_mm).float(), cos.float()
 
 
-def pareto_stationary(dot: Tensor, sq_mm: Tensor, sq_uni: Tensor, w_mm: Tensor, tol: float = 1e-6) -> Tensor:
+def pareto_stationary(dot: Tensor, sq_mm: Tensor, sq_uni: Tensor, w_mm: Tensor, tol: float = 1e-3) -> Tensor:
     r"""Whether the Pareto direction :math:`\hat g = 2(w\, g_{mm} + (1-w) g_u)` vanishes:
     :math:`\lVert\hat g\rVert \le \mathrm{tol}\,\sqrt{\lVert g_{mm}\rVert^2 + \lVert g_u\rVert^2}`, from the
     dot products alone (float64). True when the two gradients are (numerically) anti-parallel: a
