@@ -365,3 +365,41 @@ def test_ignore_index_samples_are_left_out_of_the_scores(tmp_path):
         expected.append(p.gather(1, y[keep][:, None]).sum())
     torch.testing.assert_close(captured["stats"]["scores"], torch.stack(expected).detach(), rtol=1e-5, atol=1e-6)
     assert captured["stats"]["count"].item() == 12
+
+
+class _PartlyUnlabelled(TinyAV):
+    """Every fourth target is ignore_index (-100), and one batch has no label at all."""
+
+    def training_step(self, batch, batch_idx):
+        batch = dict(batch)
+        y = batch["target"].clone()
+        y[::4] = -100
+        if batch_idx == 1:
+            y[:] = -100
+        batch["target"] = y
+        logits = self.fuse(self.forward_features(batch), y)
+        loss = F.cross_entropy(logits, y) if (y != -100).any() else logits.sum() * 0
+        return self.add_unimodal_losses(loss)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_ignore_index_targets_run_and_stay_finite(tmp_path, name):
+    cb = FACTORIES[name]()
+    model = _PartlyUnlabelled(aux_losses=True)
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=2)).fit(model, loader())
+    assert torch.isfinite(flat_params(model)).all() and _all_finite(cb.state_dict())
+    assert cb.num_edits > 0
+
+
+def test_a_step_without_labelled_samples_changes_nothing(tmp_path):
+    """AGM's running means and iteration count skip a batch whose targets are all ignore_index."""
+
+    class OneUnlabelled(TinyAV):
+        def training_step(self, batch, batch_idx):
+            y = batch["target"] if batch_idx != 2 else torch.full_like(batch["target"], -100)
+            logits = self.fuse(self.forward_features(batch), y)
+            return F.cross_entropy(logits, y) if batch_idx != 2 else logits.sum() * 0
+
+    cb = AGM()
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=1)).fit(OneUnlabelled(), loader())
+    assert cb.iterations == 3 and cb.num_edits == 3

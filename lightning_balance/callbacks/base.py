@@ -551,8 +551,17 @@ class GradientBalancingCallback(Callback, abc.ABC):
 
     def _compute_checked(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                          stats: dict[str, Tensor]) -> Optional[dict[str, Tensor]]:
-        """Check the reduced statistics, compute the coefficients, log them."""
-        if self.check_finite_stats and not self.statistics_finite(stats, trainer.global_step):
+        """Check the reduced statistics, compute the coefficients, log them. A step whose global batch has no
+        labelled sample (``stats["count"] == 0``: every target is ``ignore_index``) gives no coefficient."""
+        checks = []
+        if self.check_finite_stats and stats:
+            checks.append(torch.stack([torch.isfinite(v).all() for v in stats.values()]).all())
+        if "count" in stats:
+            checks.append(stats["count"].sum() > 0)
+        flags = torch.stack(checks).tolist() if checks else []  # one host sync for both checks
+        if self.check_finite_stats and stats and not flags[0] and not self.statistics_finite(stats, trainer.global_step):
+            return None
+        if "count" in stats and not flags[-1]:
             return None
         result = self.compute(stats)
         if not result:
