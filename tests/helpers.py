@@ -221,7 +221,8 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"yielded": self._yielded}
+        # a finished pass (checkpoint at an epoch's last batch) resumes with a fresh one
+        return {"yielded": self._yielded if self._yielded < len(self) else 0}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._skip = int(state_dict["yielded"])

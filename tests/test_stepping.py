@@ -59,7 +59,7 @@ def _all_finite(state):
 
 # ------------------------------------------------------------------------------------------------ mid-epoch resume
 @pytest.mark.parametrize("name", sorted(FACTORIES))
-@pytest.mark.parametrize("step", [2, 6])  # inside epoch 0 and inside epoch 1 (4 optimizer steps per epoch)
+@pytest.mark.parametrize("step", [2, 4, 6])  # inside epoch 0, its last batch, inside epoch 1 (4 steps per epoch)
 def test_resume_from_a_checkpoint_inside_an_epoch(tmp_path, name, step):
     straight_cb = FACTORIES[name]()
     straight = _model()
@@ -310,8 +310,8 @@ def test_ogm_ge_default_parameter_rule_per_encoder():
     class Mixed(MultimodalMixin, pl.LightningModule):  # a Conv1d audio encoder and an MLP visual encoder
         def __init__(self):
             super().__init__()
-            self.audio = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
-                                       nn.Linear(4, 8))
+            self.audio = nn.Sequential(nn.Conv1d(1, 8, 5), nn.ReLU(), nn.Conv1d(8, 8, 3), nn.ReLU(),
+                                       nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 8))
             self.visual = nn.Sequential(nn.Linear(5, 8), nn.ReLU())
             self.head = nn.Linear(16, 3)
             self.configure_modalities({"audio": self.audio, "visual": self.visual}, head=self.head)
@@ -319,10 +319,10 @@ def test_ogm_ge_default_parameter_rule_per_encoder():
     model = Mixed()
     auto = OGMGE()
     assert auto.parameter_rule(model, "audio") == "conv" and auto.parameter_rule(model, "visual") == "weights"
-    assert [p.shape for p in auto.select_parameters(model, "audio")] == [torch.Size([4, 1, 3])]
+    assert [p.shape for p in auto.select_parameters(model, "audio")] == [torch.Size([8, 1, 5]), torch.Size([8, 8, 3])]
     assert [p.shape for p in auto.select_parameters(model, "visual")] == [torch.Size([8, 5])]
     chosen = OGMGE(params={"audio": "weights"})
-    assert [p.ndim for p in chosen.select_parameters(model, "audio")] == [3, 2]  # the conv kernel and the linear
+    assert [p.ndim for p in chosen.select_parameters(model, "audio")] == [3, 3, 2]  # the kernels and the linear
     assert chosen.parameter_rule(model, "visual") == "weights"  # unnamed modalities: "auto"
 
 
@@ -403,3 +403,64 @@ def test_a_step_without_labelled_samples_changes_nothing(tmp_path):
     cb = AGM()
     pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=1)).fit(OneUnlabelled(), loader())
     assert cb.iterations == 3 and cb.num_edits == 3
+
+
+def test_ogm_ge_auto_rule_on_a_transformer_with_positional_parameters_and_a_vit_like_encoder():
+    from torch import nn
+
+    from lightning_balance import MultimodalMixin
+
+    class Tokens(nn.Module):  # a transformer encoder with 3-D learned positions and a CLS token
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(6, 16)
+            self.pos = nn.Parameter(torch.zeros(1, 5, 16))
+            self.cls = nn.Parameter(torch.zeros(1, 1, 16))
+            self.layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+
+    class Patches(nn.Module):  # a ViT-like encoder: a small Conv2d patch embedding, then linear layers
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, 16, 4, stride=4)
+            self.mlp = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+
+    class Model(MultimodalMixin, pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.audio, self.visual, self.head = Tokens(), Patches(), nn.Linear(32, 3)
+            self.configure_modalities({"audio": self.audio, "visual": self.visual}, head=self.head)
+
+    model, cb = Model(), OGMGE()
+    assert cb.parameter_rule(model, "audio") == "weights" and cb.parameter_rule(model, "visual") == "weights"
+    edited = {id(p) for p in cb.select_parameters(model, "audio")}
+    assert id(model.audio.pos) in edited and id(model.audio.embed.weight) in edited
+    assert id(model.audio.layer.self_attn.in_proj_weight) in edited
+    assert {id(p) for p in OGMGE(params="conv").select_parameters(model, "visual")} == {id(model.visual.patch.weight)}
+
+
+class _WithHoldout(pl.LightningDataModule):
+    """TinyAV's data plus a held-out part for Gradient-Blending's estimates."""
+
+    def train_dataloader(self):
+        return loader()
+
+    def holdout_dataloader(self):
+        return loader(n=32, seed=5)
+
+
+@pytest.mark.parametrize("other", STACKED)
+def test_gradient_blending_stacks_in_both_list_orders(tmp_path, other):
+    from lightning_balance import GradientBlending
+
+    def gblend():
+        return GradientBlending(every_n_epochs=1, estimate_epochs=1, max_batches=2)
+
+    runs = []
+    for order in ("first", "last"):
+        callbacks = [gblend(), FACTORIES[other]()] if order == "first" else [FACTORIES[other](), gblend()]
+        model = _model()
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, max_epochs=2)).fit(model, datamodule=_WithHoldout())
+        runs.append((flat_params(model), {type(cb).__name__: cb.state_dict() for cb in callbacks}, model.loss_weights))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
+    assert _tensors_equal(runs[0][1], runs[1][1]) and runs[0][2] == runs[1][2]
+    assert runs[0][2] != {"fused": 1.0, "audio": 1.0, "visual": 1.0}  # the blend acted

@@ -94,20 +94,23 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def forked_devices(device: torch.device) -> list[int]:
-    """The CUDA device indices ``torch.random.fork_rng`` must fork so that work on ``device`` leaves the
-    training run's random streams untouched (the CPU stream is always forked)."""
+def forked_rng(device: torch.device) -> Any:
+    """``torch.random.fork_rng`` over the CPU stream and, on CUDA, the stream of the training ``device``: work
+    inside it (a callback's own pass over data, branch training) leaves the training run's random streams
+    untouched."""
     if device.type == "cuda":
-        return [device.index if device.index is not None else torch.cuda.current_device()]
-    return []
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.random.fork_rng(devices=[index], device_type="cuda")
+    return torch.random.fork_rng(devices=[])
 
 
 def training_batches(trainer: pl.Trainer, loader: Any, limit: Optional[int] = None):
     """The first ``limit`` batches of ``loader`` (all if ``None``), moved to the device, for callbacks that make
     their own pass over training data (PMR's prototypes, Gradient-Blending's estimates). torch's RNG is
-    forked (the CPU stream and the stream of the training device), so a shuffling sampler replays this epoch's
-    order and training's random streams are untouched."""
-    with torch.random.fork_rng(devices=forked_devices(trainer.strategy.root_device)):
+    forked (the CPU stream and the stream of the training device), so training's random streams are
+    untouched; a shuffling sampler called at an epoch's start replays that epoch's order (except in the
+    first epoch, whose order Lightning draws before the epoch starts)."""
+    with forked_rng(trainer.strategy.root_device):
         for i, batch in enumerate(loader):
             if limit is not None and i >= limit:
                 break
@@ -279,11 +282,12 @@ class GradientBalancingCallback(Callback, abc.ABC):
         self.nonfinite = nonfinite
         self.allow_untested_strategy = allow_untested_strategy
         self.log_metrics = log_metrics  # not `self.log`: Lightning overwrites callback.log with pl_module.log
-        self.num_edits = 0  # optimizer steps edited so far (checkpointed)
+        self.num_edits = 0  # optimizer steps edited so far (each optimizer's step counts; checkpointed)
         self.num_skipped = 0  # AMP overflow steps seen (not checkpointed: a diagnostic)
         self._stats = StepStatistics()
         self._result: Optional[dict[str, Tensor]] = None
-        self._committed = True  # whether _result's once-per-step state change has been made
+        #: whether the global batch of the step being computed has a labelled sample (set before ``compute``)
+        self.step_has_labels = True
         self._groups: dict[str, list[nn.Parameter]] = {}
         self._index_at_batch_start = 0
         self._consumed_index = -1
@@ -408,7 +412,6 @@ class GradientBalancingCallback(Callback, abc.ABC):
         self._per_optimizer = {}
         self._stats.reset()
         self._result = None
-        self._committed = True
         self._begun_epoch = None
         if self._hook_handle is not None:
             self._hook_handle.remove()
@@ -430,6 +433,16 @@ class GradientBalancingCallback(Callback, abc.ABC):
                 f"the optimizer step's batch. Train without accumulation (a larger batch), or pass "
                 f"accumulation='per_micro_batch' to accept per-micro-batch coefficients."
             )
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            fused = [type(o).__name__ for o in trainer.optimizers if getattr(o, "_step_supports_amp_scaling", False)]
+            if fused:
+                raise ValueError(
+                    f"{type(self).__name__} edits unscaled gradients, but {', '.join(fused)} unscales them inside its "
+                    f"own step (fused=True), so under fp16 AMP the gradients it would see are still multiplied by the "
+                    f"loss scale (Lightning refuses its own gradient clipping here for the same reason). Create the "
+                    f"optimizer with fused=False (the default foreach implementation), or train in bf16 or fp32."
+                )
         if self.designed_for_sgd:
             adaptive = sorted({type(o).__name__ for o in trainer.optimizers if type(o).__name__ in _ADAPTIVE})
             if adaptive:
@@ -528,7 +541,7 @@ class GradientBalancingCallback(Callback, abc.ABC):
         if optimizer_step_skipped(trainer, optimizer):
             for cb in pipeline:  # the scaler skips this step: leave every method's state as it was
                 cb._stats.reset()
-                cb._result, cb._committed = None, True
+                cb._result = None
                 cb.discard_step()
                 cb.num_skipped += 1
             return
@@ -544,15 +557,15 @@ class GradientBalancingCallback(Callback, abc.ABC):
             cb._optimizer = optimizer
             cb.edit(cb._groups_for(optimizer), cb._result, pl_module.device)  # outside the window only for
             cb.num_edits += int(cb._enabled and cb.acted(cb._result))  # observe_outside_window methods
-        for cb in pipeline:
-            if cb._result is not None and not cb._committed:
+        for cb in pipeline:  # per optimizer (its own parameters); once-per-step state must be idempotent here
+            if cb._result is not None:
                 cb.commit_step(cb._groups_for(optimizer), cb._result, pl_module.device, cb._enabled)
-                cb._committed = True
 
     def _compute_checked(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                          stats: dict[str, Tensor]) -> Optional[dict[str, Tensor]]:
-        """Check the reduced statistics, compute the coefficients, log them. A step whose global batch has no
-        labelled sample (``stats["count"] == 0``: every target is ``ignore_index``) gives no coefficient."""
+        """Check the reduced statistics, compute the coefficients, log them. Before ``compute``,
+        :attr:`step_has_labels` says whether the global batch has a labelled sample (``stats["count"] > 0``;
+        a batch whose targets are all ``ignore_index`` has none): methods then give a neutral result."""
         checks = []
         if self.check_finite_stats and stats:
             checks.append(torch.stack([torch.isfinite(v).all() for v in stats.values()]).all())
@@ -561,12 +574,10 @@ class GradientBalancingCallback(Callback, abc.ABC):
         flags = torch.stack(checks).tolist() if checks else []  # one host sync for both checks
         if self.check_finite_stats and stats and not flags[0] and not self.statistics_finite(stats, trainer.global_step):
             return None
-        if "count" in stats and not flags[-1]:
-            return None
+        self.step_has_labels = bool(flags[-1]) if "count" in stats else True
         result = self.compute(stats)
         if not result:
             return None  # nothing to apply this step (e.g. no prototypes yet)
-        self._committed = False
         if self.log_metrics and _logs_this_step(trainer):
             log_balance_metrics(
                 pl_module,

@@ -16,7 +16,7 @@ from lightning_balance.functional.diagnostics import (
     shapley_contributions,
     variance_inflation,
 )
-from lightning_balance.functional.gblend import gblend_weights
+from lightning_balance.functional.gblend import floor_weights, gblend_weights
 from lightning_balance.functional.inforeg import fisher_trace_increment, inforeg_coefficients, prime_window_indicator
 from lightning_balance.functional.mmpareto import pareto_merge, pareto_merge_from_sum_, pareto_stationary, pareto_weights
 from lightning_balance.functional.ogm import ge_noise_std, ogm_coefficients, ogm_ratios
@@ -42,6 +42,7 @@ __all__ = [
     "effective_rank",
     "fisher_trace_increment",
     "fit_linear_probe",
+    "floor_weights",
     "gblend_weights",
     "imbalance_verdict",
     "ge_noise_std",
