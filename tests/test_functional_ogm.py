@@ -45,9 +45,9 @@ def test_two_modality_coefficients_by_hand():
     ratios, coeffs = ogm_coefficients(torch.tensor([2.0, 1.0]), alpha=0.5)
     assert ratios.tolist() == pytest.approx([2.0, 0.5])
     assert coeffs.tolist() == pytest.approx([1 - math.tanh(1.0), 1.0])
-    # the discontinuity at rho = 1 is the published rule: equal scores -> nobody is slowed
+    # exact tie: the official `if ratio_v > 1: ... else:` branch slows audio (the first modality)
     _, coeffs = ogm_coefficients(torch.tensor([3.0, 3.0]), alpha=0.8)
-    assert coeffs.tolist() == [1.0, 1.0]
+    assert coeffs.tolist() == pytest.approx([1 - math.tanh(0.8), 1.0])
     # just above 1: k jumps to 1 - tanh(alpha * rho)
     _, coeffs = ogm_coefficients(torch.tensor([3.0003, 3.0]), alpha=0.8)
     assert coeffs[0].item() == pytest.approx(1 - math.tanh(0.8 * 1.0001), rel=1e-5)

@@ -134,7 +134,7 @@ def test_default_requires_the_unimodal_losses_of_the_paper(tmp_path):
         trainer.fit(TinyAV(), loader())
 
 
-def _official_inforeg(model, epochs, lr=0.1, momentum=0.9):
+def _official_inforeg(model, epochs, lr=0.1, momentum=0.9, threshold=0.05, window=10):
     """The official InfoReg training loop (GeWu-Lab/InfoReg_CVPR2025, main.py), restated for TinyAV in plain torch:
     split-head unimodal logits with bias/2, L = CE(out) + CE(out_a) + CE(out_v) back-propagated, scores = batch sums
     of the true-class softmax probability, beta_a = 0.95 exp(tanh(s_a - s_v)) if s_a > s_v and k > 0.05,
@@ -146,15 +146,17 @@ def _official_inforeg(model, epochs, lr=0.1, momentum=0.9):
     import torch.nn.functional as F
 
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    audio_traces = [0.0] * 10
+    audio_traces = [0.0] * window
     w = model.head.weight
+    ks = []
     for epoch in range(epochs):
         if epoch == 0:
             k = 1.0
         else:
-            tr1 = sum(audio_traces[-10:]) / 10
-            tr2 = sum(audio_traces[-11:-1]) / 10
+            tr1 = sum(audio_traces[-window:]) / window
+            tr2 = sum(audio_traces[-window - 1:-1]) / window
             k = (tr1 - tr2) / tr1
+        ks.append(k)
         start = copy.deepcopy(model)
         fim = {n: torch.zeros_like(m.weight) for n, m in model.audio_encoder.named_modules() if isinstance(m, torch.nn.Linear)}
         for batch in loader():
@@ -168,9 +170,9 @@ def _official_inforeg(model, epochs, lr=0.1, momentum=0.9):
             score_a = sum(torch.softmax(out_a, 1)[i, y[i]] for i in range(len(y)))
             score_v = sum(torch.softmax(out_v, 1)[i, y[i]] for i in range(len(y)))
             beta_a = beta_v = 0.0
-            if score_a > score_v and k > 0.05:
+            if score_a > score_v and k > threshold:
                 beta_a = 0.95 * math.exp(math.tanh(float(score_a - score_v)))
-            elif score_a < score_v and k > 0.05:
+            elif score_a < score_v and k > threshold:
                 beta_v = 0.10 * math.exp(math.tanh(float(score_v - score_a)))
             with torch.no_grad():
                 for p, p0 in zip(model.audio_encoder.parameters(), start.audio_encoder.parameters()):
@@ -182,14 +184,14 @@ def _official_inforeg(model, epochs, lr=0.1, momentum=0.9):
                         fim[n] += m.weight.grad * m.weight.grad
             opt.step()
         audio_traces.append(sum(float(f.mean()) for f in fim.values()))
-    return audio_traces[10:]
+    return audio_traces[window:], ks
 
 
 def test_parameters_follow_the_official_recipe_over_several_epochs(tmp_path):
     from tests.helpers import flat_params
 
     reference = TinyAV(seed=3)
-    traces = _official_inforeg(reference, epochs=3)
+    traces, _ = _official_inforeg(reference, epochs=3)
     model = TinyAV(seed=3, aux_losses=True)
     cb = InfoReg()  # the defaults: the published method
     pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=3)).fit(model, loader())
@@ -225,3 +227,17 @@ def test_bad_modalities_named_at_setup(tmp_path, kwargs, match):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[InfoReg(**kwargs)], max_epochs=1))
     with pytest.raises(ModalityContractError, match=match):
         trainer.fit(TinyAV(), loader())
+
+
+def test_the_window_closes_and_reopens_as_in_the_official_loop(tmp_path):
+    """With a short window and a high threshold the official indicator closes the window in some epochs: the
+    parameters after 5 epochs still equal the restated loop, so regulation stops (and resumes) when it does."""
+    from tests.helpers import flat_params
+
+    reference = TinyAV(seed=3)
+    _, ks = _official_inforeg(reference, epochs=5, threshold=0.5, window=2)
+    assert any(k <= 0.5 for k in ks) and any(k > 0.5 for k in ks), ks  # both open and closed epochs
+    model = TinyAV(seed=3, aux_losses=True)
+    cb = InfoReg(threshold=0.5, window=2)
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=5)).fit(model, loader())
+    torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=1e-5, atol=1e-6)

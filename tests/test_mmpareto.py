@@ -25,9 +25,18 @@ def test_weights_with_and_without_conflict():
     # orthogonal counts as conflict (cos <= 0), min-norm point of two orthogonal vectors
     w_mm, w_u, _ = pareto_weights(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(4.0))
     assert (w_mm.item(), w_u.item()) == pytest.approx((0.8, 0.2))
-    # clipped to [0.001, 0.999]
+    # not clipped, as the official MinNormSolver._min_norm_element_from2 (its middle case):
+    # c* = (100 + 1e-9) / (1e-6 + 100 + 2e-9) = 0.99999999
     w_mm, _, _ = pareto_weights(torch.tensor(-1e-9), torch.tensor(1e-6), torch.tensor(100.0))
+    assert w_mm.item() > 0.9995  # a clip would give 0.999
+    # g_mm = (1, 0, 0), g_u = (-1e-4, 0.01, 0): official w_mm = 2.0e-4 (a clip would give 0.001)
+    w_mm, _, _ = pareto_weights(torch.tensor(-1e-4), torch.tensor(1.0), torch.tensor(1e-8 + 1e-4))
+    assert w_mm.item() == pytest.approx((1e-8 + 1e-4 + 1e-4) / (1.0 + 1e-8 + 1e-4 + 2e-4), rel=1e-5)
+    # the solver's degenerate cases: a zero gradient
+    w_mm, _, _ = pareto_weights(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(1.0))
     assert w_mm.item() == pytest.approx(0.999)
+    w_mm, _, _ = pareto_weights(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.0))
+    assert w_mm.item() == pytest.approx(0.001)
 
 
 def test_merge_by_hand():
@@ -53,15 +62,31 @@ def test_in_place_merge_from_the_sum_equals_the_merge():
         torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)
 
 
+def _official_min_norm(v1v1, v1v2, v2v2):
+    """MinNormSolver._min_norm_element_from2 of the official code, for x1 = g_mm, x2 = g_u: the weight of g_mm."""
+    v1v1, v1v2, v2v2 = float(v1v1), float(v1v2), float(v2v2)
+    if v1v2 >= v1v1:
+        return 0.999
+    if v1v2 >= v2v2:
+        return 0.001
+    return -1.0 * ((v1v2 - v2v2) / (v1v1 + v2v2 - 2 * v1v2))
+
+
 def official_reference(model, batch, gamma):
     """The official recipe: separate backward passes for L_mm and each L_u, merge per encoder by hand."""
     y = batch["target"]
     encoders = {"audio": list(model.audio_encoder.parameters()), "visual": list(model.visual_encoder.parameters())}
 
-    def losses():
-        feats = model.forward_features(batch)
-        uni = model.compute_unimodal_logits(feats)
-        return F.cross_entropy(model.fuse_features(feats), y), {m: F.cross_entropy(uni[m], y) for m in uni}
+    def losses():  # written out for TinyAV: split head (W_m z_m + b/2) with concat, auxiliary heads with the gate
+        za, zv = model.audio_encoder(batch["audio"]), model.visual_encoder(batch["visual"])
+        if hasattr(model, "head"):
+            w, b = model.head.weight, model.head.bias
+            fused = model.head(torch.cat([za, zv], 1))
+            uni = {"audio": za @ w[:, :8].T + b / 2, "visual": zv @ w[:, 8:].T + b / 2}
+        else:
+            fused = model.fusion(za, zv)
+            uni = {"audio": model.aux["audio"](za), "visual": model.aux["visual"](zv)}
+        return F.cross_entropy(fused, y), {m: F.cross_entropy(uni[m], y) for m in uni}
 
     l_mm, l_uni = losses()
     total = l_mm + sum(l_uni.values())
@@ -77,7 +102,7 @@ def official_reference(model, batch, gamma):
         if cos > 0:
             w_mm = 0.5
         else:
-            w_mm = min(max(((flat_u @ flat_u - flat_mm @ flat_u) / (flat_mm - flat_u).square().sum()).item(), 0.001), 0.999)
+            w_mm = _official_min_norm(flat_mm @ flat_mm, flat_mm @ flat_u, flat_u @ flat_u)
         info[m] = (cos, w_mm)
         for p, a, b in zip(params, g_mm, g_u):
             g_hat = 2 * (w_mm * a + (1 - w_mm) * b)
@@ -228,7 +253,7 @@ def test_opposed_gradients_are_a_pareto_stationary_step_with_a_zero_gradient():
     g_u = torch.tensor([[-0.3, 1.0, 0.2], [-1.0, 0.5, 0.9]])
     merged, cb = _edit_with(g, g_u)
     a, b = g.reshape(-1).double(), g_u.reshape(-1).double()
-    w = float(((b @ b - a @ b) / ((a - b) @ (a - b))).clamp(0.001, 0.999))
+    w = _official_min_norm(a @ a, a @ b, b @ b)
     g_hat = 2 * (w * g + (1 - w) * g_u)
     expected = 1.5 * g_hat * max(1.0, float((g + g_u).norm() / g_hat.norm()))
     torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-7)

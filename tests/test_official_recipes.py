@@ -202,7 +202,8 @@ def test_pmr_follows_the_official_loop(tmp_path):
 def _official_mmpareto(model, epochs, gamma):
     """MMPareto_ICML2024 code/MMPareto.py with separate unimodal heads: one backward per loss (L_mm, L_a, L_v) with
     the encoder gradients cloned; cos over the whole encoder; (0.5, 0.5) if cos > 0, else the two-vector min-norm
-    point (clipped to [0.001, 0.999]); then the summed loss's backward; per encoder tensor
+    point of min_norm_solvers._min_norm_element_from2 (0.999 / 0.001 in its degenerate cases, else unclipped);
+    then the summed loss's backward; per encoder tensor
     grad = gamma * g_hat * max(1, |g_mm + g_u| / |g_hat|), g_hat = 2 (w_mm g_mm + w_u g_u); heads keep theirs."""
     opt = torch.optim.SGD(model.parameters(), lr=model.lr, momentum=model.momentum)
     encoders = {"audio": list(model.audio_encoder.parameters()), "visual": list(model.visual_encoder.parameters())}
@@ -232,8 +233,8 @@ def _official_mmpareto(model, epochs, gamma):
                         w = 0.5
                     else:
                         conflicts += 1
-                        w = float((b @ b - a @ b) / ((a - b) @ (a - b)))
-                        w = min(max(w, 0.001), 0.999)
+                        v11, v12, v22 = float(a @ a), float(a @ b), float(b @ b)
+                        w = 0.999 if v12 >= v11 else 0.001 if v12 >= v22 else -(v12 - v22) / (v11 + v22 - 2 * v12)
                     for p, gm, gu in zip(params, g_mm, g_u):
                         uniform = p.grad.norm()
                         g_hat = 2 * w * gm + 2 * (1 - w) * gu
@@ -277,3 +278,52 @@ def test_restatements_are_not_the_plain_run(tmp_path):
     plain = flat_params(_fit(_Opposed(seed=6), [], tmp_path, 3))
     _official_mmpareto(reference, epochs=3, gamma=1.5)
     assert (plain - flat_params(reference)).abs().max() > 1e-2
+
+
+def test_mmpareto_then_ogm_follows_the_declared_order(tmp_path):
+    """A stack restated: each step, MMPareto's official merge of the encoders' gradients, then OGM's coefficient
+    (from the unimodal heads' scores) on the merged weight matrices — the declared order, whatever the list order."""
+    reference = _Opposed(seed=7)
+    opt = torch.optim.SGD(reference.parameters(), lr=reference.lr, momentum=reference.momentum)
+    encoders = {"audio": list(reference.audio_encoder.parameters()), "visual": list(reference.visual_encoder.parameters())}
+    alpha = 0.8
+    for _ in range(2):
+        for batch in loader():
+            y = batch["target"]
+            za, zv = reference.audio_encoder(batch["audio"]), reference.visual_encoder(batch["visual"])
+            uni = {"audio": reference.aux["audio"](za), "visual": reference.aux["visual"](zv)}
+            losses = {"both": F.cross_entropy(reference.fusion(za, zv), y), "audio": F.cross_entropy(uni["audio"], y),
+                      "visual": F.cross_entropy(uni["visual"], y)}
+            grads = {}
+            for name, loss in losses.items():
+                opt.zero_grad()
+                loss.backward(retain_graph=True)
+                grads[name] = {m: [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in ps]
+                               for m, ps in encoders.items()}
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            ratio_v = _score(uni["visual"].detach(), y) / _score(uni["audio"].detach(), y)
+            coeff = {"audio": 1.0, "visual": 1.0}
+            if ratio_v > 1:
+                coeff["visual"] = 1 - math.tanh(alpha * ratio_v)
+            else:
+                coeff["audio"] = 1 - math.tanh(alpha / ratio_v)
+            with torch.no_grad():
+                for m, params in encoders.items():
+                    g_mm, g_u = grads["both"][m], grads[m][m]
+                    a = torch.cat([g.reshape(-1) for g in g_mm]).double()
+                    b = torch.cat([g.reshape(-1) for g in g_u]).double()
+                    if float(a @ b) > 0:
+                        w = 0.5
+                    else:
+                        v11, v12, v22 = float(a @ a), float(a @ b), float(b @ b)
+                        w = 0.999 if v12 >= v11 else 0.001 if v12 >= v22 else -(v12 - v22) / (v11 + v22 - 2 * v12)
+                    for p, gm, gu in zip(params, g_mm, g_u):
+                        g_hat = 2 * w * gm + 2 * (1 - w) * gu
+                        p.grad = 1.5 * g_hat * max(1.0, float(p.grad.norm() / g_hat.norm()))
+                        if p.ndim >= 2:  # OGM on the merged gradient of the weight matrices
+                            p.grad = p.grad * coeff[m]
+            opt.step()
+    for order in ((MMPareto(), OGMGE(alpha=alpha, noise=False)), (OGMGE(alpha=alpha, noise=False), MMPareto())):
+        model = _fit(_Opposed(seed=7), list(order), tmp_path, 2)
+        torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=1e-4, atol=1e-5)

@@ -392,7 +392,8 @@ def test_ignore_index_targets_run_and_stay_finite(tmp_path, name):
 
 
 def test_a_step_without_labelled_samples_changes_nothing(tmp_path):
-    """AGM's running means and iteration count skip a batch whose targets are all ignore_index."""
+    """AGM's running means and iteration count skip a batch whose targets are all ignore_index (its clip rule
+    still runs on that step's gradient, with kappa = 1)."""
 
     class OneUnlabelled(TinyAV):
         def training_step(self, batch, batch_idx):
@@ -402,7 +403,7 @@ def test_a_step_without_labelled_samples_changes_nothing(tmp_path):
 
     cb = AGM()
     pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=1)).fit(OneUnlabelled(), loader())
-    assert cb.iterations == 3 and cb.num_edits == 3
+    assert cb.iterations == 3 and cb.num_edits == 4
 
 
 def test_ogm_ge_auto_rule_on_a_transformer_with_positional_parameters_and_a_vit_like_encoder():
@@ -464,3 +465,9 @@ def test_gradient_blending_stacks_in_both_list_orders(tmp_path, other):
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
     assert _tensors_equal(runs[0][1], runs[1][1]) and runs[0][2] == runs[1][2]
     assert runs[0][2] != {"fused": 1.0, "audio": 1.0, "visual": 1.0}  # the blend acted
+
+
+def test_pmr_builds_prototypes_when_its_window_opens_inside_an_epoch(tmp_path):
+    cb = PMR(start_step=2, momentum=0.0)
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=2)).fit(_model(), loader())
+    assert cb.num_edits == 6  # steps 2 and 3 of epoch 0 (prototypes built at step 2), then all of epoch 1

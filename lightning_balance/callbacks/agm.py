@@ -24,6 +24,19 @@ from lightning_balance.modality import ModalityRecord, MultimodalMixin
 
 __all__ = ["AGM"]
 
+
+def _classifier_weights(pl_module: Any) -> list[nn.Parameter]:
+    """The weight the clip rule watches: the final classifier's (official: ``fc_out.weight``). The declared
+    ``head=``; else the last ``nn.Linear`` of the declared fusion; else (an overridden ``fuse_features``) every
+    shared weight with ≥ 2 dims."""
+    spec = pl_module.modality_spec
+    if spec.head_path is not None:
+        return [pl_module.get_submodule(spec.head_path).weight]
+    linears = [mod for f in pl_module.fusion_modules() for mod in f.modules() if isinstance(mod, nn.Linear)]
+    if linears:
+        return [linears[-1].weight]
+    return [p for p in pl_module.shared_parameters() if p.ndim >= 2]
+
 _MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase, nn.AlphaDropout)
 
 
@@ -48,16 +61,18 @@ class AGM(GradientBalancingCallback):
     ``g`` is the gradient of *your* loss with respect to the fused logits; with ``κ = 1`` training is
     unchanged. Encoders and fusion both feel it, as in the paper.
 
-    **Clip rule** (official CREMA-D code): after backward, if any element of a fusion/head weight
-    gradient exceeds ``clip`` in magnitude, the total gradient norm of the optimizer's parameters is
-    clipped to ``clip``. As in the official code, the running means are updated and the clip rule is
+    **Clip rule** (official CREMA-D code): after backward, if any element of the final classifier's weight
+    gradient (the declared ``head=``, or the last ``nn.Linear`` of the declared fusion; with an overridden
+    ``fuse_features``, every shared weight) exceeds ``clip`` in magnitude, the total gradient norm of the
+    optimizer's parameters is clipped to ``clip`` (with several optimizers: each optimizer's own). As in the official code, the running means are updated and the clip rule is
     applied on every training step, also outside ``start_epoch``..``end_epoch``; only the modulation
     (``κ``) is limited to that window (outside it ``κ = 1``; the official code leaves its hooks at the
     last coefficients of the window instead, which we do not reproduce).
 
     Differences from the official code: modalities are removed at the **feature** level through the
     module's fusion (no extra encoder passes: the cost is ``2^M − 2`` fusion passes); the fusion runs
-    in eval mode for those passes (as the official padded passes do). ``ℓ_u`` is reduced over ranks before
+    in eval mode for those passes (as the official padded passes do: every dropout/normalisation layer
+    outside the encoders). ``ℓ_u`` is reduced over ranks before
     ``κ`` is computed (one all-reduce of ``M + 1`` numbers per step), so DDP gives the single-process
     result. Because ``κ`` acts inside the backward pass, under gradient accumulation it would be a
     per-micro-batch coefficient: refused unless ``accumulation="per_micro_batch"``. A ``training_step``
@@ -73,8 +88,9 @@ class AGM(GradientBalancingCallback):
         clip: threshold and max-norm of the clip rule (official 1.0; ``None`` disables it).
         accumulation: ``"raise"`` or ``"per_micro_batch"`` (see above).
         modalities, start_epoch, end_epoch, start_step, end_step, epoch_length, nonfinite,
-            allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback` (official modulation
-            epochs 0–20; default: no end).
+            allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback` (the official
+            CREMA-D code modulates its 1-based epochs 0..20, i.e. the first 20 epochs: ``start_epoch=0,
+            end_epoch=19`` here; default: no end).
 
     Logged: ``balance/agm/{kappa,score,ratio,target_ratio}/<m>``.
 
@@ -143,17 +159,20 @@ class AGM(GradientBalancingCallback):
         self._weights = torch.zeros(0)
         self._module: Optional[MultimodalMixin] = None
         self._head_weights: list[nn.Parameter] = []
-        self._mode_dependent = True
+        self._eval_modules: list[nn.Module] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         self._module = pl_module  # type: ignore[assignment]
-        self._head_weights = [p for p in pl_module.shared_parameters() if p.ndim >= 2]  # type: ignore[attr-defined]
-        # the masked passes run the fusion in eval mode; skip the mode switch when no layer depends on it
-        self._mode_dependent = any(isinstance(mod, _MODE_DEPENDENT) for f in pl_module.fusion_modules()  # type: ignore[attr-defined]
-                                   for mod in f.modules())
+        self._head_weights = _classifier_weights(pl_module)
+        # the masked passes run in eval mode (as the official padded passes): every dropout/norm layer outside
+        # the encoders (the fusion, also an overridden fuse_features' layers); none: no mode switch at all
+        in_encoders = {id(mod) for m in pl_module.modalities for enc in pl_module.modality_encoders(m)  # type: ignore[attr-defined]
+                       for mod in enc.modules()}
+        self._eval_modules = [mod for mod in pl_module.modules()
+                              if isinstance(mod, _MODE_DEPENDENT) and id(mod) not in in_encoders]
         m = len(self.active_modalities)
         self._weights = shapley_weights(m)
         if self.running is None:
@@ -164,7 +183,7 @@ class AGM(GradientBalancingCallback):
                    logits: Tensor, extras: dict[str, Any]) -> Tensor:
         names = self.active_modalities
         full = 2 ** len(names) - 1
-        fusion = [f for f in module.fusion_modules() if f.training] if self._mode_dependent else []
+        fusion = [f for f in self._eval_modules if f.training]
         for f in fusion:
             f.eval()
         try:
@@ -199,6 +218,8 @@ class AGM(GradientBalancingCallback):
         assert running is not None
         running = running.to(losses.device)
         kappa, r, r_bar = agm_coefficients(losses, running, self.alpha, self.clamp)
+        if not self.step_has_labels:  # no labelled sample: no score, kappa = 1, running means unchanged (clip rule kept)
+            return {"kappa": torch.ones_like(kappa), "score": losses, "ratio": r, "target_ratio": r_bar}
         t += 1
         self._pending = (running * (t - 1) / t + losses / t, t)  # committed once the optimizer step is taken
         return {"kappa": kappa, "score": losses, "ratio": r, "target_ratio": r_bar}

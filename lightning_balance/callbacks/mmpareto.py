@@ -35,8 +35,10 @@ class MMPareto(GradientBalancingCallback):
     .. math::
         \cos = \frac{\langle g_{mm}, g_u\rangle}{\lVert g_{mm}\rVert\lVert g_u\rVert},\quad
         (w_{mm}, w_u) = \begin{cases} (\tfrac12, \tfrac12) & \cos > 0 \\
-        (c^*, 1 - c^*),\ c^* = \mathrm{clip}\big(\frac{\lVert g_u\rVert^2 - \langle g_{mm}, g_u\rangle}
-        {\lVert g_{mm} - g_u\rVert^2}, 0.001, 0.999\big) & \cos \le 0 \end{cases}
+        (c^*, 1 - c^*),\ c^* = \frac{\lVert g_u\rVert^2 - \langle g_{mm}, g_u\rangle}
+        {\lVert g_{mm} - g_u\rVert^2} & \cos \le 0 \end{cases}
+
+    (the official solver's degenerate cases, a zero gradient, give 0.999 or 0.001)
 
     and per parameter tensor ``p``: :math:`\hat g_p = 2(w_{mm} g_{mm,p} + w_u g_{u,p})`,
     :math:`g_p \leftarrow \gamma\, \hat g_p \max(1, \lVert g_{mm,p} + g_{u,p}\rVert / \lVert\hat g_p\rVert)`.
@@ -123,7 +125,8 @@ class MMPareto(GradientBalancingCallback):
         self.gamma = float(gamma)
         self.conflicts: Optional[Tensor] = None  # per modality: edited steps with cos <= 0
         self.stationary: Optional[Tensor] = None  # per modality: edited steps where the two gradients cancel
-        self.merges = 0  # edited steps
+        self.merges = 0  # edited optimizer steps
+        self.merged: Optional[Tensor] = None  # per modality: steps in which its encoder was merged
         self._donated_buffer: Optional[bool] = None
         self._last_stationary: list[float] = []
         self._module: Optional[pl.LightningModule] = None
@@ -244,6 +247,8 @@ class MMPareto(GradientBalancingCallback):
             self.stationary = self.stationary.to(device)
             self.conflicts[i] += (cos <= 0).float()
             self.stationary[i] += float(cancel)
+            self.merged = self.merged.to(device) if self.merged is not None else torch.zeros_like(self.conflicts)
+            self.merged[i] += 1
             self._last_stationary[i] = float(cancel)
             cos_all.append(cos)
             w_all.append(w_mm)
@@ -265,25 +270,29 @@ class MMPareto(GradientBalancingCallback):
             metrics[f"balance/{self.method}/w_mm/{m}"] = w_all[i]
             metrics[f"balance/{self.method}/conflict/{m}"] = (cos_all[i] <= 0).float()
             metrics[f"balance/{self.method}/stationary/{m}"] = torch.tensor(self._last_stationary[i])
-            metrics[f"balance/{self.method}/conflict_rate/{m}"] = self.conflicts[i] / max(1, self.merges)  # type: ignore[index]
+            metrics[f"balance/{self.method}/conflict_rate/{m}"] = self.conflicts[i] / self.merged[i].clamp_min(1)  # type: ignore[index]
         log_balance_metrics(module, metrics, on_step=True, on_epoch=False)
 
     @property
     def conflict_rate(self) -> dict[str, float]:
-        """Share of the edited steps in which each encoder's two gradients conflicted (cos ≤ 0)."""
-        if self.conflicts is None or self.merges == 0:
+        """Share of the merged steps of each encoder in which its two gradients conflicted (cos ≤ 0); with
+        several optimizers, each encoder counts the steps of the optimizer that owns it."""
+        if self.conflicts is None or self.merged is None:
             return {m: 0.0 for m in self.active_modalities}
-        return {m: float(self.conflicts[i]) / self.merges for i, m in enumerate(self.active_modalities)}
+        return {m: float(self.conflicts[i]) / max(1.0, float(self.merged[i])) for i, m in enumerate(self.active_modalities)}
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         conflicts = None if self.conflicts is None else self.conflicts.detach().cpu().clone()
         stationary = None if self.stationary is None else self.stationary.detach().cpu().clone()
-        return {**super().state_dict(), "conflicts": conflicts, "stationary": stationary, "merges": self.merges}
+        merged = None if self.merged is None else self.merged.detach().cpu().clone()
+        return {**super().state_dict(), "conflicts": conflicts, "stationary": stationary, "merged": merged,
+                "merges": self.merges}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.conflicts = state_dict.get("conflicts")
         self.stationary = state_dict.get("stationary")
+        self.merged = state_dict.get("merged")
         self.merges = int(state_dict.get("merges", 0))
 

@@ -26,6 +26,18 @@ _PARAM_RULES = {
 ParamRule = Literal["auto", "conv", "weights", "all"]
 
 
+def _conv_kernels(pl_module: MultimodalMixin, modality: str) -> list[nn.Parameter]:
+    """The weights of the convolution modules (``Conv1d/2d/3d`` and transposed) of ``modality``'s encoders."""
+    seen: set[int] = set()
+    out = []
+    for encoder in pl_module.modality_encoders(modality):
+        for mod in encoder.modules():
+            if isinstance(mod, nn.modules.conv._ConvNd) and id(mod.weight) not in seen:
+                seen.add(id(mod.weight))
+                out.append(mod.weight)
+    return out
+
+
 class OGMGE(GradientBalancingCallback):
     r"""On-the-fly Gradient Modulation with Generalization Enhancement (OGM-GE), or plain OGM.
 
@@ -52,11 +64,12 @@ class OGMGE(GradientBalancingCallback):
     Args:
         alpha: modulation strength α (official README: 0.1 on VGGSound, 0.8 on CREMA-D).
         noise: add the GE noise (OGM-GE). ``False`` gives plain OGM.
-        params: which tensors of each modality's encoders are edited: ``"auto"`` (default: a modality
-            whose encoder has convolution kernels, i.e. tensors with ≥ 3 dims, gets those only, as the
-            official code, which edits the 4-D conv kernels of its ResNets; any other encoder — MLP,
-            transformer — gets every tensor with ≥ 2 dims, its weight matrices), ``"conv"`` (kernels with
-            ≥ 3 dims only), ``"weights"`` (every tensor with ≥ 2 dims, BalanceBenchmark's choice), ``"all"``;
+        params: which tensors of each modality's encoders are edited: ``"auto"`` (default: a convolutional
+            encoder, whose convolution kernels hold at least half of its weights, gets its kernels only, as
+            the official code, which edits the 4-D conv kernels of its ResNets; any other encoder — MLP,
+            transformer, ViT — gets every tensor with ≥ 2 dims, its weight matrices), ``"conv"`` (the
+            kernels of the encoder's ``Conv1d/2d/3d`` modules), ``"weights"`` (every tensor with ≥ 2 dims,
+            BalanceBenchmark's choice), ``"all"``;
             or a mapping modality → one of these, to choose per modality (e.g. a Conv1d audio encoder and an
             MLP visual encoder: ``{"audio": "conv", "visual": "weights"}``). Biases and normalisation
             parameters are edited only with ``"all"``.
@@ -148,16 +161,23 @@ class OGMGE(GradientBalancingCallback):
             self.seed = broadcast_seed(trainer.strategy)
 
     def parameter_rule(self, pl_module: MultimodalMixin, modality: str) -> str:
-        """The rule (``"conv"``, ``"weights"`` or ``"all"``) that selects ``modality``'s edited tensors."""
+        """The rule (``"conv"``, ``"weights"`` or ``"all"``) that selects ``modality``'s edited tensors.
+
+        ``"auto"``: ``"conv"`` for a convolutional encoder — one whose convolution kernels hold at least half of
+        its weight parameters (a ResNet; not a ViT, whose only convolution is a small patch embedding) — and
+        ``"weights"`` for any other."""
         rule = self.params.get(modality, "auto") if isinstance(self.params, dict) else self.params
         if rule == "auto":
-            has_kernels = any(p.ndim >= 3 for p in pl_module.modality_parameters(modality))
-            rule = "conv" if has_kernels else "weights"
+            kernels = sum(p.numel() for p in _conv_kernels(pl_module, modality))
+            weights = sum(p.numel() for p in pl_module.modality_parameters(modality) if p.ndim >= 2)
+            rule = "conv" if kernels and 2 * kernels >= weights else "weights"
         return rule
 
     def select_parameters(self, pl_module: MultimodalMixin, modality: str) -> list[nn.Parameter]:
-        rule = _PARAM_RULES[self.parameter_rule(pl_module, modality)]
-        return [p for p in pl_module.modality_parameters(modality) if rule(p)]
+        rule = self.parameter_rule(pl_module, modality)
+        if rule == "conv":
+            return _conv_kernels(pl_module, modality)
+        return [p for p in pl_module.modality_parameters(modality) if _PARAM_RULES[rule](p)]
 
     def _empty_group_message(self, modality: str) -> str:
         return (
@@ -174,6 +194,8 @@ class OGMGE(GradientBalancingCallback):
         return {"scores": scores, "count": valid.sum().float().reshape(1)}
 
     def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not self.step_has_labels:  # every target is ignore_index: no evidence, no edit, no noise
+            return {}
         ratios, coeffs = ogm_coefficients(stats["scores"], self.alpha, self.eps)
         return {"scores": stats["scores"], "count": stats["count"], "ratios": ratios, "coeffs": coeffs}
 

@@ -37,7 +37,9 @@ class PMR(GradientBalancingCallback):
     as the official code does, so that the momentum history is the official one.
     ``prototypes="pass"`` (official) takes them from a ``no_grad`` eval-mode pass over the first
     ``fraction`` of the epoch's training batches, through the module's :meth:`encode_batch` (torch's
-    RNG is forked for the pass, so training's shuffling is unchanged);
+    RNG is forked for the pass, so training's shuffling is unchanged; from the second epoch on the pass
+    sees the epoch's own first batches, in the first epoch Lightning has already drawn the order and the
+    pass draws another, as the official code's separate pass always does);
     ``prototypes="steps"`` takes them, at no extra cost, from the features the previous epoch's
     training steps recorded (then epoch 0 has no prototypes and no PCE). Features are pooled to
     one vector per sample (the module's :meth:`~lightning_balance.MultimodalMixin.pool_features`: token
@@ -179,6 +181,12 @@ class PMR(GradientBalancingCallback):
         if self._needs_prototypes(trainer, epoch):
             self._update_from(self._prototype_pass(trainer, pl_module), epoch)
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        # a window that opens inside an epoch (start_step) on an epoch that had no prototypes: build them now
+        if (self._enabled and self.prototypes == "pass" and self.prototype_epoch != self._epoch):
+            self._update_from(self._prototype_pass(trainer, pl_module), self._epoch)
+
     def _update_from(self, sums: dict[str, Tensor], epoch: int) -> None:
         # official: momentum when the epoch that just ended is > 0, i.e. from the prototypes of epoch 2 on
         momentum = self.momentum if epoch >= 2 else 0.0
@@ -291,7 +299,7 @@ class PMR(GradientBalancingCallback):
             z, logits = record.extras["pmr_logits"][m]
             with torch.enable_grad():
                 known = self.seen[m].to(z.device)[targets] & valid
-                n = max(1, z.shape[0])
+                n = valid.sum().clamp_min(1)  # a mean over the labelled samples, like CE(ignore_index=...)
                 loss = z.new_zeros(())
                 if pce_w[i]:  # samples of a class without a prototype contribute 0 (no host sync to find them)
                     safe = logits.masked_fill(~known.unsqueeze(1), 0.0)

@@ -17,8 +17,10 @@ def pareto_weights(dot: Tensor, sq_mm: Tensor, sq_uni: Tensor, eps: float = 1e-1
 
     With :math:`\cos = \langle g_{mm}, g_u\rangle / (\lVert g_{mm}\rVert \lVert g_u\rVert)` over the whole
     encoder: ``cos > 0`` (no conflict) gives the uniform ``(½, ½)``; otherwise the two-vector min-norm
-    point :math:`c^* = (\lVert g_u\rVert^2 - \langle g_{mm}, g_u\rangle) / \lVert g_{mm} - g_u\rVert^2`,
-    clipped to ``[0.001, 0.999]``, gives ``(c*, 1 − c*)``.
+    point :math:`c^* = (\lVert g_u\rVert^2 - \langle g_{mm}, g_u\rangle) / \lVert g_{mm} - g_u\rVert^2`
+    gives ``(c*, 1 − c*)``, as the official ``MinNormSolver._min_norm_element_from2``: 0.999 when
+    :math:`\langle g_{mm}, g_u\rangle \ge \lVert g_{mm}\rVert^2`, 0.001 when it is
+    :math:`\ge \lVert g_u\rVert^2` (only possible with a zero gradient under a conflict), else ``c*`` unclipped.
 
     Args:
         dot, sq_mm, sq_uni: ``(M,)`` (or scalars): :math:`\langle g_{mm}, g_u\rangle`, :math:`\lVert g_{mm}\rVert^2`,
@@ -29,7 +31,10 @@ def pareto_weights(dot: Tensor, sq_mm: Tensor, sq_uni: Tensor, eps: float = 1e-1
     """
     dot, sq_mm, sq_uni = dot.double(), sq_mm.double(), sq_uni.double()
     cos = dot / (sq_mm.sqrt() * sq_uni.sqrt()).clamp_min(eps)
-    c = ((sq_uni - dot) / (sq_mm + sq_uni - 2 * dot).clamp_min(eps)).clamp(0.001, 0.999)
+    # the official two-vector solver: 0.999 if <g_mm,g_u> >= |g_mm|^2, 0.001 if >= |g_u|^2, else the exact
+    # min-norm point, unclipped (with cos <= 0 and both non-zero the first two cases cannot occur)
+    exact = (sq_uni - dot) / (sq_mm + sq_uni - 2 * dot).clamp_min(eps)
+    c = torch.where(dot >= sq_mm, torch.full_like(exact, 0.999), torch.where(dot >= sq_uni, torch.full_like(exact, 0.001), exact))
     conflict = cos <= 0
     half = torch.full_like(c, 0.5)
     w_mm = torch.where(conflict, c, half)

@@ -38,7 +38,9 @@ def ogm_ratios(scores: Tensor, eps: float = 1e-8) -> Tensor:
 def ogm_coefficients(scores: Tensor, alpha: float, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
     """OGM gradient coefficients (paper Eq. 10, official code).
 
-    ``k_m = 1 − tanh(α · ρ_m)`` if ``ρ_m > 1`` (the modality is dominant), else ``k_m = 1``.
+    ``k_m = 1 − tanh(α · ρ_m)`` if ``ρ_m > 1`` (the modality is dominant), else ``k_m = 1``. On an exact tie
+    (no ``ρ_m > 1``) the first modality gets ``1 − tanh(α · ρ_1)``, as the official code's ``else`` branch
+    slows audio when ``ρ_v`` is not above 1.
 
     Note the rule is discontinuous at ``ρ = 1`` (``k`` jumps from 1 to ``1 − tanh(α)``); this is the
     published behaviour and is kept.
@@ -49,7 +51,9 @@ def ogm_coefficients(scores: Tensor, alpha: float, eps: float = 1e-8) -> tuple[T
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}.")
     ratios = ogm_ratios(scores, eps)
-    coeffs = torch.where(ratios > 1, 1.0 - torch.tanh(alpha * ratios), torch.ones_like(ratios))
+    slowed = ratios > 1
+    slowed[0] = slowed[0] | ~slowed.any()  # official: `if ratio_v > 1: ... else: slow audio` (ties included)
+    coeffs = torch.where(slowed, 1.0 - torch.tanh(alpha * ratios), torch.ones_like(ratios))
     return ratios, coeffs
 
 
