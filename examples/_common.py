@@ -99,6 +99,8 @@ SETUPS: dict[str, Callable[[dict[str, int]], tuple[dict, dict]]] = {
     "mmpareto": lambda dims: ({"aux_heads": True, "unimodal_losses": True}, {}),
     "gblend": lambda dims: ({"aux_heads": True, "unimodal_losses": True}, {"holdout_fraction": 0.1}),
     # parameters chosen on AV-Digits validation with examples/select_on_validation.py (docs/results.md)
+    # CML: the official objective (ranking term summed over the batch, second term); λ = β/100 = 0.1 is also the
+    # official value
     "cml": lambda dims: ({"loss_terms": lambda: [CMLLoss(rank_weight=0.1)]}, {}),
     "mmcosine": lambda dims: ({"cosine_scale": 5.0}, {}),
     "contrastive": lambda dims: ({"loss_terms": lambda: [ContrastiveLoss(feature_dims=_feature_dims(dims), weight=0.3)]},

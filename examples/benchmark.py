@@ -9,6 +9,12 @@ modality over epochs).
     python examples/benchmark.py                                      # the demo: baseline vs OGM-GE, 1 seed
     python examples/benchmark.py --methods all --seeds 0 1 2 3 4      # every method, as in docs/results.md
     python examples/benchmark.py --datasets synthetic --methods baseline mmpareto pmr+cml --seeds 0 1 2
+    python examples/benchmark.py --update --methods cml --seeds 0 1 2 3 4 --out docs/results  # re-run rows only
+
+``--update`` re-runs the given methods (and, for the cost ratios only, the baseline in the same process) and
+merges their rows into the saved ``benchmark_<dataset>.json`` of ``--out``: those methods' rows are replaced
+(the replaced rows are kept under ``"replaced"`` in the JSON), every other row, the baseline and the
+references are kept, and the table and plots are regenerated from the merged file.
 
 A stacked method is its parts joined by ``+`` (``ogm_ge+cml``): their callbacks share one Trainer and their
 loss terms one model. Columns: fused test accuracy, each encoder's linear-probe accuracy (probe fitted on the
@@ -273,6 +279,9 @@ def write_outputs(saved: dict, stem: str) -> None:
     table = format_table(per_seed, columns(modalities))
     header = (f"{title}; mean ± std over seeds {seeds}; {saved['epochs']} epochs; {saved['seconds']:.0f} s on "
               f"{saved.get('threads', 2)} CPU thread(s).\n\nCommand: `{saved['command']}`\n")
+    for update in saved.get("updates", []):
+        header += (f"\nRows {', '.join(update['methods'])} re-run and merged ({update['seconds']:.0f} s): "
+                   f"`{update['command']}`\n")
     with open(f"{stem}.md", "w") as f:
         f.write(header + "\n" + table + "\n")
     with open(f"{stem}.json", "w") as f:
@@ -281,6 +290,26 @@ def write_outputs(saved: dict, stem: str) -> None:
     plot_curves(saved["curves"], modalities, f"{TITLES[dataset]}: validation accuracy ({len(seeds)} seed(s), "
                 f"mean ± std)", f"{stem}_curves.png", saved["methods"])
     print(f"\n{header}\n{table}\n\nfiles: {stem}.json .md .png _curves.png")
+
+
+def merge_update(saved: dict, fresh: dict, methods: list[str], command: str, seconds: float) -> dict:
+    """``saved`` with the rows and curves of ``methods`` replaced by those of ``fresh`` (same dataset, seeds and
+    epochs); every other row (the baseline and the references included) is kept. The replaced rows are kept
+    under ``"replaced"``, and the update is listed under ``"updates"``."""
+    for key in ("dataset", "seeds", "epochs"):
+        if saved[key] != fresh[key]:
+            raise SystemExit(f"--update: the saved file has {key} {saved[key]!r}, this run {fresh[key]!r}; they must match.")
+    merged = copy.deepcopy(saved)
+    for method in methods:
+        if method in merged["results"]:
+            merged.setdefault("replaced", {}).setdefault(method, []).append(merged["results"][method])
+        merged["results"][method] = fresh["results"][method]
+        for old_curves, new_curves in zip(merged["curves"], fresh["curves"]):
+            old_curves[method] = new_curves[method]
+        if method not in merged["methods"]:
+            merged["methods"].append(method)
+    merged.setdefault("updates", []).append({"command": command, "methods": methods, "seconds": seconds})
+    return merged
 
 
 TITLES = {"av_digits": "AV-Digits", "synthetic": "Synthetic, weak but necessary modality (preset 'dominant')"}
@@ -298,8 +327,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[dict[str, fl
     parser.add_argument("--no-references", action="store_true", help="skip the unimodal references")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only redraw the table and plots of saved runs")
+    parser.add_argument("--update", action="store_true",
+                        help="re-run only --methods and merge their rows into the saved benchmark_<dataset>.json of --out")
     args = parser.parse_args(argv)
     methods = list(dict.fromkeys(m for name in args.methods for m in (ALL if name == "all" else [name])))
+    updated = [m for m in methods if m != "baseline"]
+    if args.update:
+        if not updated or "all" in args.methods:
+            parser.error("--update re-runs the methods named in --methods (not 'all', not only the baseline).")
+        if any(part == "umt" for m in updated for part in m.split("+")):
+            parser.error("--update does not re-run umt (it needs the references as teachers); re-run the benchmark.")
+        args.no_references = True  # the saved references are kept
+        methods = ["baseline", *updated]  # the baseline of this process is only the denominator of the cost ratios
     if "baseline" in methods:  # first, so that every cost ratio has its denominator in the same process state
         methods.remove("baseline")
         methods.insert(0, "baseline")
@@ -321,6 +360,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[dict[str, fl
         if "all" not in args.methods and names != methods:
             parser.error(f"{sorted(set(methods) - set(names))} cannot run on {dataset}: "
                          f"{ {p: ONLY_ON[p] for p in ONLY_ON} } lists the datasets of one-dataset methods.")
+        stem = os.path.join(args.out, f"benchmark_{dataset}{'_' + args.tag if args.tag else ''}")
+        if args.update:  # before any training: the saved file must exist and match this run
+            if not os.path.exists(f"{stem}.json"):
+                parser.error(f"--update merges into {stem}.json, which does not exist.")
+            with open(f"{stem}.json") as f:
+                saved = json.load(f)
+            if (saved["seeds"], saved["epochs"]) != (args.seeds, args.epochs):
+                parser.error(f"--update: {stem}.json has seeds {saved['seeds']} and {saved['epochs']} epochs; "
+                             f"re-run with the same.")
         start = time.time()
         per_seed: dict[str, list[dict[str, float]]] = {}
         curves = []
@@ -333,10 +381,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[dict[str, fl
                 curves.append(seed_curves)
                 print(f"[{dataset}] seed {seed} done ({time.time() - start:.0f} s)", flush=True)
         seconds = time.time() - start
-        stem = os.path.join(args.out, f"benchmark_{dataset}{'_' + args.tag if args.tag else ''}")
-        write_outputs({"command": command, "dataset": dataset, "epochs": args.epochs, "seeds": args.seeds,
-                       "seconds": seconds, "threads": torch.get_num_threads(), "methods": names,
-                       "results": per_seed, "curves": curves}, stem)
+        fresh = {"command": command, "dataset": dataset, "epochs": args.epochs, "seeds": args.seeds,
+                 "seconds": seconds, "threads": torch.get_num_threads(), "methods": names,
+                 "results": per_seed, "curves": curves}
+        if args.update:
+            check = [(a["acc"], b["acc"]) for a, b in zip(saved["results"]["baseline"], per_seed["baseline"])]
+            same = all(abs(a - b) < 1e-6 for a, b in check)
+            print(f"[{dataset}] baseline re-run {'reproduces' if same else 'DIFFERS FROM'} the saved baseline "
+                  f"(test acc per seed, saved vs now: {check})", flush=True)
+            fresh = merge_update(saved, fresh, updated, command, seconds)
+        write_outputs(fresh, stem)
         everything[dataset] = per_seed
     return everything
 

@@ -47,7 +47,9 @@ SEARCH: dict[str, tuple[str, list[float], Callable[[float], list[pl.Callback]]]]
     "mmpareto": ("gamma", [1.0, 1.5, 2.0], lambda v: [MMPareto(gamma=v)]),
     "gblend": ("every_n_epochs", [5, 10, 20], lambda v: [GradientBlending(every_n_epochs=int(v))]),
     # loss terms and heads: the value goes into the model (see MODEL_PARAMETER)
-    "cml": ("rank_weight", [0.1, 1.0, 3.0], lambda v: []),
+    # CML's rank_weight is the official beta/100 with the official batch-summed ranking term (beta 10: 0.1;
+    # the official batch script tries beta 10, 20, 50, 75)
+    "cml": ("rank_weight", [0.01, 0.03, 0.1, 0.2, 0.5, 0.75], lambda v: []),
     "mmcosine": ("scale", [5.0, 10.0, 15.0], lambda v: []),
     "contrastive": ("weight", [0.03, 0.1, 0.3], lambda v: []),
     "reconstruction": ("weight", [0.03, 0.1, 0.3], lambda v: []),

@@ -16,7 +16,8 @@ from lightning.pytorch.strategies import (
 )
 from torch import Tensor
 
-__all__ = ["UnsupportedStrategyError", "all_reduce_sum", "check_strategy", "gather_samples", "shared_generator"]
+__all__ = ["UnsupportedStrategyError", "all_gather_rows", "all_reduce_sum", "check_strategy", "gather_samples",
+           "shared_generator"]
 
 
 class UnsupportedStrategyError(RuntimeError):
@@ -90,15 +91,8 @@ def gather_samples(local: Tensor, strategy: Strategy, interleave: bool = False, 
     world = strategy.world_size
     if world == 1 or not (dist.is_available() and dist.is_initialized()):
         return local if total is None else local[:total]
-    count = torch.tensor([local.shape[0]], device=local.device, dtype=torch.long)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c) for c in counts]
+    parts, sizes = _gather_padded(local)
     width = max(sizes)
-    padded = torch.zeros((width, *local.shape[1:]), device=local.device, dtype=local.dtype)
-    padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
     if interleave:
         if len(set(sizes)) != 1 and max(sizes) - min(sizes) > 1:
             raise RuntimeError(f"Cannot interleave rank row counts {sizes}: an interleaving sampler gives every "
@@ -130,3 +124,29 @@ def broadcast_seed(strategy: Strategy) -> int:
     """Draw a seed on rank 0 from torch's global RNG and share it with every rank."""
     seed = int(torch.randint(0, 2**62, (1,)).item())
     return int(strategy.broadcast(seed, src=0))
+
+
+def all_gather_rows(local: Tensor) -> tuple[list[Tensor], list[int]]:
+    """Every rank's ``(n_r, ...)`` rows (without gradient) and the counts ``n_r``, on every rank, for any
+    per-rank counts: one all-gather of the counts, then one of the rows padded to the largest count.
+
+    Needs an initialised process group (``torch.distributed``); with a world of one it returns ``[local]``.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [local.detach()], [local.shape[0]]
+    parts, sizes = _gather_padded(local.detach())
+    return [p[:n] for p, n in zip(parts, sizes)], sizes
+
+
+def _gather_padded(local: Tensor) -> tuple[list[Tensor], list[int]]:
+    """One all-gather of every rank's row count, then one of its rows padded to the largest count."""
+    world = dist.get_world_size()
+    count = torch.tensor([local.shape[0]], device=local.device, dtype=torch.long)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = local.new_zeros((max(sizes), *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return parts, sizes

@@ -24,6 +24,11 @@ class CosineHead(nn.Module):
     contract's masked mode gives exactly these (a zeroed feature contributes 0), so OGM-GE, the
     monitor and every other method see MMCosine's own unimodal predictions. Computed in float32.
 
+    Token sequences ``(N, T, D)`` (any ``(N, ..., D)``) are averaged over the tokens first, as the
+    contract's default ``pool_features`` does, so the head returns ``(N, C)``; for another pooling (a CLS
+    token), pool before the head (e.g. in an overridden ``fuse_features``). A zeroed (removed) modality
+    still contributes 0.
+
     Args:
         in_features: each modality's feature width, in declared order.
         num_classes: number of classes.
@@ -52,6 +57,10 @@ class CosineHead(nn.Module):
             raise ValueError(f"CosineHead expects {len(self.widths)} feature tensors, got {len(features)}.")
         out = []
         for z, w in zip(features, torch.split(self.weight, self.widths, dim=1)):
+            if z.ndim < 2:
+                raise ValueError(f"CosineHead takes features of shape (N, D) or (N, T, D), got {tuple(z.shape)}.")
+            if z.ndim > 2:  # token sequences: one vector per sample, the tokens' mean
+                z = z.mean(dim=tuple(range(1, z.ndim - 1)))
             if z.shape[-1] != w.shape[1]:
                 raise ValueError(f"feature width {z.shape[-1]} does not match the head's {w.shape[1]}.")
             zn = F.normalize(z.float(), dim=-1, eps=self.eps)

@@ -1,4 +1,7 @@
-"""MMCosine head: cosine logits by hand, unimodal logits through the contract's masking, training."""
+"""MMCosine head: cosine logits by hand, unimodal logits through the contract's masking, training against
+the restated cosine logits, token features."""
+
+import copy
 
 import lightning.pytorch as pl
 import pytest
@@ -8,7 +11,7 @@ from torch import nn
 
 from lightning_balance import MultimodalMixin
 from lightning_balance.heads import CosineHead
-from tests.helpers import loader, trainer_kwargs
+from tests.helpers import flat_params, loader, trainer_kwargs
 
 
 def test_logits_by_hand():
@@ -57,3 +60,36 @@ def test_contract_unimodal_logits_are_the_cosine_terms(tmp_path):
     torch.testing.assert_close(uni["visual"], v)
     pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2)).fit(model, loader())
     assert model.head.weight.grad is not None
+
+
+def test_parameters_match_the_restated_cosine_logits(tmp_path):
+    model = CosineAV()
+    reference = copy.deepcopy(model)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2)).fit(model, loader())
+
+    # MMCosine: o_c = sum_m s * <z_m / |z_m|, w_mc / |w_mc|>, no bias, cross-entropy; modality by modality
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for batch in [b for _ in range(2) for b in loader()]:
+        z = [reference.audio(batch["audio"]), reference.visual(batch["visual"])]
+        w = [reference.head.weight[:, :8], reference.head.weight[:, 8:]]
+        logits = 0
+        for z_m, w_m in zip(z, w):
+            cos = (z_m / z_m.norm(dim=1, keepdim=True)) @ (w_m / w_m.norm(dim=1, keepdim=True)).T
+            logits = logits + 10.0 * cos
+        loss = F.cross_entropy(logits, batch["target"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_token_features_are_averaged():
+    head = CosineHead([2, 1], num_classes=2, scale=10.0)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[3.0, 0.0, 2.0], [0.0, -1.0, -5.0]]))
+    # audio tokens (2, 0) and (0, 2): mean (1, 1), as in test_logits_by_hand; visual tokens 3 and 5: mean 4
+    za = torch.tensor([[[2.0, 0.0], [0.0, 2.0]]])
+    zv = torch.tensor([[[3.0], [5.0]]])
+    torch.testing.assert_close(head(za, zv), 10 * torch.tensor([[2**-0.5 + 1, -(2**-0.5) - 1]]))
+    with pytest.raises(ValueError, match=r"\(N, D\) or \(N, T, D\)"):
+        head(torch.ones(2), torch.ones(1))

@@ -1,7 +1,7 @@
 """Functional core: each method's math as pure tensor functions (no Lightning import)."""
 
 from lightning_balance.functional.agm import agm_coefficients, agm_scores, shapley_responses, shapley_weights
-from lightning_balance.functional.cml import cml_ranking_penalty, removal_chains
+from lightning_balance.functional.cml import cml_objective, cml_ranking_penalty, removal_chains
 from lightning_balance.functional.contrastive import symmetric_info_nce
 from lightning_balance.functional.diagnostics import (
     collapse_diagnostics,
@@ -34,6 +34,7 @@ __all__ = [
     "agm_coefficients",
     "agm_scores",
     "class_feature_sums",
+    "cml_objective",
     "cml_ranking_penalty",
     "collapse_diagnostics",
     "contribution_summary",

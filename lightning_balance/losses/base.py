@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Optional, Union
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
@@ -19,6 +20,13 @@ __all__ = ["LossTerm", "LossTerms", "configure_loss_terms", "add_loss_terms"]
 class LossTerm(nn.Module, abc.ABC):
     """A balancing loss term: a plain ``nn.Module`` whose :meth:`from_record` computes its value from a
     step of the modality contract. Its own parameters (if any) train with the model.
+
+    Outside its epochs a term adds nothing to the loss; its trainable parameters (if any) still enter the
+    graph, as ``0 · Σ p``, so that DDP with ``find_unused_parameters=False`` (its default) finds every
+    parameter used. They receive a zero gradient rather than none, so the optimizer steps them: weight
+    decay shrinks them (before ``start_epoch`` too) and momentum keeps moving them after ``end_epoch``.
+    Parameters a term lists in :meth:`no_weight_decay` are left out of weight decay by the mixin's
+    ``parameter_groups``.
 
     Args:
         weight: multiplier of the term in the objective.
@@ -41,6 +49,11 @@ class LossTerm(nn.Module, abc.ABC):
 
     def active(self, epoch: int) -> bool:
         return epoch >= self.start_epoch and (self.end_epoch is None or epoch <= self.end_epoch)
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        """Parameters to leave out of weight decay (e.g. a learnable temperature); the mixin's
+        ``parameter_groups(weight_decay)`` puts them in a group with ``weight_decay=0``."""
+        return []
 
     @abc.abstractmethod
     def from_record(self, module: MultimodalMixin, record: ModalityRecord) -> tuple[Tensor, dict[str, Tensor]]:
@@ -83,6 +96,10 @@ def add_loss_terms(module: Any, loss: Tensor, record: Optional[ModalityRecord] =
     metrics: dict[str, Tensor] = {}
     for name, term in terms.items():
         if not term.active(epoch):
+            idle = [p for p in term.parameters() if p.requires_grad]
+            if idle and module.training and torch.is_grad_enabled():
+                # keep the graph static: DDP (find_unused_parameters=False) needs every parameter used
+                total = total + 0.0 * torch.stack([p.sum().float() for p in idle]).sum()
             continue
         value, extra = term.from_record(module, record)
         total = total + term.weight * value

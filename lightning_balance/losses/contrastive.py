@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_balance._distributed import all_gather_rows
 from lightning_balance.functional.contrastive import symmetric_info_nce
 from lightning_balance.losses.base import LossTerm
 from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
@@ -23,25 +24,32 @@ class ContrastiveLoss(LossTerm):
     .. math:: L = \frac{1}{|P|}\sum_{(a,b) \in P} \tfrac12\big[\mathrm{CE}(e^{t}\hat p_a \hat p_b^\top, I) +
               \mathrm{CE}(e^{t}\hat p_b \hat p_a^\top, I)\big]
 
-    with ``p_m = proj_m(z_m)`` (a linear projection per modality, or the features themselves), rows
+    with ``p_m = proj_m(v_m)`` (a linear projection per modality, or the vectors themselves), rows
     L2-normalised, the learnable temperature ``t`` initialised to ``log(1/0.07)`` and the scale ``e^t``
-    clamped at 100 (open_clip's convention, applied in the forward pass), and ``P`` all pairs of
-    modalities. Under DDP the embeddings of every rank are gathered, so negatives come from the global
-    batch, and every rank computes the loss of the whole global batch with gradient through its own
-    rows: the result equals single-process training on the global batch, with no collective inside
-    the backward pass (a gather with gradient would communicate there, concurrently with DDP's own
-    gradient reduction). Each rank's local batch must have the same size. The logged value is the
-    global batch's loss.
+    clamped at 100 (open_clip's bound, applied in the forward pass), and ``P`` all pairs of modalities.
+    ``v_m`` is one vector per sample: the step's features pooled by the module's ``pool_features``
+    (token sequences ``(N, T, D)`` are averaged over the tokens; ``feature_dims`` gives ``D``).
+
+    Under DDP the embeddings of every rank are gathered (their counts first, so per-rank batches may
+    differ in size), negatives come from the global batch, and every rank computes the loss of the
+    whole global batch with gradient through its own rows. The value is that loss, identical on every
+    rank, and what is logged; the gradient reaching this rank's rows is multiplied by the number of
+    ranks, because DDP averages. The result equals single-process training on the global batch, with
+    no collective inside the backward pass (a gather with gradient would communicate there, concurrently
+    with DDP's own gradient reduction).
+
+    The temperature is excluded from weight decay, as in the CLIP recipe, when the optimizer is built
+    from the mixin's ``parameter_groups`` (:meth:`no_weight_decay` lists it).
 
     Args:
-        feature_dims: modality → feature width, to build the projections; ``None``: no projection
-            (all features must have one width).
+        feature_dims: modality → feature width ``D``, to build the projections; ``None``: no projection
+            (all modalities must have one width).
         projection_dim: width of the projections.
         init_temperature: initial temperature (0.07).
         max_scale: clamp of ``e^t`` (100).
         weight, start_epoch, end_epoch: see :class:`LossTerm`.
 
-    Standalone: ``ContrastiveLoss()({"audio": z_a, "visual": z_v})``.
+    Standalone: ``ContrastiveLoss()({"audio": v_a, "visual": v_v})`` with ``(N, D)`` vectors.
     """
 
     name = "contrastive"
@@ -63,46 +71,62 @@ class ContrastiveLoss(LossTerm):
     def scale(self) -> Tensor:
         return self.logit_scale.clamp(max=self.max_log_scale).exp()
 
-    def embed(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        return [self.logit_scale]
+
+    def embed(self, vectors: dict[str, Tensor]) -> dict[str, Tensor]:
+        bad = {m: tuple(v.shape) for m, v in vectors.items() if v.ndim != 2}
+        if bad:
+            raise ModalityContractError(
+                f"ContrastiveLoss takes one (N, D) vector per sample and modality, got shapes {bad}. Pool token "
+                f"sequences first (inside a LightningModule the term pools them with self.pool_features)."
+            )
         if self.projections:
-            missing = [m for m in features if m not in self.projections]
+            missing = [m for m in vectors if m not in self.projections]
             if missing:
                 raise ModalityContractError(f"ContrastiveLoss has no projection for {missing}; pass feature_dims for them.")
-            return {m: self.projections[m](z.reshape(z.shape[0], -1)) for m, z in features.items()}
-        widths = {m: z.reshape(z.shape[0], -1).shape[-1] for m, z in features.items()}
+            wrong = {m: (v.shape[-1], self.projections[m].in_features) for m, v in vectors.items()
+                     if v.shape[-1] != self.projections[m].in_features}
+            if wrong:
+                raise ModalityContractError(
+                    f"ContrastiveLoss: feature widths (got, feature_dims) differ for {wrong}; feature_dims gives the "
+                    f"width D of each modality's features (the last dimension, after pooling tokens)."
+                )
+            return {m: self.projections[m](v) for m, v in vectors.items()}
+        widths = {m: v.shape[-1] for m, v in vectors.items()}
         if len(set(widths.values())) != 1:
             raise ModalityContractError(
                 f"ContrastiveLoss without projections needs equal feature widths, got {widths}; pass feature_dims."
             )
-        return {m: z.reshape(z.shape[0], -1) for m, z in features.items()}
+        return dict(vectors)
 
-    def forward(self, features: dict[str, Tensor]) -> Tensor:  # type: ignore[override]
-        if len(features) < 2:
+    def forward(self, vectors: dict[str, Tensor]) -> Tensor:  # type: ignore[override]
+        if len(vectors) < 2:
             raise ModalityContractError("ContrastiveLoss needs at least two modalities.")
-        emb = self.embed(features)
-        n = next(iter(emb.values())).shape[0]
+        emb = self.embed(vectors)
+        names = list(emb)
+        n = emb[names[0]].shape[0]
         if n == 0:
             raise ModalityContractError("ContrastiveLoss got an empty batch.")
         scale = self.scale()
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if world > 1:
-            # Exact global-batch loss without any collective in the backward pass (which would race with
-            # DDP's gradient all-reduce): gather every rank's embeddings without gradient, put this rank's
-            # own (with gradient) in its slot, and compute the loss over the whole global batch on every rank.
-            # d(global loss)/d(local rows) is then exact; DDP averages parameter gradients over ranks, so the
-            # loss is multiplied by the world size, and the temperature -- used identically on every rank --
-            # sees its gradient divided by it again.
+            # The exact global-batch loss without any collective in the backward pass (which would race with
+            # DDP's gradient all-reduce): gather every rank's embeddings without gradient (counts first, so
+            # ranks may hold different numbers of rows), put this rank's own rows (with gradient) in their
+            # slot, and compute the loss over the whole global batch on every rank. DDP averages parameter
+            # gradients over ranks, so the gradient reaching this rank's rows is multiplied by the world size;
+            # the value is unchanged (e + (W-1)(e - e) is e), and the temperature, used identically on every
+            # rank, gets the exact gradient from every rank.
             rank = dist.get_rank()
-            full = {}
-            for m, e in emb.items():
-                parts = [torch.empty_like(e) for _ in range(world)]
-                dist.all_gather(parts, e.detach().contiguous())
-                parts[rank] = e
-                full[m] = torch.cat(parts, dim=0)
-            emb = full
-            scale = scale.detach() + (scale - scale.detach()) / world
-        losses = [symmetric_info_nce(emb[a], emb[b], scale) for a, b in itertools.combinations(emb, 2)]
-        return torch.stack(losses).mean() * world
+            local = torch.cat([emb[m] for m in names], dim=1)  # one gather for every modality
+            parts, _ = all_gather_rows(local)
+            own = local + (world - 1) * (local - local.detach())
+            parts[rank] = own
+            full = torch.cat(parts, dim=0)
+            emb = dict(zip(names, full.split([emb[m].shape[1] for m in names], dim=1)))
+        losses = [symmetric_info_nce(emb[a], emb[b], scale) for a, b in itertools.combinations(names, 2)]
+        return torch.stack(losses).mean()
 
     def from_record(self, module: MultimodalMixin, record: ModalityRecord) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.forward(record.features), {"scale": self.scale().detach()}
+        return self.forward(record.vectors(detach=False)), {"scale": self.scale().detach()}

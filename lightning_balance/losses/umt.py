@@ -123,16 +123,20 @@ def choose_ume_or_umt(ensemble_val_accuracy: float, joint_val_accuracy: float) -
 
 
 class _UnimodalModel(pl.LightningModule):
-    def __init__(self, encoder: nn.Module, width: int, num_classes: int, modality: str, lr: float, momentum: float) -> None:
+    def __init__(self, encoder: nn.Module, width: int, num_classes: int, modality: str, lr: float, momentum: float,
+                 ignore_index: int = -100) -> None:
         super().__init__()
         self.encoder, self.head, self.modality = encoder, nn.Linear(width, num_classes), modality
-        self.lr, self.momentum = lr, momentum
+        self.lr, self.momentum, self.ignore_index = lr, momentum, ignore_index
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.encoder(x))
+        z = self.encoder(x)
+        if z.ndim > 2:  # token sequences: their mean, as the contract's default pool_features
+            z = z.mean(dim=tuple(range(1, z.ndim - 1)))
+        return self.head(z)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return F.cross_entropy(self(batch[self.modality]), batch["target"])
+        return F.cross_entropy(self(batch[self.modality]), batch["target"], ignore_index=self.ignore_index)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
@@ -142,7 +146,9 @@ def fit_unimodal_teachers(module: MultimodalMixin, datamodule: pl.LightningDataM
                           max_epochs: int = 40, lr: float = 0.02, momentum: float = 0.9,
                           **trainer_kwargs: Any) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """Train one unimodal model per modality from the module's own encoders (fresh copies, parameters
-    re-initialised) and a linear head, on the datamodule's batches ``{modality: x, "target": y}``.
+    re-initialised) and a linear head, on the datamodule's batches ``{modality: x, "target": y}``, with SGD
+    on the cross-entropy (targets equal to the module's ``ignore_index`` left out). Token features
+    ``(N, T, D)`` are averaged over the tokens before the head.
 
     Returns ``(teachers, models)``: the trained encoders (for :class:`UMTLoss`) and the full unimodal
     models (encoder + head, for :class:`UnimodalEnsemble`).
@@ -159,8 +165,8 @@ def fit_unimodal_teachers(module: MultimodalMixin, datamodule: pl.LightningDataM
         datamodule.setup("fit")
         sample = next(iter(datamodule.train_dataloader()))
         with torch.no_grad():
-            width = encoder(sample[m]).reshape(sample[m].shape[0], -1).shape[-1]
-        model = _UnimodalModel(encoder, width, num_classes, m, lr, momentum)
+            width = encoder(sample[m]).shape[-1]
+        model = _UnimodalModel(encoder, width, num_classes, m, lr, momentum, module.modality_spec.ignore_index)
         kwargs = {"max_epochs": max_epochs, "logger": False, "enable_checkpointing": False,
                   "enable_progress_bar": False, "enable_model_summary": False, **trainer_kwargs}
         pl.Trainer(**kwargs).fit(model, train_dataloaders=datamodule.train_dataloader())
