@@ -5,8 +5,8 @@
 
 Per seed: trains each modality alone and the joint baseline (checkpoints chosen on validation). The joint
 model trains with :class:`~lightning_balance.ModalityDiagnostics` (every 10 epochs: a report on validation
-data, with each encoder's probe accuracy when trained alone as the reference, and a PNG of per-modality
-accuracy and contribution over epochs). The restored model is then measured on test data with
+data, with each encoder's probe accuracy when trained alone and its standard error as the reference, and a
+PNG of per-modality accuracy and contribution over epochs). The restored model is then measured on test data with
 :func:`~lightning_balance.functional.collapse_diagnostics`: Shapley contribution, accuracy with each
 modality missing, effective/numerical rank, CKA, VIF; each encoder's linear probe is fitted on the training
 split and scored on test, after joint training and trained alone. Prints the table and the verdict (means
@@ -38,6 +38,7 @@ from lightning_balance.functional import (  # noqa: E402
     imbalance_verdict,
     linear_probe_accuracy,
 )
+from lightning_balance.functional.diagnostics import probe_standard_error  # noqa: E402
 
 
 @torch.no_grad()
@@ -50,8 +51,10 @@ def diagnose(joint: AVDigitsNet, alone: dict[str, UnimodalNet], data) -> dict[st
                                probe=False)
     for m in joint.modalities:
         out[f"probe/{m}"] = linear_probe_accuracy(train_feats[m], train["target"], feats[m], y, c)
+        out[f"probe_se/{m}"] = probe_standard_error(out[f"probe/{m}"], len(y))
         enc = alone[m].encoder
         out[f"probe_alone/{m}"] = linear_probe_accuracy(enc(train[m]), train["target"], enc(test[m]), y, c)
+        out[f"probe_alone_se/{m}"] = probe_standard_error(out[f"probe_alone/{m}"], len(y))
     return {k: v for k, v in out.items() if not k.startswith("seconds/")}
 
 
@@ -76,9 +79,11 @@ def main(argv: list[str] | None = None) -> None:
                 alone[m], _ = fit(UnimodalNet(m, dim, num_classes=data.num_classes), data, [], args.epochs,
                                   f"{root}/{seed}-{m}", progress=False)
             val = data.splits["val"]
-            with torch.no_grad():  # the monitor's reference: each encoder trained alone, probed like the monitor does
-                alone_val = {m: cross_validated_probe_accuracy(net.encoder(val[m]), val["target"], data.num_classes)
-                             for m, net in alone.items()}
+            with torch.no_grad():  # the monitor's reference: each encoder trained alone, probed like the monitor does,
+                alone_val = {}     # with its binomial standard error
+                for m, net in alone.items():
+                    acc = cross_validated_probe_accuracy(net.encoder(val[m]), val["target"], data.num_classes)
+                    alone_val[m] = (acc, probe_standard_error(acc, len(val["target"])))
             first = seed == args.seeds[0]
             monitor = ModalityDiagnostics(every_n_epochs=10, alone_probe=alone_val, verbose=first, plot=first,
                                           plot_dir=args.out)
@@ -95,12 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     mean = {k: statistics.mean(r[k] for r in rows) for k in keys}
     print(f"\nTest split, mean over seeds {args.seeds}; probes fitted on the training split; "
           f"{time.time() - start:.0f} s.\n")
-    print(diagnostics_table(mean, mods, {m: mean[f"probe_alone/{m}"] for m in mods}))
+    alone_mean = {m: (mean[f"probe_alone/{m}"], mean[f"probe_alone_se/{m}"]) for m in mods}
+    print(diagnostics_table(mean, mods, alone_mean))
     print("\n| measurement | mean ± std over seeds |\n|---|---|")
     for k in keys:
         print(f"| {k} | {mean_std([r[k] for r in rows])} |")
-    print("\nVerdict (means over seeds):")
-    for line in imbalance_verdict(mean, mods, {m: mean[f"probe_alone/{m}"] for m in mods}):
+    print("\nVerdict (means over seeds, with the mean of the per-seed standard errors):")
+    for line in imbalance_verdict(mean, mods, alone_mean):
         print("  " + line)
     with open(os.path.join(args.out, f"diagnose_{args.dataset}_baseline.json"), "w") as f:
         json.dump({"command": "python examples/diagnose.py " + " ".join(argv if argv is not None else sys.argv[1:]),

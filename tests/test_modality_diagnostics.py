@@ -47,20 +47,85 @@ def validate(tmp_path, n, devices=1, batch_size=8, **diag_kwargs):
         return json.load(f), out
 
 
-def test_values_equal_the_functional_core(tmp_path):
-    result, _ = validate(tmp_path, n=40)
-    (row,) = result["diag"]
-    ds = DictDataset(n=40, seed=1)
-    net = model().eval()
+class PartlyLabelled(DictDataset):
+    """DictDataset whose samples 2, 9, 16, ... have the target ignore_index (-100)."""
+
+    def __init__(self, n: int = 40, seed: int = 1) -> None:
+        super().__init__(n=n, seed=seed)
+        self.y[2::7] = -100
+
+
+def test_values_match_an_independent_computation(tmp_path):
+    sklearn = pytest.importorskip("sklearn.linear_model", reason="scikit-learn (dev extra) gives the probe's reference")
+    diag = ModalityDiagnostics(plot=False, verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[diag]))
+    trainer.validate(model(), DataLoader(PartlyLabelled(), batch_size=8), verbose=False)
+    (row,), (monitor,) = diag.diagnostics_history, diag.history
+    # the reference, with the model's modules called directly, on the labelled samples only
+    ds, net = PartlyLabelled(), model().eval()
+    keep = ds.y != -100
+    y, n = ds.y[keep], int(keep.sum())
     with torch.no_grad():
-        feats = net.forward_features({"audio": ds.a, "visual": ds.v})
-        expected = collapse_diagnostics(feats, ds.y, net.fuse_subset, 4, unimodal_logits=net.compute_unimodal_logits(feats))
+        za, zv = net.audio_encoder(ds.a[keep]), net.visual_encoder(ds.v[keep])
+        w, b = net.head.weight, net.head.bias
+
+        def correct(pa, pv):  # the head on the concatenation, absent modalities zeroed
+            return (net.head(torch.cat([za * pa, zv * pv], 1)).argmax(-1) == y).double()
+
+        c = {"": correct(0, 0), "a": correct(1, 0), "v": correct(0, 1), "av": correct(1, 1)}
+        uni_a = ((za @ w[:, :8].T + b / 2).argmax(-1) == y).double()  # the split head: W_a z_a + b / M
+        uni_v = ((zv @ w[:, 8:].T + b / 2).argmax(-1) == y).double()
+    acc = {k: float(v.mean()) for k, v in c.items()}
+    x_audio = (c["a"] - c[""] + c["av"] - c["v"]) / 2  # per-sample Shapley terms of two players
+    x_visual = (c["v"] - c[""] + c["av"] - c["a"]) / 2
+    assert row["samples"] == n == 34
+    expected = {"acc_fused": acc["av"], "acc_without/audio": acc["v"], "acc_without/visual": acc["a"],
+                "acc/audio": float(uni_a.mean()), "acc/visual": float(uni_v.mean()),
+                "contribution/audio": float(x_audio.mean()), "contribution/visual": float(x_visual.mean())}
     for key, value in expected.items():
-        if not key.startswith("seconds/"):
-            assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
-    assert row["samples"] == 40
-    # the Shapley values are efficient: they sum to v(all) - v(none)
-    assert row["contribution/audio"] + row["contribution/visual"] <= row["acc_fused"] + 1e-9
+        assert row[key] == pytest.approx(value, abs=1e-12), key
+    assert monitor["val_acc_fused"] == pytest.approx(acc["av"], abs=1e-6)
+    assert monitor["val_acc/audio"] == pytest.approx(float(uni_a.mean()), abs=1e-6)
+    # bootstrap standard errors vs their analytic values (a mean of n outcomes: std / sqrt(n)); B = 1000 replicates
+    # estimate an SE to ~2%, so 10% is a safe margin
+    assert row["acc_fused_se"] == pytest.approx(float(c["av"].std(unbiased=False)) / n**0.5, rel=0.1)
+    assert row["contribution_se/audio"] == pytest.approx(float(x_audio.std(unbiased=False)) / n**0.5, rel=0.1)
+    assert row["contribution_se/visual"] == pytest.approx(float(x_visual.std(unbiased=False)) / n**0.5, rel=0.1)
+    # geometry by the formulas, with torch's own rank
+    vectors = {"audio": za.double(), "visual": zv.double()}
+    vectors["fused"] = torch.cat([za, zv], 1).double()
+    for key, z in vectors.items():
+        zc = z - z.mean(0)
+        s = torch.linalg.svdvals(zc)
+        p = s / s.sum()
+        assert row[f"erank/{key}"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6), key
+        assert row[f"nrank/{key}"] == int(torch.linalg.matrix_rank(zc)), key
+        vif = []
+        for j in range(z.shape[1]):  # 1 / (1 - R^2) of a least-squares fit on the other features
+            others = torch.cat([torch.ones(n, 1, dtype=z.dtype), z[:, [k for k in range(z.shape[1]) if k != j]]], 1)
+            residual = z[:, j] - others @ torch.linalg.lstsq(others, z[:, j:j + 1]).solution[:, 0]
+            vif.append(float(zc[:, j].square().sum() / residual.square().sum()))
+        # the library adds a ridge r = 1e-6 to the correlation matrix: it lowers a factor by a relative
+        # r / lambda_min at most, and lambda_min >= 1 / (d * max VIF)
+        assert row[f"vif_max/{key}"] == pytest.approx(max(vif), rel=1e-6 * z.shape[1] * max(vif) + 1e-6), key
+        if key != "fused":
+            fc = vectors["fused"] - vectors["fused"].mean(0)
+            cka = (zc.T @ fc).square().sum() / ((fc.T @ fc).norm() * (zc.T @ zc).norm())
+            assert row[f"cka/{key}"] == pytest.approx(float(cka), rel=1e-6), key
+    # probe: scikit-learn's logistic regression with the same objective (mean cross-entropy + 1e-4 ||W||^2 on
+    # features standardised by the training fold: C = 1 / (2 n_train 1e-4)), 2 folds by sample index; both
+    # solvers converge to the same optimum, so at most one of the 34 held-out predictions may differ (a near-tie)
+    for m, z in (("audio", za), ("visual", zv)):
+        hits = 0
+        for fold in range(2):
+            train, test = torch.arange(n) % 2 != fold, torch.arange(n) % 2 == fold
+            mu, sd = z[train].double().mean(0), z[train].double().std(0)
+            clf = sklearn.LogisticRegression(C=1 / (2 * int(train.sum()) * 1e-4), max_iter=10000, tol=1e-12)
+            clf.fit(((z[train].double() - mu) / sd).numpy(), y[train].numpy())
+            hits += int((torch.from_numpy(clf.predict(((z[test].double() - mu) / sd).numpy())) == y[test]).sum())
+        assert row[f"probe/{m}"] == pytest.approx(hits / n, abs=1 / n + 1e-9), m
+        p = row[f"probe/{m}"]
+        assert row[f"probe_se/{m}"] == pytest.approx((p * (1 - p) / n) ** 0.5, rel=1e-9), m
 
 
 @pytest.mark.timeout(300)
@@ -76,6 +141,11 @@ def test_ddp_gives_the_numbers_of_one_process(tmp_path, n):
     for key, value in s.items():
         if not key.startswith("seconds/"):
             assert d[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    # the monitor's accuracies too: DistributedSampler's padding duplicates (n = 37) are not counted
+    (sm,), (dm,) = single["monitor"], ddp["monitor"]
+    assert sm.keys() == dm.keys()
+    for key, value in sm.items():
+        assert dm[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 def test_a_pure_noise_modality_gets_no_contribution_and_a_chance_probe():
@@ -123,11 +193,14 @@ def test_logged_keys_report_plot_and_every_n_epochs(tmp_path):
     with open(path) as f:
         header = next(csv.reader(f))
     for key in ("contribution/audio", "probe/visual", "erank/fused", "cka/audio", "vif_max/visual",
-                "under_learned/audio", "seconds/probe", "contribution_imbalance"):
+                "under_learned/audio", "seconds/probe", "contribution_imbalance", "contribution_se/audio",
+                "probe_se/visual", "acc_fused_se", "acc_without_se/audio", "drop_se/visual", "contribution_lead_se",
+                "under_learned_se/audio"):
         assert f"balance/diagnostics/{key}" in header, key
     assert os.path.exists(diag.plot_path) and os.path.getsize(diag.plot_path) > 1000
     report = diag.report()
     assert "audio encoder: linear probe" in report and "trained alone" in report and "| fused" in report
+    assert "±" in report and "1.96 standard errors" in report  # the table shows the intervals
     state = diag.state_dict()
     fresh = ModalityDiagnostics()
     fresh.load_state_dict(state)
@@ -148,6 +221,9 @@ def test_max_samples_keeps_the_first_samples(tmp_path):
     ({"tolerance": 2}, "tolerance"),
     ({"sample_order": "random"}, "sample_order"),
     ({"alone_probe": {"audio": 62}}, "alone_probe"),
+    ({"alone_probe": {"audio": [0.6, 0.01, 0.2]}}, "alone_probe"),
+    ({"bootstrap": 1}, "bootstrap"),
+    ({"seed": 0.5}, "seed"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -189,3 +265,90 @@ def test_plot_reaches_wandb_as_an_image(tmp_path, monkeypatch):
         wandb.finish()
     assert logged == [("balance/diagnostics/plot", [str(tmp_path / "plots" / "diagnostics.png")])]
     assert "balance/diagnostics/contribution/audio" in summary_keys
+
+
+def test_alone_probe_takes_a_standard_error():
+    diag = ModalityDiagnostics(alone_probe={"audio": [0.62, 0.02], "visual": 0.9})
+    assert diag.alone_probe == {"audio": (0.62, 0.02), "visual": 0.9}
+
+
+class NaNFeatures(TinyAV):
+    """Validation features of 'audio' are NaN for the first sample of every batch."""
+
+    def validation_step(self, batch, batch_idx):
+        feats = self.forward_features(batch)
+        feats["audio"] = feats["audio"].clone()
+        feats["audio"][0] = math.nan
+        self.fuse(feats, batch["target"])
+
+
+def test_non_finite_features_warn_and_the_fit_goes_on(tmp_path):
+    diag = ModalityDiagnostics(plot=False, verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[diag], max_epochs=2))
+    with pytest.warns(UserWarning) as caught:
+        trainer.fit(NaNFeatures(), DataLoader(DictDataset(n=32), batch_size=8),
+                    DataLoader(DictDataset(n=32, seed=1), batch_size=8))
+    assert trainer.state.finished and len(diag.diagnostics_history) == 2
+    messages = [str(w.message) for w in caught]
+    monitor = [m for m in messages if "ModalityDiagnostics: non-finite values" in m]
+    assert len(monitor) == 2 and "the features of 'audio' of 4 samples" in monitor[0]  # once per epoch
+    assert any("features of 'audio' are not finite (NaN/inf) in 4 of 32 samples" in m for m in messages)
+    row = diag.diagnostics_history[-1]
+    assert math.isnan(row["erank/audio"]) and math.isnan(row["probe/audio"]) and math.isnan(row["cka/visual"])
+    assert math.isfinite(row["probe/visual"]) and math.isfinite(row["contribution/audio"])
+
+
+def test_fewer_samples_than_the_probe_needs_warn_and_the_rest_is_measured(tmp_path):
+    diag = ModalityDiagnostics(plot=False, verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[diag]))
+    with pytest.warns(UserWarning) as caught:
+        trainer.validate(model(), DataLoader(DictDataset(n=3, seed=1), batch_size=8), verbose=False)
+    messages = [str(w.message) for w in caught]
+    assert any("need at least 4 labelled samples, got 3" in m for m in messages)
+    (row,) = diag.diagnostics_history
+    assert row["samples"] == 3 and math.isnan(row["probe/audio"]) and math.isfinite(row["contribution/visual"])
+    # 8 features from 3 samples: no VIF either, and a warning that says what to do
+    assert math.isnan(row["vif_mean/audio"]) and any("variance_inflation('audio')" in m and "vif=False" in m
+                                                      for m in messages)
+
+
+class EmptyAndUnlabelledBatches(TinyAV):
+    """Batch 1 reaches fuse with 0 samples; every target of batch 2 is ignore_index."""
+
+    def validation_step(self, batch, batch_idx):
+        feats, targets = self.forward_features(batch), batch["target"]
+        if batch_idx == 1:
+            feats, targets = {m: z[:0] for m, z in feats.items()}, targets[:0]
+        if batch_idx == 2:
+            targets = torch.full_like(targets, -100)
+        self.fuse(feats, targets)
+
+
+def test_empty_and_unlabelled_batches_are_skipped(tmp_path):
+    diag = ModalityDiagnostics(plot=False, verbose=False, bootstrap=0)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[diag]))
+    net = EmptyAndUnlabelledBatches(seed=0)
+    trainer.validate(net, DataLoader(DictDataset(n=40, seed=1), batch_size=8), verbose=False)
+    (row,), (monitor,) = diag.diagnostics_history, diag.history
+    ds = DictDataset(n=40, seed=1)
+    kept = torch.cat([torch.arange(0, 8), torch.arange(24, 40)])  # batches 0, 3 and 4
+    with torch.no_grad():
+        za, zv = net.audio_encoder(ds.a[kept]), net.visual_encoder(ds.v[kept])
+        fused = (net.head(torch.cat([za, zv], 1)).argmax(-1) == ds.y[kept]).double().mean()
+        without = (net.head(torch.cat([za, zv * 0], 1)).argmax(-1) == ds.y[kept]).double().mean()
+    assert row["samples"] == 24 and "acc_fused_se" not in row  # bootstrap=0: no standard errors
+    assert row["acc_fused"] == pytest.approx(float(fused), abs=1e-12)
+    assert monitor["val_acc_fused"] == pytest.approx(float(fused), abs=1e-6)
+    assert monitor["val_acc_without/visual"] == pytest.approx(float(without), abs=1e-6)
+
+
+def test_a_validation_set_without_labels_logs_nothing_and_warns(tmp_path):
+    class Unlabelled(TinyAV):
+        def validation_step(self, batch, batch_idx):
+            self.fuse(self.forward_features(batch), torch.full_like(batch["target"], -100))
+
+    diag = ModalityDiagnostics(plot=False, verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[diag]))
+    with pytest.warns(UserWarning, match="no labelled"):
+        trainer.validate(Unlabelled(), DataLoader(DictDataset(n=16), batch_size=8), verbose=False)
+    assert diag.history == [] and diag.diagnostics_history == []

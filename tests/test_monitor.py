@@ -121,3 +121,53 @@ def test_step_metrics_are_logged_on_the_logger_steps(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["step"] for r in rows] == ["2", "5", "8", "11"]
     assert all(r["train_loss"] and r["balance/ogm/coeff/audio"] for r in rows)
+
+
+def partly_labelled(n=32, seed=1):
+    ds = loader(n=n, seed=seed).dataset
+    ds.y[1::5] = -100  # samples 1, 6, 11, ... have no label
+    return ds
+
+
+def test_unlabelled_samples_count_nowhere(tmp_path):
+    monitor = ModalityMonitor()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[monitor], max_epochs=1))
+    model = TinyAV()
+    trainer.fit(model, loader(), torch.utils.data.DataLoader(partly_labelled(), batch_size=8))
+    ds = partly_labelled()
+    keep = ds.y != -100
+    y = ds.y[keep]
+    with torch.no_grad():
+        za, zv = model.audio_encoder(ds.a[keep]), model.visual_encoder(ds.v[keep])
+        w, b = model.head.weight, model.head.bias
+        uni = {"audio": za @ w[:, :8].T + b / 2, "visual": zv @ w[:, 8:].T + b / 2}  # the split head by hand
+        fused = model.head(torch.cat([za, zv], 1))
+        without_visual = model.head(torch.cat([za, torch.zeros_like(zv)], 1))
+        s = {m: F.softmax(o, -1)[torch.arange(len(y)), y].sum() for m, o in uni.items()}
+    (row,) = monitor.history
+
+    def acc(logits):
+        return (logits.argmax(-1) == y).float().mean().item()
+
+    assert row["val_acc_fused"] == pytest.approx(acc(fused))
+    assert row["val_acc/visual"] == pytest.approx(acc(uni["visual"]))
+    assert row["val_acc_without/visual"] == pytest.approx(acc(without_visual))
+    assert row["val_score_ratio/visual"] == pytest.approx((s["visual"] / s["audio"]).item(), rel=1e-5)
+
+
+def test_non_finite_values_warn_once_per_epoch(tmp_path):
+    class NaNVisual(TinyAV):
+        def validation_step(self, batch, batch_idx):
+            feats = self.forward_features(batch)
+            feats["visual"] = feats["visual"].clone()
+            feats["visual"][:2] = float("nan")  # every batch: 2 samples
+            self.fuse(feats, batch["target"])
+
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[ModalityMonitor()], max_epochs=2))
+    with pytest.warns(UserWarning) as caught:
+        trainer.fit(NaNVisual(), loader(), loader(n=32, seed=1))  # 2 validation batches per epoch
+    found = [str(w.message) for w in caught if "ModalityMonitor: non-finite values" in str(w.message)]
+    assert len(found) == 2, found
+    assert found[0].startswith("ModalityMonitor: non-finite values (NaN/inf) in validation epoch 0: the logits of 4 "
+                               "samples, the features of 'visual' of 4 samples.")
+    assert "validation epoch 1:" in found[1]

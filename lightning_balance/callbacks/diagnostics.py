@@ -6,71 +6,119 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping
-from typing import Any, Optional
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DistributedSampler
 
 from lightning_balance._distributed import gather_samples
+from lightning_balance._record import ModalityRecord
 from lightning_balance.callbacks.base import is_number, log_balance_metrics
 from lightning_balance.callbacks.monitor import ModalityMonitor
-from lightning_balance.functional.diagnostics import collapse_diagnostics, diagnostics_table, imbalance_verdict
+from lightning_balance.functional.diagnostics import (
+    _reference,
+    diagnostics_from_correctness,
+    diagnostics_table,
+    imbalance_verdict,
+)
 
 __all__ = ["ModalityDiagnostics"]
 
 _ORDERS = ("auto", "interleaved", "rank")
 
 
+def _check_alone_probe(alone_probe: Any) -> dict[str, Union[float, tuple[float, float]]]:
+    """``{modality: accuracy}`` or ``{modality: (accuracy, standard error)}``, checked; numbers stay numbers."""
+    def entry(value: Any) -> Optional[Union[float, tuple[float, float]]]:
+        if is_number(value) and 0 <= value <= 1:
+            return float(value)
+        if (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+                and all(is_number(v) for v in value) and 0 <= value[0] <= 1 and 0 <= value[1] < 1):
+            return (float(value[0]), float(value[1]))
+        return None
+
+    if isinstance(alone_probe, Mapping) and all(isinstance(k, str) for k in alone_probe):
+        checked = {k: entry(v) for k, v in alone_probe.items()}
+        if all(v is not None for v in checked.values()):
+            return checked  # type: ignore[return-value]
+    raise ValueError(f"alone_probe must map modality names to accuracies in [0, 1], or to [accuracy, standard error] "
+                     f"pairs (e.g. {{'audio': [0.62, 0.02]}}), got {alone_probe!r}.")
+
+
 class ModalityDiagnostics(ModalityMonitor):
     r"""Everything :class:`ModalityMonitor` logs every epoch, plus, every ``every_n_epochs`` validation
     epochs (and at every ``trainer.test``), a collapse diagnosis of the validation samples and a verdict.
 
-    Measured on the features that ``validation_step`` passes to ``self.fuse(features, targets)``
-    (:func:`~lightning_balance.functional.collapse_diagnostics`), logged under ``balance/diagnostics/...``:
+    Measured on what ``validation_step`` passes to ``self.fuse(features, targets)``, over the samples whose
+    target is not ``ignore_index`` (:func:`~lightning_balance.functional.diagnostics_from_correctness`), logged
+    under ``balance/diagnostics/...``:
 
     * ``contribution/<m>``: dataset-level Shapley contribution of ``m`` to accuracy,
       :math:`\phi_m=\sum_{S\subseteq M\setminus m}\frac{|S|!(M-|S|-1)!}{M!}[v(S\cup m)-v(S)]`, with
       ``v(S)`` the accuracy when the modalities outside ``S`` are zeroed at the feature level through the
       model's fusion (BalanceBenchmark's definition, at the features); ``contribution_ratio`` (max/min),
-      ``contribution_gap`` and ``contribution_imbalance`` ((max − min)/Σ|φ|);
-    * ``acc_fused``, ``acc/<m>`` (unimodal logits), ``acc_without/<m>`` (``m`` missing);
+      ``contribution_gap``, ``contribution_imbalance`` ((max − min)/Σ|φ|) and ``contribution_lead``
+      (largest − second largest);
+    * ``acc_fused``, ``acc/<m>`` (unimodal logits), ``acc_without/<m>`` (``m`` missing), ``drop/<m>``
+      (``acc_fused − acc_without/<m>``);
     * ``probe/<m>``: accuracy of a linear probe on ``m``'s frozen features (``probe_folds``-fold
       cross-validation on the validation samples); with ``alone_probe`` given, ``under_learned/<m>`` =
       alone − joint probe accuracy;
+    * standard errors ``acc_fused_se``, ``acc_se/<m>``, ``acc_without_se/<m>``, ``drop_se/<m>``,
+      ``contribution_se/<m>``, ``contribution_lead_se`` (bootstrap over samples, ``bootstrap`` replicates
+      from a generator seeded by ``seed``), ``probe_se/<m>`` (binomial), ``under_learned_se/<m>``;
     * ``erank/<m>``, ``erank_norm/<m>``, ``nrank/<m>`` (effective and numerical rank; ``fused`` is the
-      concatenation of all features, the fusion's input), ``cka/<m>`` (linear CKA, fused vs ``m``),
+      concatenation of all vectors, the fusion's input), ``cka/<m>`` (linear CKA, fused vs ``m``),
       ``vif_mean/<m>``, ``vif_max/<m>``;
-    * ``seconds/<group>``: what each group cost.
+    * ``samples``, ``seconds/<group>``: how many samples, what each group cost.
 
-    Under DDP the validation features of all ranks are gathered (one all-gather of sizes, one of the
-    packed samples) and every rank computes the same values. With Lightning's default validation sampler
-    (``DistributedSampler``, no shuffle) the samples are put back into the one-process order and the
-    sampler's padding is dropped, so the values equal a one-process run on the same data
-    (``sample_order="auto"``). With another sampler they are concatenated rank by rank: every value but the
-    probe's fold split is order-free.
+    How. During a diagnosed epoch every validation batch runs the ``2^M − 1`` subset fusions
+    (``pl_module.fuse_subset``, the features in their own shape, ``(N, D)`` or token sequences ``(N, T, D)``,
+    under the step's autocast state) and keeps, per sample, whether each subset's prediction and each
+    unimodal prediction is correct, and one vector per modality, ``pl_module.pool_features(m, z)`` (``(N, D)``:
+    token sequences averaged over the tokens by default), for the ranks, CKA, VIF and probes. Only these
+    rows are gathered at the epoch's end, so the fusion never sees more than one batch. A ``validation_step``
+    that calls ``fuse`` more than once (two views) contributes every call's rows; the rows of one sample are
+    resampled together by the bootstrap and kept in one probe fold, and ``samples`` counts samples, not rows.
 
-    After each diagnosis a table and the verdict (:func:`~lightning_balance.functional.imbalance_verdict`:
-    which modality dominates, which is ignored, whether an encoder is under-learned compared with
-    training it alone) are printed on rank 0 (``verbose``), kept in :attr:`reports`, and a PNG of
+    Under DDP the rows of all ranks are gathered (one all-gather of sizes, one of the rows) and every rank
+    computes the same values. With Lightning's default validation sampler (``DistributedSampler``) the
+    sampler's padding duplicates are dropped and the rows are put back into one-process order
+    (``sample_order="auto"``), so the values, standard errors included, equal a one-process run on the same
+    data. With another sampler they are concatenated rank by rank: every value but the probe's fold split and
+    the bootstrap's draws is order-free.
+
+    After each diagnosis a table (values with their 95% intervals) and the verdict
+    (:func:`~lightning_balance.functional.imbalance_verdict`: which modality dominates, which is ignored,
+    whether an encoder is under-learned compared with training it alone, each reported only when its
+    interval excludes 0) are printed on rank 0 (``verbose``), kept in :attr:`reports`, and a PNG of
     per-modality accuracy, probe and contribution over epochs is written to ``plot_dir`` (default
-    ``<log_dir>/balance``) and sent to W&B as an image when a ``WandbLogger`` is attached.
+    ``<log_dir>/balance``) and sent to W&B as an image when a ``WandbLogger`` is attached. A measurement that
+    cannot be made (non-finite features, fewer samples than the probe's folds need, a failing
+    decomposition) is NaN, not logged, with a warning naming it and why; the fit goes on.
 
     Args:
         every_n_epochs: diagnose every this many validation epochs (and the last one). The probe fits an
             L-BFGS logistic regression per modality and fold; Shapley values need ``2^M`` fusion passes.
         probe: fit the linear probes.
         probe_folds: folds of the probe's cross-validation (>= 2).
-        vif: compute variance inflation factors (one ``d × d`` inverse per modality).
-        max_samples: diagnose at most this many validation samples (the first ones, in sample order); each
-            rank keeps ``max_samples`` samples' features at most. ``None``: all.
-        alone_probe: probe accuracy of each modality's encoder trained alone (e.g. from a unimodal run),
-            the reference of the "under-learned" verdict.
-        tolerance: accuracy gap below which a probe counts as "learned as well as alone" and a contribution
-            as "ignored".
+        vif: compute variance inflation factors (one ``d × d`` inverse per modality; NaN, with a warning,
+            when a modality has as many features as samples − 1 or more).
+        max_samples: diagnose at most this many labelled validation samples (the first ones, in sample order,
+            with all their views); each rank keeps its first ``max_samples`` samples at most. ``None``: all.
+        alone_probe: probe accuracy of each modality's encoder trained alone (e.g. from a unimodal run), the
+            reference of the "under-learned" verdict: an accuracy, or ``[accuracy, standard error]`` (e.g.
+            that run's ``probe_se``). A bare number is taken as exact: only the joint probe's standard error
+            enters the rule.
+        tolerance: the smallest accuracy gap that counts: a probe is "under-learned" only when its gap to
+            the alone reference is above this and its 95% interval excludes 0; "learned as well as alone" and
+            "ignored" need the upper ends of the intervals at or below it.
+        bootstrap: bootstrap replicates of the standard errors (0: none).
+        seed: seed of the bootstrap's generator (the same values on every rank and every run).
         sample_order: ``"auto"``, ``"interleaved"`` (rank ``r`` of ``W`` read samples ``r, r+W, ...``) or
             ``"rank"`` (rank-by-rank concatenation).
         verbose: print the table and verdict on rank 0 after each diagnosis.
@@ -83,10 +131,11 @@ class ModalityDiagnostics(ModalityMonitor):
     diagnostics_prefix = "balance/diagnostics"
 
     def __init__(self, every_n_epochs: int = 1, probe: bool = True, probe_folds: int = 2, vif: bool = True,
-                 max_samples: Optional[int] = None, alone_probe: Optional[dict[str, float]] = None,
-                 tolerance: float = 0.02, sample_order: str = "auto", verbose: bool = True,
-                 plot: Optional[bool] = None, plot_dir: Optional[str] = None, missing: bool = True,
-                 prefix: str = "balance/monitor") -> None:
+                 max_samples: Optional[int] = None,
+                 alone_probe: Optional[dict[str, Union[float, tuple[float, float]]]] = None,
+                 tolerance: float = 0.02, bootstrap: int = 1000, seed: int = 0, sample_order: str = "auto",
+                 verbose: bool = True, plot: Optional[bool] = None, plot_dir: Optional[str] = None,
+                 missing: bool = True, prefix: str = "balance/monitor") -> None:
         super().__init__(missing=missing, prefix=prefix)
         for name, value, low in (("every_n_epochs", every_n_epochs, 1), ("probe_folds", probe_folds, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -97,13 +146,15 @@ class ModalityDiagnostics(ModalityMonitor):
                              f"got {max_samples!r}.")
         if not is_number(tolerance) or not 0 <= tolerance < 1:
             raise ValueError(f"tolerance must be a number in [0, 1), got {tolerance!r}.")
+        if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0 or bootstrap == 1:
+            raise ValueError(f"bootstrap must be 0 (no standard errors) or an integer >= 2 (e.g. 1000), "
+                             f"got {bootstrap!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
         if sample_order not in _ORDERS:
             raise ValueError(f"sample_order must be one of {_ORDERS}, got {sample_order!r}.")
         if alone_probe is not None:
-            if not isinstance(alone_probe, Mapping) or not all(
-                    isinstance(k, str) and is_number(v) and 0 <= v <= 1 for k, v in alone_probe.items()):
-                raise ValueError(f"alone_probe must map modality names to accuracies in [0, 1], got {alone_probe!r}.")
-            alone_probe = {k: float(v) for k, v in alone_probe.items()}
+            alone_probe = _check_alone_probe(alone_probe)
         if plot:
             try:
                 import matplotlib  # noqa: F401
@@ -116,6 +167,8 @@ class ModalityDiagnostics(ModalityMonitor):
         self.max_samples = max_samples
         self.alone_probe = alone_probe
         self.tolerance = float(tolerance)
+        self.bootstrap = bootstrap
+        self.seed = seed
         self.sample_order = sample_order
         self.verbose = verbose
         self.plot = plot
@@ -127,8 +180,10 @@ class ModalityDiagnostics(ModalityMonitor):
         #: ``(epoch or "test", text)`` of every printed report
         self.reports: list[tuple[Any, str]] = []
         self.plot_path: Optional[str] = None
-        self._store: Optional[dict[str, list[Tensor]]] = None
+        self._store: Optional[list[Tensor]] = None
         self._stored = 0
+        self._storing_batch = False
+        self._shape: Optional[tuple[int, list[int]]] = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -151,11 +206,13 @@ class ModalityDiagnostics(ModalityMonitor):
         super()._epoch_start()
         self._store = None
         self._stored = 0
+        self._storing_batch = False
+        self._shape = None
 
     def _begin(self, trainer: pl.Trainer, stage: str) -> None:
         self._epoch_start()
         if self._diagnose_now(trainer, stage):
-            self._store = {"targets": []}
+            self._store = []
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._begin(trainer, "val")
@@ -163,79 +220,124 @@ class ModalityDiagnostics(ModalityMonitor):
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._begin(trainer, "test")
 
-    @torch.no_grad()
-    def _batch_end(self, pl_module: pl.LightningModule, stage: str) -> None:
-        record, uni = super()._batch_end(pl_module, stage)
-        if self._store is None or (self.max_samples is not None and self._stored >= self.max_samples):
+    def _subset_masks(self, names: tuple[str, ...]) -> list[int]:
+        if self._store is None:
+            return super()._subset_masks(names)
+        return list(range(2 ** len(names) - 1))  # every subset but the full model: the Shapley values need all
+
+    def _record_end(self, pl_module: pl.LightningModule, record: ModalityRecord, names: tuple[str, ...],
+                    preds: dict[int, Tensor], keep: Tensor, real: Optional[Tensor], positions: Tensor, view: int,
+                    dataloader_idx: int, layout: Optional[tuple[int, int, int]]) -> None:
+        super()._record_end(pl_module, record, names, preds, keep, real, positions, view, dataloader_idx, layout)
+        if self._store is None:
             return
-        for m, z in record.features.items():
-            self._store.setdefault(f"feature:{m}", []).append(z.detach().reshape(z.shape[0], -1))
-            self._store.setdefault(f"logits:{m}", []).append(uni[m].detach())
-        self._store["targets"].append(record.targets.detach())
-        self._stored += record.targets.shape[0]
+        if view == 0:  # a batch's views are kept or dropped together
+            self._storing_batch = self.max_samples is None or self._stored < self.max_samples
+            if self._storing_batch:
+                self._stored += int(keep.sum())
+        if not self._storing_batch:
+            return
+        n = record.batch_size
+        targets = record.valid_targets()
+        vectors = {m: pl_module.pool_features(m, z.detach()).reshape(n, -1) for m, z in record.features.items()}  # type: ignore[attr-defined]
+        uni = record.unimodal_logits()
+        if self._shape is None:
+            self._shape = (record.logits.shape[-1], [vectors[m].shape[1] for m in names])
+        trainer = pl_module.trainer
+        if self.sample_order == "rank" or (self.sample_order == "auto" and layout is None):
+            key = trainer.global_rank * 2.0**40 + positions.double()
+        else:  # interleaved: rank r of W read samples r, r+W, ...
+            world, rank = layout[:2] if layout is not None else (trainer.world_size, trainer.global_rank)
+            key = positions.double() * world + rank
+        columns = [torch.full((n,), float(dataloader_idx), dtype=torch.float64, device=keep.device), key,
+                   torch.full((n,), float(view), dtype=torch.float64, device=keep.device), targets.double()]
+        columns += [(preds[mask] == targets).double() for mask in range(2 ** len(names))]
+        columns += [(uni[m].argmax(-1) == targets).double() for m in names]
+        rows = torch.cat([torch.stack(columns, dim=1), *[vectors[m].double() for m in names]], dim=1)
+        self._store.append(rows[keep])
+
+    def _extra_sums(self, pl_module: pl.LightningModule, device: torch.device, dtype: torch.dtype) -> Tensor:
+        # every rank learns the row layout (also a rank that stored nothing) in the monitor's one all-reduce
+        if self._store is None:
+            return super()._extra_sums(pl_module, device, dtype)
+        m = len(pl_module.modalities)  # type: ignore[attr-defined]
+        if self._shape is None:
+            return torch.zeros(2 + m, device=device, dtype=dtype)
+        classes, widths = self._shape
+        return torch.tensor([1.0, classes, *widths], device=device, dtype=dtype)
 
     # ------------------------------------------------------------------ reduce and diagnose
-    def _ordered_samples(self, trainer: pl.Trainer, stage: str) -> dict[str, Tensor]:
+    def _ordered_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layout: Tensor) -> Optional[dict[str, Any]]:
+        """Every rank's stored rows, on every rank, in sample order ``(loader, sample, view)``; ``None`` when no
+        rank stored a labelled sample. ``layout``: the reduced ``[ranks with rows, classes, widths...]``."""
         assert self._store is not None
-        keys = [k for k in self._store if k != "targets"]
-        parts = {k: torch.cat(v) for k, v in self._store.items()}
-        widths = [parts[k].shape[1] for k in keys]
-        packed = torch.cat([parts[k].double() for k in keys] + [parts["targets"].double()[:, None]], dim=1)
-        order, total = self._order(trainer, stage)
-        packed = gather_samples(packed, trainer.strategy, interleave=order == "interleaved", total=total)
+        names = list(pl_module.modalities)  # type: ignore[attr-defined]
+        m = len(names)
+        ranks = float(layout[0])
+        if ranks == 0:
+            return None
+        classes = round(float(layout[1]) / ranks)
+        widths = [round(float(w) / ranks) for w in layout[2:]]
+        head = 4 + 2**m + m
+        device = pl_module.device
+        local = (torch.cat(self._store) if self._store else
+                 torch.zeros(0, head + sum(widths), dtype=torch.float64, device=device))
+        rows = gather_samples(local.to(device), trainer.strategy)
+        if rows.shape[0] == 0:
+            return None
+        order = torch.argsort(rows[:, 2], stable=True)  # view, then sample, then loader (stable sorts)
+        order = order[torch.argsort(rows[order, 1], stable=True)]
+        order = order[torch.argsort(rows[order, 0], stable=True)]
+        rows = rows[order]
+        _, groups = torch.unique_consecutive(rows[:, :2].long(), dim=0, return_inverse=True)
         if self.max_samples is not None:
-            packed = packed[: self.max_samples]
-        out, start = {}, 0
-        for k, w in zip(keys, widths):
-            out[k] = packed[:, start: start + w].float()
+            rows, groups = rows[groups < self.max_samples], groups[groups < self.max_samples]
+        out: dict[str, Any] = {"groups": groups, "targets": rows[:, 3].long(), "classes": classes,
+                               "correct": rows[:, 4: 4 + 2**m].T.bool(),
+                               "unimodal": {mod: rows[:, 4 + 2**m + i].bool() for i, mod in enumerate(names)}}
+        start = head
+        out["vectors"] = {}
+        for mod, w in zip(names, widths):
+            out["vectors"][mod] = rows[:, start: start + w].float()
             start += w
-        out["targets"] = packed[:, -1].long()
         return out
 
-    def _order(self, trainer: pl.Trainer, stage: str) -> tuple[str, Optional[int]]:
-        if trainer.world_size == 1:
-            return "rank", None
-        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
-        if isinstance(loaders, (list, tuple)):
-            if len(loaders) != 1:  # samples of several loaders: no single one-process order to restore
-                return "rank", None
-            loaders = loaders[0]
-        loader = loaders
-        sampler = getattr(loader, "sampler", None)
-        if self.sample_order == "auto":
-            if isinstance(sampler, DistributedSampler) and not sampler.shuffle:
-                return "interleaved", len(sampler.dataset)  # type: ignore[arg-type]
-            return "rank", None
-        total = len(sampler.dataset) if isinstance(sampler, DistributedSampler) else None  # type: ignore[arg-type]
-        return self.sample_order, total
-
-    def _diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, layout: Tensor) -> None:
         clock = time.perf_counter()
-        samples = self._ordered_samples(trainer, stage)
+        samples = self._ordered_samples(trainer, pl_module, layout)  # collective: every rank, before any skip
+        where = "the test data" if stage == "test" else f"epoch {trainer.current_epoch}"
+        if samples is None:
+            rank_zero_warn(f"ModalityDiagnostics: no labelled sample to diagnose in {where} (every target is "
+                           f"ignore_index, or every batch is empty); the diagnosis is skipped.")
+            return
+        try:
+            self._measure(trainer, pl_module, stage, samples, clock, where)
+        except Exception as err:  # a failing diagnosis must not end the fit
+            rank_zero_warn(f"ModalityDiagnostics: the diagnosis of {where} failed ({type(err).__name__}: {err}) and "
+                           f"was skipped; training goes on.")
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, samples: dict[str, Any],
+                 clock: float, where: str) -> None:
         names = list(pl_module.modalities)  # type: ignore[attr-defined]
-        features = {m: samples[f"feature:{m}"] for m in names}
-        device = next(iter(features.values())).device
-        model_device = pl_module.device
-        logits = {m: samples[f"logits:{m}"] for m in names}
-        num_classes = logits[names[0]].shape[-1]
-        fuse = pl_module.fuse_subset  # type: ignore[attr-defined]
-
-        def fuse_subset(f: Mapping[str, Tensor], present) -> Tensor:
-            with torch.no_grad():
-                out = fuse({m: z.to(model_device) for m, z in f.items()}, present)
-            return out.float().to(device)
-
         gather_seconds = time.perf_counter() - clock
-        values = collapse_diagnostics(features, samples["targets"], fuse_subset, num_classes,
-                                      unimodal_logits=logits, probe=self.probe, probe_folds=self.probe_folds,
-                                      vif=self.vif)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            values = diagnostics_from_correctness(
+                samples["correct"], names, vectors=samples["vectors"], targets=samples["targets"],
+                num_classes=samples["classes"], unimodal_correct=samples["unimodal"], groups=samples["groups"],
+                probe=self.probe, probe_folds=self.probe_folds, vif=self.vif, bootstrap=self.bootstrap,
+                seed=self.seed, errors="warn")
+        for caught_warning in caught:
+            rank_zero_warn(f"ModalityDiagnostics ({where}): {caught_warning.message}")
         values["seconds/gather"] = gather_seconds
         values["seconds/total"] = time.perf_counter() - clock
-        values["samples"] = float(samples["targets"].shape[0])
         if self.alone_probe:
             for m, ref in self.alone_probe.items():
-                if f"probe/{m}" in values:
-                    values[f"under_learned/{m}"] = ref - values[f"probe/{m}"]
+                if math.isfinite(values.get(f"probe/{m}", math.nan)):
+                    mean, se = _reference(ref)
+                    values[f"under_learned/{m}"] = mean - values[f"probe/{m}"]
+                    if f"probe_se/{m}" in values:
+                        values[f"under_learned_se/{m}"] = math.sqrt(values[f"probe_se/{m}"] ** 2 + se**2)
         p = self.diagnostics_prefix
         log_balance_metrics(pl_module, {f"{p}/{k}": torch.tensor(v) for k, v in values.items() if math.isfinite(v)},
                             on_step=False, on_epoch=True)
@@ -267,11 +369,12 @@ class ModalityDiagnostics(ModalityMonitor):
                                "and at every trainer.test; call trainer.validate(...) to run one now.")
         return self.reports[-1][1]
 
-    def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super()._epoch_end(trainer, pl_module, stage)
-        if self._store is not None and self._store["targets"]:
-            self._diagnose(trainer, pl_module, stage)
+    def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Optional[Tensor]:
+        layout = super()._epoch_end(trainer, pl_module, stage)
+        if self._store is not None and layout is not None:
+            self._diagnose(trainer, pl_module, stage, layout)
         self._store = None
+        return layout
 
     # ------------------------------------------------------------------ plots
     def _should_plot(self) -> bool:
@@ -301,10 +404,10 @@ class ModalityDiagnostics(ModalityMonitor):
             if epochs:
                 left.plot(epochs, [row[f"val_acc/{m}"] for row in self.history], color=f"C{i}", label=f"{m} (unimodal logits)")
             if self.probe:
-                left.plot(diag_epochs, [row[f"probe/{m}"] for row in self.diagnostics_history], "o--", color=f"C{i}",
-                          label=f"{m} probe")
+                left.plot(diag_epochs, [row.get(f"probe/{m}", math.nan) for row in self.diagnostics_history], "o--",
+                          color=f"C{i}", label=f"{m} probe")
             if self.alone_probe and m in self.alone_probe:
-                left.axhline(self.alone_probe[m], color=f"C{i}", ls=":", lw=1, label=f"{m} probe, trained alone")
+                left.axhline(_reference(self.alone_probe[m])[0], color=f"C{i}", ls=":", lw=1, label=f"{m} probe, trained alone")
             right.plot(diag_epochs, [row[f"contribution/{m}"] for row in self.diagnostics_history], "o-",
                        color=f"C{i}", label=m)
         left.set(title="validation accuracy", xlabel="epoch")

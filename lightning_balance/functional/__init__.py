@@ -4,7 +4,13 @@ from lightning_balance.functional.agm import agm_coefficients, agm_scores, shapl
 from lightning_balance.functional.cml import cml_objective, cml_ranking_penalty, removal_chains
 from lightning_balance.functional.contrastive import symmetric_info_nce
 from lightning_balance.functional.diagnostics import (
+    Z95,
+    bootstrap_means,
     collapse_diagnostics,
+    cross_validated_probe_correct,
+    diagnostics_from_correctness,
+    probe_standard_error,
+    subset_correctness,
     contribution_summary,
     cross_validated_probe_accuracy,
     diagnostics_table,
@@ -27,29 +33,33 @@ from lightning_balance.functional.pmr import (
     prototype_logits,
     update_prototypes,
 )
-from lightning_balance.functional.probe import fit_linear_probe, linear_probe_accuracy
+from lightning_balance.functional.probe import fit_linear_probe, linear_probe_accuracy, linear_probe_correct
 from lightning_balance.functional.scores import modality_scores, stack_modalities, true_class_probability
 
 __all__ = [
     "agm_coefficients",
     "agm_scores",
+    "bootstrap_means",
     "class_feature_sums",
     "cml_objective",
     "cml_ranking_penalty",
     "collapse_diagnostics",
     "contribution_summary",
     "cross_validated_probe_accuracy",
+    "cross_validated_probe_correct",
+    "diagnostics_from_correctness",
     "diagnostics_table",
     "effective_rank",
     "fisher_trace_increment",
     "fit_linear_probe",
     "floor_weights",
     "gblend_weights",
-    "imbalance_verdict",
     "ge_noise_std",
+    "imbalance_verdict",
     "inforeg_coefficients",
     "linear_cka",
     "linear_probe_accuracy",
+    "linear_probe_correct",
     "masked_accuracy_value",
     "modality_scores",
     "numerical_rank",
@@ -61,6 +71,7 @@ __all__ = [
     "pareto_weights",
     "pmr_weights",
     "prime_window_indicator",
+    "probe_standard_error",
     "prototype_entropy",
     "prototype_logits",
     "removal_chains",
@@ -68,8 +79,10 @@ __all__ = [
     "shapley_responses",
     "shapley_weights",
     "stack_modalities",
+    "subset_correctness",
     "symmetric_info_nce",
     "true_class_probability",
     "update_prototypes",
     "variance_inflation",
+    "Z95",
 ]

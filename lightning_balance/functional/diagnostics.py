@@ -1,20 +1,45 @@
-"""Collapse and imbalance diagnostics on tensors (no Lightning): ranks, similarity, multicollinearity and
-Shapley modality contribution. Definitions from the standard references named in each docstring."""
+r"""Collapse and imbalance diagnostics on tensors (no Lightning): ranks, similarity, multicollinearity and
+Shapley modality contribution, each accuracy and contribution with its standard error. Definitions from the
+standard references named in each docstring.
+
+Uncertainty. Every accuracy-like quantity is a mean of per-sample outcomes, so it has a standard error (SE):
+
+* accuracies, missing-modality accuracies, their drops and the Shapley contributions: a **bootstrap over
+  samples**. The per-sample correctness of every subset's prediction is computed once (``2^M`` fusion
+  passes); each of ``B`` replicates resamples the samples with replacement (seeded generator on the CPU: the
+  same numbers on every call and every DDP rank), which only reweights that matrix, so all replicates are one
+  matrix product. The SE is the standard deviation over the replicates; a difference (the lead of the
+  dominant modality, an accuracy drop) gets the SE of its own replicates, which keeps the correlation of its
+  two terms.
+* linear-probe accuracies: the **binomial** SE :math:`\sqrt{p(1-p)/K}` of the ``K`` out-of-fold predictions
+  (each sample is predicted once, by the probe fitted on the other folds; the variability of the fit
+  itself is not included).
+
+:func:`imbalance_verdict` reports a gap only when its 95% normal interval, ``estimate ± 1.96 SE``, excludes 0
+and the gap exceeds ``tolerance``; :func:`diagnostics_table` prints the ``± 1.96 SE`` half-widths.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from lightning_balance.functional.agm import shapley_weights
-from lightning_balance.functional.probe import linear_probe_accuracy
+from lightning_balance.functional.probe import linear_probe_correct
 
 __all__ = ["effective_rank", "numerical_rank", "linear_cka", "variance_inflation", "shapley_contributions"]
+
+#: the normal quantile of a two-sided 95% interval (``estimate ± Z95 · SE``)
+Z95 = 1.96
+
+#: an ``alone_probe`` reference: an accuracy, or ``(accuracy, standard error)``
+Reference = Union[float, Sequence[float]]
 
 
 def _centred(z: Tensor) -> Tensor:
@@ -59,16 +84,35 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
     return float(num / den) if den > 0 else 0.0
 
 
-def variance_inflation(features: Tensor, ridge: float = 1e-6) -> Tensor:
+def variance_inflation(features: Tensor, ridge: float = 1e-6, name: str = "features") -> Tensor:
     r"""Variance inflation factor of every feature: :math:`\mathrm{VIF}_j = [C^{-1}]_{jj}` with ``C`` the
     feature correlation matrix (ridge-regularised by ``ridge`` on the diagonal), i.e. ``1/(1 − R_j²)`` with
     ``R_j²`` from regressing feature ``j`` on all others. Constant features are dropped. Values above 5–10
-    signal multicollinearity. Returns ``(d',)`` float64."""
+    signal multicollinearity. Returns ``(d',)`` float64.
+
+    The regression of one of ``d'`` features on the others has ``d'`` parameters (with the intercept), so it
+    needs ``N ≥ d' + 2`` samples to leave a residual: with fewer (``d' ≥ N − 1``) every ``R_j²`` is 1 up to
+    the ridge and the factors measure the ridge, not the features (pure noise at N = 40, d = 64 gives VIFs of
+    ~10^5). Then a warning is issued and the factors are NaN.
+    """
     z = _centred(features)
-    std = z.std(0)
-    z = z[:, std > 0] / std[std > 0]
-    corr = (z.T @ z) / max(z.shape[0] - 1, 1)
-    corr = corr + ridge * torch.eye(corr.shape[0], dtype=corr.dtype)
+    n = z.shape[0]
+    std = z.std(0) if n > 1 else torch.zeros(z.shape[1], dtype=z.dtype, device=z.device)
+    kept = std > 0
+    d = int(kept.sum())
+    if d == 0:
+        return z.new_zeros(0)
+    if d >= n - 1:
+        warnings.warn(
+            f"variance_inflation({name}): {d} non-constant features from {n} samples. A VIF regresses each feature "
+            f"on the {d - 1} others, which needs at least {d + 2} samples; with fewer every factor is meaningless, "
+            f"so they are NaN. Diagnose more samples (several times the feature width) or pass vif=False.",
+            stacklevel=2,
+        )
+        return torch.full((d,), math.nan, dtype=z.dtype, device=z.device)
+    z = z[:, kept] / std[kept]
+    corr = (z.T @ z) / (n - 1)
+    corr = corr + ridge * torch.eye(d, dtype=corr.dtype, device=corr.device)
     return torch.linalg.inv(corr).diagonal()
 
 
@@ -84,6 +128,10 @@ def shapley_contributions(value: Callable[[frozenset[str]], float], modalities: 
                           for mask in range(1, 2 ** len(names))], dtype=torch.float64)
     phi = shapley_weights(len(names)).double() @ gains
     return dict(zip(names, phi.tolist()))
+
+
+def _subset(names: Sequence[str], mask: int) -> frozenset[str]:
+    return frozenset(m for b, m in enumerate(names) if mask >> b & 1)
 
 
 def masked_accuracy_value(fuse_subset: Callable[[Mapping[str, Tensor], Collection[str]], Tensor],
@@ -107,25 +155,98 @@ def masked_accuracy_value(fuse_subset: Callable[[Mapping[str, Tensor], Collectio
     return value
 
 
-def cross_validated_probe_accuracy(features: Tensor, targets: Tensor, num_classes: int, folds: int = 2,
-                                   weight_decay: float = 1e-4) -> float:
-    """Linear-probe accuracy of frozen features by ``folds``-fold cross-validation on one set of samples
-    (sample ``i`` is in fold ``i mod folds``): how much linearly readable class information an encoder
-    carries, measured on validation data alone. Deterministic (L-BFGS, no sampling)."""
-    if not isinstance(folds, int) or folds < 2:
+def subset_correctness(fuse_subset: Callable[[Mapping[str, Tensor], Collection[str]], Tensor],
+                       features: Mapping[str, Tensor], targets: Tensor,
+                       modalities: Optional[Sequence[str]] = None) -> Tensor:
+    """``(2^M, N)`` bool: row ``S`` says whether ``fuse_subset(features, S)`` (the modalities outside ``S``
+    removed) classifies each sample correctly. Subsets are bit masks in ``modalities`` order (bit ``b``:
+    ``modalities[b]`` present): row 0 is the empty set, row ``2^M − 1`` the full model. ``2^M`` fusion passes,
+    without gradients; the features reach ``fuse_subset`` in their own shape."""
+    names = list(modalities) if modalities is not None else list(features)
+    rows = []
+    with torch.no_grad():
+        for mask in range(2 ** len(names)):
+            rows.append(fuse_subset(features, _subset(names, mask)).argmax(-1) == targets)
+    return torch.stack(rows)
+
+
+def bootstrap_means(values: Tensor, groups: Optional[Tensor] = None, replicates: int = 1000, seed: int = 0,
+                    max_elements: int = 1 << 22) -> Tensor:
+    r"""``(B, R)`` bootstrap replicates of the means of the ``R`` rows of ``values`` ``(R, N)`` (per-sample
+    outcomes, e.g. correctness of ``R`` predictions).
+
+    Replicate ``b`` draws ``K`` sample groups with replacement (``groups``: ``(N,)`` ids, columns of one id are
+    drawn together, e.g. two views of one sample; default: every column is its own group) and takes the
+    weighted mean :math:`\sum_i w_{bi} x_{ri} / \sum_i w_{bi}`, ``w_{bi}`` the number of times column ``i``'s
+    group was drawn. All replicates are a few matrix products (in chunks of at most ``max_elements`` weights),
+    on the CPU with a generator seeded by ``seed``: identical on every call and every DDP rank.
+    """
+    x = values.detach().to("cpu", torch.float64)
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"values must be (R, N) with N >= 1 samples, got {tuple(values.shape)}.")
+    n = x.shape[1]
+    if groups is None:
+        inverse, k = torch.arange(n), n
+    else:
+        _, inverse = torch.unique(groups.detach().cpu(), return_inverse=True)
+        k = int(inverse.max()) + 1
+    generator = torch.Generator().manual_seed(int(seed))
+    chunk = max(1, min(replicates, max_elements // (n + k)))
+    out = []
+    for start in range(0, replicates, chunk):
+        b = min(chunk, replicates - start)
+        draws = torch.randint(0, k, (b, k), generator=generator)
+        counts = torch.zeros(b, k, dtype=torch.float64).scatter_add_(1, draws, torch.ones(b, k, dtype=torch.float64))
+        weights = counts[:, inverse]
+        out.append((weights @ x.T) / weights.sum(1, keepdim=True))
+    return torch.cat(out)
+
+
+def _group_ids(groups: Optional[Tensor], n: int, device: torch.device) -> tuple[Tensor, int]:
+    if groups is None:
+        return torch.arange(n, device=device), n
+    _, inverse = torch.unique(groups.to(device), return_inverse=True)
+    return inverse, (int(inverse.max()) + 1 if n else 0)
+
+
+def cross_validated_probe_correct(features: Tensor, targets: Tensor, num_classes: int, folds: int = 2,
+                                  weight_decay: float = 1e-4, groups: Optional[Tensor] = None) -> Tensor:
+    """``(N,)`` bool, the out-of-fold outcome of a linear probe on frozen features: sample ``i`` is predicted
+    by the probe (:func:`~lightning_balance.functional.fit_linear_probe`) fitted on the other folds. Sample
+    group ``g`` (``groups``, e.g. the two views of one sample; default: each sample its own group, in order)
+    is in fold ``g mod folds``, so no group is on both sides. Deterministic (L-BFGS, no sampling)."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise ValueError(f"folds must be an integer >= 2, got {folds!r}.")
     z = features.reshape(features.shape[0], -1)
     n = z.shape[0]
-    if n < 2 * folds:
-        raise ValueError(f"A {folds}-fold probe needs at least {2 * folds} samples, got {n}; "
+    ids, k = _group_ids(groups, n, z.device)
+    if k < 2 * folds:
+        raise ValueError(f"A {folds}-fold probe needs at least {2 * folds} samples, got {k}; "
                          f"validate on more samples or lower probe_folds.")
-    fold = torch.arange(n, device=z.device) % folds
-    correct = 0.0
-    for k in range(folds):
-        train, test = fold != k, fold == k
-        acc = linear_probe_accuracy(z[train], targets[train], z[test], targets[test], num_classes, weight_decay)
-        correct += acc * int(test.sum())
-    return correct / n
+    fold = ids % folds
+    correct = torch.zeros(n, dtype=torch.bool, device=z.device)
+    for f in range(folds):
+        train, test = fold != f, fold == f
+        correct[test] = linear_probe_correct(z[train], targets[train], z[test], targets[test], num_classes,
+                                             weight_decay).to(z.device)
+    return correct
+
+
+def cross_validated_probe_accuracy(features: Tensor, targets: Tensor, num_classes: int, folds: int = 2,
+                                   weight_decay: float = 1e-4, groups: Optional[Tensor] = None) -> float:
+    """Linear-probe accuracy of frozen features by ``folds``-fold cross-validation on one set of samples
+    (sample ``i`` is in fold ``i mod folds``): how much linearly readable class information an encoder
+    carries, measured on validation data alone. Deterministic (L-BFGS, no sampling). Its binomial standard
+    error is :func:`probe_standard_error` ``(accuracy, N)``; :func:`cross_validated_probe_correct` gives the
+    per-sample outcomes."""
+    correct = cross_validated_probe_correct(features, targets, num_classes, folds, weight_decay, groups)
+    return float(correct.double().mean())
+
+
+def probe_standard_error(accuracy: float, samples: int) -> float:
+    r"""Binomial standard error :math:`\sqrt{p(1-p)/K}` of an accuracy ``p`` measured on ``K`` independent
+    predictions (e.g. the out-of-fold predictions of a cross-validated probe)."""
+    return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / samples) if samples > 0 else math.nan
 
 
 def contribution_summary(contributions: Mapping[str, float]) -> dict[str, float]:
@@ -139,6 +260,168 @@ def contribution_summary(contributions: Mapping[str, float]) -> dict[str, float]
             "imbalance": (hi - lo) / total if total > 0 else 0.0}
 
 
+def _mean_pool(modality: str, z: Tensor) -> Tensor:
+    # MultimodalMixin.pool_features' default: (N, D) as is, (N, T, D) averaged over the tokens
+    return z if z.ndim <= 2 else z.mean(dim=tuple(range(1, z.ndim - 1)))
+
+
+def _run(errors: str, what: str, fn: Callable[[], Any], default: Any) -> Any:
+    if errors == "raise":
+        return fn()
+    try:
+        return fn()
+    except Exception as err:  # a failed measurement must not end the caller's run (errors="warn")
+        warnings.warn(f"Modality diagnostics: {what} failed ({type(err).__name__}: {err}); it is reported as NaN "
+                      f"and the other measurements go on.", stacklevel=3)
+        return default
+
+
+def diagnostics_from_correctness(
+    correct: Tensor,
+    modalities: Sequence[str],
+    *,
+    vectors: Optional[Mapping[str, Tensor]] = None,
+    targets: Optional[Tensor] = None,
+    num_classes: Optional[int] = None,
+    unimodal_correct: Optional[Mapping[str, Tensor]] = None,
+    groups: Optional[Tensor] = None,
+    probe: bool = True,
+    probe_folds: int = 2,
+    vif: bool = True,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    errors: str = "raise",
+) -> dict[str, float]:
+    r""":func:`collapse_diagnostics` from what it computes first: the per-sample correctness of every subset's
+    prediction and one vector per sample and modality (what :class:`~lightning_balance.ModalityDiagnostics`
+    collects batch by batch and gathers across ranks).
+
+    Args:
+        correct: ``(2^M, N)`` bool, row = subset bit mask in ``modalities`` order (:func:`subset_correctness`).
+        modalities: the modality names, in the order of the bit masks.
+        vectors: ``{m: (N, D_m)}`` one vector per sample (pooled token features), for the ranks, CKA, VIF and
+            probes; ``None`` skips them.
+        targets, num_classes: for the probes.
+        unimodal_correct: optional ``{m: (N,)}`` bool correctness of the unimodal logits (``acc/<m>``).
+        groups: optional ``(N,)`` sample ids: rows with one id (views of one sample) are resampled together and
+            kept in one probe fold. ``samples`` counts the groups.
+        probe, probe_folds, vif: see :func:`collapse_diagnostics`.
+        bootstrap: bootstrap replicates for the standard errors (0: none, and no ``*_se`` keys).
+        seed: seed of the bootstrap's generator.
+        errors: ``"raise"``, or ``"warn"``: a measurement that fails is NaN, with a warning naming it and why.
+    """
+    names = list(modalities)
+    m_count = len(names)
+    full = 2**m_count - 1
+    if correct.ndim != 2 or correct.shape[0] != 2**m_count:
+        raise ValueError(f"correct must be (2^M, N) = ({2 ** m_count}, N) for {m_count} modalities, "
+                         f"got {tuple(correct.shape)}.")
+    n = correct.shape[1]
+    if n == 0:
+        raise ValueError("No samples to diagnose (every target is ignore_index, or no sample was given).")
+    if errors not in ("raise", "warn"):
+        raise ValueError(f"errors must be 'raise' or 'warn', got {errors!r}.")
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0 or bootstrap == 1:
+        raise ValueError(f"bootstrap must be 0 (no standard errors) or an integer >= 2 (e.g. 1000), got {bootstrap!r}.")
+    group_ids, k = _group_ids(groups, n, correct.device)
+    out: dict[str, float] = {"samples": float(k)}
+    clock = time.perf_counter()
+    rows = [correct.double().cpu()]
+    if unimodal_correct is not None:
+        rows.append(torch.stack([unimodal_correct[m].double().cpu() for m in names]))
+    table = torch.cat(rows)  # (2^M [+ M], N) per-sample outcomes
+    acc = table.mean(1)
+    phi = shapley_contributions(lambda s: float(acc[sum(1 << names.index(m) for m in s)]), names)
+    out["acc_fused"] = float(acc[full])
+    for b, m in enumerate(names):
+        out[f"contribution/{m}"] = phi[m]
+        out[f"acc_without/{m}"] = float(acc[full ^ (1 << b)])
+        out[f"drop/{m}"] = out["acc_fused"] - out[f"acc_without/{m}"]
+        if unimodal_correct is not None:
+            out[f"acc/{m}"] = float(acc[full + 1 + b])
+    for key, val in contribution_summary(phi).items():
+        out[f"contribution_{key}"] = val
+    ranked = sorted(range(m_count), key=lambda b: phi[names[b]], reverse=True)
+    first, second = ranked[0], ranked[1]
+    out["contribution_lead"] = phi[names[first]] - phi[names[second]]
+    if bootstrap:
+        rep = bootstrap_means(table, group_ids.cpu(), bootstrap, seed)  # (B, rows)
+        phi_rep = (rep[:, 1: full + 1] - rep[:, :1]) @ shapley_weights(m_count).double().T  # (B, M)
+        out["acc_fused_se"] = float(rep[:, full].std())
+        for b, m in enumerate(names):
+            out[f"contribution_se/{m}"] = float(phi_rep[:, b].std())
+            out[f"acc_without_se/{m}"] = float(rep[:, full ^ (1 << b)].std())
+            out[f"drop_se/{m}"] = float((rep[:, full] - rep[:, full ^ (1 << b)]).std())
+            if unimodal_correct is not None:
+                out[f"acc_se/{m}"] = float(rep[:, full + 1 + b].std())
+        out["contribution_lead_se"] = float((phi_rep[:, first] - phi_rep[:, second]).std())
+    out["seconds/contribution"] = time.perf_counter() - clock
+    if vectors is None:
+        return out
+
+    clock = time.perf_counter()
+    flat = {m: vectors[m].detach().reshape(n, -1) for m in names}
+    finite = {}
+    for m, z in flat.items():
+        finite[m] = bool(torch.isfinite(z).all())
+        if not finite[m]:
+            bad = int((~torch.isfinite(z)).any(1).sum())
+            warnings.warn(f"Modality diagnostics: the features of {m!r} are not finite (NaN/inf) in {bad} of {n} "
+                          f"samples, so the rank, CKA, VIF and probe of {m!r} and of the fused representation are "
+                          f"NaN. Check the encoder of {m!r} (a diverged run, a log of 0, fp16 overflow).",
+                          stacklevel=2)
+    all_finite = all(finite.values())
+    fused = torch.cat([flat[m] for m in names], dim=1) if all_finite else None
+    keys = [*names, "fused"]
+    matrices = {**flat, "fused": fused}
+    for key in keys:
+        z = matrices[key]
+        ok = z is not None and (key == "fused" or finite[key])
+        er = _run(errors, f"the effective rank of {key!r}", lambda: effective_rank(z), math.nan) if ok else math.nan
+        out[f"erank/{key}"] = er
+        out[f"erank_norm/{key}"] = er / max(1, min(z.shape)) if ok else math.nan
+        out[f"nrank/{key}"] = (float(_run(errors, f"the numerical rank of {key!r}", lambda: numerical_rank(z), math.nan))
+                               if ok else math.nan)
+        if key != "fused":
+            out[f"cka/{key}"] = (_run(errors, f"the CKA of {key!r}", lambda: linear_cka(fused, z), math.nan)
+                                 if ok and all_finite else math.nan)
+    out["seconds/rank_cka"] = time.perf_counter() - clock
+    if vif:
+        clock = time.perf_counter()
+        for key in keys:
+            z = matrices[key]
+            ok = z is not None and (key == "fused" or finite[key])
+            factors = (_run(errors, f"the VIF of {key!r}", lambda: variance_inflation(z, name=repr(key)), None)
+                       if ok else None)
+            usable = factors is not None and factors.numel() > 0
+            out[f"vif_mean/{key}"] = float(factors.mean()) if usable else math.nan
+            out[f"vif_max/{key}"] = float(factors.max()) if usable else math.nan
+        out["seconds/vif"] = time.perf_counter() - clock
+    if probe:
+        if targets is None or num_classes is None:
+            raise ValueError("probe=True needs targets and num_classes.")
+        clock = time.perf_counter()
+        enough = k >= 2 * probe_folds
+        if not enough:
+            warnings.warn(f"Modality diagnostics: the {probe_folds}-fold linear probes need at least "
+                          f"{2 * probe_folds} labelled samples, got {k}; they are skipped (NaN). Validate on more "
+                          f"samples or lower probe_folds.", stacklevel=2)
+        for m in names:
+            outcome = None
+            if enough and finite[m]:
+                outcome = _run(errors, f"the linear probe of {m!r}",
+                               lambda: cross_validated_probe_correct(flat[m], targets, num_classes, probe_folds,
+                                                                     groups=group_ids), None)
+            if outcome is None:
+                out[f"probe/{m}"] = out[f"probe_se/{m}"] = math.nan
+                continue
+            p = float(outcome.double().mean())
+            out[f"probe/{m}"] = p
+            out[f"probe_se/{m}"] = probe_standard_error(p, k)
+        out["seconds/probe"] = time.perf_counter() - clock
+    return out
+
+
 def collapse_diagnostics(
     features: Mapping[str, Tensor],
     targets: Tensor,
@@ -149,12 +432,24 @@ def collapse_diagnostics(
     probe: bool = True,
     probe_folds: int = 2,
     vif: bool = True,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    ignore_index: int = -100,
+    pool: Optional[Callable[[str, Tensor], Tensor]] = None,
+    groups: Optional[Tensor] = None,
+    errors: str = "raise",
 ) -> dict[str, float]:
-    """Every imbalance and collapse measurement on one set of samples, as a flat ``{name: value}`` dict.
+    """Every imbalance and collapse measurement on one set of samples, as a flat ``{name: value}`` dict, with
+    standard errors (module docstring: bootstrap over samples for accuracies and contributions, binomial for
+    probes).
 
     Args:
-        features: ``{modality: (N, ...)}`` features of the same N samples (flattened per sample).
-        targets: ``(N,)`` class indices.
+        features: ``{modality: (N, D) or (N, T, D)}`` features of the same N samples. ``fuse_subset`` receives
+            them in their own shape; the ranks, CKA, VIF and probes use one ``(N, D)`` vector per sample, from
+            ``pool`` (default: token sequences averaged over the tokens, as
+            :meth:`MultimodalMixin.pool_features <lightning_balance.MultimodalMixin.pool_features>`), so the
+            widths are ``D``, not ``T·D``.
+        targets: ``(N,)`` class indices; samples whose target is ``ignore_index`` are left out of everything.
         fuse_subset: ``(features, present) -> logits`` with the modalities outside ``present`` removed
             (:meth:`MultimodalMixin.fuse_subset <lightning_balance.MultimodalMixin.fuse_subset>`).
         num_classes: number of classes.
@@ -162,14 +457,24 @@ def collapse_diagnostics(
         probe: fit a cross-validated linear probe on each modality's features (the costly part).
         probe_folds: folds of the probe's cross-validation.
         vif: compute variance inflation factors (one ``d × d`` inverse per modality and for the fusion input).
+        bootstrap: bootstrap replicates of the standard errors (0: none).
+        seed: seed of the bootstrap (a seeded CPU generator: the same values on every call).
+        ignore_index: target value of unlabelled samples.
+        pool: ``(modality, features) -> (N, D)``, one vector per sample.
+        groups: optional ``(N,)`` sample ids (views of one sample share one id; see
+            :func:`diagnostics_from_correctness`).
+        errors: ``"raise"`` or ``"warn"`` (a failing measurement is NaN, with a warning).
 
-    Returns (``<m>`` each modality; ``fused`` is the fusion's input, the concatenation of all features):
-        ``acc_fused``; ``acc/<m>``; ``acc_without/<m>`` (modality missing); ``contribution/<m>`` (dataset-level
-        Shapley contribution to accuracy, ``v(S)`` = accuracy with the modalities outside ``S`` zeroed, ``v(∅)``
-        included); ``contribution_ratio``, ``contribution_gap``, ``contribution_imbalance``
-        (:func:`contribution_summary`); ``probe/<m>``; ``erank/<m|fused>``, ``erank_norm/<m|fused>``
-        (effective rank / min(N, d)), ``nrank/<m|fused>``; ``cka/<m>`` (linear CKA of fused vs ``m``);
-        ``vif_mean/<m|fused>``, ``vif_max/<m|fused>``; ``seconds/<group>``, the time each group took.
+    Returns (``<m>`` each modality; ``fused`` is the fusion's input, the concatenation of the pooled vectors):
+        ``samples``; ``acc_fused``; ``acc/<m>``; ``acc_without/<m>`` (modality missing) and ``drop/<m>``
+        (``acc_fused − acc_without/<m>``); ``contribution/<m>`` (dataset-level Shapley contribution to accuracy,
+        ``v(S)`` = accuracy with the modalities outside ``S`` zeroed, ``v(∅)`` included); ``contribution_ratio``,
+        ``contribution_gap``, ``contribution_imbalance`` (:func:`contribution_summary`); ``contribution_lead``
+        (largest − second largest φ); the standard errors ``acc_fused_se``, ``acc_se/<m>``, ``acc_without_se/<m>``,
+        ``drop_se/<m>``, ``contribution_se/<m>``, ``contribution_lead_se``, ``probe_se/<m>``; ``probe/<m>``;
+        ``erank/<m|fused>``, ``erank_norm/<m|fused>`` (effective rank / min(N, d)), ``nrank/<m|fused>``;
+        ``cka/<m>`` (linear CKA of fused vs ``m``); ``vif_mean/<m|fused>``, ``vif_max/<m|fused>``;
+        ``seconds/<group>``, the time each group took.
     """
     names = list(features)
     if not names:
@@ -178,103 +483,166 @@ def collapse_diagnostics(
     for m, z in features.items():
         if z.shape[0] != n:
             raise ValueError(f"features[{m!r}] has {z.shape[0]} samples but targets has {n}.")
-    out: dict[str, float] = {}
-    clock = time.perf_counter()
-    v = masked_accuracy_value(fuse_subset, features, targets)
-    full = frozenset(names)
-    out["acc_fused"] = v(full)
-    phi = shapley_contributions(v, names)
-    for m in names:
-        out[f"contribution/{m}"] = phi[m]
-        out[f"acc_without/{m}"] = v(full - {m})
+    valid = targets != ignore_index
+    if not bool(valid.all()):
+        features = {m: z[valid] for m, z in features.items()}
+        targets = targets[valid]
         if unimodal_logits is not None:
-            out[f"acc/{m}"] = float((unimodal_logits[m].argmax(-1) == targets).double().mean())
-    for key, val in contribution_summary(phi).items():
-        out[f"contribution_{key}"] = val
-    out["seconds/contribution"] = time.perf_counter() - clock
+            unimodal_logits = {m: o[valid] for m, o in unimodal_logits.items()}
+        if groups is not None:
+            groups = groups[valid]
+    pool = pool or _mean_pool
+    correct = subset_correctness(fuse_subset, features, targets, names)
+    vectors = {m: pool(m, z.detach()).reshape(targets.shape[0], -1) for m, z in features.items()}
+    uni = None if unimodal_logits is None else {m: unimodal_logits[m].argmax(-1) == targets for m in names}
+    return diagnostics_from_correctness(correct, names, vectors=vectors, targets=targets, num_classes=num_classes,
+                                        unimodal_correct=uni, groups=groups, probe=probe, probe_folds=probe_folds,
+                                        vif=vif, bootstrap=bootstrap, seed=seed, errors=errors)
 
-    clock = time.perf_counter()
-    flat = {m: features[m].detach().reshape(n, -1) for m in names}
-    fused = torch.cat([flat[m] for m in names], dim=1)
-    for key, z in [*flat.items(), ("fused", fused)]:
-        er = effective_rank(z)
-        out[f"erank/{key}"] = er
-        out[f"erank_norm/{key}"] = er / max(1, min(z.shape))
-        out[f"nrank/{key}"] = float(numerical_rank(z))
-        if key != "fused":
-            out[f"cka/{key}"] = linear_cka(fused, z)
-    out["seconds/rank_cka"] = time.perf_counter() - clock
-    if vif:
-        clock = time.perf_counter()
-        for key, z in [*flat.items(), ("fused", fused)]:
-            factors = variance_inflation(z)
-            out[f"vif_mean/{key}"] = float(factors.mean()) if factors.numel() else math.nan
-            out[f"vif_max/{key}"] = float(factors.max()) if factors.numel() else math.nan
-        out["seconds/vif"] = time.perf_counter() - clock
-    if probe:
-        clock = time.perf_counter()
-        for m in names:
-            out[f"probe/{m}"] = cross_validated_probe_accuracy(flat[m], targets, num_classes, probe_folds)
-        out["seconds/probe"] = time.perf_counter() - clock
-    return out
+
+def _reference(value: Reference) -> tuple[float, float]:
+    """An ``alone_probe`` entry as ``(accuracy, standard error)``; a bare number has no uncertainty."""
+    if isinstance(value, (int, float)):
+        return float(value), 0.0
+    mean, se = value
+    return float(mean), float(se)
 
 
 def imbalance_verdict(values: Mapping[str, float], modalities: Sequence[str],
-                      alone_probe: Optional[Mapping[str, float]] = None, tolerance: float = 0.02) -> list[str]:
-    """A short verdict a person can act on, from :func:`collapse_diagnostics` values: which modality
-    dominates and by how much, which modalities the model ignores, and, for each modality whose probe
-    accuracy when trained alone is given in ``alone_probe``, whether joint training under-learns its
-    encoder (probe after joint training below the alone reference by more than ``tolerance``)."""
+                      alone_probe: Optional[Mapping[str, Reference]] = None, tolerance: float = 0.02,
+                      z: float = Z95) -> list[str]:
+    r"""A short verdict a person can act on, from :func:`collapse_diagnostics` values, that reports a finding
+    only when it is clearly larger than the noise of the samples it was measured on.
+
+    With ``I(x) = [x − z·SE, x + z·SE]`` the 95% normal interval (``z`` = 1.96) of a quantity and its standard
+    error (``*_se`` keys; missing or NaN ones count as 0, and a last line says so):
+
+    * **dominates**: the modality with the largest contribution dominates when ``I(contribution_lead)``, the
+      interval of its lead over the second largest (from the bootstrap replicates of the difference), excludes
+      0; otherwise "no modality clearly dominates".
+    * **ignored**: ``m`` is ignored when the upper ends of ``I(contribution/m)`` and ``I(drop/m)`` (the accuracy
+      lost without ``m``) are both ``≤ tolerance``: even the largest contribution compatible with the samples
+      is negligible. A contribution whose interval includes 0 but reaches above ``tolerance`` is reported as
+      not distinguishable from 0.
+    * **under-learned**: for each modality in ``alone_probe`` (an accuracy, or ``(accuracy, SE)`` e.g. the
+      ``probe_se`` of the trained-alone run), the gap ``alone − probe`` with
+      :math:`SE = \sqrt{SE_{probe}^2 + SE_{alone}^2}` (independent samples; a bare number has SE 0, i.e. it is
+      taken as exact and only the joint probe's noise counts). Under-learned when ``I(gap)`` excludes 0 **and**
+      ``gap > tolerance`` (clearly below, by more than a negligible amount); learned as well as alone when the
+      upper end of ``I(gap)`` is ``≤ tolerance``; otherwise no clear gap.
+    """
     names = list(modalities)
     phi = {m: values[f"contribution/{m}"] for m in names}
+    missing_se: list[str] = []
+
+    def se(key: str) -> float:
+        val = values.get(key)
+        if val is None or not math.isfinite(val):
+            missing_se.append(key)
+            return 0.0
+        return float(val)
+
+    def pm(x: float, err: float) -> str:
+        return f"{x:.3f} ± {z * err:.3f}" if err > 0 else f"{x:.3f}"
+
     lines = []
     if len(names) > 1:
-        dominant = max(names, key=phi.__getitem__)
-        others = ", ".join(f"{m} {phi[m]:.3f}" for m in names if m != dominant)
-        ratio = values.get("contribution_ratio", math.inf)
-        ratio_text = f"ratio {ratio:.1f}" if math.isfinite(ratio) else "ratio unbounded"
-        lines.append(f"{dominant} dominates: Shapley contribution to accuracy {phi[dominant]:.3f} vs {others} "
-                     f"({ratio_text}).")
+        ranked = sorted(names, key=phi.__getitem__, reverse=True)
+        lead, second = ranked[0], ranked[1]
+        diff = values.get("contribution_lead", phi[lead] - phi[second])
+        diff_se = se("contribution_lead_se")
+        contrib = {m: pm(phi[m], se(f"contribution_se/{m}")) for m in names}
+        if diff - z * diff_se > 0:
+            others = ", ".join(f"{m} {contrib[m]}" for m in names if m != lead)
+            ratio = values.get("contribution_ratio", math.inf)
+            ratio_text = f"ratio {ratio:.1f}" if math.isfinite(ratio) else "ratio unbounded"
+            lines.append(f"{lead} dominates: Shapley contribution to accuracy {contrib[lead]} vs {others} "
+                         f"({ratio_text}; lead {pm(diff, diff_se)}).")
+        else:
+            listed = ", ".join(f"{m} {contrib[m]}" for m in names)
+            lines.append(f"No modality clearly dominates: Shapley contributions to accuracy {listed}; the lead of "
+                         f"{lead} over {second}, {pm(diff, diff_se)}, is not clearly above 0 (its 95% interval "
+                         f"includes 0).")
     for m in names:
-        drop = values["acc_fused"] - values[f"acc_without/{m}"]
-        if phi[m] <= tolerance and drop <= tolerance:
-            lines.append(f"{m} is IGNORED: contribution {phi[m]:.3f}, accuracy without it drops only {drop:.3f}.")
+        phi_se = se(f"contribution_se/{m}")
+        drop = values.get(f"drop/{m}", values["acc_fused"] - values[f"acc_without/{m}"])
+        drop_se = se(f"drop_se/{m}")
+        if phi[m] + z * phi_se <= tolerance and drop + z * drop_se <= tolerance:
+            lines.append(f"{m} is IGNORED: contribution {pm(phi[m], phi_se)}, accuracy without it drops only "
+                         f"{pm(drop, drop_se)}.")
+        elif phi[m] - z * phi_se <= 0 < phi[m] + z * phi_se:
+            lines.append(f"{m}: contribution {pm(phi[m], phi_se)} is not distinguishable from 0 with these samples, "
+                         f"nor shown to be below the tolerance {tolerance:g}; more samples would tell.")
     for m in names:
-        if f"probe/{m}" not in values:
+        if f"probe/{m}" not in values or not math.isfinite(values[f"probe/{m}"]):
             continue
         probe = values[f"probe/{m}"]
+        probe_se = se(f"probe_se/{m}")
         if alone_probe and m in alone_probe:
-            gap = alone_probe[m] - probe
-            state = (f"UNDER-LEARNED by joint training ({gap:.3f} below)" if gap > tolerance
-                     else "learned as well as alone")
-            lines.append(f"{m} encoder: linear probe {probe:.3f} after joint training vs {alone_probe[m]:.3f} "
+            ref, ref_se = _reference(alone_probe[m])
+            gap = ref - probe
+            gap_se = math.sqrt(probe_se**2 + ref_se**2)
+            low, high = gap - z * gap_se, gap + z * gap_se
+            if low > 0 and gap > tolerance:
+                state = f"UNDER-LEARNED by joint training ({pm(gap, gap_se)} below)"
+            elif high <= tolerance:
+                state = "learned as well as alone"
+            else:
+                why = "its 95% interval includes 0" if low <= 0 else f"within the tolerance {tolerance:g}"
+                state = f"no clear gap ({pm(gap, gap_se)} below; {why})"
+            lines.append(f"{m} encoder: linear probe {pm(probe, probe_se)} after joint training vs {pm(ref, ref_se)} "
                          f"trained alone -> {state}.")
         else:
-            lines.append(f"{m} encoder: linear probe {probe:.3f} (no trained-alone reference given).")
+            lines.append(f"{m} encoder: linear probe {pm(probe, probe_se)} (no trained-alone reference given).")
+    if missing_se:
+        lines.append("(Some standard errors are missing from these values, e.g. "
+                     f"{missing_se[0]!r}: those gaps are compared with the tolerance only, not with their noise.)")
     return lines
 
 
 def diagnostics_table(values: Mapping[str, float], modalities: Sequence[str],
-                      alone_probe: Optional[Mapping[str, float]] = None) -> str:
-    """Markdown table of :func:`collapse_diagnostics` values, one row per modality and one for the fusion."""
+                      alone_probe: Optional[Mapping[str, Reference]] = None, z: float = Z95) -> str:
+    """Markdown table of :func:`collapse_diagnostics` values, one row per modality and one for the fusion.
+    Accuracies, contributions and probes show ``value ± z·SE`` (their 95% interval) when the values carry
+    standard errors, and a line under the table says how they were obtained."""
     columns = [("contribution", "contribution"), ("acc_without", "acc without it"), ("acc", "unimodal acc"),
                ("probe", "probe"), ("alone", "probe alone"), ("erank", "eff. rank"), ("cka", "CKA to fused"),
                ("vif_mean", "mean VIF")]
+    with_se = {"contribution", "acc_without", "acc", "probe"}
+    shown_se = []
+
+    def fmt(val: float, err: Optional[float]) -> str:
+        if err is not None and math.isfinite(err) and err > 0:
+            shown_se.append(True)
+            return f"{val:.3f} ± {z * err:.3f}"
+        return f"{val:.3f}"
+
     def cell(key: str, m: str) -> str:
+        err = None
         if key == "alone":
-            val = (alone_probe or {}).get(m)
+            ref = (alone_probe or {}).get(m)
+            if ref is None:
+                return "–"
+            val, err = _reference(ref)
         else:
             val = values.get(f"{key}/{m}")
+            if key in with_se:
+                err = values.get(f"{key}_se/{m}")
         if val is None or (isinstance(val, float) and math.isnan(val)):
             return "–"
-        return f"{val:.1f}" if key in ("erank", "vif_mean") else f"{val:.3f}"
+        return f"{val:.1f}" if key in ("erank", "vif_mean") else fmt(val, err)
+
     used = [(k, t) for k, t in columns if any(cell(k, m) != "–" for m in [*modalities, "fused"])]
     lines = ["| | " + " | ".join(t for _, t in used) + " |", "|---" * (len(used) + 1) + "|"]
     for m in [*modalities, "fused"]:
-        label = f"fused (acc {values['acc_fused']:.3f})" if m == "fused" else m
+        label = f"fused (acc {fmt(values['acc_fused'], values.get('acc_fused_se'))})" if m == "fused" else m
         lines.append(f"| {label} | " + " | ".join(cell(k, m) for k, _ in used) + " |")
+    if shown_se:
+        lines.append(f"(± : {z:g} standard errors, a 95% interval; bootstrap over samples for accuracies and "
+                     f"contributions, binomial for probes)")
     return "\n".join(lines)
 
 
-__all__ += ["masked_accuracy_value", "cross_validated_probe_accuracy", "contribution_summary",
-            "collapse_diagnostics", "imbalance_verdict", "diagnostics_table"]
+__all__ += ["masked_accuracy_value", "subset_correctness", "bootstrap_means", "cross_validated_probe_correct",
+            "cross_validated_probe_accuracy", "probe_standard_error", "contribution_summary",
+            "diagnostics_from_correctness", "collapse_diagnostics", "imbalance_verdict", "diagnostics_table", "Z95"]

@@ -6,21 +6,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["fit_linear_probe", "linear_probe_accuracy"]
+__all__ = ["fit_linear_probe", "linear_probe_accuracy", "linear_probe_correct"]
 
 
 def fit_linear_probe(
     features: Tensor, targets: Tensor, num_classes: int, weight_decay: float = 1e-4, max_iter: int = 200
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Multinomial logistic regression on standardised features, fitted full-batch with L-BFGS.
+    r"""Multinomial logistic regression on standardised features, fitted full-batch with L-BFGS.
 
-    Deterministic (no sampling). Returns ``(weight, bias, mean, std)``; predict with
+    Minimises :math:`\frac1N\sum_i \mathrm{CE}(W x_i + b, y_i) + \lambda \lVert W\rVert_F^2` (``λ = weight_decay``,
+    the bias unpenalised) with :math:`x = (z - \mu)/\sigma` standardised by the training mean and standard
+    deviation. Deterministic (no sampling). Returns ``(weight, bias, mean, std)``; predict with
     ``((x - mean) / std) @ weight.T + bias``.
     """
     if features.ndim != 2 or targets.shape != (features.shape[0],):
         raise ValueError(
             f"features must be (N, D) and targets (N,), got {tuple(features.shape)} and {tuple(targets.shape)}."
         )
+    # a small fit on the CPU runs on one thread: each of its tiny ops costs less than the threads' synchronisation
+    # (on a loaded 2-core machine a 300 x 128 probe of 10 classes takes 1.3 s on 2 threads, 0.03 s on one)
+    threads = torch.get_num_threads()
+    single = features.device.type == "cpu" and features.numel() * num_classes < 1 << 23 and threads > 1
+    if single:
+        torch.set_num_threads(1)
+    try:
+        return _fit(features, targets, num_classes, weight_decay, max_iter)
+    finally:
+        if single:
+            torch.set_num_threads(threads)
+
+
+def _fit(features: Tensor, targets: Tensor, num_classes: int, weight_decay: float,
+         max_iter: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # usable from Lightning's validation loop, which runs under inference mode
     with torch.inference_mode(False), torch.enable_grad():
         x = features.detach().double().clone()
@@ -41,6 +58,21 @@ def fit_linear_probe(
     return weight.detach(), bias.detach(), mean, std
 
 
+def linear_probe_correct(
+    train_features: Tensor,
+    train_targets: Tensor,
+    test_features: Tensor,
+    test_targets: Tensor,
+    num_classes: int,
+    weight_decay: float = 1e-4,
+) -> Tensor:
+    """``(N_test,)`` bool: whether a linear probe fitted on ``train`` (frozen features) classifies each test
+    sample correctly (the per-sample outcomes an uncertainty of the probe's accuracy is computed from)."""
+    weight, bias, mean, std = fit_linear_probe(train_features, train_targets, num_classes, weight_decay)
+    logits = ((test_features.detach().double() - mean) / std) @ weight.T + bias
+    return logits.argmax(-1) == test_targets
+
+
 def linear_probe_accuracy(
     train_features: Tensor,
     train_targets: Tensor,
@@ -50,6 +82,5 @@ def linear_probe_accuracy(
     weight_decay: float = 1e-4,
 ) -> float:
     """Accuracy on ``test`` of a linear probe fitted on ``train`` (frozen features)."""
-    weight, bias, mean, std = fit_linear_probe(train_features, train_targets, num_classes, weight_decay)
-    logits = ((test_features.detach().double() - mean) / std) @ weight.T + bias
-    return float((logits.argmax(-1) == test_targets).double().mean())
+    correct = linear_probe_correct(train_features, train_targets, test_features, test_targets, num_classes, weight_decay)
+    return float(correct.double().mean())
