@@ -96,6 +96,9 @@ def _feature_dims(input_dims: dict[str, int]) -> dict[str, int]:
 # validation search. Loss terms are factories, built only when a model is made (after the seed is set).
 SETUPS: dict[str, Callable[[dict[str, int]], tuple[dict, dict]]] = {
     "uni_losses": lambda dims: ({"aux_heads": True, "unimodal_losses": True}, {}),
+    # InfoReg's published objective: the unimodal losses of the split head (no auxiliary heads); alone, as a control
+    "inforeg": lambda dims: ({"unimodal_losses": True}, {}),
+    "uni_losses_split": lambda dims: ({"unimodal_losses": True}, {}),
     "mmpareto": lambda dims: ({"aux_heads": True, "unimodal_losses": True}, {}),
     "gblend": lambda dims: ({"aux_heads": True, "unimodal_losses": True}, {"holdout_fraction": 0.1}),
     # parameters chosen on AV-Digits validation with examples/select_on_validation.py (docs/results.md)

@@ -41,7 +41,9 @@ from lightning_balance.data import AVDigitsDataModule  # noqa: E402
 SEARCH: dict[str, tuple[str, list[float], Callable[[float], list[pl.Callback]]]] = {
     "ogm_ge": ("alpha", [0.1, 0.3, 0.8, 1.5, 3.0], lambda v: [OGMGE(alpha=v, params="weights")]),
     "ogm": ("alpha", [0.1, 0.3, 0.8, 1.5, 3.0], lambda v: [OGMGE(alpha=v, params="weights", noise=False)]),
-    "inforeg": ("strength", [0.1, 0.3, 0.95, 2.0], lambda v: [InfoReg(strength=v)]),
+    # the variant's strength (the published InfoReg uses the paper's constants, not tuned)
+    "inforeg_variant": ("strength", [0.1, 0.3, 0.95, 2.0],
+                        lambda v: [InfoReg(strength=v, window_from="own", unimodal_losses=False)]),
     "agm": ("alpha", [0.1, 0.5, 1.0, 2.5], lambda v: [AGM(alpha=v)]),
     "pmr": ("alpha", [0.2, 0.6, 1.0, 2.0], lambda v: [PMR(alpha=v)]),
     "mmpareto": ("gamma", [1.0, 1.5, 2.0], lambda v: [MMPareto(gamma=v)]),

@@ -58,3 +58,16 @@ def test_update_replaces_only_the_re_run_rows(tmp_path, benchmark):
     with pytest.raises(SystemExit):
         benchmark.main(["--update", "--methods", "cml", *other_seeds])  # refused before any training
     assert len(benchmark.calls) == runs and json.loads(path.read_text()) == after
+
+
+def test_update_can_drop_a_row_that_no_longer_exists(tmp_path, benchmark):
+    common = ["--datasets", "synthetic", "--epochs", "1", "--seeds", "0", "--no-progress", "--out", str(tmp_path)]
+    benchmark.main(["--methods", "baseline", "cml", "ogm", *common])
+    path = tmp_path / "benchmark_synthetic.json"
+    before = json.loads(path.read_text())
+    benchmark.main(["--update", "--methods", "cml", "--drop", "ogm", *common])
+    after = json.loads(path.read_text())
+    assert "ogm" not in after["results"] and "ogm" not in after["methods"] and "ogm" not in after["curves"][0]
+    assert after["replaced"]["ogm"] == [before["results"]["ogm"]]
+    assert after["updates"][-1]["dropped"] == ["ogm"]
+    assert "| ogm |" not in (tmp_path / "benchmark_synthetic.md").read_text()
