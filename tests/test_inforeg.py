@@ -134,7 +134,22 @@ def test_default_requires_the_unimodal_losses_of_the_paper(tmp_path):
         trainer.fit(TinyAV(), loader())
 
 
-def _official_inforeg(model, epochs, lr=0.1, momentum=0.9, threshold=0.05, window=10):
+def _swapped_loader():
+    """TinyAV's data with the roles swapped: the second modality ("visual") is the strong one, so the paper's
+    0.10 constant and the first modality's trace (the window's source) are what the run exercises."""
+    from torch.utils.data import DataLoader
+
+    from tests.helpers import DictDataset, InterleavedSampler
+
+    class Swapped(DictDataset):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            return {"audio": item["visual"], "visual": item["audio"], "target": item["target"]}
+
+    return DataLoader(Swapped(n=64), batch_size=16, sampler=InterleavedSampler(64))
+
+
+def _official_inforeg(model, epochs, lr=0.1, momentum=0.9, threshold=0.05, window=10, data=loader):
     """The official InfoReg training loop (GeWu-Lab/InfoReg_CVPR2025, main.py), restated for TinyAV in plain torch:
     split-head unimodal logits with bias/2, L = CE(out) + CE(out_a) + CE(out_v) back-propagated, scores = batch sums
     of the true-class softmax probability, beta_a = 0.95 exp(tanh(s_a - s_v)) if s_a > s_v and k > 0.05,
@@ -159,7 +174,7 @@ def _official_inforeg(model, epochs, lr=0.1, momentum=0.9, threshold=0.05, windo
         ks.append(k)
         start = copy.deepcopy(model)
         fim = {n: torch.zeros_like(m.weight) for n, m in model.audio_encoder.named_modules() if isinstance(m, torch.nn.Linear)}
-        for batch in loader():
+        for batch in data():
             za, zv = model.audio_encoder(batch["audio"]), model.visual_encoder(batch["visual"])
             y = batch["target"]
             out = model.head(torch.cat([za, zv], 1))
@@ -241,3 +256,20 @@ def test_the_window_closes_and_reopens_as_in_the_official_loop(tmp_path):
     cb = InfoReg(threshold=0.5, window=2)
     pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=5)).fit(model, loader())
     torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_the_visual_constant_and_the_first_modalitys_window_when_visual_leads(tmp_path):
+    """Visual dominant: the official loop regulates it with 0.10 and opens the window from the audio trace; the
+    defaults must do the same (a symmetric strength or each modality's own window would not)."""
+    from tests.helpers import flat_params
+
+    reference = TinyAV(seed=3, dims=(5, 6))
+    _, ks = _official_inforeg(reference, epochs=5, threshold=0.5, window=2, data=_swapped_loader)
+    model = TinyAV(seed=3, dims=(5, 6), aux_losses=True)
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[InfoReg(threshold=0.5, window=2)], max_epochs=5)).fit(
+        model, _swapped_loader())
+    torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=1e-5, atol=1e-6)
+    for variant in (InfoReg(threshold=0.5, window=2, strength=0.95), InfoReg(threshold=0.5, window=2, window_from="own")):
+        other = TinyAV(seed=3, dims=(5, 6), aux_losses=True)
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[variant], max_epochs=5)).fit(other, _swapped_loader())
+        assert (flat_params(other) - flat_params(reference)).abs().max() > 1e-4  # the defaults are discriminated
