@@ -231,3 +231,18 @@ class ResumableLoader(DataLoader):
 def resumable_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> ResumableLoader:
     """:func:`loader`, resumable inside an epoch."""
     return ResumableLoader(DictDataset(n=n, seed=seed), batch_size=batch_size, sampler=InterleavedSampler(n))
+
+
+def states_equal(a: Any, b: Any) -> bool:
+    """Two callback states (nested dicts/lists of tensors, floats, ints) equal up to float tolerance."""
+    import pytest
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(states_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return a == pytest.approx(b, rel=1e-5, abs=1e-9)
+    return a == b

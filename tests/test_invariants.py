@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_balance import AGM, PMR, InfoReg, MMPareto
-from tests.helpers import SaveParams, TinyAV, flat_params, loader, trainer_kwargs
+from tests.helpers import SaveParams, TinyAV, flat_params, loader, states_equal, trainer_kwargs
 
 # name -> factory of a fresh callback, configured so that it edits the gradients of TinyAV's first epochs
 METHODS = {
@@ -42,18 +42,6 @@ def run(tmp_path, callbacks, *, batch_size=16, model=None, **trainer_overrides):
     return model, trainer
 
 
-def _state_equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.allclose(a, b, rtol=1e-5, atol=1e-7)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, float):
-        return a == pytest.approx(b, rel=1e-5, abs=1e-9)
-    return a == b
-
-
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_changes_training(tmp_path, name):
     plain, _ = run(tmp_path, [], model=model_for(name))
@@ -72,11 +60,11 @@ def test_ddp_parity_and_identical_ranks(tmp_path, name):
     rank1 = torch.load(ddp_dir / "rank1.pt")
     assert torch.equal(rank0["params"], rank1["params"]), "replicas diverged"
     key = type(METHODS[name]()).__name__
-    assert _state_equal(rank0["states"][key], rank1["states"][key])
+    assert states_equal(rank0["states"][key], rank1["states"][key])
     single_cb = METHODS[name]()
     single, _ = run(tmp_path, [single_cb], batch_size=16, model=model_for(name))
     torch.testing.assert_close(rank0["params"], flat_params(single), rtol=1e-5, atol=1e-6)
-    assert _state_equal(rank0["states"][key], single_cb.state_dict())
+    assert states_equal(rank0["states"][key], single_cb.state_dict())
 
 
 @pytest.mark.parametrize("name", sorted(set(METHODS) - IN_BACKWARD))
@@ -99,7 +87,7 @@ def test_resume_parity(tmp_path, name):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[resumed_cb], max_epochs=4))
     trainer.fit(resumed, loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=1e-6, atol=1e-7)
-    assert _state_equal(resumed_cb.state_dict(), straight_cb.state_dict())
+    assert states_equal(resumed_cb.state_dict(), straight_cb.state_dict())
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -199,6 +199,26 @@ def test_pmr_follows_the_official_loop(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ MMPareto
+def _per_loss_gradients(opt, losses, encoders):
+    """The official per-loss passes: one retain-graph backward per loss with the encoders' gradients cloned and
+    zeroed in between, then the summed loss's backward (which leaves the heads' ordinary gradients)."""
+    grads = {}
+    for name, loss in losses.items():
+        opt.zero_grad()
+        loss.backward(retain_graph=True)
+        grads[name] = {m: [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in ps]
+                       for m, ps in encoders.items()}
+    opt.zero_grad()
+    sum(losses.values()).backward()
+    return grads
+
+
+def _official_min_norm_weight(a, b):
+    """min_norm_solvers._min_norm_element_from2 for x1 = g_mm (a), x2 = g_u (b): the weight of g_mm."""
+    v11, v12, v22 = float(a @ a), float(a @ b), float(b @ b)
+    return 0.999 if v12 >= v11 else 0.001 if v12 >= v22 else -(v12 - v22) / (v11 + v22 - 2 * v12)
+
+
 def _official_mmpareto(model, epochs, gamma):
     """MMPareto_ICML2024 code/MMPareto.py with separate unimodal heads: one backward per loss (L_mm, L_a, L_v) with
     the encoder gradients cloned; cos over the whole encoder; (0.5, 0.5) if cos > 0, else the two-vector min-norm
@@ -215,14 +235,7 @@ def _official_mmpareto(model, epochs, gamma):
             out = model.fusion(za, zv)
             losses = {"both": F.cross_entropy(out, y), "audio": F.cross_entropy(model.aux["audio"](za), y),
                       "visual": F.cross_entropy(model.aux["visual"](zv), y)}
-            grads = {}
-            for name, loss in losses.items():
-                opt.zero_grad()
-                loss.backward(retain_graph=True)
-                grads[name] = {m: [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in ps]
-                               for m, ps in encoders.items()}
-            opt.zero_grad()
-            sum(losses.values()).backward()
+            grads = _per_loss_gradients(opt, losses, encoders)
             with torch.no_grad():
                 for m, params in encoders.items():
                     g_mm, g_u = grads["both"][m], grads[m][m]
@@ -233,8 +246,7 @@ def _official_mmpareto(model, epochs, gamma):
                         w = 0.5
                     else:
                         conflicts += 1
-                        v11, v12, v22 = float(a @ a), float(a @ b), float(b @ b)
-                        w = 0.999 if v12 >= v11 else 0.001 if v12 >= v22 else -(v12 - v22) / (v11 + v22 - 2 * v12)
+                        w = _official_min_norm_weight(a, b)
                     for p, gm, gu in zip(params, g_mm, g_u):
                         uniform = p.grad.norm()
                         g_hat = 2 * w * gm + 2 * (1 - w) * gu
@@ -294,14 +306,7 @@ def test_mmpareto_then_ogm_follows_the_declared_order(tmp_path):
             uni = {"audio": reference.aux["audio"](za), "visual": reference.aux["visual"](zv)}
             losses = {"both": F.cross_entropy(reference.fusion(za, zv), y), "audio": F.cross_entropy(uni["audio"], y),
                       "visual": F.cross_entropy(uni["visual"], y)}
-            grads = {}
-            for name, loss in losses.items():
-                opt.zero_grad()
-                loss.backward(retain_graph=True)
-                grads[name] = {m: [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in ps]
-                               for m, ps in encoders.items()}
-            opt.zero_grad()
-            sum(losses.values()).backward()
+            grads = _per_loss_gradients(opt, losses, encoders)
             ratio_v = _score(uni["visual"].detach(), y) / _score(uni["audio"].detach(), y)
             coeff = {"audio": 1.0, "visual": 1.0}
             if ratio_v > 1:
@@ -313,11 +318,7 @@ def test_mmpareto_then_ogm_follows_the_declared_order(tmp_path):
                     g_mm, g_u = grads["both"][m], grads[m][m]
                     a = torch.cat([g.reshape(-1) for g in g_mm]).double()
                     b = torch.cat([g.reshape(-1) for g in g_u]).double()
-                    if float(a @ b) > 0:
-                        w = 0.5
-                    else:
-                        v11, v12, v22 = float(a @ a), float(a @ b), float(b @ b)
-                        w = 0.999 if v12 >= v11 else 0.001 if v12 >= v22 else -(v12 - v22) / (v11 + v22 - 2 * v12)
+                    w = 0.5 if float(a @ b) > 0 else _official_min_norm_weight(a, b)
                     for p, gm, gu in zip(params, g_mm, g_u):
                         g_hat = 2 * w * gm + 2 * (1 - w) * gu
                         p.grad = 1.5 * g_hat * max(1.0, float(p.grad.norm() / g_hat.norm()))

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_balance import AGM, OGMGE, PMR, InfoReg, MMPareto
-from tests.helpers import SaveParams, TinyAV, flat_params, loader, resumable_loader, trainer_kwargs
+from tests.helpers import SaveParams, TinyAV, flat_params, loader, resumable_loader, states_equal, trainer_kwargs
 
 # name -> factory of a fresh callback; every one edits TinyAV(aux_losses=True)'s gradients from its first epochs
 FACTORIES = {
@@ -31,18 +31,6 @@ FACTORIES = {
 
 def _model(**kw):
     return TinyAV(aux_losses=True, **kw)
-
-
-def _tensors_equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-7)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, float):
-        return a == pytest.approx(b, rel=1e-5, abs=1e-9)
-    return a == b
 
 
 def _all_finite(state):
@@ -74,7 +62,7 @@ def test_resume_from_a_checkpoint_inside_an_epoch(tmp_path, name, step):
         warnings.simplefilter("ignore")
         trainer.fit(resumed, resumable_loader(), ckpt_path=str(tmp_path / "ckpt" / f"step={step}.ckpt"))
     torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=1e-6, atol=1e-7)
-    assert _tensors_equal(resumed_cb.state_dict(), straight_cb.state_dict())
+    assert states_equal(resumed_cb.state_dict(), straight_cb.state_dict())
 
 
 # ------------------------------------------------------------------------------------------------ fp16 overflow
@@ -117,7 +105,7 @@ def test_fp16_overflow_steps_are_skipped_without_changing_state(tmp_path, name):
                                     plugins=[_fp16(2.0**16)])).fit(reference, loader())
     assert reference_cb.num_skipped == 0
     torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=0, atol=0)
-    assert _tensors_equal(cb.state_dict(), reference_cb.state_dict())
+    assert states_equal(cb.state_dict(), reference_cb.state_dict())
 
 
 # ------------------------------------------------------------------------------------------------ stacking
@@ -134,7 +122,7 @@ def test_stacked_methods_give_the_same_result_in_both_list_orders(tmp_path, firs
         runs[order] = (flat_params(model), {type(cb).__name__: cb.state_dict() for cb in callbacks})
     (a_params, a_states), (b_params, b_states) = runs.values()
     torch.testing.assert_close(a_params, b_params, rtol=0, atol=0)
-    assert _tensors_equal(a_states, b_states)
+    assert states_equal(a_states, b_states)
     for alone in (first, second):  # both methods acted in the stack
         model = _model()
         pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[FACTORIES[alone]()], max_epochs=2)).fit(model, loader())
@@ -463,7 +451,7 @@ def test_gradient_blending_stacks_in_both_list_orders(tmp_path, other):
         pl.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, max_epochs=2)).fit(model, datamodule=_WithHoldout())
         runs.append((flat_params(model), {type(cb).__name__: cb.state_dict() for cb in callbacks}, model.loss_weights))
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
-    assert _tensors_equal(runs[0][1], runs[1][1]) and runs[0][2] == runs[1][2]
+    assert states_equal(runs[0][1], runs[1][1]) and runs[0][2] == runs[1][2]
     assert runs[0][2] != {"fused": 1.0, "audio": 1.0, "visual": 1.0}  # the blend acted
 
 
