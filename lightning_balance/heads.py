@@ -19,7 +19,8 @@ class CosineHead(nn.Module):
 
     It **replaces** a concat + linear head: declare it as the fusion,
     ``self.configure_modalities(encoders, fusion=CosineHead([d_a, d_v], num_classes))``, and call it with the
-    features in declared order. There is no bias (the official code ignores the head's bias, and an
+    features in declared order. There is no bias (the official code trains without it; its ``valid()`` scores
+    the plain linear head instead, which we do not reproduce: docs/methods/mmcosine.md; and an
     unused parameter would trouble DDP). Each modality's unimodal logits are ``s·cos(z_m, W_m)``; the
     contract's masked mode gives exactly these (a zeroed feature contributes 0), so OGM-GE, the
     monitor and every other method see MMCosine's own unimodal predictions. Computed in float32.
@@ -63,9 +64,10 @@ class CosineHead(nn.Module):
                 z = z.mean(dim=tuple(range(1, z.ndim - 1)))
             if z.shape[-1] != w.shape[1]:
                 raise ValueError(f"feature width {z.shape[-1]} does not match the head's {w.shape[1]}.")
-            zn = F.normalize(z.float(), dim=-1, eps=self.eps)
-            wn = F.normalize(w.float(), dim=-1, eps=self.eps)
-            out.append(self.scale * zn @ wn.T)
+            with torch.autocast(z.device.type, enabled=False):  # float32 also under AMP (the product is a cosine)
+                zn = F.normalize(z.float(), dim=-1, eps=self.eps)
+                wn = F.normalize(w.float(), dim=-1, eps=self.eps)
+                out.append(self.scale * zn @ wn.T)
         return out
 
     def forward(self, *features: Tensor) -> Tensor:

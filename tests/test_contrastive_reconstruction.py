@@ -327,3 +327,14 @@ def test_loss_terms_callback_refuses_ddp(tmp_path):
                                           strategy="ddp_spawn", use_distributed_sampler=False))
     with pytest.raises(Exception, match="configure_loss_terms"):
         trainer.fit(Terms(), loader(batch_size=8))
+
+
+def test_info_nce_is_float32_under_autocast():
+    from lightning_balance.functional import symmetric_info_nce
+
+    a, b = torch.randn(8, 16), torch.randn(8, 16)
+    plain = symmetric_info_nce(a, b, 100.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = symmetric_info_nce(a, b, torch.tensor(100.0))
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain)

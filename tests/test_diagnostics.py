@@ -241,3 +241,17 @@ def test_token_features_reach_the_fusion_in_their_own_shape():
     centred = pooled - pooled.mean(0)
     assert values["nrank/a"] == int(torch.linalg.matrix_rank(centred)) == 3
     assert values["erank_norm/a"] == pytest.approx(values["erank/a"] / 3)
+
+
+def test_numerical_rank_of_half_precision_features():
+    """Rank-3 features computed in bf16 (200 samples): numpy's max(N, d)·eps tolerance would exceed 1 and give 0;
+    read back in float32 without their precision, the rounding noise would count as rank."""
+    from lightning_balance.functional.diagnostics import numerical_rank
+
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(200, 3, generator=g) @ torch.randn(3, 32, generator=g)
+    half = low.bfloat16()
+    assert numerical_rank(low) == 3
+    assert numerical_rank(half) == 3
+    assert numerical_rank(half.float(), precision=torch.bfloat16) == 3
+    assert numerical_rank(half.float()) > 3  # the reason the callback passes the features' precision

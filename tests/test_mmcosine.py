@@ -93,3 +93,15 @@ def test_token_features_are_averaged():
     torch.testing.assert_close(head(za, zv), 10 * torch.tensor([[2**-0.5 + 1, -(2**-0.5) - 1]]))
     with pytest.raises(ValueError, match=r"\(N, D\) or \(N, T, D\)"):
         head(torch.ones(2), torch.ones(1))
+
+
+def test_cosine_logits_are_float32_under_autocast():
+    from lightning_balance import CosineHead
+
+    head = CosineHead([4, 3], num_classes=5)
+    a, v = torch.randn(6, 4), torch.randn(6, 3)
+    plain = head(a, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head(a, v)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain)

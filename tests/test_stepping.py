@@ -459,3 +459,33 @@ def test_pmr_builds_prototypes_when_its_window_opens_inside_an_epoch(tmp_path):
     cb = PMR(start_step=2, momentum=0.0)
     pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=2)).fit(_model(), loader())
     assert cb.num_edits == 6  # steps 2 and 3 of epoch 0 (prototypes built at step 2), then all of epoch 1
+
+
+@pytest.mark.parametrize("which", ["pmr", "gblend"])
+def test_own_passes_over_the_training_data_leave_a_persistent_worker_loader_alone(tmp_path, which):
+    """PMR's prototype pass and Gradient-Blending's estimate iterate the training data while the Trainer holds the
+    epoch's iterator: with persistent workers that iterator must not be consumed (every epoch has all its steps)."""
+    from torch.utils.data import DataLoader
+
+    from lightning_balance import GradientBlending
+    from tests.helpers import DictDataset, InterleavedSampler
+
+    steps = {}
+
+    class Count(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            steps[trainer.current_epoch] = steps.get(trainer.current_epoch, 0) + 1
+
+    class Persistent(pl.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(DictDataset(n=64), batch_size=16, sampler=InterleavedSampler(64), num_workers=1,
+                              persistent_workers=True)
+
+        def holdout_dataloader(self):
+            return loader(n=32, seed=5)
+
+    cb = PMR(fraction=0.5) if which == "pmr" else GradientBlending(every_n_epochs=1, estimate_epochs=1, max_batches=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb, Count()], max_epochs=2)).fit(_model(), datamodule=Persistent())
+    assert steps == {0: 4, 1: 4}

@@ -104,6 +104,20 @@ def forked_rng(device: torch.device) -> Any:
     return torch.random.fork_rng(devices=[])
 
 
+def separate_loader(loader: Any) -> Any:
+    """A loader over the same data, sampler and collation as ``loader`` that a callback can iterate while the
+    Trainer holds ``loader``'s own iterator. A ``DataLoader`` with ``persistent_workers=True`` hands out (and
+    resets) the one iterator the Trainer is using, so iterating it from a callback would consume the epoch's
+    batches; the copy loads in the main process instead. Other loaders are returned as they are."""
+    if not isinstance(loader, torch.utils.data.DataLoader) or not getattr(loader, "persistent_workers", False):
+        return loader
+    common = dict(collate_fn=loader.collate_fn, num_workers=0, pin_memory=loader.pin_memory)
+    if loader.batch_sampler is not None:
+        return torch.utils.data.DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, **common)
+    return torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last,
+                                       sampler=loader.sampler, **common)
+
+
 def training_batches(trainer: pl.Trainer, loader: Any, limit: Optional[int] = None):
     """The first ``limit`` batches of ``loader`` (all if ``None``), moved to the device, for callbacks that make
     their own pass over training data (PMR's prototypes, Gradient-Blending's estimates). torch's RNG is
@@ -111,7 +125,7 @@ def training_batches(trainer: pl.Trainer, loader: Any, limit: Optional[int] = No
     untouched; a shuffling sampler called at an epoch's start replays that epoch's order (except in the
     first epoch, whose order Lightning draws before the epoch starts)."""
     with forked_rng(trainer.strategy.root_device):
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(separate_loader(loader)):
             if limit is not None and i >= limit:
                 break
             yield trainer.strategy.batch_to_device(batch, trainer.strategy.root_device)

@@ -24,6 +24,7 @@ from lightning_balance.functional.diagnostics import (
     diagnostics_from_correctness,
     diagnostics_table,
     imbalance_verdict,
+    lowest_precision,
 )
 
 __all__ = ["ModalityDiagnostics"]
@@ -60,7 +61,8 @@ class ModalityDiagnostics(ModalityMonitor):
     * ``contribution/<m>``: dataset-level Shapley contribution of ``m`` to accuracy,
       :math:`\phi_m=\sum_{S\subseteq M\setminus m}\frac{|S|!(M-|S|-1)!}{M!}[v(S\cup m)-v(S)]`, with
       ``v(S)`` the accuracy when the modalities outside ``S`` are zeroed at the feature level through the
-      model's fusion (BalanceBenchmark's definition, at the features); ``contribution_ratio`` (max/min),
+      model's fusion (``v(S)`` as BalanceBenchmark's, at the features; BalanceBenchmark then sums the
+      marginal gains without the Shapley weights, so its numbers differ); ``contribution_ratio`` (max/min),
       ``contribution_gap``, ``contribution_imbalance`` ((max − min)/Σ|φ|) and ``contribution_lead``
       (largest − second largest);
     * ``acc_fused``, ``acc/<m>`` (unimodal logits), ``acc_without/<m>`` (``m`` missing), ``drop/<m>``
@@ -184,6 +186,7 @@ class ModalityDiagnostics(ModalityMonitor):
         self._stored = 0
         self._storing_batch = False
         self._shape: Optional[tuple[int, list[int]]] = None
+        self._precisions: dict[str, torch.dtype] = {}  # the lowest precision each modality's features came in
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -208,6 +211,7 @@ class ModalityDiagnostics(ModalityMonitor):
         self._stored = 0
         self._storing_batch = False
         self._shape = None
+        self._precisions = {}
 
     def _begin(self, trainer: pl.Trainer, stage: str) -> None:
         self._epoch_start()
@@ -240,6 +244,9 @@ class ModalityDiagnostics(ModalityMonitor):
         n = record.batch_size
         targets = record.valid_targets()
         vectors = {m: pl_module.pool_features(m, z.detach()).reshape(n, -1) for m, z in record.features.items()}  # type: ignore[attr-defined]
+        for m, z in record.features.items():
+            known = self._precisions.get(m)
+            self._precisions[m] = lowest_precision([z.dtype] if known is None else [known, z.dtype]) or torch.float64
         uni = record.unimodal_logits()
         if self._shape is None:
             self._shape = (record.logits.shape[-1], [vectors[m].shape[1] for m in names])
@@ -326,7 +333,7 @@ class ModalityDiagnostics(ModalityMonitor):
                 samples["correct"], names, vectors=samples["vectors"], targets=samples["targets"],
                 num_classes=samples["classes"], unimodal_correct=samples["unimodal"], groups=samples["groups"],
                 probe=self.probe, probe_folds=self.probe_folds, vif=self.vif, bootstrap=self.bootstrap,
-                seed=self.seed, errors="warn")
+                seed=self.seed, errors="warn", precisions=self._precisions or None)
         for caught_warning in caught:
             rank_zero_warn(f"ModalityDiagnostics ({where}): {caught_warning.message}")
         values["seconds/gather"] = gather_seconds

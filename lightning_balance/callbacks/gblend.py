@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_balance._distributed import all_reduce_sum, check_strategy
-from lightning_balance.callbacks.base import forked_rng, log_balance_metrics
+from lightning_balance.callbacks.base import forked_rng, log_balance_metrics, separate_loader
 from lightning_balance.functional.gblend import floor_weights, gblend_weights
 from lightning_balance.modality import ModalityContractError, MultimodalMixin
 
@@ -152,7 +152,8 @@ class GradientBlending(Callback):
 
     # ------------------------------------------------------------------ the estimate
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The estimate runs here, before the epoch's data iterator exists. Nothing else is built here:
+        # The estimate runs here, on a separate loader (in epoch 0 the Trainer's iterator already exists, and a
+        # persistent-worker loader would hand it out). Nothing else is built here:
         # Lightning skips this hook when it resumes inside an epoch (that epoch's estimate ran before the
         # checkpoint, and its weights are in the callback's and the module's state).
         self._maybe_estimate(trainer, pl_module)
@@ -213,7 +214,7 @@ class GradientBlending(Callback):
 
     def _estimate(self, trainer: pl.Trainer, pl_module: Any, heads: list[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(L^T before, L^V before, L^T after, L^V after)``, each ``(K,)``, identical on every rank."""
-        train_loader = trainer.train_dataloader
+        train_loader = separate_loader(trainer.train_dataloader)  # not the Trainer's live iterator
         holdout_loader = trainer.datamodule.holdout_dataloader()
         ignore_index = pl_module.modality_spec.ignore_index
         limit = self.max_batches

@@ -16,7 +16,7 @@ def symmetric_info_nce(a: Tensor, b: Tensor, scale: Tensor | float, a_all: Tenso
 
     ``a``, ``b``: this process's ``(N, d)`` embeddings (the anchors); ``a_all``, ``b_all``: the embeddings of the
     global batch (negatives from every rank; default: ``a``, ``b``); ``offset``: where this process's rows sit
-    in them. Computed in float32.
+    in them. Computed in float32, with autocast off (under AMP too).
     """
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"a and b must both have shape (N, d), got {tuple(a.shape)} and {tuple(b.shape)}.")
@@ -24,7 +24,9 @@ def symmetric_info_nce(a: Tensor, b: Tensor, scale: Tensor | float, a_all: Tenso
         raise ValueError("symmetric_info_nce needs a non-empty batch.")
     a_all = a if a_all is None else a_all
     b_all = b if b_all is None else b_all
-    an, bn = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
-    an_all, bn_all = F.normalize(a_all.float(), dim=-1), F.normalize(b_all.float(), dim=-1)
-    labels = torch.arange(offset, offset + a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(scale * an @ bn_all.T, labels) + F.cross_entropy(scale * bn @ an_all.T, labels))
+    with torch.autocast(a.device.type, enabled=False):  # float32 also under AMP: the logits reach 100 × a cosine
+        an, bn = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+        an_all, bn_all = F.normalize(a_all.float(), dim=-1), F.normalize(b_all.float(), dim=-1)
+        labels = torch.arange(offset, offset + a.shape[0], device=a.device)
+        scale = scale.float() if isinstance(scale, Tensor) else scale
+        return 0.5 * (F.cross_entropy(scale * an @ bn_all.T, labels) + F.cross_entropy(scale * bn @ an_all.T, labels))

@@ -60,16 +60,33 @@ def effective_rank(features: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def numerical_rank(features: Tensor, rtol: float | None = None) -> int:
-    """Number of singular values of the centred features above ``rtol · σ_max`` (default: numpy's
-    ``max(N, d) · eps``, with the machine epsilon of the input's dtype)."""
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def numerical_rank(features: Tensor, rtol: float | None = None, precision: Optional[torch.dtype] = None) -> int:
+    """Number of singular values of the centred features above ``rtol · σ_max``.
+
+    The default ``rtol`` follows the precision the features were computed in (``precision``, default their
+    dtype): numpy's ``max(N, d) · eps`` for float32/float64; for fp16/bf16 features, ``(√N + √d) · eps``, the
+    relative size of the largest singular value of their rounding noise (numpy's rule would exceed 1 there
+    for a few hundred samples and give rank 0). Features stored in float32 after being computed in half
+    precision (under AMP) need ``precision`` set, or their rounding noise counts as rank."""
     z = _centred(features)
     s = torch.linalg.svdvals(z)
     if s.numel() == 0 or s[0] == 0:
         return 0
-    eps = torch.finfo(features.dtype if features.is_floating_point() else torch.float64).eps  # the input's precision
-    tol = (rtol if rtol is not None else max(z.shape) * eps) * s[0]
-    return int((s > tol).sum())
+    dtype = precision or (features.dtype if features.is_floating_point() else torch.float64)
+    eps = torch.finfo(dtype).eps
+    if rtol is None:
+        n, d = z.shape
+        rtol = (math.sqrt(n) + math.sqrt(d)) * eps if dtype in _HALF else max(n, d) * eps
+    return int((s > rtol * s[0]).sum())
+
+
+def lowest_precision(dtypes: Collection[torch.dtype]) -> Optional[torch.dtype]:
+    """The floating dtype with the largest machine epsilon among ``dtypes`` (``None`` if there is none)."""
+    floating = [d for d in dtypes if d.is_floating_point]
+    return max(floating, key=lambda d: torch.finfo(d).eps) if floating else None
 
 
 def linear_cka(x: Tensor, y: Tensor) -> float:
@@ -90,10 +107,11 @@ def variance_inflation(features: Tensor, ridge: float = 1e-6, name: str = "featu
     ``R_j²`` from regressing feature ``j`` on all others. Constant features are dropped. Values above 5–10
     signal multicollinearity. Returns ``(d',)`` float64.
 
-    The regression of one of ``d'`` features on the others has ``d'`` parameters (with the intercept), so it
-    needs ``N ≥ d' + 2`` samples to leave a residual: with fewer (``d' ≥ N − 1``) every ``R_j²`` is 1 up to
-    the ridge and the factors measure the ridge, not the features (pure noise at N = 40, d = 64 gives VIFs of
-    ~10^5). Then a warning is issued and the factors are NaN.
+    The regression of one of ``d'`` features on the others has ``d'`` parameters (with the intercept): with
+    ``d' ≥ N`` every ``R_j²`` is 1 up to the ridge and the factors measure the ridge, not the features (pure
+    noise at N = 40, d = 64 gives VIFs of ~10^5), and at ``d' = N − 1`` one residual degree of freedom is
+    left, so the factors are finite but set by noise (hundreds on pure noise). For ``d' ≥ N − 1`` a warning
+    is issued and the factors are NaN.
     """
     z = _centred(features)
     n = z.shape[0]
@@ -291,6 +309,7 @@ def diagnostics_from_correctness(
     bootstrap: int = 1000,
     seed: int = 0,
     errors: str = "raise",
+    precisions: Optional[Mapping[str, torch.dtype]] = None,
 ) -> dict[str, float]:
     r""":func:`collapse_diagnostics` from what it computes first: the per-sample correctness of every subset's
     prediction and one vector per sample and modality (what :class:`~lightning_balance.ModalityDiagnostics`
@@ -309,6 +328,8 @@ def diagnostics_from_correctness(
         bootstrap: bootstrap replicates for the standard errors (0: none, and no ``*_se`` keys).
         seed: seed of the bootstrap's generator.
         errors: ``"raise"``, or ``"warn"``: a measurement that fails is NaN, with a warning naming it and why.
+        precisions: optional ``{m: dtype}``, the precision each modality's features were computed in (for the
+            numerical rank's tolerance, :func:`numerical_rank`); ``vectors`` may be stored in a wider dtype.
     """
     names = list(modalities)
     m_count = len(names)
@@ -380,7 +401,10 @@ def diagnostics_from_correctness(
         er = _run(errors, f"the effective rank of {key!r}", lambda: effective_rank(z), math.nan) if ok else math.nan
         out[f"erank/{key}"] = er
         out[f"erank_norm/{key}"] = er / max(1, min(z.shape)) if ok else math.nan
-        out[f"nrank/{key}"] = (float(_run(errors, f"the numerical rank of {key!r}", lambda: numerical_rank(z), math.nan))
+        precision = (lowest_precision(list(precisions.values())) if key == "fused" else precisions.get(key)) \
+            if precisions else None
+        out[f"nrank/{key}"] = (float(_run(errors, f"the numerical rank of {key!r}",
+                                          lambda: numerical_rank(z, precision=precision), math.nan))
                                if ok else math.nan)
         if key != "fused":
             out[f"cka/{key}"] = (_run(errors, f"the CKA of {key!r}", lambda: linear_cka(fused, z), math.nan)

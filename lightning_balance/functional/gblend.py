@@ -18,7 +18,7 @@ def gblend_weights(train_before: Tensor, holdout_before: Tensor, train_after: Te
     generalisation :math:`\Delta G = L^V_N - L^V_{N+n}`, and the weights minimising the
     overfitting-to-generalisation ratio, :math:`w_k \propto \Delta G_k / \Delta O_k^2`, normalised to sum
     to 1. Guards: ``ΔG ← max(ΔG, 0)`` (a head whose held-out loss got worse gets no weight),
-    ``ΔO² ← max(ΔO², eps)``, ``w ← max(w, eps)`` (the paper's and tsai's guards; a head with ``ΔG ≤ 0``
+    ``ΔO² ← max(ΔO², eps)``, ``w ← max(w, eps)`` (tsai's guards; a head with ``ΔG ≤ 0``
     ends with a weight of about ``eps / Σ_k w_k``, see :func:`floor_weights` for an opt-in floor).
 
     Args:

@@ -93,7 +93,8 @@ class UnimodalEnsemble(nn.Module):
 
     Args:
         models: modality → a module mapping that modality's input to logits.
-        combine: ``"mean"`` (average of the probabilities, the paper's ensemble) or ``"product"`` (sum of
+        combine: ``"mean"`` (average of the probabilities; the algorithm card recalls this as the paper's
+            ensemble, which could not be checked in the paper) or ``"product"`` (sum of
             log-probabilities).
 
     ``forward(inputs)`` takes ``{modality: x}`` and returns log-probabilities ``(N, C)``.
