@@ -40,11 +40,12 @@ def test_values_match_a_direct_computation(tmp_path):
     model, monitor, _ = fit(tmp_path)
     assert len(monitor.history) == 2 and monitor.history[-1]["epoch"] == 1.0
     ds = loader(n=32, seed=1).dataset
-    with torch.no_grad():
-        feats = model.forward_features({"audio": ds.a, "visual": ds.v})
-        uni = model.compute_unimodal_logits(feats)
-        fused = model.fuse_features(feats)
-        without_audio = model.fuse_without(feats, "audio")
+    with torch.no_grad():  # written out for TinyAV's concat head: split logits W_m z_m + b/2, audio first
+        za, zv = model.audio_encoder(ds.a), model.visual_encoder(ds.v)
+        w, b = model.head.weight, model.head.bias
+        uni = {"audio": za @ w[:, :8].T + b / 2, "visual": zv @ w[:, 8:].T + b / 2}
+        fused = torch.cat([za, zv], 1) @ w.T + b
+        without_audio = torch.cat([torch.zeros_like(za), zv], 1) @ w.T + b
         s = {m: F.softmax(uni[m], -1).gather(1, ds.y[:, None]).sum() for m in uni}
     last = monitor.history[-1]
 
