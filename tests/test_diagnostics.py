@@ -255,3 +255,20 @@ def test_numerical_rank_of_half_precision_features():
     assert numerical_rank(half) == 3
     assert numerical_rank(half.float(), precision=torch.bfloat16) == 3
     assert numerical_rank(half.float()) > 3  # the reason the callback passes the features' precision
+
+
+def test_verdict_warns_first_when_the_model_is_at_chance():
+    from lightning_balance.functional import diagnostics_from_correctness, imbalance_verdict
+
+    # 3 of 4 targets are class 0: always predicting it scores 0.75, written out here
+    targets = torch.tensor([0, 0, 0, 1] * 10)
+    assert diagnostics_from_correctness(torch.ones(4, 40, dtype=torch.bool), ["a", "v"], targets=targets,
+                                        probe=False, vif=False, bootstrap=50)["acc_majority"] == 0.75
+    values = {"acc_fused": 0.76, "acc_fused_se": 0.03, "acc_majority": 0.75, "contribution/a": 0.3,
+              "contribution/v": 0.0, "contribution_se/a": 0.02, "contribution_se/v": 0.0,
+              "drop/a": 0.3, "drop/v": 0.0, "drop_se/a": 0.02, "drop_se/v": 0.0,
+              "acc_without/a": 0.46, "acc_without/v": 0.76}
+    lines = imbalance_verdict(values, ["a", "v"])
+    assert lines[0].startswith("The fused model is not clearly above chance yet (accuracy 0.760 ± 0.059 vs 0.750")
+    trained = imbalance_verdict({**values, "acc_fused": 0.95, "acc_fused_se": 0.01}, ["a", "v"])
+    assert not any("chance" in line for line in trained)

@@ -352,3 +352,18 @@ def test_a_validation_set_without_labels_logs_nothing_and_warns(tmp_path):
     with pytest.warns(UserWarning, match="no labelled"):
         trainer.validate(Unlabelled(), DataLoader(DictDataset(n=16), batch_size=8), verbose=False)
     assert diag.history == [] and diag.diagnostics_history == []
+
+
+@pytest.mark.timeout(180)
+def test_ddp_fit_with_the_plot_on_does_not_hang(tmp_path):
+    """The plot's folder comes from trainer.log_dir, a broadcast: every rank must ask for it, not only rank 0."""
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib (dev extra)")
+    out = tmp_path / "ddp"
+    out.mkdir()
+    diag = ModalityDiagnostics(verbose=False, plot=True)
+    trainer = pl.Trainer(**trainer_kwargs(out, callbacks=[diag, DumpDiagnostics(str(out))], devices=2,
+                                          strategy="ddp_spawn", max_epochs=2))
+    trainer.fit(model(), DataLoader(DictDataset(n=32), batch_size=8), DataLoader(DictDataset(n=24, seed=1), batch_size=8))
+    assert (out / "balance" / "diagnostics.png").exists()
+    with open(out / "rank0.json") as f:
+        assert len(json.load(f)["diag"]) == 2

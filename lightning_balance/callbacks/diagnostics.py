@@ -357,8 +357,11 @@ class ModalityDiagnostics(ModalityMonitor):
             self.diagnostics_history.append({"epoch": float(trainer.current_epoch), **values})
         if self.verbose:
             rank_zero_info(text)
-        if stage == "val" and trainer.is_global_zero and self._should_plot():
-            self._plot(trainer, names)
+        if stage == "val" and self._should_plot():
+            # trainer.log_dir broadcasts from rank 0: every rank asks for it, only rank 0 draws
+            folder = self.plot_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "balance")
+            if trainer.is_global_zero:
+                self._plot(trainer, names, folder)
 
     def format_report(self, values: Mapping[str, float], modalities: list[str], label: Any = "") -> str:
         """The printed report: a table of the measurements and the verdict."""
@@ -373,7 +376,9 @@ class ModalityDiagnostics(ModalityMonitor):
         """The last report (run ``trainer.validate`` or ``trainer.test`` to get one on demand)."""
         if not self.reports:
             raise RuntimeError("No diagnosis yet: it runs at the end of validation every `every_n_epochs` epochs "
-                               "and at every trainer.test; call trainer.validate(...) to run one now.")
+                               "and at every trainer.test; call trainer.validate(...) to run one now. (Under "
+                               "strategy='ddp_spawn' the diagnoses ran in the worker processes and their reports "
+                               "stay there: read them from the logger, or train with strategy='ddp'.)")
         return self.reports[-1][1]
 
     def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Optional[Tensor]:
@@ -393,13 +398,12 @@ class ModalityDiagnostics(ModalityMonitor):
             return False
         return True
 
-    def _plot(self, trainer: pl.Trainer, names: list[str]) -> None:
+    def _plot(self, trainer: pl.Trainer, names: list[str], folder: str) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        folder = self.plot_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "balance")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "diagnostics.png")
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))

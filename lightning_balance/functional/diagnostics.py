@@ -354,6 +354,8 @@ def diagnostics_from_correctness(
     acc = table.mean(1)
     phi = shapley_contributions(lambda s: float(acc[sum(1 << names.index(m) for m in s)]), names)
     out["acc_fused"] = float(acc[full])
+    if targets is not None and targets.numel():
+        out["acc_majority"] = float(torch.bincount(targets.reshape(-1).long()).max()) / targets.numel()
     for b, m in enumerate(names):
         out[f"contribution/{m}"] = phi[m]
         out[f"acc_without/{m}"] = float(acc[full ^ (1 << b)])
@@ -548,6 +550,8 @@ def imbalance_verdict(values: Mapping[str, float], modalities: Sequence[str],
       lost without ``m``) are both ``≤ tolerance``: even the largest contribution compatible with the samples
       is negligible. A contribution whose interval includes 0 but reaches above ``tolerance`` is reported as
       not distinguishable from 0.
+    * **chance**: a first line warns when the fused accuracy's interval reaches down to the accuracy of always
+      predicting the most frequent class (``acc_majority``): then the other lines describe an untrained model.
     * **under-learned**: for each modality in ``alone_probe`` (an accuracy, or ``(accuracy, SE)`` e.g. the
       ``probe_se`` of the trained-alone run), the gap ``alone − probe`` with
       :math:`SE = \sqrt{SE_{probe}^2 + SE_{alone}^2}` (independent samples; a bare number has SE 0, i.e. it is
@@ -570,6 +574,13 @@ def imbalance_verdict(values: Mapping[str, float], modalities: Sequence[str],
         return f"{x:.3f} ± {z * err:.3f}" if err > 0 else f"{x:.3f}"
 
     lines = []
+    majority = values.get("acc_majority")
+    if majority is not None and math.isfinite(majority):
+        acc, acc_err = values["acc_fused"], se("acc_fused_se")
+        if acc - z * acc_err <= majority:
+            lines.append(f"The fused model is not clearly above chance yet (accuracy {pm(acc, acc_err)} vs {majority:.3f} "
+                         f"for always predicting the most frequent class): what follows describes a model that has "
+                         f"not learned the task, not an imbalance.")
     if len(names) > 1:
         ranked = sorted(names, key=phi.__getitem__, reverse=True)
         lead, second = ranked[0], ranked[1]
