@@ -66,6 +66,17 @@ from lightning_balance._record import ModalityRecord, autocast_state, batch_toke
 __all__ = ["ModalityRecord", "MultimodalMixin", "ModalityContractError", "UnimodalMode"]
 
 UnimodalMode = Literal["auto", "split", "mask", "heads"]
+
+
+def _check_head_width(head: nn.Module, widths: Mapping[str, int], path: str) -> None:
+    """The concat head must take the sum of the features' widths (before a bare matmul shape error)."""
+    if sum(widths.values()) != head.in_features:
+        raise ModalityContractError(
+            f"The head `{path}` takes {head.in_features} input features, but the concatenated features of the "
+            f"modalities have widths {dict(widths)} (sum {sum(widths.values())}), in declared order. Make the "
+            f"head nn.Linear({sum(widths.values())}, num_classes), or check the encoders' output widths (with "
+            f"token features of shape (N, T, D), pool them before fuse: self.pool_features(...))."
+        )
 EncoderSpec = Union[nn.Module, str, Sequence[Union[nn.Module, str]]]
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
@@ -486,7 +497,9 @@ class MultimodalMixin(ObjectivesMixin):
         """Map per-modality features to fused logits. Override for a fusion that is not a module."""
         spec = self.modality_spec
         if spec.head_path is not None:
-            return self.get_submodule(spec.head_path)(torch.cat([features[m] for m in spec.names], dim=-1))
+            head = self.get_submodule(spec.head_path)
+            _check_head_width(head, {m: features[m].shape[-1] for m in spec.names}, spec.head_path)
+            return head(torch.cat([features[m] for m in spec.names], dim=-1))
         if spec.fusion_path is not None:
             return self.get_submodule(spec.fusion_path)(*[features[m] for m in spec.names])
         raise ModalityContractError("No fusion declared: pass head= or fusion= to configure_modalities.")
@@ -497,11 +510,7 @@ class MultimodalMixin(ObjectivesMixin):
         if spec.unimodal == "split":
             head = self.get_submodule(spec.head_path)  # type: ignore[arg-type]
             widths = [features[m].shape[-1] for m in spec.names]
-            if sum(widths) != head.in_features:
-                raise ModalityContractError(
-                    f"The head takes {head.in_features} input features but the modalities' features have widths "
-                    f"{dict(zip(spec.names, widths))} (sum {sum(widths)})."
-                )
+            _check_head_width(head, dict(zip(spec.names, widths)), spec.head_path)  # type: ignore[arg-type]
             weights = torch.split(head.weight, widths, dim=1)
             bias = None if head.bias is None else head.bias / len(spec.names)
             # the fused path concatenates, which promotes mixed dtypes (fp16 audio, fp32 visual): do the same

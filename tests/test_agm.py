@@ -118,3 +118,21 @@ def test_logs_under_balance_agm(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AGM(**kwargs)
+
+
+def test_logged_kappa_is_the_applied_one_outside_the_window(tmp_path):
+    """Outside [start_step, end_step] no gradient is modulated: the logged kappa is 1 there, the computed one inside."""
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.kappa = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.kappa.append(float(trainer.callback_metrics["balance/agm/kappa/audio"]))
+
+    agm, record = AGM(alpha=1.0, start_step=2, end_step=3), Record()
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[agm, record], max_steps=6, log_every_n_steps=1)).fit(
+        TinyAV(), loader(n=128))
+    assert record.kappa[:2] == [1.0, 1.0] and record.kappa[4:] == [1.0, 1.0]
+    assert all(k != pytest.approx(1.0, abs=1e-4) for k in record.kappa[2:4]), record.kappa
+    assert agm.iterations == 6  # the running means advance on every step, in the window or not

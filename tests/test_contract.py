@@ -370,3 +370,20 @@ def test_loss_weights_travel_in_the_checkpoint(tmp_path):
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2))
     trainer.fit(resumed, loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert resumed.loss_weights == {"fused": 1.0, "audio": 0.25, "visual": 0.5}
+
+
+def test_a_concat_head_of_the_wrong_width_is_named_with_the_widths():
+    model = TinyAV()  # encoders give 8 + 8 features
+    model.head = nn.Linear(15, 3)
+    model.configure_modalities({"audio": model.audio_encoder, "visual": model.visual_encoder}, head=model.head)
+    b = batch()
+    with pytest.raises(ModalityContractError, match=r"head `head` takes 15 input features.*\{'audio': 8, 'visual': 8\} "
+                                                    r"\(sum 16\).*nn.Linear\(16, num_classes\)"):
+        model.fuse(model.forward_features(b), b["target"])
+
+
+def test_a_misspelt_modality_in_a_callback_is_named_with_a_suggestion(tmp_path):
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[OGMGE(modalities=["adio", "visual"])], max_epochs=1))
+    with pytest.raises(ModalityContractError, match=r"names unknown modalities \['adio'\].*did you mean 'adio' -> "
+                                                    r"'audio'\?.*checked against the module's configure_modalities"):
+        trainer.fit(TinyAV(), loader())

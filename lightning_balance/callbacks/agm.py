@@ -92,7 +92,8 @@ class AGM(GradientBalancingCallback):
             CREMA-D code modulates its 1-based epochs 0..20, i.e. the first 20 epochs: ``start_epoch=0,
             end_epoch=19`` here; default: no end).
 
-    Logged: ``balance/agm/{kappa,score,ratio,target_ratio}/<m>``.
+    Logged: ``balance/agm/{kappa,score,ratio,target_ratio}/<m>``; ``kappa`` is the applied coefficient (1 outside
+    the window, where the running means still advance).
 
     State (checkpointed): the running means ``L_u`` and the iteration count.
 
@@ -222,6 +223,8 @@ class AGM(GradientBalancingCallback):
             return {"kappa": torch.ones_like(kappa), "score": losses, "ratio": r, "target_ratio": r_bar}
         t += 1
         self._pending = (running * (t - 1) / t + losses / t, t)  # committed once the optimizer step is taken
+        if not self.is_editing:  # outside the window the gradients are not modulated: log what was applied
+            kappa = torch.ones_like(kappa)
         return {"kappa": kappa, "score": losses, "ratio": r, "target_ratio": r_bar}
 
     def commit_step(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device,

@@ -412,9 +412,15 @@ class GradientBalancingCallback(Callback, abc.ABC):
         chosen = self.modalities if self.modalities is not None else declared
         unknown = [m for m in chosen if m not in declared]
         if unknown:
+            import difflib
+
+            hints = [f"{u!r} -> {close[0]!r}?" for u in unknown
+                     if (close := difflib.get_close_matches(u, list(declared), n=1))]
             raise ModalityContractError(
                 f"{name}(modalities={list(chosen)}) names unknown modalities {unknown}; "
-                f"{type(pl_module).__name__} declares {list(declared)}."
+                f"{type(pl_module).__name__} declares {list(declared)}"
+                f"{' (did you mean ' + ', '.join(hints) + ')' if hints else ''}. The names are checked against the "
+                f"module's configure_modalities(...) when the fit starts, not when the callback is built."
             )
         check_strategy(trainer.strategy, name, allow_untested=self.allow_untested_strategy, fsdp_ok=self.fsdp_ok)
         self._groups = {}
@@ -477,9 +483,9 @@ class GradientBalancingCallback(Callback, abc.ABC):
             rank_zero_warn(
                 f"{type(self).__name__} never edited a gradient in this fit ({window}; the fit ran "
                 f"{trainer.current_epoch} epoch(s), {trainer.global_step} optimizer step(s)"
-                f"{'' if self.epoch_length is None else f', epoch_length={self.epoch_length}'}). When training by "
-                f"steps (max_steps, an iterable loader, one long epoch), give the window in steps "
-                f"(start_step/end_step) or set epoch_length.",
+                f"{'' if self.epoch_length is None else f', epoch_length={self.epoch_length}'}). If the window lies "
+                f"beyond the fit, move it or train longer; if you train by steps (max_steps, an iterable loader, "
+                f"one long epoch), give the window in steps (start_step/end_step) or set epoch_length.",
                 category=UserWarning,
             )
 

@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_balance.callbacks.base import GradientBalancingCallback, is_number, log_balance_metrics
@@ -88,7 +88,9 @@ class InfoReg(GradientBalancingCallback):
 
     Logged: ``balance/inforeg/confidence/<m>`` and ``balance/inforeg/beta/<m>`` per logged step;
     ``balance/inforeg/trace/<m>``, ``balance/inforeg/window_k/<m>`` and ``balance/inforeg/window_open/<m>``
-    per epoch.
+    per epoch; with ``epoch_length``, with each logged step instead (the current block's window and the last
+    closed block's trace: a block is not a Trainer epoch, so an epoch mean would mix blocks). A fit of a single
+    epoch without ``epoch_length`` warns at its end: the window was decided once, from no history.
 
     State (checkpointed): the trace history, the current epoch's trace accumulators, and the
     parameter snapshot of the current epoch (so resuming, also inside an epoch, regulates toward the
@@ -234,7 +236,7 @@ class InfoReg(GradientBalancingCallback):
         trace = self._trace
         if trace is not None and self._trace_epoch is not None:
             self.history.append([float(v) for v in trace.tolist()])
-            if pl_module is not None and self.log_metrics:
+            if pl_module is not None and self.log_metrics and self.epoch_length is None:
                 metrics = {f"balance/{self.method}/trace/{m}": trace[i] for i, m in enumerate(self.active_modalities)}
                 log_balance_metrics(pl_module, metrics, on_step=False, on_epoch=True)
         self._trace, self._trace_epoch = None, None
@@ -242,7 +244,7 @@ class InfoReg(GradientBalancingCallback):
     def begin_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         self._epoch = epoch
         if self._trace_epoch is not None and self._trace_epoch < epoch:
-            self._finalize_trace(pl_module if self.epoch_length is not None else None)
+            self._finalize_trace(None)  # with epoch_length, the closed block's trace is logged with each step
         names = self.active_modalities
         per_modality = list(zip(*self.history)) if self.history else [() for _ in names]
         ks = [prime_window_indicator(list(h), self.window) for h in per_modality]
@@ -262,8 +264,8 @@ class InfoReg(GradientBalancingCallback):
             self._snapshot = {m: [p.detach().clone() for p in ps] for m, ps in self._groups.items()}
             self._snapshot_epoch = epoch
         self._snap_by_id = {id(p): s for m, ps in self._groups.items() for p, s in zip(ps, self._snapshot[m])}
-        if self.log_metrics and self.is_active(trainer):
-            metrics = {}
+        if self.log_metrics and self.is_active(trainer) and self.epoch_length is None:
+            metrics = {}  # with epoch_length these are logged with each step (metrics): a block is not an epoch
             for i, m in enumerate(names):
                 metrics[f"balance/{self.method}/window_k/{m}"] = torch.tensor(ks[i])
                 metrics[f"balance/{self.method}/window_open/{m}"] = torch.tensor(float(open_[i]))
@@ -298,7 +300,24 @@ class InfoReg(GradientBalancingCallback):
         for i, m in enumerate(self.active_modalities):
             out[f"confidence/{m}"] = result["confidence"][i]
             out[f"beta/{m}"] = result["beta"][i]
+            if self.epoch_length is not None:  # the block's window, and the trace of the last closed block
+                out[f"window_k/{m}"] = torch.tensor(float(self._window_k[i]))
+                out[f"window_open/{m}"] = self._window_open[i].float()
+                if self.history:
+                    out[f"trace/{m}"] = torch.tensor(self.history[-1][i])
         return out
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.epoch_length is None and self._epoch == 0 and trainer.global_step > 0 and not trainer.interrupted:
+            rank_zero_warn(
+                f"InfoReg ran a single epoch ({trainer.global_step} optimizer steps): its prime-learning window is "
+                f"decided at each epoch start from the Fisher traces of the epochs before, so it was decided once, "
+                f"from no history (open), and never re-evaluated. When training by steps (max_steps, an iterable "
+                f"loader, one long epoch), set epoch_length to the number of optimizer steps of one of the paper's "
+                f"epochs.",
+                category=UserWarning,
+            )
 
     def edit(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device) -> None:
         if not self.is_editing:  # outside start/end: the trace is still measured (commit_step), no regulation
