@@ -66,8 +66,8 @@ class ObjectivesMixin:
         record = record or self.current_record("unimodal_loss()")  # type: ignore[attr-defined]
         targets = self._targets_of(record, "unimodal_loss()")
         feats = {m: (z.detach() if detach_features else z) for m, z in record.features.items()}
-        logits = self.compute_unimodal_logits(feats)  # type: ignore[attr-defined]
-        return sum(self._cross_entropy(logits[m], targets, record) for m in spec.names)  # type: ignore[return-value]
+        logits = self.compute_unimodal_logits(feats, present=record.present)  # type: ignore[attr-defined]
+        return sum(self._cross_entropy(logits[m], targets, record, m) for m in spec.names)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ unimodal auxiliary objectives
     @property
@@ -104,7 +104,8 @@ class ObjectivesMixin:
         with ``o_m`` the unimodal logits of the step (declared ``unimodal`` mode: split head, masked
         fusion or auxiliary heads), **attached** to the graph, so each encoder also learns from its
         own prediction. Weights are :attr:`loss_weights`; samples whose target is the declared
-        ``ignore_index`` are left out, as in ``F.cross_entropy``. The weighted terms are kept on the
+        ``ignore_index`` are left out, as in ``F.cross_entropy``, and so are, in ``CE(o_m, y)``, the samples
+        that lack modality ``m`` (the mean is over the samples that have it; 0 when none has). The weighted terms are kept on the
         step's record (``record.extras["objective"]``) for callbacks that treat them separately (MMPareto).
 
         Call it in ``training_step`` after :meth:`fuse`: ``return self.add_unimodal_losses(loss)``.
@@ -119,18 +120,22 @@ class ObjectivesMixin:
                 f"{tuple(fused_loss.shape) if isinstance(fused_loss, Tensor) else type(fused_loss).__name__}."
             )
         weights = self.loss_weights
-        logits = self.compute_unimodal_logits(record.features)  # type: ignore[attr-defined]
+        logits = self.compute_unimodal_logits(record.features, present=record.present)  # type: ignore[attr-defined]
         terms = {"fused": weights["fused"] * fused_loss}
         for m in self.modality_spec.names:  # type: ignore[attr-defined]
-            terms[m] = weights[m] * self._cross_entropy(logits[m], targets, record)
+            terms[m] = weights[m] * self._cross_entropy(logits[m], targets, record, m)
         record.extras["objective"] = terms
         return sum(terms.values())  # type: ignore[return-value]
 
     @staticmethod
-    def _cross_entropy(logits: Tensor, targets: Tensor, record: ModalityRecord) -> Tensor:
-        """Mean cross-entropy over the valid samples; 0 (attached to the graph) when there are none."""
+    def _cross_entropy(logits: Tensor, targets: Tensor, record: ModalityRecord, modality: Optional[str] = None) -> Tensor:
+        """Mean cross-entropy over the valid samples (that have ``modality``); 0 (attached to the graph) when
+        there are none."""
+        counted = record.valid if modality is None else record.counted(modality)
+        if counted is not record.valid:  # some samples lack the modality: leave them out like ignore_index
+            targets = torch.where(counted, targets, torch.full_like(targets, record.ignore_index))  # type: ignore[arg-type]
         loss = F.cross_entropy(logits.float(), targets, ignore_index=record.ignore_index, reduction="sum")
-        count = record.valid.sum().clamp_min(1)  # type: ignore[union-attr]
+        count = counted.sum().clamp_min(1)  # type: ignore[union-attr]
         return loss / count
 
     def _targets_of(self, record: ModalityRecord, who: str) -> Tensor:

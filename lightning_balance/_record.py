@@ -25,6 +25,9 @@ class ModalityRecord:
         training: whether the module was in training mode.
         batch: the Trainer batch the record belongs to (``None`` outside a Trainer loop).
         ignore_index: the target value that marks a sample to leave out of every statistic.
+        present: modality → ``(N,)`` bool, which samples have the modality (``None``: all of them). The
+            features of an absent sample are the declared fill, not evidence: statistics of a modality
+            count only :meth:`counted` samples.
     """
 
     index: int
@@ -40,6 +43,7 @@ class ModalityRecord:
     batch: Any = field(default=None, repr=False)
     ignore_index: int = -100
     _valid: Optional[Tensor] = field(default=None, repr=False)
+    present: Optional[dict[str, Tensor]] = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -57,6 +61,23 @@ class ModalityRecord:
             self._valid = self.targets != self.ignore_index
         return self._valid
 
+    @property
+    def complete(self) -> bool:
+        """Whether every sample has every modality (no presence mask was given)."""
+        return self.present is None
+
+    def presence(self, modality: str) -> Optional[Tensor]:
+        """``(N,)`` bool: the samples that have ``modality`` (``None``: all of them)."""
+        return None if self.present is None else self.present[modality]
+
+    def counted(self, modality: str) -> Optional[Tensor]:
+        """``(N,)`` bool: the samples that count in a statistic of ``modality``: labelled (:attr:`valid`) and
+        having the modality. ``None`` when every sample counts (no targets, no mask)."""
+        valid, present = self.valid, self.presence(modality)
+        if present is None:
+            return valid
+        return present if valid is None else valid & present
+
     def valid_targets(self) -> Tensor:
         """Targets with ``ignore_index`` replaced by 0, safe for indexing (mask the result with :attr:`valid`)."""
         if self.targets is None:
@@ -73,7 +94,7 @@ class ModalityRecord:
         if self._unimodal is None:
             detached = {m: z.detach() for m, z in self.features.items()}
             with torch.no_grad(), self.autocast():
-                self._unimodal = self._owner.compute_unimodal_logits(detached)
+                self._unimodal = self._owner.compute_unimodal_logits(detached, present=self.present)
         return self._unimodal
 
     def vectors(self, detach: bool = True) -> dict[str, Tensor]:

@@ -60,10 +60,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_balance._errors import ModalityContractError
 from lightning_balance._objectives import ObjectivesMixin
+from lightning_balance._presence import (
+    MissingFill,
+    PresenceLike,
+    accepts_present,
+    check_some_present,
+    fill_absent,
+    make_missing_embeddings,
+    normalise_presence,
+    presence_matrix,
+    subset_presence,
+)
 from lightning_balance._record import ModalityRecord, autocast_state, batch_token
 
-__all__ = ["ModalityRecord", "MultimodalMixin", "ModalityContractError", "UnimodalMode"]
+__all__ = ["ModalityRecord", "MultimodalMixin", "ModalityContractError", "UnimodalMode", "MissingFill"]
 
 UnimodalMode = Literal["auto", "split", "mask", "heads"]
 
@@ -82,10 +94,6 @@ EncoderSpec = Union[nn.Module, str, Sequence[Union[nn.Module, str]]]
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
 
-class ModalityContractError(ValueError):
-    """Raised when a module's modality declaration, or what a step records, breaks the contract."""
-
-
 @dataclass(frozen=True)
 class _ModalitySpec:
     names: tuple[str, ...]
@@ -95,6 +103,8 @@ class _ModalitySpec:
     unimodal: str
     unimodal_head_paths: Optional[dict[str, str]]
     ignore_index: int = -100
+    missing: str = "zeros"  # the fill of an absent sample's features: "zeros", "learned" or "none"
+    fusion_takes_present: bool = False  # the fusion (or fuse_features) has a `present` argument
 
 
 def _module_path(root: nn.Module, module: nn.Module, what: str) -> str:
@@ -144,6 +154,7 @@ class MultimodalMixin(ObjectivesMixin):
     _lb_hooks: Optional[dict[int, Any]] = None
     _lb_batch_records: Optional[list[ModalityRecord]] = None
     _lb_target_checks: int = 0
+    _lb_presence_checks: int = 0
     #: on accelerators, targets are range-checked on the first this many ``fuse`` calls (one host sync
     #: each); CPU targets are checked on every call
     target_checks_on_accelerator: int = 16
@@ -158,6 +169,8 @@ class MultimodalMixin(ObjectivesMixin):
         unimodal: UnimodalMode = "auto",
         unimodal_heads: Optional[Mapping[str, Union[nn.Module, str]]] = None,
         ignore_index: int = -100,
+        missing: MissingFill = "auto",
+        feature_dims: Optional[Mapping[str, Union[int, Sequence[int]]]] = None,
     ) -> None:
         """Declare the modalities of this module.
 
@@ -175,6 +188,13 @@ class MultimodalMixin(ObjectivesMixin):
             ignore_index: target value of samples without a label (PyTorch's convention, -100). They pass
                 through ``fuse`` and every method leaves them out of its statistics, as
                 ``F.cross_entropy(..., ignore_index=...)`` leaves them out of the loss.
+            missing: what stands in, before the fusion, for the features of a sample that lacks a modality
+                (``fuse(..., present=...)``; also how subset passes remove a modality): ``"zeros"``;
+                ``"learned"`` (one learned embedding per modality, ``feature_dims`` gives its width, initialised
+                at zero); ``"none"`` (nothing: the fusion takes the mask, its ``forward`` has a ``present``
+                argument). ``"auto"``: ``"none"`` if the fusion (or an overridden :meth:`fuse_features`) takes
+                ``present``, else ``"zeros"``.
+            feature_dims: modality → width ``D`` (or per-sample shape) of its features, for ``missing="learned"``.
 
         Raises:
             ModalityContractError: for bad names, duplicates, modules that are not submodules,
@@ -266,11 +286,11 @@ class MultimodalMixin(ObjectivesMixin):
                 raise ModalityContractError(
                     "unimodal='heads' needs `unimodal_heads={modality: module}` with one head per modality."
                 )
-            missing = set(names) - set(unimodal_heads)
+            lacking = set(names) - set(unimodal_heads)
             unknown = set(unimodal_heads) - set(names)
-            if missing or unknown:
+            if lacking or unknown:
                 raise ModalityContractError(
-                    f"unimodal_heads must have exactly the modalities {names}; missing {sorted(missing)}, "
+                    f"unimodal_heads must have exactly the modalities {names}; missing {sorted(lacking)}, "
                     f"unknown {sorted(unknown)}."
                 )
             head_paths = {m: _resolve(self, unimodal_heads[m], f"Unimodal head of {m!r}") for m in names}
@@ -302,6 +322,24 @@ class MultimodalMixin(ObjectivesMixin):
                     )
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ModalityContractError(f"ignore_index must be an int (PyTorch's default is -100), got {ignore_index!r}.")
+        if overrides_fuse:
+            takes_present = accepts_present(type(self).fuse_features)
+        else:
+            takes_present = fusion_path is not None and accepts_present(self.get_submodule(fusion_path))
+        if missing not in ("auto", "zeros", "learned", "none"):
+            raise ModalityContractError(f"missing={missing!r} is not one of 'auto', 'zeros', 'learned', 'none'.")
+        if missing == "auto":
+            missing = "none" if takes_present else "zeros"
+        if missing == "none" and not takes_present:
+            raise ModalityContractError(
+                "missing='none' leaves an absent sample's features as they are, for a fusion that takes the presence "
+                "mask itself; this fusion has no `present` argument. Add `present=None` to its forward (an (N, M) "
+                "bool tensor in declared order), or choose missing='zeros' or 'learned'."
+            )
+        if missing == "learned":
+            self.missing_embeddings = make_missing_embeddings(names, feature_dims)
+        elif feature_dims is not None:
+            raise ModalityContractError("feature_dims is only used with missing='learned'.")
 
         self._lb_spec = _ModalitySpec(
             names=tuple(names),
@@ -311,6 +349,8 @@ class MultimodalMixin(ObjectivesMixin):
             unimodal=unimodal,
             unimodal_head_paths=head_paths,
             ignore_index=ignore_index,
+            missing=missing,
+            fusion_takes_present=takes_present,
         )
         self._register_objective_hooks()
 
@@ -408,7 +448,7 @@ class MultimodalMixin(ObjectivesMixin):
 
     # ------------------------------------------------------------------ the per-step contract
     def fuse(self, features: Mapping[str, Tensor], targets: Optional[Tensor] = None,
-             inputs: Optional[Mapping[str, Tensor]] = None) -> Tensor:
+             inputs: Optional[Mapping[str, Tensor]] = None, present: PresenceLike = None) -> Tensor:
         """Fuse per-modality features into logits and record the step for the balancing methods.
 
         Args:
@@ -418,13 +458,25 @@ class MultimodalMixin(ObjectivesMixin):
                 samples to leave out of every statistic; needed by methods that score modalities.
             inputs: optional modality → encoder input, for loss terms that need the raw inputs
                 (reconstruction, unimodal teachers).
+            present: which samples have which modality: an ``(N, M)`` bool tensor (columns in declared
+                order) or a mapping modality → ``(N,)`` bool (modalities left out are present); ``None``:
+                every sample has every modality. What stands in an absent sample's features does not
+                matter: it is replaced, before the fusion, by the declared ``missing`` fill, and every
+                method's statistics count a modality only where it is present. Each sample needs at least
+                one modality.
 
         Returns:
             The fused logits ``(N, C)``, from :meth:`fuse_features`.
         """
         spec = self.modality_spec
         self._check_features(features, targets)
-        ordered = {m: features[m] for m in spec.names}
+        first = features[spec.names[0]]
+        mask = normalise_presence(present, spec.names, first.shape[0], first.device)
+        if mask is not None and (first.device.type == "cpu" or self._lb_presence_checks < self.target_checks_on_accelerator):
+            if first.device.type != "cpu":
+                self._lb_presence_checks += 1
+            check_some_present(mask)
+        ordered = fill_absent({m: features[m] for m in spec.names}, mask, spec.missing, self._missing_fill())
         hooks = []
         if self._lb_hooks and self.training and torch.is_grad_enabled():  # type: ignore[attr-defined]
             hooks = sorted(self._lb_hooks.values(), key=lambda h: getattr(h, "fuse_order", 0))
@@ -433,7 +485,7 @@ class MultimodalMixin(ObjectivesMixin):
             tap = getattr(hook, "tap_features", None)
             if tap is not None:
                 ordered = tap(self, ordered, targets, extras)
-        logits = self.fuse_features(ordered)
+        logits = self._fusion_call(ordered, mask)
         self._check_logits(logits, ordered, targets)
         for hook in hooks:
             tap = getattr(hook, "tap_logits", None)
@@ -453,6 +505,7 @@ class MultimodalMixin(ObjectivesMixin):
             inputs=dict(inputs) if inputs is not None else None,
             batch=token,
             ignore_index=spec.ignore_index,
+            present=mask,
         )
         previous = self._lb_batch_records
         if token is None or not previous or previous[-1].batch != token:
@@ -493,20 +546,48 @@ class MultimodalMixin(ObjectivesMixin):
         paths = [p for p in (spec.head_path, spec.fusion_path) if p is not None]
         return [self.get_submodule(p) for p in paths]  # type: ignore[attr-defined]
 
-    def fuse_features(self, features: Mapping[str, Tensor]) -> Tensor:
-        """Map per-modality features to fused logits. Override for a fusion that is not a module."""
+    def fuse_features(self, features: Mapping[str, Tensor], present: Optional[Tensor] = None) -> Tensor:
+        """Map per-modality features to fused logits. Override for a fusion that is not a module.
+
+        ``present`` (an ``(N, M)`` bool tensor in declared order) is passed only to a fusion that takes it
+        (its ``forward``, or this method when overridden, has a ``present`` argument); absent samples'
+        features have already been replaced by the declared ``missing`` fill (unless it is ``"none"``).
+        """
         spec = self.modality_spec
         if spec.head_path is not None:
             head = self.get_submodule(spec.head_path)
             _check_head_width(head, {m: features[m].shape[-1] for m in spec.names}, spec.head_path)
             return head(torch.cat([features[m] for m in spec.names], dim=-1))
         if spec.fusion_path is not None:
-            return self.get_submodule(spec.fusion_path)(*[features[m] for m in spec.names])
+            fusion = self.get_submodule(spec.fusion_path)
+            if spec.fusion_takes_present:
+                return fusion(*[features[m] for m in spec.names], present=present)
+            return fusion(*[features[m] for m in spec.names])
         raise ModalityContractError("No fusion declared: pass head= or fusion= to configure_modalities.")
 
-    def compute_unimodal_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Per-modality logits from per-modality features, by the declared ``unimodal`` mode."""
+    def _missing_fill(self) -> Optional[Mapping[str, Tensor]]:
+        return self.missing_embeddings if self.modality_spec.missing == "learned" else None  # type: ignore[return-value]
+
+    def _fusion_call(self, features: Mapping[str, Tensor], present: Optional[Mapping[str, Tensor]]) -> Tensor:
+        """The fusion on features already filled, with the mask for a fusion that takes it."""
         spec = self.modality_spec
+        if not spec.fusion_takes_present:
+            return self.fuse_features(features)
+        first = features[spec.names[0]]
+        return self.fuse_features(features, present=presence_matrix(present, spec.names, first.shape[0], first.device))
+
+    def compute_unimodal_logits(self, features: Mapping[str, Tensor], present: PresenceLike = None) -> dict[str, Tensor]:
+        """Per-modality logits from per-modality features, by the declared ``unimodal`` mode.
+
+        With ``present``, absent samples' features are replaced by the declared fill first (their
+        unimodal logits carry no evidence: methods count a modality's logits only where it is present).
+        """
+        spec = self.modality_spec
+        first = features[spec.names[0]]
+        mask = normalise_presence(present, spec.names, first.shape[0], first.device)
+        if spec.unimodal == "mask":  # every other modality removed, through the fusion
+            return {m: self.fuse_subset(features, (m,), present=mask) for m in spec.names}
+        features = fill_absent(features, mask, spec.missing, self._missing_fill())
         if spec.unimodal == "split":
             head = self.get_submodule(spec.head_path)  # type: ignore[arg-type]
             widths = [features[m].shape[-1] for m in spec.names]
@@ -516,19 +597,24 @@ class MultimodalMixin(ObjectivesMixin):
             # the fused path concatenates, which promotes mixed dtypes (fp16 audio, fp32 visual): do the same
             dtype = functools.reduce(torch.promote_types, [features[m].dtype for m in spec.names])
             return {m: F.linear(features[m].to(dtype), w, bias) for m, w in zip(spec.names, weights)}
-        if spec.unimodal == "heads":
-            return {m: self.get_submodule(spec.unimodal_head_paths[m])(features[m]) for m in spec.names}  # type: ignore[index]
-        # mask: every other modality's features set to zero.
-        return {m: self.fuse_subset(features, (m,)) for m in spec.names}
+        return {m: self.get_submodule(spec.unimodal_head_paths[m])(features[m]) for m in spec.names}  # type: ignore[index]
 
-    def fuse_subset(self, features: Mapping[str, Tensor], present: Collection[str]) -> Tensor:
-        """Fused logits with only the modalities in ``present`` (the others' features set to zero).
+    def fuse_subset(self, features: Mapping[str, Tensor], modalities: Collection[str],
+                    present: PresenceLike = None) -> Tensor:
+        """Fused logits with only the modalities in ``modalities``: every other modality is absent for every
+        sample (and, with ``present``, each sample's own absent modalities too), replaced by the declared
+        ``missing`` fill (zeros by default) or masked by a fusion that takes ``present``.
 
         The one way every method removes modalities (masked unimodal logits, missing-modality accuracy,
         AGM's Shapley responses, CML's nested subsets, Shapley contributions): through the fusion, at the
-        feature level, without re-running the encoders.
+        feature level, without re-running the encoders. A sample may be left with no modality in a subset
+        pass (the empty coalition): a fusion that takes ``present`` must give logits for an all-False row.
         """
-        return self.fuse_features({k: (v if k in present else torch.zeros_like(v)) for k, v in features.items()})
+        spec = self.modality_spec
+        first = features[spec.names[0]]
+        n, device = first.shape[0], first.device
+        mask = subset_presence(normalise_presence(present, spec.names, n, device), spec.names, modalities, n, device)
+        return self._fusion_call(fill_absent(features, mask, spec.missing, self._missing_fill()), mask)
 
     def pool_features(self, modality: str, features: Tensor) -> Tensor:
         """One ``(N, D)`` vector per sample from a modality's features, for the methods that need vectors
@@ -543,10 +629,10 @@ class MultimodalMixin(ObjectivesMixin):
             return features
         return features.mean(dim=tuple(range(1, features.ndim - 1)))
 
-    def fuse_without(self, features: Mapping[str, Tensor], missing: str) -> Tensor:
-        """Fused logits with modality ``missing`` absent (its features set to zero)."""
+    def fuse_without(self, features: Mapping[str, Tensor], missing: str, present: PresenceLike = None) -> Tensor:
+        """Fused logits with modality ``missing`` absent for every sample (see :meth:`fuse_subset`)."""
         self.check_modality(missing)
-        return self.fuse_subset(features, [k for k in features if k != missing])
+        return self.fuse_subset(features, [k for k in features if k != missing], present=present)
 
     # ------------------------------------------------------------------ internals
     def _check_logits(self, logits: Any, features: Mapping[str, Tensor], targets: Optional[Tensor]) -> None:
@@ -592,8 +678,8 @@ class MultimodalMixin(ObjectivesMixin):
                 f"fuse() got features for {list(features)}, but the declared modalities are {list(names)}"
                 + (f"; unknown: {unknown}" if unknown else "")
                 + (f"; missing: {missing}" if missing else "")
-                + ". Pass exactly one feature tensor per declared modality (to simulate a missing modality "
-                "use fuse_without)."
+                + ". Pass one feature tensor per declared modality; for samples that lack a modality pass any "
+                "tensor of the right shape (e.g. zeros) and say so with fuse(..., present=mask)."
             )
         sizes = {m: (z.shape[0] if isinstance(z, Tensor) and z.ndim >= 1 else None) for m, z in features.items()}
         if any(s is None for s in sizes.values()) or len(set(sizes.values())) != 1:

@@ -14,7 +14,8 @@ from lightning_balance import MultimodalMixin
 
 
 class DictDataset(Dataset):
-    def __init__(self, n: int = 64, dims: tuple[int, int] = (6, 5), classes: int = 4, seed: int = 0) -> None:
+    def __init__(self, n: int = 64, dims: tuple[int, int] = (6, 5), classes: int = 4, seed: int = 0,
+                 missing: Optional[tuple[float, float]] = None) -> None:
         means = torch.Generator().manual_seed(1234)  # class means shared by every split
         means_a = torch.randn(classes, dims[0], generator=means) * 2.0
         means_v = torch.randn(classes, dims[1], generator=means) * 0.5
@@ -22,12 +23,23 @@ class DictDataset(Dataset):
         self.y = torch.randint(0, classes, (n,), generator=g)
         self.a = means_a[self.y] + torch.randn(n, dims[0], generator=g)
         self.v = means_v[self.y] + torch.randn(n, dims[1], generator=g)
+        self.present = None
+        if missing is not None:  # each modality absent at its rate, never both; absent inputs hold garbage
+            drop = torch.rand(n, 2, generator=g) < torch.tensor(missing)
+            both = drop.all(1)
+            drop[both, torch.randint(0, 2, (n,), generator=g)[both]] = False
+            self.present = ~drop
+            self.a[drop[:, 0]] = 100.0 * torch.randn(int(drop[:, 0].sum()), dims[0], generator=g)
+            self.v[drop[:, 1]] = 100.0 * torch.randn(int(drop[:, 1].sum()), dims[1], generator=g)
 
     def __len__(self) -> int:
         return len(self.y)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"audio": self.a[i], "visual": self.v[i], "target": self.y[i]}
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"audio": self.a[i], "visual": self.v[i], "target": self.y[i]}
+        if self.present is not None:
+            item["present"] = {"audio": self.present[i, 0], "visual": self.present[i, 1]}
+        return item
 
 
 class GatedFusion(nn.Module):
@@ -79,7 +91,7 @@ class TinyAV(MultimodalMixin, pl.LightningModule):
         return self.forward_features(batch), batch["target"]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
-        logits = self.fuse(self.forward_features(batch), batch["target"])
+        logits = self.fuse(self.forward_features(batch), batch["target"], present=batch.get("present"))
         loss = F.cross_entropy(logits, batch["target"])
         if self.aux_losses:
             loss = self.add_unimodal_losses(loss)
@@ -94,11 +106,11 @@ class TinyAV(MultimodalMixin, pl.LightningModule):
         return None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self.fuse(self.forward_features(batch), batch["target"])
+        logits = self.fuse(self.forward_features(batch), batch["target"], present=batch.get("present"))
         self.log("val_loss", F.cross_entropy(logits, batch["target"]))
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.fuse(self.forward_features(batch), batch["target"])
+        self.fuse(self.forward_features(batch), batch["target"], present=batch.get("present"))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
