@@ -78,6 +78,21 @@ class ModalityRecord:
             return valid
         return present if valid is None else valid & present
 
+    def counted_stack(self, modalities: "list[str] | tuple[str, ...]") -> Optional[Tensor]:
+        """``(M, N)`` bool: :meth:`counted` of each of ``modalities``; ``None`` when the record is complete
+        (then :attr:`valid` says which samples count, for every modality)."""
+        if self.present is None:
+            return None
+        return torch.stack([self.counted(m) for m in modalities])  # type: ignore[misc]
+
+    def modality_counts(self, modalities: "list[str] | tuple[str, ...]") -> Tensor:
+        """``(M,)`` float32: how many samples count for each of ``modalities`` (labelled and present)."""
+        stacked = self.counted_stack(modalities)
+        if stacked is not None:
+            return stacked.sum(1).float()
+        n = self.valid.sum() if self.valid is not None else torch.tensor(self.batch_size, device=self.logits.device)
+        return n.float().expand(len(modalities)).clone()
+
     def valid_targets(self) -> Tensor:
         """Targets with ``ignore_index`` replaced by 0, safe for indexing (mask the result with :attr:`valid`)."""
         if self.targets is None:

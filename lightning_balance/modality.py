@@ -480,7 +480,7 @@ class MultimodalMixin(ObjectivesMixin):
         hooks = []
         if self._lb_hooks and self.training and torch.is_grad_enabled():  # type: ignore[attr-defined]
             hooks = sorted(self._lb_hooks.values(), key=lambda h: getattr(h, "fuse_order", 0))
-        extras: dict[str, Any] = {}
+        extras: dict[str, Any] = {"present": mask}  # for hooks that run subset passes (AGM)
         for hook in hooks:
             tap = getattr(hook, "tap_features", None)
             if tap is not None:
@@ -532,13 +532,24 @@ class MultimodalMixin(ObjectivesMixin):
         """Per-modality features and class targets of a training batch, without fusing or recording.
 
         Optional: override it for callbacks that make their own pass over data (e.g. PMR's prototypes,
-        computed in eval mode under ``no_grad``). Return ``({modality: encoder output}, targets)``.
+        computed in eval mode under ``no_grad``). Return ``({modality: encoder output}, targets)``, or
+        ``(features, targets, present)`` when the data has absent modalities (the mask as in :meth:`fuse`).
         """
         raise ModalityContractError(
             f"{type(self).__name__}.encode_batch(batch) is not implemented: a callback needs per-modality "
             f"features of whole batches outside training_step. Override it to return "
             f"({{modality: encoder(batch[...])}}, targets)."
         )
+
+    def encoded_batch(self, batch: Any) -> tuple[dict[str, Tensor], Tensor, Optional[dict[str, Tensor]]]:
+        """:meth:`encode_batch` as ``(features, targets, present)``, the mask normalised (``None``: complete)."""
+        encoded = self.encode_batch(batch)
+        features, targets = encoded[0], encoded[1]
+        present = encoded[2] if len(encoded) > 2 else None
+        if present is not None:
+            first = features[self.modality_spec.names[0]]
+            present = normalise_presence(present, self.modality_spec.names, first.shape[0], first.device)
+        return features, targets, present
 
     def fusion_modules(self) -> list[nn.Module]:
         """The declared fusion / head modules (empty when the fusion is an overridden ``fuse_features``)."""

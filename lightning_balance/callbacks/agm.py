@@ -192,7 +192,7 @@ class AGM(GradientBalancingCallback):
                 masked = []
                 for subset in range(1, full):
                     present = {n for b, n in enumerate(names) if subset >> b & 1} | (set(features) - set(names))
-                    masked.append(module.fuse_subset(features, present))
+                    masked.append(module.fuse_subset(features, present, present=extras.get("present")))
         finally:
             for f in fusion:
                 f.train()
@@ -209,9 +209,9 @@ class AGM(GradientBalancingCallback):
         if data is None:
             raise RuntimeError("AGM found no masked fusion passes on the step record; was it registered on the module?")
         responses = shapley_responses(data["subsets"].float(), self._weights)
-        valid = record.valid
-        scores = agm_scores(responses, record.valid_targets(), valid=valid)
-        return {"scores": scores, "count": valid.sum().float().reshape(1)}
+        counted = record.counted_stack(self.active_modalities)  # a modality's score over the samples that have it
+        scores = agm_scores(responses, record.valid_targets(), valid=record.valid if counted is None else counted)
+        return {"scores": scores, "count": record.modality_counts(self.active_modalities)}
 
     def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
         losses = stats["scores"] / stats["count"].clamp_min(1)
@@ -219,7 +219,7 @@ class AGM(GradientBalancingCallback):
         assert running is not None
         running = running.to(losses.device)
         kappa, r, r_bar = agm_coefficients(losses, running, self.alpha, self.clamp)
-        if not self.step_has_labels:  # no labelled sample: no score, kappa = 1, running means unchanged (clip rule kept)
+        if not self.step_has_labels:  # no labelled sample (with some modality): kappa = 1, running means unchanged
             return {"kappa": torch.ones_like(kappa), "score": losses, "ratio": r, "target_ratio": r_bar}
         t += 1
         self._pending = (running * (t - 1) / t + losses / t, t)  # committed once the optimizer step is taken

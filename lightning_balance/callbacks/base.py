@@ -257,6 +257,10 @@ class GradientBalancingCallback(Callback, abc.ABC):
     observe_outside_window: ClassVar[bool] = False
     #: the method was designed and published with SGD: warn when it is paired with an adaptive optimizer
     designed_for_sgd: ClassVar[bool] = False
+    #: the method's statistics count a modality only where it is present (``fuse(..., present=...)``);
+    #: a method without it refuses records with a presence mask, with :attr:`absence_refusal` as the reason
+    supports_absence: ClassVar[bool] = True
+    absence_refusal: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -532,6 +536,12 @@ class GradientBalancingCallback(Callback, abc.ABC):
             raise ModalityContractError(
                 f"{type(self).__name__}: the step's record was made in eval mode; call self.fuse in training_step."
             )
+        if not self.supports_absence and any(r.present is not None for r in records):
+            raise ModalityContractError(
+                f"{type(self).__name__} does not handle absent modalities: {self.absence_refusal} The step's "
+                f"fuse(..., present=...) marks some samples as lacking a modality. Train this method on complete "
+                f"samples, or use a method that supports absence (docs/design.md)."
+            )
         self._consumed_index = records[-1].index
         return records
 
@@ -585,12 +595,14 @@ class GradientBalancingCallback(Callback, abc.ABC):
                          stats: dict[str, Tensor]) -> Optional[dict[str, Tensor]]:
         """Check the reduced statistics, compute the coefficients, log them. Before ``compute``,
         :attr:`step_has_labels` says whether the global batch has a labelled sample (``stats["count"] > 0``;
-        a batch whose targets are all ``ignore_index`` has none): methods then give a neutral result."""
+        a batch whose targets are all ``ignore_index`` has none), and, for a per-modality ``count`` ``(M,)``,
+        one that has each modality (a batch where no sample has some modality gives no evidence to compare
+        it with the others): methods then give a neutral result."""
         checks = []
         if self.check_finite_stats and stats:
             checks.append(torch.stack([torch.isfinite(v).all() for v in stats.values()]).all())
-        if "count" in stats:
-            checks.append(stats["count"].sum() > 0)
+        if "count" in stats:  # (1,) labelled samples, or (M,) labelled samples that have each modality
+            checks.append((stats["count"] > 0).all())
         flags = torch.stack(checks).tolist() if checks else []  # one host sync for both checks
         if self.check_finite_stats and stats and not flags[0] and not self.statistics_finite(stats, trainer.global_step):
             return None

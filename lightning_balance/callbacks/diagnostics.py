@@ -212,6 +212,7 @@ class ModalityDiagnostics(ModalityMonitor):
         self._storing_batch = False
         self._shape = None
         self._precisions = {}
+        self._warned_absent = getattr(self, "_warned_absent", False)
 
     def _begin(self, trainer: pl.Trainer, stage: str) -> None:
         self._epoch_start()
@@ -235,6 +236,15 @@ class ModalityDiagnostics(ModalityMonitor):
         super()._record_end(pl_module, record, names, preds, keep, real, positions, view, dataloader_idx, layout)
         if self._store is None:
             return
+        if record.present is not None:  # the diagnosis is of complete samples (the monitor's keys count all)
+            keep = keep & torch.stack([record.present[m] for m in names]).all(0)
+            if not self._warned_absent:
+                self._warned_absent = True
+                rank_zero_warn(
+                    f"{type(self).__name__}: some validation samples lack a modality; the collapse diagnosis "
+                    f"(Shapley contributions, probes, ranks, CKA, VIF) is of the complete samples only, since an "
+                    f"absent modality's features are the fill, not evidence. The monitor's accuracies count every "
+                    f"sample (a modality's own accuracy, the samples that have it).")
         if view == 0:  # a batch's views are kept or dropped together
             self._storing_batch = self.max_samples is None or self._stored < self.max_samples
             if self._storing_batch:

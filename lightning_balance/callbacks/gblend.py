@@ -319,9 +319,15 @@ class GradientBlending(Callback):
 
 
 def _head_loss(net: Any, batch: Any, head: str, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Sum of one head's cross-entropy over the batch's labelled samples, and their number (no host sync)."""
-    features, targets = net.encode_batch(batch)
-    logits = net.fuse_features(features) if head == "fused" else net.compute_unimodal_logits(features)[head]
+    """Sum of one head's cross-entropy over the batch's labelled samples (that have the head's modality), and
+    their number (no host sync)."""
+    features, targets, present = net.encoded_batch(batch)
+    if head == "fused":
+        logits = net.fuse_features(features) if present is None else net.fuse_subset(features, net.modalities, present)
+    else:
+        logits = net.compute_unimodal_logits(features, present=present)[head]
+        if present is not None:  # a head's loss over the samples that have its modality
+            targets = torch.where(present[head], targets, torch.full_like(targets, ignore_index))
     loss = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
     return loss, (targets != ignore_index).sum()
 

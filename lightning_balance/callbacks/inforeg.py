@@ -17,7 +17,7 @@ from lightning_balance.functional.inforeg import (
     inforeg_coefficients,
     prime_window_indicator,
 )
-from lightning_balance.functional.scores import modality_scores, stack_modalities
+from lightning_balance.functional.scores import modality_scores, present_sums, stack_modalities
 from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
 
 __all__ = ["InfoReg"]
@@ -283,17 +283,23 @@ class InfoReg(GradientBalancingCallback):
                 "`self.add_unimodal_losses(fused_loss)` from training_step (after self.fuse(features, targets)), or "
                 "pass InfoReg(unimodal_losses=False) to run the variant without them."
             )
-        logits = stack_modalities(record.unimodal_logits(), self.active_modalities)
-        valid = record.valid
-        scores = modality_scores(logits, record.targets, valid)
-        return {"scores": scores, "count": valid.sum().float().reshape(1)}
+        names = self.active_modalities
+        logits = stack_modalities(record.unimodal_logits(), names)
+        counted = record.counted_stack(names)  # None: complete record
+        scores = modality_scores(logits, record.targets, record.valid if counted is None else counted)
+        return {"scores": scores, "count": record.modality_counts(names),
+                "total": record.valid.sum().float().reshape(1)}
 
     def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
         count = stats["count"].clamp_min(1)
-        scores = stats["scores"] if self.score == "sum" else stats["scores"] / count
+        confidence = stats["scores"] / count  # mean over the labelled samples that have the modality
+        # "sum": the official batch sums; with absent modalities rescaled to the step's labelled samples
+        scores = present_sums(stats["scores"], stats["count"], stats["total"]) if self.score == "sum" else confidence
         strengths = torch.tensor(self._strength_values(), dtype=torch.float32, device=scores.device)
         beta = inforeg_coefficients(scores, strengths, self._window_open)
-        return {"confidence": stats["scores"] / count, "beta": beta}
+        if not self.step_has_labels:  # no sample with some modality (or no label): nothing to compare, no pull
+            beta = torch.zeros_like(beta)
+        return {"confidence": confidence, "beta": beta}
 
     def metrics(self, result: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}

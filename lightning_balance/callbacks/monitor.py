@@ -16,7 +16,7 @@ from lightning_balance._distributed import all_reduce_sum
 from lightning_balance._record import ModalityRecord
 from lightning_balance.callbacks.base import log_balance_metrics
 from lightning_balance.functional.ogm import ogm_ratios
-from lightning_balance.functional.scores import modality_scores, stack_modalities
+from lightning_balance.functional.scores import present_sums, modality_scores, stack_modalities
 from lightning_balance.modality import ModalityContractError, MultimodalMixin
 
 __all__ = ["ModalityMonitor"]
@@ -105,7 +105,7 @@ class ModalityMonitor(Callback):
     # [fused correct, unimodal correct x M, without-m correct x M (missing), labelled count, score x M,
     #  samples with non-finite logits, samples with non-finite features x M]
     def _size(self, m: int) -> int:
-        return 1 + m + (m if self.missing else 0) + 1 + m + 1 + m
+        return 1 + m + (m if self.missing else 0) + 1 + m + m + 1 + m
 
     # ------------------------------------------------------------------ shared by val and test
     def _epoch_start(self) -> None:
@@ -155,7 +155,7 @@ class ModalityMonitor(Callback):
         for mask in self._subset_masks(names):
             present = [m for b, m in enumerate(names) if mask >> b & 1]
             with record.autocast():
-                logits = pl_module.fuse_subset(features, present)  # type: ignore[attr-defined]
+                logits = pl_module.fuse_subset(features, present, present=record.present)  # type: ignore[attr-defined]
             preds[mask] = logits.argmax(-1)
         return preds
 
@@ -168,18 +168,21 @@ class ModalityMonitor(Callback):
         uni = record.unimodal_logits()
         dtype = _sum_dtype(keep.device)
 
-        def count(pred: Tensor) -> Tensor:
-            return ((pred == targets) & keep).sum()
+        def count(pred: Tensor, where: Tensor = keep) -> Tensor:
+            return ((pred == targets) & where).sum()
 
-        counts = [count(preds[full]), *[count(uni[m].argmax(-1)) for m in names]]
+        # a modality's own accuracy and score count the samples that have it
+        own = {m: keep if record.present is None else keep & record.present[m] for m in names}
+        counts = [count(preds[full]), *[count(uni[m].argmax(-1), own[m]) for m in names]]
         if self.missing:
             counts += [count(preds[full ^ (1 << b)]) for b in range(len(names))]
         counts.append(keep.sum())
+        counts += [own[m].sum() for m in names]
         seen = torch.ones_like(keep) if real is None else real
         n = record.batch_size
         nonfinite = [(~torch.isfinite(record.logits.detach()).all(-1) & seen).sum()]
         nonfinite += [(~torch.isfinite(record.features[m].detach().reshape(n, -1)).all(-1) & seen).sum() for m in names]
-        scores = modality_scores(stack_modalities(uni, names), targets, keep)
+        scores = modality_scores(stack_modalities(uni, names), targets, torch.stack([own[m] for m in names]))
         sums = torch.cat([torch.stack(counts).to(dtype), scores.to(dtype), torch.stack(nonfinite).to(dtype)])
         self._sums = sums if self._sums is None else self._sums + sums
 
@@ -202,8 +205,9 @@ class ModalityMonitor(Callback):
         sums, extras = total[: self._size(m)], total[self._size(m):]
         head = 1 + m + (m if self.missing else 0)
         correct, count = sums[:head], float(sums[head])
-        scores = sums[head + 1: head + 1 + m]
-        nonfinite = sums[head + 1 + m:].tolist()
+        present = sums[head + 1: head + 1 + m]
+        scores = sums[head + 1 + m: head + 1 + 2 * m]
+        nonfinite = sums[head + 1 + 2 * m:].tolist()
         where = "validation" if stage == "val" else "test"
         if any(nonfinite):
             what = [f"the logits of {int(nonfinite[0])} samples"] if nonfinite[0] else []
@@ -218,13 +222,19 @@ class ModalityMonitor(Callback):
         acc = correct / count
         p = self.prefix
         values: dict[str, Tensor] = {f"{p}/{stage}_acc_fused": acc[0]}
+        absent = [name for i, name in enumerate(names) if float(present[i]) == 0]
         for i, name in enumerate(names):
-            values[f"{p}/{stage}_acc/{name}"] = acc[1 + i]
+            if name not in absent:  # over the labelled samples that have the modality
+                values[f"{p}/{stage}_acc/{name}"] = correct[1 + i] / present[i]
             if self.missing:
                 values[f"{p}/{stage}_acc_without/{name}"] = acc[1 + m + i]
-        ratios = ogm_ratios(scores)
-        for i, name in enumerate(names):
-            values[f"{p}/{stage}_score_ratio/{name}"] = ratios[i]
+        if absent:
+            rank_zero_warn(f"{type(self).__name__}: no labelled {where} sample of epoch {trainer.current_epoch} has "
+                           f"{absent}: their accuracy and score ratio are not logged.")
+        else:
+            ratios = ogm_ratios(present_sums(scores, present, sums[head]))
+            for i, name in enumerate(names):
+                values[f"{p}/{stage}_score_ratio/{name}"] = ratios[i]
         values = {k: v.float() for k, v in values.items()}
         log_balance_metrics(pl_module, values, on_step=False, on_epoch=True)
         row = {"epoch": float(trainer.current_epoch)}

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from lightning_balance._distributed import broadcast_seed, shared_generator
 from lightning_balance.callbacks.base import GradientBalancingCallback
 from lightning_balance.functional.ogm import ge_noise_std, ogm_coefficients
-from lightning_balance.functional.scores import modality_scores, stack_modalities
+from lightning_balance.functional.scores import modality_scores, present_sums, stack_modalities
 from lightning_balance.modality import ModalityRecord, MultimodalMixin
 
 __all__ = ["OGMGE"]
@@ -188,15 +188,20 @@ class OGMGE(GradientBalancingCallback):
 
     def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
         logits = record.unimodal_logits()
-        stacked = stack_modalities(logits, self.active_modalities)
-        valid = record.valid
-        scores = modality_scores(stacked, record.targets, valid)
-        return {"scores": scores, "count": valid.sum().float().reshape(1)}
+        names = self.active_modalities
+        stacked = stack_modalities(logits, names)
+        counted = record.counted_stack(names)  # None: complete record, every modality counts every valid sample
+        scores = modality_scores(stacked, record.targets, record.valid if counted is None else counted)
+        return {"scores": scores, "count": record.modality_counts(names),
+                "total": record.valid.sum().float().reshape(1)}
 
     def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
-        if not self.step_has_labels:  # every target is ignore_index: no evidence, no edit, no noise
+        if not self.step_has_labels:  # no labelled sample, or none with some modality: no evidence, no edit, no noise
             return {}
-        ratios, coeffs = ogm_coefficients(stats["scores"], self.alpha, self.eps)
+        # with absent modalities each sum is over the samples that have the modality: rescaled to the step's
+        # labelled samples (exactly the official sums when every sample has every modality)
+        sums = present_sums(stats["scores"], stats["count"], stats["total"])
+        ratios, coeffs = ogm_coefficients(sums, self.alpha, self.eps)
         return {"scores": stats["scores"], "count": stats["count"], "ratios": ratios, "coeffs": coeffs}
 
     def metrics(self, result: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lightning_balance._taps import GradientTap, add_gradient
 from lightning_balance.callbacks.base import GradientBalancingCallback, StepStatistics, is_number, training_batches
+from lightning_balance.functional.scores import present_sums
 from lightning_balance.functional.pmr import (
     class_feature_sums,
     pmr_weights,
@@ -214,9 +215,10 @@ class PMR(GradientBalancingCallback):
         try:
             with torch.no_grad():
                 for batch in training_batches(trainer, loader, limit):
-                    features, targets = pl_module.encode_batch(batch)  # type: ignore[attr-defined]
+                    features, targets, present = pl_module.encoded_batch(batch)  # type: ignore[attr-defined]
                     valid = targets != pl_module.modality_spec.ignore_index  # type: ignore[attr-defined]
-                    self._add_class_sums(sums, pl_module, features, torch.where(valid, targets, 0), valid)
+                    self._add_class_sums(sums, pl_module, features, torch.where(valid, targets, 0), valid,
+                                         present=present)
         finally:
             pl_module.train(was_training)
         stats = StepStatistics()  # class sums and counts of every rank: one all-reduce
@@ -230,11 +232,13 @@ class PMR(GradientBalancingCallback):
             return int(pl_module.fuse_features({k: v[:1] for k, v in features.items()}).shape[-1])
 
     def _add_class_sums(self, sums: dict[str, Tensor], pl_module: Any, features: dict[str, Tensor],
-                        targets: Tensor, valid: Tensor, classes: Optional[int] = None) -> None:
+                        targets: Tensor, valid: Tensor, classes: Optional[int] = None,
+                        present: Optional[dict[str, Tensor]] = None) -> None:
         classes = classes if classes is not None else self._num_classes(pl_module, features)
         for m in self.active_modalities:
             vectors = pl_module.pool_features(m, features[m].detach())
-            s, n = class_feature_sums(vectors, targets, classes, valid)
+            counted = valid if present is None else valid & present[m]  # a prototype of present samples only
+            s, n = class_feature_sums(vectors, targets, classes, counted)
             sums[f"sum/{m}"] = sums[f"sum/{m}"] + s if f"sum/{m}" in sums else s
             sums[f"count/{m}"] = sums[f"count/{m}"] + n if f"count/{m}" in sums else n
 
@@ -253,7 +257,7 @@ class PMR(GradientBalancingCallback):
         valid, targets = record.valid, record.valid_targets()
         if self.prototypes == "steps":
             self._add_class_sums(out, pl_module, record.features, targets, valid,  # type: ignore[arg-type]
-                                 classes=record.logits.shape[-1])
+                                 classes=record.logits.shape[-1], present=record.present)
         if self.centroids:
             scores, kept = [], {}
             with torch.enable_grad():  # the logits are reused, with their graph, by prepare_backward
@@ -262,12 +266,13 @@ class PMR(GradientBalancingCallback):
                     logits = prototype_logits(pl_module.pool_features(m, z), self.centroids[m], self.seen[m])
                     kept[m] = (z, logits)
                     with torch.no_grad():
-                        known = self.seen[m].to(logits.device)[targets] & valid
+                        known = self.seen[m].to(logits.device)[targets] & record.counted(m)
                         p = torch.softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
                         scores.append(torch.where(known, p, torch.zeros_like(p)).sum())
             record.extras["pmr_logits"] = kept
             out["scores"] = torch.stack(scores)
-            out["count"] = valid.sum().float().reshape(1)
+            out["count"] = record.modality_counts(self.active_modalities)
+            out["total"] = valid.sum().float().reshape(1)
         return out
 
     def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -277,7 +282,8 @@ class PMR(GradientBalancingCallback):
             self._pending_sums = {k: pending[k] + v if k in pending else v for k, v in step.items()}
         if "scores" not in stats:
             return {"pending": torch.zeros(())} if self._pending_sums else {}
-        pce, entropy = pmr_weights(stats["scores"], self.rule)
+        # with absent modalities each score sums over the samples that have the modality: on one footing
+        pce, entropy = pmr_weights(present_sums(stats["scores"], stats["count"], stats["total"]), self.rule)
         in_per = self._epoch - self.start_epoch < self.entropy_epochs
         return {
             "score": stats["scores"] / stats["count"].clamp_min(1),
@@ -290,16 +296,17 @@ class PMR(GradientBalancingCallback):
         if "pce_weight" not in result or "pmr" not in record.extras:
             return
         taps = record.extras["pmr"]
-        targets, valid = record.valid_targets(), record.valid
+        targets = record.valid_targets()
         pce_w = result["pce_weight"].tolist()
         ent_w = result["entropy_weight"].tolist()
         for i, m in enumerate(self.active_modalities):
             if pce_w[i] == 0.0 and ent_w[i] == 0.0:
                 continue
             z, logits = record.extras["pmr_logits"][m]
+            valid = record.counted(m)  # labelled samples that have the modality
             with torch.enable_grad():
                 known = self.seen[m].to(z.device)[targets] & valid
-                n = valid.sum().clamp_min(1)  # a mean over the labelled samples, like CE(ignore_index=...)
+                n = valid.sum().clamp_min(1)  # a mean over them, like CE(ignore_index=...)
                 loss = z.new_zeros(())
                 if pce_w[i]:  # samples of a class without a prototype contribute 0 (no host sync to find them)
                     safe = logits.masked_fill(~known.unsqueeze(1), 0.0)

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["true_class_probability", "modality_scores", "stack_modalities"]
+__all__ = ["true_class_probability", "modality_scores", "stack_modalities", "present_sums"]
 
 
 def stack_modalities(values: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
@@ -43,12 +43,27 @@ def modality_scores(unimodal_logits: Tensor, targets: Tensor, valid: Optional[Te
         unimodal_logits: ``(M, N, C)`` stacked per-modality logits.
         targets: ``(N,)`` class indices.
         valid: optional ``(N,)`` bool mask: only these samples are summed (the others' targets may be
-            any value, e.g. an ``ignore_index``).
+            any value, e.g. an ``ignore_index``); or ``(M, N)``, one mask per modality (the samples that
+            are labelled and have the modality).
 
     Returns:
         ``(M,)`` float32 scores.
     """
     if valid is None:
         return true_class_probability(unimodal_logits, targets).sum(dim=-1)
-    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    any_valid = valid if valid.ndim == 1 else valid.any(0)
+    safe = torch.where(any_valid, targets, torch.zeros_like(targets))
     return (true_class_probability(unimodal_logits, safe) * valid.float()).sum(dim=-1)
+
+
+def present_sums(sums: Tensor, counts: Tensor, total: Tensor) -> Tensor:
+    r"""Per-modality batch sums put on one footing when modalities were present in different numbers of
+    samples: :math:`	ilde s_m = s_m \cdot n / n_m`, the sum the ``n`` labelled samples would give at the
+    mean of the ``n_m`` that have modality ``m`` (0 when ``n_m = 0``).
+
+    With every modality in every sample (``n_m = n``) the factor is exactly 1: the official batch sums.
+    Methods whose formulas take sums (OGM-GE's ratio, InfoReg's ``tanh(s_u - s_k)``) keep their scale.
+    """
+    counts = counts.to(sums.dtype)
+    factor = torch.where(counts > 0, total.to(sums.dtype) / counts.clamp_min(1), torch.zeros_like(counts))
+    return sums * factor

@@ -34,6 +34,10 @@ class LossTerm(nn.Module, abc.ABC):
     """
 
     name: ClassVar[str] = "term"
+    #: the term counts a modality only where it is present (``fuse(..., present=...)``); a term without it
+    #: refuses records with a presence mask, with :attr:`absence_refusal` as the reason
+    supports_absence: ClassVar[bool] = True
+    absence_refusal: ClassVar[str] = ""
 
     def __init__(self, weight: float = 1.0, start_epoch: int = 0, end_epoch: Optional[int] = None) -> None:
         super().__init__()
@@ -101,6 +105,12 @@ def add_loss_terms(module: Any, loss: Tensor, record: Optional[ModalityRecord] =
                 # keep the graph static: DDP (find_unused_parameters=False) needs every parameter used
                 total = total + 0.0 * torch.stack([p.sum().float() for p in idle]).sum()
             continue
+        if record.present is not None and not term.supports_absence:
+            raise ModalityContractError(
+                f"{type(term).__name__} does not handle absent modalities: {term.absence_refusal} The step's "
+                f"fuse(..., present=...) marks some samples as lacking a modality. Train this term on complete "
+                f"samples, or use a term that supports absence (docs/design.md)."
+            )
         value, extra = term.from_record(module, record)
         total = total + term.weight * value
         metrics[f"balance/{name}/loss"] = value.detach()

@@ -71,6 +71,10 @@ class CMLLoss(LossTerm):
     """
 
     name = "cml"
+    supports_absence = False
+    absence_refusal = ("its nested subsets remove each sample's modalities in a random order, and a chain for a "
+                       "sample that lacks some of them (which steps to count, which confidences to rank) is not "
+                       "defined yet.")
 
     def __init__(self, rank_weight: float = 0.1, subset_weight: float = 1.0, margin: float = 0.0,
                  gate: Gate = "larger_correct", both_wrong: bool = True,

@@ -100,7 +100,11 @@ class ContrastiveLoss(LossTerm):
             )
         return dict(vectors)
 
-    def forward(self, vectors: dict[str, Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(self, vectors: dict[str, Tensor], present: Optional[dict[str, Tensor]] = None) -> Tensor:  # type: ignore[override]
+        """The mean over modality pairs of the symmetric InfoNCE of the global batch; with ``present``
+        (modality → ``(N,)`` bool), each pair over the samples that have both modalities (an absent
+        modality's features are the fill: no positive, and no negative either), and the mean over the pairs
+        that have such samples."""
         if len(vectors) < 2:
             raise ModalityContractError("ContrastiveLoss needs at least two modalities.")
         emb = self.embed(vectors)
@@ -119,14 +123,27 @@ class ContrastiveLoss(LossTerm):
             # the value is unchanged (e + (W-1)(e - e) is e), and the temperature, used identically on every
             # rank, gets the exact gradient from every rank.
             rank = dist.get_rank()
-            local = torch.cat([emb[m] for m in names], dim=1)  # one gather for every modality
+            mask = torch.stack([present[m] if present is not None else torch.ones(n, dtype=torch.bool,
+                                device=emb[m].device) for m in names], 1).to(emb[names[0]].dtype)
+            local = torch.cat([*[emb[m] for m in names], mask], dim=1)  # one gather: every modality and the mask
             parts, _ = all_gather_rows(local)
             own = local + (world - 1) * (local - local.detach())
             parts[rank] = own
             full = torch.cat(parts, dim=0)
-            emb = dict(zip(names, full.split([emb[m].shape[1] for m in names], dim=1)))
-        losses = [symmetric_info_nce(emb[a], emb[b], scale) for a, b in itertools.combinations(names, 2)]
+            *columns, mask = full.split([*[emb[m].shape[1] for m in names], len(names)], dim=1)
+            emb = dict(zip(names, columns))
+            present = {m: mask[:, i].detach() > 0.5 for i, m in enumerate(names)}
+        losses = []
+        for a, b in itertools.combinations(names, 2):
+            if present is None:
+                losses.append(symmetric_info_nce(emb[a], emb[b], scale))
+                continue
+            both = present[a] & present[b]
+            if bool(both.any()):  # one host sync per pair, only when the batch has absent modalities
+                losses.append(symmetric_info_nce(emb[a][both], emb[b][both], scale))
+        if not losses:  # no sample has two modalities: nothing to align, a zero that keeps the graph
+            return 0.0 * (scale + sum(e.sum() for e in emb.values()))
         return torch.stack(losses).mean()
 
     def from_record(self, module: MultimodalMixin, record: ModalityRecord) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.forward(record.vectors(detach=False)), {"scale": self.scale().detach()}
+        return self.forward(record.vectors(detach=False), record.present), {"scale": self.scale().detach()}

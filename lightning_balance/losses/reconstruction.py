@@ -41,7 +41,8 @@ class ReconstructionLoss(LossTerm):
     (token sequences ``(N, T, D)`` averaged over the tokens), so ``feature_dims`` gives ``D``. Inputs of any
     shape are flattened: ``input_dims`` gives each input's number of elements per sample. An encoder
     whose modality must be reconstructed from its features cannot collapse to ignore that modality. The
-    inputs come from the step record: call ``self.fuse(features, targets, inputs={m: x_m})``.
+    inputs come from the step record: call ``self.fuse(features, targets, inputs={m: x_m})``. A sample
+    that lacks a modality (``fuse(..., present=...)``) is not reconstructed for it: its input is not data.
 
     Args:
         feature_dims: modality → feature width ``D`` (with ``"mfm"``: every modality of the model).
@@ -80,8 +81,11 @@ class ReconstructionLoss(LossTerm):
         if unknown:
             raise ValueError(f"modality_weights names modalities that are not reconstructed: {sorted(unknown)}.")
 
-    def forward(self, vectors: dict[str, Tensor], inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:  # type: ignore[override]
-        """``(L, {m: MSE_m})`` from ``(N, D)`` vectors and the inputs."""
+    def forward(self, vectors: dict[str, Tensor], inputs: dict[str, Tensor],  # type: ignore[override]
+                present: Optional[dict[str, Tensor]] = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(L, {m: MSE_m})`` from ``(N, D)`` vectors and the inputs; with ``present`` (modality → ``(N,)``
+        bool), ``MSE_m`` is over the samples that have modality ``m`` (an absent input is not a target; 0
+        when no sample has it)."""
         bad = {m: tuple(v.shape) for m, v in vectors.items() if v.ndim != 2}
         if bad:
             raise ModalityContractError(
@@ -100,7 +104,12 @@ class ReconstructionLoss(LossTerm):
                 raise ModalityContractError(f"ReconstructionLoss needs the input of {m!r}.")
             x = inputs[m].reshape(inputs[m].shape[0], -1).float()
             u = vectors[m] if self.form == "autoencoder" else torch.cat([vectors[m], fused], dim=-1)
-            per[m] = F.mse_loss(dec(u).float(), x)
+            mask = None if present is None else present.get(m)
+            if mask is None:
+                per[m] = F.mse_loss(dec(u).float(), x)
+            else:
+                err = (dec(u).float() - torch.where(mask[:, None], x, torch.zeros_like(x))).pow(2).mean(1)
+                per[m] = (err * mask).sum() / mask.sum().clamp_min(1)
         total = torch.stack([self.modality_weights.get(m, 1.0) * v for m, v in per.items()]).sum()
         return total, per
 
@@ -114,7 +123,7 @@ class ReconstructionLoss(LossTerm):
                 f"ReconstructionLoss(form='mfm') decodes from every modality's features: feature_dims names "
                 f"{sorted(self.feature_dims)}, the model declares {sorted(record.features)}."
             )
-        total, per = self.forward(record.vectors(detach=False), record.inputs)
+        total, per = self.forward(record.vectors(detach=False), record.inputs, record.present)
         return total, {f"mse/{m}": v.detach() for m, v in per.items()}
 
     def extra_repr(self) -> str:

@@ -27,6 +27,7 @@ class UMTLoss(LossTerm):
     BalanceBenchmark uses λ = 10). Teachers see the same inputs as the students: pass them with
     ``self.fuse(features, targets, inputs={m: x_m})``. Teachers are frozen (no gradient, so outside DDP's
     reduction), always in eval mode (their BatchNorm statistics never move) and run under ``no_grad``.
+    A sample that lacks a modality (``fuse(..., present=...)``) is not distilled for it.
 
     Args:
         teachers: modality → teacher encoder (e.g. from :func:`fit_unimodal_teachers`, or your own module).
@@ -63,7 +64,10 @@ class UMTLoss(LossTerm):
         self.teachers.eval()  # teachers stay in eval mode
         return self
 
-    def forward(self, features: Mapping[str, Tensor], inputs: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:  # type: ignore[override]
+    def forward(self, features: Mapping[str, Tensor], inputs: Mapping[str, Tensor],  # type: ignore[override]
+                present: Optional[Mapping[str, Tensor]] = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(L, {m: MSE_m})``; with ``present`` (modality → ``(N,)`` bool) each MSE is over the samples that
+        have the modality (the teacher of an absent input has nothing to teach; 0 when no sample has it)."""
         per = {}
         for m, teacher in self.teachers.items():
             if m not in features or m not in inputs:
@@ -76,7 +80,13 @@ class UMTLoss(LossTerm):
                     f"UMTLoss: the teacher of {m!r} outputs features of shape {tuple(target.shape)}, the student's "
                     f"encoder {tuple(z.shape)}; teacher and student encoders must output the same width."
                 )
-            per[m] = F.mse_loss(z.float(), target.float())
+            mask = None if present is None else present.get(m)
+            if mask is None:
+                per[m] = F.mse_loss(z.float(), target.float())
+            else:
+                keep = mask.reshape(-1, *([1] * (z.ndim - 1)))
+                err = torch.where(keep, z.float() - target.float(), torch.zeros((), device=z.device)).pow(2)
+                per[m] = err.reshape(len(z), -1).mean(1).sum() / mask.sum().clamp_min(1)
         return torch.stack(list(per.values())).sum(), per
 
     def from_record(self, module: MultimodalMixin, record: ModalityRecord) -> tuple[Tensor, dict[str, Tensor]]:
@@ -84,7 +94,7 @@ class UMTLoss(LossTerm):
             raise ModalityContractError(
                 "UMTLoss needs the raw inputs for the teachers: call self.fuse(features, targets, inputs={modality: x})."
             )
-        total, per = self.forward(record.features, record.inputs)
+        total, per = self.forward(record.features, record.inputs, record.present)
         return total, {f"mse/{m}": v.detach() for m, v in per.items()}
 
 
