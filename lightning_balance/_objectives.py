@@ -104,8 +104,9 @@ class ObjectivesMixin:
         with ``o_m`` the unimodal logits of the step (declared ``unimodal`` mode: split head, masked
         fusion or auxiliary heads), **attached** to the graph, so each encoder also learns from its
         own prediction. Weights are :attr:`loss_weights`; samples whose target is the declared
-        ``ignore_index`` are left out, as in ``F.cross_entropy``, and so are, in ``CE(o_m, y)``, the samples
-        that lack modality ``m`` (the mean is over the samples that have it; 0 when none has). The weighted terms are kept on the
+        ``ignore_index`` are left out, as in ``F.cross_entropy``, and a sample that lacks modality ``m``
+        adds 0 to ``CE(o_m, y)``, which stays a mean over the labelled samples (so a modality present in
+        30% of the samples weighs 30%; DDP and accumulation equal one process). The weighted terms are kept on the
         step's record (``record.extras["objective"]``) for callbacks that treat them separately (MMPareto).
 
         Call it in ``training_step`` after :meth:`fuse`: ``return self.add_unimodal_losses(loss)``.
@@ -129,13 +130,16 @@ class ObjectivesMixin:
 
     @staticmethod
     def _cross_entropy(logits: Tensor, targets: Tensor, record: ModalityRecord, modality: Optional[str] = None) -> Tensor:
-        """Mean cross-entropy over the valid samples (that have ``modality``); 0 (attached to the graph) when
-        there are none."""
+        """Cross-entropy summed over the valid samples (that have ``modality``), divided by the number of valid
+        samples: the batch mean of each sample's loss, 0 for a sample that lacks the modality. (A mean over the
+        present samples only would weigh a rank's or a micro-batch's few present samples as much as another's
+        many: the per-sample normalisation keeps DDP and accumulation equal to one process on the whole batch.)
+        0 (attached to the graph) when there are none."""
         counted = record.valid if modality is None else record.counted(modality)
         if counted is not record.valid:  # some samples lack the modality: leave them out like ignore_index
             targets = torch.where(counted, targets, torch.full_like(targets, record.ignore_index))  # type: ignore[arg-type]
         loss = F.cross_entropy(logits.float(), targets, ignore_index=record.ignore_index, reduction="sum")
-        count = counted.sum().clamp_min(1)  # type: ignore[union-attr]
+        count = record.valid.sum().clamp_min(1)  # type: ignore[union-attr]
         return loss / count
 
     def _targets_of(self, record: ModalityRecord, who: str) -> Tensor:

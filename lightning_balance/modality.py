@@ -491,6 +491,7 @@ class MultimodalMixin(ObjectivesMixin):
             tap = getattr(hook, "tap_logits", None)
             if tap is not None:
                 logits = tap(self, ordered, targets, logits, extras)
+        extras.pop("present")  # on the record as record.present
         self._lb_calls += 1
         token = batch_token(self._trainer)  # type: ignore[attr-defined]
         record = ModalityRecord(
@@ -520,7 +521,9 @@ class MultimodalMixin(ObjectivesMixin):
         ``hook.tap_features(module, features, targets, extras) -> features`` (optional) runs before the
         fusion and may wrap the features (e.g. in a gradient tap); ``hook.tap_logits(module, features,
         targets, logits, extras) -> logits`` (optional) runs after it. ``extras`` is a dict stored on the
-        step's :class:`ModalityRecord`. Hooks run in registration order; the handle removes the hook.
+        step's :class:`ModalityRecord`; while the hooks run, ``extras["present"]`` holds the step's presence
+        mask (``None``: complete), for hooks that run subset passes. Hooks run in registration order; the
+        handle removes the hook.
         """
         if self._lb_hooks is None:
             self._lb_hooks = OrderedDict()

@@ -88,7 +88,7 @@ class TinyAV(MultimodalMixin, pl.LightningModule):
         return {"audio": self.audio_encoder(batch["audio"]), "visual": self.visual_encoder(batch["visual"])}
 
     def encode_batch(self, batch: dict[str, torch.Tensor]):
-        return self.forward_features(batch), batch["target"]
+        return self.forward_features(batch), batch["target"], batch.get("present")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
         logits = self.fuse(self.forward_features(batch), batch["target"], present=batch.get("present"))
@@ -139,9 +139,10 @@ class InterleavedSampler(torch.utils.data.Sampler):
         return len(range(rank, self.n, world))
 
 
-def loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
-    """In-order batches; under DDP (with ``use_distributed_sampler=False``) interleaved across ranks."""
-    return DataLoader(DictDataset(n=n, seed=seed), batch_size=batch_size, sampler=InterleavedSampler(n))
+def loader(n: int = 64, batch_size: int = 16, seed: int = 0, missing: Optional[tuple[float, float]] = None) -> DataLoader:
+    """In-order batches; under DDP (with ``use_distributed_sampler=False``) interleaved across ranks. With
+    ``missing``: each modality absent at that rate (the batch's ``"present"``)."""
+    return DataLoader(DictDataset(n=n, seed=seed, missing=missing), batch_size=batch_size, sampler=InterleavedSampler(n))
 
 
 def trainer_kwargs(tmp_path: Any, **overrides: Any) -> dict[str, Any]:
@@ -240,21 +241,23 @@ class ResumableLoader(DataLoader):
         self._skip = int(state_dict["yielded"])
 
 
-def resumable_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> ResumableLoader:
+def resumable_loader(n: int = 64, batch_size: int = 16, seed: int = 0,
+                     missing: Optional[tuple[float, float]] = None) -> ResumableLoader:
     """:func:`loader`, resumable inside an epoch."""
-    return ResumableLoader(DictDataset(n=n, seed=seed), batch_size=batch_size, sampler=InterleavedSampler(n))
+    return ResumableLoader(DictDataset(n=n, seed=seed, missing=missing), batch_size=batch_size,
+                           sampler=InterleavedSampler(n))
 
 
-def states_equal(a: Any, b: Any) -> bool:
+def states_equal(a: Any, b: Any, rtol: float = 1e-5, atol: float = 1e-7) -> bool:
     """Two callback states (nested dicts/lists of tensors, floats, ints) equal up to float tolerance."""
     import pytest
 
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=rtol, atol=atol)
     if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(states_equal(a[k], b[k]) for k in a)
+        return isinstance(b, dict) and a.keys() == b.keys() and all(states_equal(a[k], b[k], rtol, atol) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(states_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(states_equal(x, y, rtol, atol) for x, y in zip(a, b))
     if isinstance(a, float):
-        return a == pytest.approx(b, rel=1e-5, abs=1e-9)
+        return a == pytest.approx(b, rel=rtol, abs=max(atol, 1e-9))
     return a == b

@@ -374,7 +374,7 @@ def test_ignore_index_samples_are_left_out_of_the_scores(tmp_path):
         p = torch.softmax(z[keep] @ w[:, cols].T + b / 2, 1)
         expected.append(p.gather(1, y[keep][:, None]).sum())
     torch.testing.assert_close(captured["stats"]["scores"], torch.stack(expected).detach(), rtol=1e-5, atol=1e-6)
-    assert captured["stats"]["count"].item() == 12
+    assert captured["stats"]["count"].tolist() == [12, 12] and captured["stats"]["total"].item() == 12
 
 
 class _PartlyUnlabelled(TinyAV):

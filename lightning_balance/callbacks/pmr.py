@@ -306,7 +306,9 @@ class PMR(GradientBalancingCallback):
             valid = record.counted(m)  # labelled samples that have the modality
             with torch.enable_grad():
                 known = self.seen[m].to(z.device)[targets] & valid
-                n = valid.sum().clamp_min(1)  # a mean over them, like CE(ignore_index=...)
+                # a mean over the labelled samples, like CE(ignore_index=...); a sample that lacks the modality
+                # adds 0 (normalising by the present ones would make DDP a mean of unequal per-rank means)
+                n = record.valid.sum().clamp_min(1)
                 loss = z.new_zeros(())
                 if pce_w[i]:  # samples of a class without a prototype contribute 0 (no host sync to find them)
                     safe = logits.masked_fill(~known.unsqueeze(1), 0.0)
@@ -314,7 +316,7 @@ class PMR(GradientBalancingCallback):
                     loss = loss + pce_w[i] * ce.sum() / n
                 if ent_w[i]:
                     entropy = prototype_entropy(logits) * valid
-                    loss = loss - ent_w[i] * entropy.sum() / valid.sum().clamp_min(1)
+                    loss = loss - ent_w[i] * entropy.sum() / n
                 (grad,) = torch.autograd.grad(loss, z)
             taps[m].extra = grad * loss_scale
 

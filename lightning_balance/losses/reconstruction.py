@@ -84,8 +84,8 @@ class ReconstructionLoss(LossTerm):
     def forward(self, vectors: dict[str, Tensor], inputs: dict[str, Tensor],  # type: ignore[override]
                 present: Optional[dict[str, Tensor]] = None) -> tuple[Tensor, dict[str, Tensor]]:
         """``(L, {m: MSE_m})`` from ``(N, D)`` vectors and the inputs; with ``present`` (modality → ``(N,)``
-        bool), ``MSE_m`` is over the samples that have modality ``m`` (an absent input is not a target; 0
-        when no sample has it)."""
+        bool), a sample that lacks modality ``m`` adds 0 to ``MSE_m`` (an absent input is not a target), which
+        stays a mean over the batch (DDP and accumulation then equal one process)."""
         bad = {m: tuple(v.shape) for m, v in vectors.items() if v.ndim != 2}
         if bad:
             raise ModalityContractError(
@@ -109,7 +109,7 @@ class ReconstructionLoss(LossTerm):
                 per[m] = F.mse_loss(dec(u).float(), x)
             else:
                 err = (dec(u).float() - torch.where(mask[:, None], x, torch.zeros_like(x))).pow(2).mean(1)
-                per[m] = (err * mask).sum() / mask.sum().clamp_min(1)
+                per[m] = (err * mask).sum() / max(len(mask), 1)  # a batch mean, absent samples adding 0
         total = torch.stack([self.modality_weights.get(m, 1.0) * v for m, v in per.items()]).sum()
         return total, per
 

@@ -66,8 +66,8 @@ class UMTLoss(LossTerm):
 
     def forward(self, features: Mapping[str, Tensor], inputs: Mapping[str, Tensor],  # type: ignore[override]
                 present: Optional[Mapping[str, Tensor]] = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(L, {m: MSE_m})``; with ``present`` (modality → ``(N,)`` bool) each MSE is over the samples that
-        have the modality (the teacher of an absent input has nothing to teach; 0 when no sample has it)."""
+        """``(L, {m: MSE_m})``; with ``present`` (modality → ``(N,)`` bool) a sample that lacks the modality adds
+        0 (the teacher of an absent input has nothing to teach) to a mean over the batch."""
         per = {}
         for m, teacher in self.teachers.items():
             if m not in features or m not in inputs:
@@ -86,7 +86,7 @@ class UMTLoss(LossTerm):
             else:
                 keep = mask.reshape(-1, *([1] * (z.ndim - 1)))
                 err = torch.where(keep, z.float() - target.float(), torch.zeros((), device=z.device)).pow(2)
-                per[m] = err.reshape(len(z), -1).mean(1).sum() / mask.sum().clamp_min(1)
+                per[m] = err.reshape(len(z), -1).mean(1).sum() / max(len(z), 1)  # batch mean, absent rows 0
         return torch.stack(list(per.values())).sum(), per
 
     def from_record(self, module: MultimodalMixin, record: ModalityRecord) -> tuple[Tensor, dict[str, Tensor]]:
