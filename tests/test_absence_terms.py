@@ -1,0 +1,118 @@
+"""Absent modalities in the loss terms, Gradient-Blending's branch losses, the monitor and the diagnosis: each
+value against a present-only value computed here by hand."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_balance import ContrastiveLoss, ModalityDiagnostics, ModalityMonitor, ReconstructionLoss, UMTLoss
+from tests.helpers import DictDataset, TinyAV, trainer_kwargs
+
+PRESENT = {"audio": torch.tensor([True, False, True, True]), "visual": torch.tensor([True, True, False, True])}
+
+
+def test_contrastive_pairs_are_the_samples_that_have_both_modalities():
+    torch.manual_seed(0)
+    vectors = {"audio": torch.randn(4, 3), "visual": torch.randn(4, 3)}
+    term = ContrastiveLoss(init_temperature=0.5)  # no feature_dims: no projection
+    value = term(vectors, PRESENT)
+    both = [0, 3]  # rows 1 and 2 lack a modality: no positive, and no negative for the others
+    a = F.normalize(vectors["audio"][both], dim=-1)
+    v = F.normalize(vectors["visual"][both], dim=-1)
+    logits = (a @ v.T) / 0.5
+    want = 0.5 * (F.cross_entropy(logits, torch.arange(2)) + F.cross_entropy(logits.T, torch.arange(2)))
+    assert value.item() == pytest.approx(want.item(), rel=1e-5)
+    # a batch where no sample has both: zero, still attached to the graph
+    none = {"audio": torch.tensor([True, False, True, False]), "visual": torch.tensor([False, True, False, True])}
+    zero = term({m: x.requires_grad_() for m, x in vectors.items()}, none)
+    assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_reconstruction_and_distillation_skip_absent_samples():
+    torch.manual_seed(0)
+    vectors = {"audio": torch.randn(4, 3), "visual": torch.randn(4, 2)}
+    inputs = {"audio": torch.randn(4, 5), "visual": torch.full((4, 6), float("nan"))}  # NaN: never a target
+    inputs["visual"][PRESENT["visual"]] = torch.randn(3, 6)
+    term = ReconstructionLoss({"audio": 3, "visual": 2}, {"audio": 5, "visual": 6}, hidden=0)
+    total, per = term(vectors, inputs, PRESENT)
+    for m in ("audio", "visual"):
+        rows = PRESENT[m]
+        err = (term.decoders[m](vectors[m][rows]) - inputs[m][rows]).pow(2).mean(1)
+        assert per[m].item() == pytest.approx(float(err.sum() / 4), rel=1e-5)  # a batch mean, absent rows 0
+    assert math.isfinite(total.item())
+
+    teachers = {"audio": nn.Linear(5, 3), "visual": nn.Linear(6, 2)}
+    umt = UMTLoss(teachers)
+    _, per = umt(vectors, inputs, PRESENT)
+    for m in ("audio", "visual"):
+        rows = PRESENT[m]
+        with torch.no_grad():
+            err = (vectors[m][rows] - teachers[m](inputs[m][rows])).pow(2).mean(1)
+        assert per[m].item() == pytest.approx(float(err.sum() / 4), rel=1e-5)
+
+
+def test_gradient_blending_branch_losses_count_present_samples():
+    from lightning_balance.callbacks.gblend import _head_loss
+
+    torch.manual_seed(0)
+    model = TinyAV()
+    ds = DictDataset(n=4)
+    batch = {"audio": ds.a, "visual": ds.v, "target": ds.y, "present": PRESENT}
+    loss, count = _head_loss(model, batch, "audio", -100)
+    feats = model.forward_features(batch)
+    rows = PRESENT["audio"]
+    logits = feats["audio"][rows] @ model.head.weight[:, :8].T + model.head.bias / 2
+    assert count.item() == 3
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, ds.y[rows], reduction="sum").item(), rel=1e-5)
+    loss, count = _head_loss(model, batch, "fused", -100)
+    za = feats["audio"] * PRESENT["audio"][:, None]
+    zv = feats["visual"] * PRESENT["visual"][:, None]
+    fused = torch.cat([za, zv], 1) @ model.head.weight.T + model.head.bias
+    assert count.item() == 4
+    assert loss.item() == pytest.approx(F.cross_entropy(fused, ds.y, reduction="sum").item(), rel=1e-5)
+
+
+def test_the_monitor_counts_a_modality_where_it_is_present(tmp_path):
+    ds = DictDataset(n=48, missing=(0.3, 0.3), seed=2)
+    model = TinyAV(seed=1)
+    monitor = ModalityMonitor()
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[monitor], max_epochs=1, limit_train_batches=0)).validate(
+        model, DataLoader(ds, batch_size=16), verbose=False)
+    row = monitor.history[-1] if monitor.history else None
+    assert row is not None
+    with torch.no_grad():
+        feats = model.forward_features({"audio": ds.a, "visual": ds.v})
+        za = feats["audio"] * ds.present[:, :1]
+        zv = feats["visual"] * ds.present[:, 1:]
+        w, b = model.head.weight, model.head.bias
+        fused = (torch.cat([za, zv], 1) @ w.T + b).argmax(1)
+        uni = {"audio": za @ w[:, :8].T + b / 2, "visual": zv @ w[:, 8:].T + b / 2}
+        without_audio = (torch.cat([torch.zeros_like(za), zv], 1) @ w.T + b).argmax(1)
+    y = ds.y
+    assert row["val_acc_fused"] == pytest.approx(float((fused == y).float().mean()), abs=1e-6)
+    for i, m in enumerate(("audio", "visual")):
+        rows = ds.present[:, i]
+        want = float((uni[m].argmax(1)[rows] == y[rows]).float().mean())
+        assert row[f"val_acc/{m}"] == pytest.approx(want, abs=1e-6)
+    assert row["val_acc_without/audio"] == pytest.approx(float((without_audio == y).float().mean()), abs=1e-6)
+    # the score ratio: present-only sums on the footing of the 48 samples
+    s = [float(torch.softmax(uni[m], 1)[ds.present[:, i]].gather(1, y[ds.present[:, i]][:, None]).sum())
+         * 48 / int(ds.present[:, i].sum()) for i, m in enumerate(("audio", "visual"))]
+    assert row["val_score_ratio/audio"] == pytest.approx(s[0] / s[1], rel=1e-5)
+
+
+def test_the_diagnosis_is_of_complete_samples_and_says_so(tmp_path):
+    ds = DictDataset(n=64, missing=(0.3, 0.3), seed=2)
+    complete = ds.present.all(1)
+    diag = ModalityDiagnostics(verbose=False, probe=False, vif=False, bootstrap=50)
+    with pytest.warns(UserWarning, match="collapse diagnosis .* is of the complete samples only"):
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[diag], max_epochs=1)).validate(
+            TinyAV(seed=1), DataLoader(ds, batch_size=16), verbose=False)
+    assert diag.diagnostics_history[-1]["samples"] == int(complete.sum())
