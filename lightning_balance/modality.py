@@ -476,10 +476,14 @@ class MultimodalMixin(ObjectivesMixin):
             if first.device.type != "cpu":
                 self._lb_presence_checks += 1
             check_some_present(mask)
-        ordered = fill_absent({m: features[m] for m in spec.names}, mask, spec.missing, self._missing_fill())
         hooks = []
         if self._lb_hooks and self.training and torch.is_grad_enabled():  # type: ignore[attr-defined]
             hooks = sorted(self._lb_hooks.values(), key=lambda h: getattr(h, "fuse_order", 0))
+        for hook in hooks:  # e.g. modality dropout: removes modalities from samples through the mask
+            tap = getattr(hook, "tap_presence", None)
+            if tap is not None:
+                mask = tap(self, mask, first.shape[0], first.device)
+        ordered = fill_absent({m: features[m] for m in spec.names}, mask, spec.missing, self._missing_fill())
         extras: dict[str, Any] = {"present": mask}  # for hooks that run subset passes (AGM)
         for hook in hooks:
             tap = getattr(hook, "tap_features", None)
@@ -518,7 +522,9 @@ class MultimodalMixin(ObjectivesMixin):
     def register_fuse_hook(self, hook: Any) -> RemovableHandle:
         """Let ``hook`` act inside :meth:`fuse` on training steps (training mode, gradients enabled).
 
-        ``hook.tap_features(module, features, targets, extras) -> features`` (optional) runs before the
+        ``hook.tap_presence(module, present, n, device) -> present`` (optional) runs first and may change
+        the presence mask (``{modality: (N,) bool}`` or ``None``; modality dropout removes modalities
+        through it). ``hook.tap_features(module, features, targets, extras) -> features`` (optional) runs before the
         fusion and may wrap the features (e.g. in a gradient tap); ``hook.tap_logits(module, features,
         targets, logits, extras) -> logits`` (optional) runs after it. ``extras`` is a dict stored on the
         step's :class:`ModalityRecord`; while the hooks run, ``extras["present"]`` holds the step's presence

@@ -3,6 +3,7 @@
 from lightning_balance.callbacks.agm import AGM
 from lightning_balance.callbacks.base import GradientBalancingCallback, NonFiniteStatisticsError, StepStatistics
 from lightning_balance.callbacks.diagnostics import ModalityDiagnostics
+from lightning_balance.callbacks.dropout import ModalityDropout
 from lightning_balance.callbacks.gblend import GradientBlending
 from lightning_balance.callbacks.inforeg import InfoReg
 from lightning_balance.callbacks.mmpareto import MMPareto
@@ -10,4 +11,4 @@ from lightning_balance.callbacks.monitor import ModalityMonitor
 from lightning_balance.callbacks.ogm_ge import OGMGE
 from lightning_balance.callbacks.pmr import PMR
 
-__all__ = ["AGM", "GradientBalancingCallback", "GradientBlending", "InfoReg", "MMPareto", "ModalityDiagnostics", "ModalityMonitor", "NonFiniteStatisticsError", "OGMGE", "PMR", "StepStatistics"]
+__all__ = ["AGM", "GradientBalancingCallback", "GradientBlending", "InfoReg", "MMPareto", "ModalityDiagnostics", "ModalityDropout", "ModalityMonitor", "NonFiniteStatisticsError", "OGMGE", "PMR", "StepStatistics"]

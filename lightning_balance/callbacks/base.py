@@ -440,7 +440,7 @@ class GradientBalancingCallback(Callback, abc.ABC):
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
-        if hasattr(self, "tap_features") or hasattr(self, "tap_logits"):
+        if hasattr(self, "tap_features") or hasattr(self, "tap_logits") or hasattr(self, "tap_presence"):
             self._hook_handle = pl_module.register_fuse_hook(self)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -22,6 +22,7 @@ from lightning_balance.functional.diagnostics import (
     shapley_contributions,
     variance_inflation,
 )
+from lightning_balance.functional.dropout import adaptive_probabilities, drop_modalities, scheduled_factor
 from lightning_balance.functional.gblend import floor_weights, gblend_weights
 from lightning_balance.functional.inforeg import fisher_trace_increment, inforeg_coefficients, prime_window_indicator
 from lightning_balance.functional.mmpareto import pareto_merge, pareto_merge_from_sum_, pareto_stationary, pareto_weights
@@ -34,7 +35,7 @@ from lightning_balance.functional.pmr import (
     update_prototypes,
 )
 from lightning_balance.functional.probe import fit_linear_probe, linear_probe_accuracy, linear_probe_correct
-from lightning_balance.functional.scores import modality_scores, stack_modalities, true_class_probability
+from lightning_balance.functional.scores import present_sums, modality_scores, stack_modalities, true_class_probability
 
 __all__ = [
     "agm_coefficients",
@@ -56,7 +57,11 @@ __all__ = [
     "gblend_weights",
     "ge_noise_std",
     "imbalance_verdict",
+    "adaptive_probabilities",
+    "drop_modalities",
     "inforeg_coefficients",
+    "present_sums",
+    "scheduled_factor",
     "linear_cka",
     "linear_probe_accuracy",
     "linear_probe_correct",
