@@ -2,7 +2,7 @@
 
 import pytest
 
-from lightning_balance import AGM, OGMGE, PMR, GradientBlending, InfoReg, MMPareto, ModalityDiagnostics, ModalityMonitor
+from lightning_balance import AGM, OGMGE, PMR, GradientBlending, InfoReg, MMPareto, ModalityDiagnostics, ModalityDropout, ModalityMonitor
 from lightning_balance.data import AVDigitsDataModule, SyntheticCollapseDataModule
 
 jsonargparse = pytest.importorskip("jsonargparse", reason="jsonargparse (the `cli` extra) is not installed")
@@ -35,6 +35,8 @@ trainer:
       init_args: {alpha: 2.0, momentum: 0.0, rule: continuous, prototypes: steps}
     - class_path: lightning_balance.ModalityDiagnostics
       init_args: {every_n_epochs: 5, alone_probe: {audio: 0.62, visual: 0.9}, max_samples: 512, plot: false}
+    - class_path: lightning_balance.ModalityDropout
+      init_args: {p: {audio: 0.4, visual: 0.1}, schedule: cosine, warmup_steps: 100, seed: 2}
 model:
   fusion: concat
   lr: 0.05
@@ -56,10 +58,12 @@ model:
     assert (pmr.alpha, pmr.momentum, pmr.rule, pmr.prototypes) == (2.0, 0.0, "continuous", "steps")
     diag = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ModalityDiagnostics))
     assert (diag.every_n_epochs, diag.alone_probe, diag.max_samples, diag.plot) == (5, {"audio": 0.62, "visual": 0.9}, 512, False)
+    drop = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ModalityDropout))
+    assert (drop.p, drop.schedule, drop.warmup_steps, drop.seed) == ({"audio": 0.4, "visual": 0.1}, "cosine", 100, 2)
 
 
 @pytest.mark.parametrize("cls", [AVDigitsDataModule, SyntheticCollapseDataModule, OGMGE, ModalityMonitor, InfoReg, AGM, PMR,
-                                 MMPareto, GradientBlending, ModalityDiagnostics])
+                                 MMPareto, GradientBlending, ModalityDiagnostics, ModalityDropout])
 def test_constructor_signatures_resolve(cls):
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(cls, "x")
