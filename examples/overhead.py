@@ -35,6 +35,7 @@ from lightning_balance import (  # noqa: E402
     ContrastiveLoss,
     InfoReg,
     MMPareto,
+    ModalityDropout,
     ReconstructionLoss,
     UMTLoss,
 )
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=200, help="steps per setting (A and B alternate; 10 warm-up)")
     parser.add_argument("--out", default="results")
     parser.add_argument("--only-terms", action="store_true", help="only the loss terms (writes overhead_terms.json)")
+    parser.add_argument("--only-dropout", action="store_true",
+                        help="only modality dropout against plain training (writes overhead_dropout.json)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
@@ -213,6 +216,14 @@ def main(argv: list[str] | None = None) -> None:
     setups.append(("synthetic Conv1d + aux heads, M=2", lambda: ConvNet({"m0": 64, "m1": 64}, aux_heads=True, unimodal_losses=True),
                    {"m0": 64, "m1": 64}, 16, mmpareto))
 
+    if args.only_dropout:  # the A arm trains on complete samples, the B arm with dropout (same model, batches)
+        dropout = {"dropout p=0.3": lambda: [ModalityDropout(p=0.3, seed=0, log_metrics=False)],
+                   "dropout adaptive": lambda: [ModalityDropout(p=0.3, schedule="adaptive", seed=0, log_metrics=False)]}
+        setups = [("AV-Digits MLP", lambda: AVDigitsNet(input_dims=av), av, 64, dropout),
+                  ("synthetic MLP, M=4", lambda: AVDigitsNet(input_dims={f"m{i}": 128 for i in range(4)}, hidden=2048,
+                                                             feature_dim=512), {f"m{i}": 128 for i in range(4)}, 128,
+                   dropout)]
+
     rows = []
     # loss terms: the same model with and without its terms (A/B within one fit)
     def term_factories(dims: dict[str, int], feature_dim: int) -> dict[str, Callable[[], list]]:
@@ -223,8 +234,8 @@ def main(argv: list[str] | None = None) -> None:
                 "contrastive": lambda: [ContrastiveLoss(feature_dims=feats, weight=0.3)],
                 "reconstruction": lambda: [ReconstructionLoss(feats, dict(dims), weight=0.03)]}
 
-    for name, dims, hidden, feature_dim, batch in (("AV-Digits MLP", av, 256, 128, 64),
-                                                    ("synthetic MLP, M=2", {"m0": 128, "m1": 128}, 2048, 512, 128)):
+    for name, dims, hidden, feature_dim, batch in (() if args.only_dropout else (
+            ("AV-Digits MLP", av, 256, 128, 64), ("synthetic MLP, M=2", {"m0": 128, "m1": 128}, 2048, 512, 128))):
         for term, make in term_factories(dims, feature_dim).items():
             torch.manual_seed(0)
             model = AVDigitsNet(input_dims=dims, hidden=hidden, feature_dim=feature_dim, loss_terms=make())
@@ -258,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         draws.append(time.perf_counter() - t0)
     rng_ms = 1e3 * statistics.median(draws[1:])
     print(f"\nGaussian draw of 5M float32 elements (torch normal_, this device): {rng_ms:.1f} ms")
-    with open(os.path.join(args.out, "overhead_terms.json" if args.only_terms else "overhead.json"), "w") as f:
+    name = "overhead_terms.json" if args.only_terms else "overhead_dropout.json" if args.only_dropout else "overhead.json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump({"command": "python examples/overhead.py " + " ".join(argv or sys.argv[1:]),
                    "device": "cpu", "threads": torch.get_num_threads(), "normal_5M_ms": rng_ms, "rows": rows},
                   f, indent=1)
