@@ -52,11 +52,13 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
     def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.encoders[m](batch[m]) for m in self.modalities}
 
-    def encode_batch(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        return self.features(batch), batch["target"]  # the contract's optional hook (PMR's prototype pass)
+    def encode_batch(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, Any]:
+        # the contract's optional hook (PMR's prototype pass, G-Blend's branches); the mask if the data has one
+        return self.features(batch), batch["target"], batch.get("present")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self.fuse(self.features(batch), batch["target"], inputs={m: batch[m] for m in self.modalities})
+        logits = self.fuse(self.features(batch), batch["target"], inputs={m: batch[m] for m in self.modalities},
+                           present=batch.get("present"))
         loss = F.cross_entropy(logits, batch["target"])
         self.log("train_loss", loss, prog_bar=True)
         if getattr(self, "balance_losses", None) is not None and not getattr(self, "skip_loss_terms", False):
@@ -66,7 +68,7 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self.fuse(self.features(batch), batch["target"])
+        logits = self.fuse(self.features(batch), batch["target"], present=batch.get("present"))
         self.log("val_acc", (logits.argmax(-1) == batch["target"]).float().mean(), prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -423,3 +423,40 @@ def test_synthetic_presets_and_overrides():
     assert dm.modalities == ("audio", "video") and dm.feature_dims == {"audio": 16, "video": 24}
     dm = SyntheticCollapseDataModule(num_modalities=4, snr=1.0)
     assert dm.feature_dims == {f"m{i}": 32 for i in range(4)}
+
+
+def test_mask_modalities_is_independent_never_total_and_zero_fills():
+    from lightning_balance.data import mask_modalities
+
+    n = 4000
+    tensors = {"a": torch.ones(n, 3), "b": torch.ones(n, 2, 2), "target": torch.zeros(n, dtype=torch.long)}
+    out = mask_modalities(tensors, ("a", "b"), {"a": 0.3, "b": 0.5}, seed=0)
+    present = out["present"]
+    assert present.shape == (n, 2) and present.dtype == torch.bool and bool(present.any(1).all())
+    # independent drops, then the 0.3 * 0.5 = 15% that lost both keep one of them at random (half each)
+    assert float((~present[:, 0]).float().mean()) == pytest.approx(0.3 - 0.15 / 2, abs=0.03)
+    assert float((~present[:, 1]).float().mean()) == pytest.approx(0.5 - 0.15 / 2, abs=0.03)
+    assert bool((out["a"][~present[:, 0]] == 0).all()) and bool((out["b"][~present[:, 1]] == 0).all())
+    assert bool((out["a"][present[:, 0]] == 1).all())
+    again = mask_modalities(tensors, ("a", "b"), {"a": 0.3, "b": 0.5}, seed=0)
+    assert torch.equal(again["present"], present)
+    # a second mask on top keeps what was absent absent, and a sample keeps one modality it had
+    twice = mask_modalities(out, ("a", "b"), 0.5, seed=1)
+    assert bool((twice["present"] <= present).all()) and bool(twice["present"].any(1).all())
+    with pytest.raises(ValueError, match="missing rates must be in \\[0, 1\\)"):
+        mask_modalities(tensors, ("a", "b"), 1.0, seed=0)
+
+
+def test_datamodules_serve_the_presence_mask():
+    dm = AVDigitsDataModule(batch_size=32, missing_rate={"audio": 0.3}, missing_splits=("train", "test"))
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["present"].shape == (32, 2) and not bool(batch["present"][:, 0].all()) and bool(batch["present"][:, 1].all())
+    assert "present" not in next(iter(dm.val_dataloader()))
+    assert "present" in next(iter(dm.test_dataloader()))
+    with pytest.raises(ValueError, match="missing_rate must be in \\[0, 1\\)"):
+        AVDigitsDataModule(missing_rate=1.5)
+    with pytest.raises(ValueError, match="missing_splits names unknown splits \\['holdout'\\]"):
+        AVDigitsDataModule(missing_rate=0.2, missing_splits=("holdout",))
+    with pytest.raises(ValueError, match="missing_rate names unknown modalities \\['depth'\\]"):
+        AVDigitsDataModule(missing_rate={"depth": 0.2}).setup()

@@ -8,7 +8,7 @@
 * :class:`MultimodalTensorDataset`: dict-of-tensors dataset giving dict batches.
 """
 
-from lightning_balance.data._dataset import MultimodalTensorDataset
+from lightning_balance.data._dataset import MultimodalTensorDataset, mask_modalities
 from lightning_balance.data.av_digits import AVDigitsDataModule, make_av_digits
 from lightning_balance.data.synthetic import PRESETS, SyntheticCollapseDataModule, make_synthetic_collapse
 
@@ -16,6 +16,7 @@ __all__ = [
     "PRESETS",
     "AVDigitsDataModule",
     "MultimodalTensorDataset",
+    "mask_modalities",
     "SyntheticCollapseDataModule",
     "make_av_digits",
     "make_synthetic_collapse",

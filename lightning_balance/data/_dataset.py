@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-__all__ = ["MultimodalTensorDataset"]
+__all__ = ["MultimodalTensorDataset", "mask_modalities"]
 
 Splits = dict[str, dict[str, torch.Tensor]]
 SPLIT_NAMES = ("train", "val", "test")
@@ -60,6 +60,42 @@ def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
     return bool(value)
+
+
+def mask_modalities(tensors: Mapping[str, torch.Tensor], modalities: tuple[str, ...] | list[str],
+                    rate: float | Mapping[str, float], seed: int) -> dict[str, torch.Tensor]:
+    """Independent per-sample masking of whole modalities, as MUSE-style missing-modality benchmarks do.
+
+    Each sample loses modality ``m`` with probability ``rate`` (or ``rate[m]``), independently; a sample that
+    would lose every modality keeps one, chosen uniformly at random. The absent inputs are set to zero (a
+    finite value: an encoder runs on them, and the contract replaces its output) and the mask is returned
+    under ``"present"`` as an ``(N, M)`` bool tensor in ``modalities`` order, ready for
+    ``fuse(..., present=batch["present"])``. An existing ``"present"`` is intersected (a modality already
+    absent stays absent). Deterministic in ``seed``.
+    """
+    rates = {m: float(rate.get(m, 0.0)) if isinstance(rate, Mapping) else float(rate) for m in modalities}
+    bad = {m: r for m, r in rates.items() if not 0.0 <= r < 1.0}
+    if bad:
+        raise ValueError(f"missing rates must be in [0, 1), got {bad}.")
+    n = int(next(iter(tensors.values())).shape[0])
+    g = torch.Generator().manual_seed(int(seed))
+    absent = torch.rand(n, len(modalities), generator=g) < torch.tensor([rates[m] for m in modalities])
+    present = ~absent
+    if "present" in tensors:
+        present = present & tensors["present"].bool()
+    lost = ~present.any(1)
+    keep = torch.randint(0, len(modalities), (n,), generator=g)
+    if "present" in tensors:  # keep one that the sample had
+        had = tensors["present"].bool()
+        scores = torch.rand(n, len(modalities), generator=g) + had.float()
+        keep = scores.argmax(1)
+    present[lost, keep[lost]] = True
+    out = dict(tensors)
+    for i, m in enumerate(modalities):
+        x = tensors[m]
+        out[m] = torch.where(present[:, i].reshape(-1, *([1] * (x.ndim - 1))), x, torch.zeros_like(x))
+    out["present"] = present
+    return out
 
 
 class MultimodalTensorDataset(Dataset):
@@ -140,6 +176,12 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
             the training data* (``holdout_dataloader()``) for methods that measure generalisation
             during training (Gradient-Blending); the train loader then serves the rest. Never the
             validation or test data. 0 (default): no hold-out.
+        missing_rate: each sample of the splits in ``missing_splits`` lacks each modality with this
+            probability (a float, or a mapping modality -> rate), independently; never all of them
+            (:func:`mask_modalities`). The batches then carry ``"present"``, an ``(B, M)`` bool mask in
+            ``modalities`` order, and the absent inputs are zeros. The mask is fixed per split (drawn
+            once from ``seed``), as in datasets with missing modalities. 0 (default): complete data.
+        missing_splits: the splits that ``missing_rate`` applies to.
     """
 
     modalities: tuple[str, ...] = ()
@@ -147,8 +189,17 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
     feature_dims: dict[str, int] = {}
 
     def __init__(self, batch_size: int = 64, seed: int = 0, num_workers: int = 0, drop_last: bool = False,
-                 holdout_fraction: float = 0.0) -> None:
+                 holdout_fraction: float = 0.0, missing_rate: float | Mapping[str, float] = 0.0,
+                 missing_splits: tuple[str, ...] | list[str] = SPLIT_NAMES) -> None:
         super().__init__()
+        rates = list(missing_rate.values()) if isinstance(missing_rate, Mapping) else [missing_rate]
+        if not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 <= r < 1 for r in rates):
+            raise ValueError(f"missing_rate must be in [0, 1) (or a mapping modality -> rate), got {missing_rate!r}.")
+        unknown = sorted(set(missing_splits) - set(SPLIT_NAMES))
+        if unknown:
+            raise ValueError(f"missing_splits names unknown splits {unknown}; the splits are {list(SPLIT_NAMES)}.")
+        self.missing_rate = dict(missing_rate) if isinstance(missing_rate, Mapping) else float(missing_rate)
+        self.missing_splits = tuple(missing_splits)
         if not isinstance(holdout_fraction, (int, float)) or isinstance(holdout_fraction, bool) or not 0 <= holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction!r}. Use e.g. 0.1, or 0 for none.")
         self.holdout_fraction = float(holdout_fraction)
@@ -167,6 +218,17 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
         """Build the three splits (once; later calls reuse them)."""
         if self.splits is None:
             self.splits = self._make_splits()
+            if isinstance(self.missing_rate, dict):
+                unknown = sorted(set(self.missing_rate) - set(self.modalities))
+                if unknown:
+                    raise ValueError(f"missing_rate names unknown modalities {unknown}; the modalities are "
+                                     f"{list(self.modalities)}.")
+            has_missing = any(self.missing_rate.values()) if isinstance(self.missing_rate, dict) else self.missing_rate > 0
+            if has_missing:
+                for i, split in enumerate(SPLIT_NAMES):
+                    if split in self.missing_splits:
+                        self.splits[split] = mask_modalities(self.splits[split], self.modalities, self.missing_rate,
+                                                             seed=self.seed * 1009 + 17 + i)
             if self.holdout_fraction > 0:
                 train = self.splits["train"]
                 n = len(next(iter(train.values())))

@@ -257,6 +257,8 @@ class AVDigitsDataModule(_SplitDataModule):
         drop_last: Drop the last incomplete training batch.
         holdout_fraction: Share of the training split held out for methods that measure
             generalisation during training (``holdout_dataloader()``); 0 for none.
+        missing_rate, missing_splits: per-sample absent modalities (MUSE-style independent masking; the
+            batches then carry ``"present"``); see :class:`~lightning_balance.data._dataset._SplitDataModule`.
 
     Attributes:
         modalities: ``("audio", "visual")``.
@@ -276,9 +278,11 @@ class AVDigitsDataModule(_SplitDataModule):
         num_workers: int = 0,
         drop_last: bool = False,
         holdout_fraction: float = 0.0,
+        missing_rate: float | dict[str, float] = 0.0,
+        missing_splits: tuple[str, ...] = ("train", "val", "test"),
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, drop_last=drop_last,
-                         holdout_fraction=holdout_fraction)
+                         holdout_fraction=holdout_fraction, missing_rate=missing_rate, missing_splits=missing_splits)
         self.remove_components = _check_int(
             "remove_components",
             remove_components,
