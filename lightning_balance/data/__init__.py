@@ -9,12 +9,14 @@
 """
 
 from lightning_balance.data._dataset import MultimodalTensorDataset, mask_modalities
+from lightning_balance.data.balanced import BalancedBatchSampler
 from lightning_balance.data.av_digits import AVDigitsDataModule, make_av_digits
 from lightning_balance.data.synthetic import PRESETS, SyntheticCollapseDataModule, make_synthetic_collapse
 
 __all__ = [
     "PRESETS",
     "AVDigitsDataModule",
+    "BalancedBatchSampler",
     "MultimodalTensorDataset",
     "mask_modalities",
     "SyntheticCollapseDataModule",

@@ -1,0 +1,94 @@
+"""Balanced batching: equal shares of the strata in every batch, a plan that depends on (seed, epoch) only,
+disjoint balanced shares for the DDP ranks, and use in a Lightning fit."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_balance.data import BalancedBatchSampler
+from tests.helpers import DictDataset, TinyAV, trainer_kwargs
+
+
+def data(n=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    labels[:60] = 0  # class 0 is half the data
+    present = torch.ones(n, 2, dtype=torch.bool)
+    present[torch.rand(n, generator=g) < 0.2, 1] = False  # visual absent in ~20%
+    return labels, present
+
+
+def test_every_batch_holds_each_stratum_in_equal_share():
+    labels, present = data()
+    sampler = BalancedBatchSampler(labels, present, batch_size=12, seed=1)
+    strata = {(int(labels[i]), bool(present[i, 1])) for i in range(len(labels))}
+    assert len(strata) == 6
+    batches = list(sampler)
+    assert len(batches) == 120 // 12
+    for batch in batches:
+        counts = Counter((int(labels[i]), bool(present[i, 1])) for i in batch)
+        assert set(counts) == strata and set(counts.values()) == {2}  # 12 slots / 6 strata
+    by_class = BalancedBatchSampler(labels, present, batch_size=9, by="class", seed=1)
+    for batch in by_class:
+        assert set(Counter(int(labels[i]) for i in batch).values()) == {3}
+
+
+def test_the_plan_depends_on_seed_and_epoch_only():
+    labels, present = data()
+    a, b = BalancedBatchSampler(labels, present, 12, seed=3), BalancedBatchSampler(labels, present, 12, seed=3)
+    a.set_epoch(4)
+    b.set_epoch(4)
+    epoch4 = list(a)
+    assert epoch4 == list(b)
+    b.set_epoch(5)
+    assert list(b) != epoch4  # another epoch, another plan
+    assert list(BalancedBatchSampler(labels, present, 12, seed=4)) != list(BalancedBatchSampler(labels, present, 12, seed=3))
+
+
+def test_ddp_ranks_get_disjoint_balanced_shares():
+    labels, present = data(n=240)
+    ranks = [BalancedBatchSampler(labels, None, batch_size=6, by="class", seed=0, num_replicas=2, rank=r) for r in (0, 1)]
+    shares = [list(s) for s in ranks]
+    assert len(shares[0]) == len(shares[1]) == 240 // 12
+    first = [set(b) for b in shares[0][:5]] + [set(b) for b in shares[1][:5]]
+    assert all(not (x & y) for i, x in enumerate(first) for y in first[i + 1:])  # no stratum has cycled yet
+    for share in shares:
+        for batch in share:
+            assert set(Counter(int(labels[i]) for i in batch).values()) == {2}
+    # together they are the one-process plan with twice the batches
+    single = BalancedBatchSampler(labels, None, batch_size=6, by="class", seed=0, num_replicas=2, rank=0).plan()
+    assert shares[0] == single[0::2] and shares[1] == single[1::2]
+
+
+def test_bad_arguments():
+    labels, present = data()
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        BalancedBatchSampler(labels, present, batch_size=0)
+    with pytest.raises(ValueError, match="by must be"):
+        BalancedBatchSampler(labels, present, by="modality")
+    with pytest.raises(ValueError, match="present must be an \\(N, M\\) bool array with N = 120"):
+        BalancedBatchSampler(labels, present[:10])
+    with pytest.raises(ValueError, match="rank must be in"):
+        list(BalancedBatchSampler(labels, present, num_replicas=2, rank=2))
+
+
+def test_in_a_lightning_fit_the_epoch_is_set_by_the_trainer(tmp_path):
+    ds = DictDataset(n=64, missing=(0.3, 0.0))
+    sampler = BalancedBatchSampler(ds.y, ds.present, batch_size=16, seed=0)
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.current_epoch, batch["target"].clone()))
+
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[Record()], max_epochs=2)).fit(
+        TinyAV(), DataLoader(ds, batch_sampler=sampler))
+    assert len(seen) == 8 and sampler.epoch >= 1
+    sampler.set_epoch(1)
+    expected = [ds.y[b] for b in sampler.plan()]
+    assert all(torch.equal(t, e) for (epoch, t), e in zip([s for s in seen if s[0] == 1], expected))
