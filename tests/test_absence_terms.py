@@ -116,3 +116,39 @@ def test_the_diagnosis_is_of_complete_samples_and_says_so(tmp_path):
         pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[diag], max_epochs=1)).validate(
             TinyAV(seed=1), DataLoader(ds, batch_size=16), verbose=False)
     assert diag.diagnostics_history[-1]["samples"] == int(complete.sum())
+
+
+def test_the_missing_rate_sweep_against_masks_drawn_from_the_sample_positions(tmp_path):
+    from lightning_balance.functional import curve_area, position_uniform
+
+    ds = DictDataset(n=48, seed=3)
+    model = TinyAV(seed=1)
+    rates = (0.0, 0.25, 0.5)
+    diag = ModalityDiagnostics(verbose=False, probe=False, vif=False, bootstrap=0, robustness_rates=rates, plot=True,
+                               plot_dir=str(tmp_path / "plots"))
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[diag], max_epochs=1)).validate(
+        model, DataLoader(ds, batch_size=16), verbose=False)
+    values = diag.diagnostics_history[-1]
+    with torch.no_grad():
+        za = model.audio_encoder(ds.a)
+        zv = model.visual_encoder(ds.v)
+        w, b = model.head.weight, model.head.bias
+    pos = torch.arange(48)
+    ua, uv = position_uniform(pos, 1, 0), position_uniform(pos, 2, 0)  # the documented draws, seed 0
+    for rate in rates:
+        for which, keep_a, keep_v in (("audio", ua >= rate, torch.ones(48, dtype=torch.bool)),
+                                      ("visual", torch.ones(48, dtype=torch.bool), uv >= rate)):
+            pred = (torch.cat([za * keep_a[:, None], zv * keep_v[:, None]], 1) @ w.T + b).argmax(1)
+            assert values[f"robust/{which}/{rate:g}"] == pytest.approx(float((pred == ds.y).float().mean()), abs=1e-6)
+        keep_a, keep_v = ua >= rate, uv >= rate
+        lost = ~(keep_a | keep_v)
+        keep_a, keep_v = keep_a | (lost & (ua >= uv)), keep_v | (lost & (uv > ua))
+        pred = (torch.cat([za * keep_a[:, None], zv * keep_v[:, None]], 1) @ w.T + b).argmax(1)
+        assert values[f"robust/all/{rate:g}"] == pytest.approx(float((pred == ds.y).float().mean()), abs=1e-6)
+    curve = [values[f"robust/audio/{r:g}"] for r in rates]
+    assert values["robust_auc/audio"] == pytest.approx((0.25 * (curve[0] + curve[1]) / 2 + 0.25 * (curve[1] + curve[2]) / 2) / 0.5)
+    assert values["robust/audio/0"] == pytest.approx(values["acc_fused"])
+    assert "every modality missing independently" in diag.report()
+    assert (tmp_path / "plots" / "robustness.png").exists()
+    with pytest.raises(ValueError, match="robustness_rates must be increasing"):
+        ModalityDiagnostics(robustness_rates=(0.5, 0.1))

@@ -19,6 +19,7 @@ from lightning_balance._distributed import gather_samples
 from lightning_balance._record import ModalityRecord
 from lightning_balance.callbacks.base import is_number, log_balance_metrics
 from lightning_balance.callbacks.monitor import ModalityMonitor
+from lightning_balance.functional.robustness import curve_area, sweep_presence
 from lightning_balance.functional.diagnostics import (
     _reference,
     diagnostics_from_correctness,
@@ -128,6 +129,14 @@ class ModalityDiagnostics(ModalityMonitor):
         plot_dir: folder of the PNG.
         missing: see :class:`ModalityMonitor`.
         prefix: namespace of the monitor's per-epoch keys (the diagnosis uses ``balance/diagnostics``).
+        robustness_rates: test-time missing rates of a robustness sweep (e.g. ``(0, 0.1, 0.2, 0.3, 0.4, 0.5)``;
+            ``None``: none). Per rate, the fused accuracy with each modality absent at that rate, and with
+            every modality absent independently at it (``"all"``, never all of a sample's), through
+            ``fuse_subset(..., present=...)`` (the model's own ``missing`` fill);
+            :func:`~lightning_balance.functional.sweep_presence` draws each sample's mask from its position, so
+            DDP equals one process. Logged as ``robust/<which>/<rate>`` and the normalised area under each
+            curve ``robust_auc/<which>``; a PNG ``robustness.png`` next to the other one. Costs
+            ``(M + 1) × len(rates)`` fusion passes per validation batch on diagnosed epochs.
     """
 
     diagnostics_prefix = "balance/diagnostics"
@@ -137,8 +146,16 @@ class ModalityDiagnostics(ModalityMonitor):
                  alone_probe: Optional[dict[str, Union[float, tuple[float, float]]]] = None,
                  tolerance: float = 0.02, bootstrap: int = 1000, seed: int = 0, sample_order: str = "auto",
                  verbose: bool = True, plot: Optional[bool] = None, plot_dir: Optional[str] = None,
-                 missing: bool = True, prefix: str = "balance/monitor") -> None:
+                 missing: bool = True, prefix: str = "balance/monitor",
+                 robustness_rates: Optional[Sequence[float]] = None) -> None:
         super().__init__(missing=missing, prefix=prefix)
+        if robustness_rates is not None:
+            rates = list(robustness_rates)
+            if not rates or not all(is_number(r) and 0 <= r < 1 for r in rates) or rates != sorted(set(rates)):
+                raise ValueError(f"robustness_rates must be increasing missing rates in [0, 1), e.g. (0, 0.1, 0.2, 0.3), "
+                                 f"got {robustness_rates!r}.")
+            robustness_rates = tuple(float(r) for r in rates)
+        self.robustness_rates = robustness_rates
         for name, value, low in (("every_n_epochs", every_n_epochs, 1), ("probe_folds", probe_folds, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
@@ -270,8 +287,25 @@ class ModalityDiagnostics(ModalityMonitor):
                    torch.full((n,), float(view), dtype=torch.float64, device=keep.device), targets.double()]
         columns += [(preds[mask] == targets).double() for mask in range(2 ** len(names))]
         columns += [(uni[m].argmax(-1) == targets).double() for m in names]
+        columns += self._sweep_columns(pl_module, record, names, key, targets)
         rows = torch.cat([torch.stack(columns, dim=1), *[vectors[m].double() for m in names]], dim=1)
         self._store.append(rows[keep])
+
+    def _sweep_columns(self, pl_module: pl.LightningModule, record: ModalityRecord, names: tuple[str, ...],
+                       key: Tensor, targets: Tensor) -> list[Tensor]:
+        """Correctness of the fused prediction at each point of the missing-rate sweep: ``(M + 1) × rates``."""
+        if not self.robustness_rates:
+            return []
+        features = {m: z.detach() for m, z in record.features.items()}
+        positions = key.to(torch.int64)
+        out = []
+        for which in (*names, "all"):
+            for rate in self.robustness_rates:
+                mask = sweep_presence(positions, names, rate, which, self.seed, record.present)
+                with record.autocast():
+                    logits = pl_module.fuse_subset(features, names, present=mask)  # type: ignore[attr-defined]
+                out.append((logits.argmax(-1) == targets).double())
+        return out
 
     def _extra_sums(self, pl_module: pl.LightningModule, device: torch.device, dtype: torch.dtype) -> Tensor:
         # every rank learns the row layout (also a rank that stored nothing) in the monitor's one all-reduce
@@ -295,7 +329,8 @@ class ModalityDiagnostics(ModalityMonitor):
             return None
         classes = round(float(layout[1]) / ranks)
         widths = [round(float(w) / ranks) for w in layout[2:]]
-        head = 4 + 2**m + m
+        sweep = (m + 1) * len(self.robustness_rates or ())
+        head = 4 + 2**m + m + sweep
         device = pl_module.device
         local = (torch.cat(self._store) if self._store else
                  torch.zeros(0, head + sum(widths), dtype=torch.float64, device=device))
@@ -311,7 +346,8 @@ class ModalityDiagnostics(ModalityMonitor):
             rows, groups = rows[groups < self.max_samples], groups[groups < self.max_samples]
         out: dict[str, Any] = {"groups": groups, "targets": rows[:, 3].long(), "classes": classes,
                                "correct": rows[:, 4: 4 + 2**m].T.bool(),
-                               "unimodal": {mod: rows[:, 4 + 2**m + i].bool() for i, mod in enumerate(names)}}
+                               "unimodal": {mod: rows[:, 4 + 2**m + i].bool() for i, mod in enumerate(names)},
+                               "sweep": rows[:, 4 + 2**m + m: head].bool()}
         start = head
         out["vectors"] = {}
         for mod, w in zip(names, widths):
@@ -346,6 +382,14 @@ class ModalityDiagnostics(ModalityMonitor):
                 seed=self.seed, errors="warn", precisions=self._precisions or None)
         for caught_warning in caught:
             rank_zero_warn(f"ModalityDiagnostics ({where}): {caught_warning.message}")
+        if self.robustness_rates:
+            sweep = samples["sweep"].float().mean(0).tolist()
+            rates = list(self.robustness_rates)
+            for w, which in enumerate((*names, "all")):
+                curve = sweep[w * len(rates): (w + 1) * len(rates)]
+                for rate, acc in zip(rates, curve):
+                    values[f"robust/{which}/{rate:g}"] = acc
+                values[f"robust_auc/{which}"] = curve_area(rates, curve)
         values["seconds/gather"] = gather_seconds
         values["seconds/total"] = time.perf_counter() - clock
         if self.alone_probe:
@@ -380,7 +424,15 @@ class ModalityDiagnostics(ModalityMonitor):
                 f"{values['seconds/total']:.2f} s)")
         verdict = imbalance_verdict(values, modalities, self.alone_probe, self.tolerance)
         table = diagnostics_table(values, modalities, self.alone_probe)
-        return "\n".join([head, table, *("  " + line for line in verdict)])
+        lines = [head, table, *("  " + line for line in verdict)]
+        if self.robustness_rates:
+            rates = ", ".join(f"{r:g}" for r in self.robustness_rates)
+            lines.append(f"  fused accuracy at test-time missing rates {rates} (area under the curve):")
+            for which in (*modalities, "all"):
+                what = f"{which} missing" if which != "all" else "every modality missing independently"
+                curve = " ".join(f"{values[f'robust/{which}/{r:g}']:.3f}" for r in self.robustness_rates)
+                lines.append(f"    {what}: {curve} (area {values[f'robust_auc/{which}']:.3f})")
+        return "\n".join(lines)
 
     def report(self) -> str:
         """The last report (run ``trainer.validate`` or ``trainer.test`` to get one on demand)."""
@@ -441,6 +493,21 @@ class ModalityDiagnostics(ModalityMonitor):
         fig.savefig(path, dpi=100)
         plt.close(fig)
         self.plot_path = path
+        if self.robustness_rates and self.diagnostics_history:
+            last = self.diagnostics_history[-1]
+            fig, ax = plt.subplots(figsize=(5.5, 3.8))
+            for i, which in enumerate((*names, "all")):
+                curve = [last.get(f"robust/{which}/{r:g}", math.nan) for r in self.robustness_rates]
+                label = f"{which} missing" if which != "all" else "all, independently"
+                ax.plot(self.robustness_rates, curve, "o-", color=f"C{i}" if which != "all" else "k",
+                        label=f"{label} (area {last.get(f'robust_auc/{which}', math.nan):.3f})")
+            ax.set(title=f"fused accuracy vs test-time missing rate (epoch {int(last['epoch'])})",
+                   xlabel="missing rate", ylabel="accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(os.path.join(folder, "robustness.png"), dpi=100)
+            plt.close(fig)
         from lightning.pytorch.loggers import WandbLogger
 
         for logger in trainer.loggers:
