@@ -62,7 +62,7 @@ def _as_mask(value: Any, what: str, n: int, device: torch.device) -> Tensor:
         raise ModalityContractError(f"{what} must have shape ({n},) (one entry per sample), got {tuple(value.shape)}.")
     if value.dtype != torch.bool:
         value = value != 0
-    return value.to(device, non_blocking=True)
+    return value.to(device)  # small; a blocking copy is safe in every direction
 
 
 def normalise_presence(present: PresenceLike, names: Sequence[str], n: int,

@@ -555,9 +555,10 @@ class MultimodalMixin(ObjectivesMixin):
         encoded = self.encode_batch(batch)
         features, targets = encoded[0], encoded[1]
         present = encoded[2] if len(encoded) > 2 else None
-        if present is not None:
+        if present is not None:  # absent features replaced by the declared fill, as in fuse
             first = features[self.modality_spec.names[0]]
             present = normalise_presence(present, self.modality_spec.names, first.shape[0], first.device)
+            features = fill_absent(features, present, self.modality_spec.missing, self._missing_fill())
         return features, targets, present
 
     def fusion_modules(self) -> list[nn.Module]:

@@ -247,8 +247,9 @@ class GradientBlending(Callback):
         sums = all_reduce_sum(sums, trainer.strategy).cpu()
         if sums[3] == 0:
             raise ModalityContractError(
-                "GradientBlending: the held-out loader gave no labelled samples (every target is ignore_index, or it "
-                "is empty); it needs a held-out part of the training data with labels (holdout_fraction=0.1)."
+                "GradientBlending: the held-out loader gave no labelled sample for a head (every target is "
+                "ignore_index, no held-out sample has the head's modality, or the loader is empty); it needs a "
+                "held-out part of the training data with labels (holdout_fraction=0.1)."
             )
         return sums[0::2] / sums[1::2].clamp_min(1)
 
@@ -322,8 +323,8 @@ def _head_loss(net: Any, batch: Any, head: str, ignore_index: int) -> tuple[Tens
     """Sum of one head's cross-entropy over the batch's labelled samples (that have the head's modality), and
     their number (no host sync)."""
     features, targets, present = net.encoded_batch(batch)
-    if head == "fused":
-        logits = net.fuse_features(features) if present is None else net.fuse_subset(features, net.modalities, present)
+    if head == "fused":  # through the contract (the fill, and the mask for a fusion that takes it)
+        logits = net.fuse_subset(features, net.modalities, present)
     else:
         logits = net.compute_unimodal_logits(features, present=present)[head]
         if present is not None:  # a head's loss over the samples that have its modality

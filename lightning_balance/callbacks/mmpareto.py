@@ -230,8 +230,10 @@ class MMPareto(GradientBalancingCallback):
             sq_mm = (sq_total - 2 * dot_total + sq_uni).clamp_min(0)
             w_mm, w_uni, cos = pareto_weights(dot, sq_mm, sq_uni)
             stationary = pareto_stationary(dot, sq_mm, sq_uni, w_mm, self.stationary_tol)
-            finite, agree, cancel = torch.stack([torch.isfinite(torch.stack([dot, sq_mm, sq_uni])).all(), cos > 0,
-                                                 stationary]).tolist()  # one sync
+            finite, agree, cancel, no_uni = torch.stack([torch.isfinite(torch.stack([dot, sq_mm, sq_uni])).all(),
+                                                         cos > 0, stationary, sq_uni == 0]).tolist()  # one sync
+            if no_uni:  # no sample of the step has the modality (or its unimodal loss is flat): nothing to merge
+                agree, cancel = True, False
             if not finite and not self.statistics_finite({"dot": dot, "sq_mm": sq_mm, "sq_uni": sq_uni}, self._step()):
                 cos_all.append(None)
                 w_all.append(None)
@@ -245,7 +247,7 @@ class MMPareto(GradientBalancingCallback):
             assert self.conflicts is not None and self.stationary is not None
             self.conflicts = self.conflicts.to(device)
             self.stationary = self.stationary.to(device)
-            self.conflicts[i] += (cos <= 0).float()
+            self.conflicts[i] += float(not agree)
             self.stationary[i] += float(cancel)
             self.merged = self.merged.to(device) if self.merged is not None else torch.zeros_like(self.conflicts)
             self.merged[i] += 1

@@ -102,8 +102,9 @@ class ModalityMonitor(Callback):
         _ = pl_module.modalities  # raises a clear error if the module has not declared its modalities
 
     # ------------------------------------------------------------------ layout of the epoch's sums
-    # [fused correct, unimodal correct x M, without-m correct x M (missing), labelled count, score x M,
-    #  samples with non-finite logits, samples with non-finite features x M]
+    # [fused correct, unimodal correct x M, without-m correct x M (missing), labelled count,
+    #  labelled samples that have each modality x M, score x M, samples with non-finite logits,
+    #  samples with non-finite features x M]
     def _size(self, m: int) -> int:
         return 1 + m + (m if self.missing else 0) + 1 + m + m + 1 + m
 

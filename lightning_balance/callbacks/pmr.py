@@ -229,7 +229,7 @@ class PMR(GradientBalancingCallback):
         if self.centroids:
             return next(iter(self.centroids.values())).shape[0]
         with torch.no_grad():
-            return int(pl_module.fuse_features({k: v[:1] for k, v in features.items()}).shape[-1])
+            return int(pl_module._fusion_call({k: v[:1] for k, v in features.items()}, None).shape[-1])
 
     def _add_class_sums(self, sums: dict[str, Tensor], pl_module: Any, features: dict[str, Tensor],
                         targets: Tensor, valid: Tensor, classes: Optional[int] = None,
@@ -280,7 +280,7 @@ class PMR(GradientBalancingCallback):
             step = {k: v for k, v in stats.items() if k.startswith(("sum/", "count/"))}
             pending = self._pending_sums or {}
             self._pending_sums = {k: pending[k] + v if k in pending else v for k, v in step.items()}
-        if "scores" not in stats:
+        if "scores" not in stats or not self.step_has_labels:  # no prototypes yet, or no sample with some modality
             return {"pending": torch.zeros(())} if self._pending_sums else {}
         # with absent modalities each score sums over the samples that have the modality: on one footing
         pce, entropy = pmr_weights(present_sums(stats["scores"], stats["count"], stats["total"]), self.rule)
@@ -315,7 +315,7 @@ class PMR(GradientBalancingCallback):
                     ce = F.cross_entropy(safe, targets, reduction="none") * known
                     loss = loss + pce_w[i] * ce.sum() / n
                 if ent_w[i]:
-                    entropy = prototype_entropy(logits) * valid
+                    entropy = torch.where(valid, prototype_entropy(logits), torch.zeros((), device=z.device))
                     loss = loss - ent_w[i] * entropy.sum() / n
                 (grad,) = torch.autograd.grad(loss, z)
             taps[m].extra = grad * loss_scale

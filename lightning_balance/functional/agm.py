@@ -52,8 +52,8 @@ def agm_scores(responses: Tensor, targets: Tensor, floor: float = 1e-8, valid: T
     p = torch.softmax(responses.float(), dim=-1)
     index = targets.reshape(1, -1, 1).expand(responses.shape[0], -1, 1)
     per_sample = -torch.log(p.gather(-1, index).squeeze(-1).clamp_min(floor))
-    if valid is not None:
-        per_sample = per_sample * valid.float()
+    if valid is not None:  # not a product: a left-out row may be NaN
+        per_sample = torch.where(valid, per_sample, torch.zeros((), device=per_sample.device))
     return per_sample.sum(dim=-1)
 
 

@@ -25,9 +25,11 @@ def class_feature_sums(features: Tensor, targets: Tensor, num_classes: int,
     batches and ranks add up); only the samples in ``valid`` if given (the others' targets must still be
     valid indices, e.g. 0)."""
     onehot = F.one_hot(targets, num_classes).to(torch.float32)
-    if valid is not None:
+    flat = features.reshape(features.shape[0], -1).float()
+    if valid is not None:  # torch.where, not a product: a left-out row may hold NaN (0 * NaN is NaN)
         onehot = onehot * valid.to(torch.float32).unsqueeze(1)
-    return onehot.T @ features.reshape(features.shape[0], -1).float(), onehot.sum(0)
+        flat = torch.where(valid.unsqueeze(1), flat, torch.zeros((), device=flat.device))
+    return onehot.T @ flat, onehot.sum(0)
 
 
 def update_prototypes(

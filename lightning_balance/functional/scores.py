@@ -53,12 +53,13 @@ def modality_scores(unimodal_logits: Tensor, targets: Tensor, valid: Optional[Te
         return true_class_probability(unimodal_logits, targets).sum(dim=-1)
     any_valid = valid if valid.ndim == 1 else valid.any(0)
     safe = torch.where(any_valid, targets, torch.zeros_like(targets))
-    return (true_class_probability(unimodal_logits, safe) * valid.float()).sum(dim=-1)
+    p = true_class_probability(unimodal_logits, safe)
+    return torch.where(valid, p, torch.zeros((), device=p.device)).sum(dim=-1)  # not a product: 0 * NaN
 
 
 def present_sums(sums: Tensor, counts: Tensor, total: Tensor) -> Tensor:
     r"""Per-modality batch sums put on one footing when modalities were present in different numbers of
-    samples: :math:`	ilde s_m = s_m \cdot n / n_m`, the sum the ``n`` labelled samples would give at the
+    samples: :math:`\tilde s_m = s_m \cdot n / n_m`, the sum the ``n`` labelled samples would give at the
     mean of the ``n_m`` that have modality ``m`` (0 when ``n_m = 0``).
 
     With every modality in every sample (``n_m = n``) the factor is exactly 1: the official batch sums.

@@ -141,9 +141,12 @@ class ContrastiveLoss(LossTerm):
             both = present[a] & present[b]
             if bool(both.any()):  # one host sync per pair, only when the batch has absent modalities
                 losses.append(symmetric_info_nce(emb[a][both], emb[b][both], scale))
-        if not losses:  # no sample has two modalities: nothing to align, a zero that keeps the graph
-            return 0.0 * (scale + sum(e.sum() for e in emb.values()))
-        return torch.stack(losses).mean()
+        # every projection stays in the graph (a modality that shares no sample with another gets a zero
+        # gradient, not none, in one process as under DDP)
+        keep = 0.0 * (scale + sum(e.sum() for e in emb.values()))
+        if not losses:  # no sample has two modalities: nothing to align
+            return keep
+        return torch.stack(losses).mean() + keep
 
     def from_record(self, module: MultimodalMixin, record: ModalityRecord) -> tuple[Tensor, dict[str, Tensor]]:
         return self.forward(record.vectors(detach=False), record.present), {"scale": self.scale().detach()}

@@ -109,7 +109,8 @@ class ReconstructionLoss(LossTerm):
                 per[m] = F.mse_loss(dec(u).float(), x)
             else:
                 err = (dec(u).float() - torch.where(mask[:, None], x, torch.zeros_like(x))).pow(2).mean(1)
-                per[m] = (err * mask).sum() / max(len(mask), 1)  # a batch mean, absent samples adding 0
+                err = torch.where(mask, err, torch.zeros((), device=err.device))  # absent samples add 0
+                per[m] = err.sum() / max(len(mask), 1)  # a batch mean
         total = torch.stack([self.modality_weights.get(m, 1.0) * v for m, v in per.items()]).sum()
         return total, per
 

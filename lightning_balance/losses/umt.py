@@ -4,6 +4,7 @@ Supervised Multi-Modal Learning", ICML 2023."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
@@ -107,7 +108,8 @@ class UnimodalEnsemble(nn.Module):
             ensemble, which could not be checked in the paper) or ``"product"`` (sum of
             log-probabilities).
 
-    ``forward(inputs)`` takes ``{modality: x}`` and returns log-probabilities ``(N, C)``.
+    ``forward(inputs, present=None)`` takes ``{modality: x}`` and returns log-probabilities ``(N, C)``; with
+    ``present`` (``{modality: (N,) bool}``) each sample combines the models of the modalities it has.
     """
 
     def __init__(self, models: Mapping[str, nn.Module], combine: Literal["mean", "product"] = "mean") -> None:
@@ -119,8 +121,14 @@ class UnimodalEnsemble(nn.Module):
         self.models = nn.ModuleDict(dict(models))
         self.combine = combine
 
-    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
+    def forward(self, inputs: Mapping[str, Tensor], present: Optional[Mapping[str, Tensor]] = None) -> Tensor:
         log_p = torch.stack([F.log_softmax(self.models[m](inputs[m]).float(), -1) for m in self.models])
+        if present is not None:  # (K, N, 1): an absent modality's model has no say
+            have = torch.stack([present[m] for m in self.models]).unsqueeze(-1)
+            if self.combine == "product":
+                return torch.log_softmax(torch.where(have, log_p, torch.zeros_like(log_p)).sum(0), -1)
+            masked = torch.where(have, log_p, torch.full_like(log_p, -math.inf))
+            return torch.logsumexp(masked, 0) - torch.log(have.sum(0).clamp_min(1).float())
         if self.combine == "product":
             return torch.log_softmax(log_p.sum(0), -1)
         return torch.logsumexp(log_p, 0) - torch.log(torch.tensor(float(len(self.models))))
@@ -135,10 +143,10 @@ def choose_ume_or_umt(ensemble_val_accuracy: float, joint_val_accuracy: float) -
 
 class _UnimodalModel(pl.LightningModule):
     def __init__(self, encoder: nn.Module, width: int, num_classes: int, modality: str, lr: float, momentum: float,
-                 ignore_index: int = -100) -> None:
+                 ignore_index: int = -100, index: int = 0) -> None:
         super().__init__()
         self.encoder, self.head, self.modality = encoder, nn.Linear(width, num_classes), modality
-        self.lr, self.momentum, self.ignore_index = lr, momentum, ignore_index
+        self.lr, self.momentum, self.ignore_index, self.index = lr, momentum, ignore_index, index
 
     def forward(self, x: Tensor) -> Tensor:
         z = self.encoder(x)
@@ -147,7 +155,12 @@ class _UnimodalModel(pl.LightningModule):
         return self.head(z)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return F.cross_entropy(self(batch[self.modality]), batch["target"], ignore_index=self.ignore_index)
+        targets = batch["target"]
+        present = batch.get("present") if isinstance(batch, Mapping) else None
+        if present is not None:  # a sample without this modality teaches nothing about it
+            have = present[self.modality] if isinstance(present, Mapping) else present[:, self.index]
+            targets = torch.where(have.bool(), targets, torch.full_like(targets, self.ignore_index))
+        return F.cross_entropy(self(batch[self.modality]), targets, ignore_index=self.ignore_index)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
@@ -158,7 +171,8 @@ def fit_unimodal_teachers(module: MultimodalMixin, datamodule: pl.LightningDataM
                           **trainer_kwargs: Any) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """Train one unimodal model per modality from the module's own encoders (fresh copies, parameters
     re-initialised) and a linear head, on the datamodule's batches ``{modality: x, "target": y}``, with SGD
-    on the cross-entropy (targets equal to the module's ``ignore_index`` left out). Token features
+    on the cross-entropy (targets equal to the module's ``ignore_index`` left out, and, when the batches carry
+    ``"present"``, the samples that lack the modality). Token features
     ``(N, T, D)`` are averaged over the tokens before the head.
 
     Returns ``(teachers, models)``: the trained encoders (for :class:`UMTLoss`) and the full unimodal
@@ -177,7 +191,8 @@ def fit_unimodal_teachers(module: MultimodalMixin, datamodule: pl.LightningDataM
         sample = next(iter(datamodule.train_dataloader()))
         with torch.no_grad():
             width = encoder(sample[m]).shape[-1]
-        model = _UnimodalModel(encoder, width, num_classes, m, lr, momentum, module.modality_spec.ignore_index)
+        model = _UnimodalModel(encoder, width, num_classes, m, lr, momentum, module.modality_spec.ignore_index,
+                               index=list(module.modalities).index(m))
         kwargs = {"max_epochs": max_epochs, "logger": False, "enable_checkpointing": False,
                   "enable_progress_bar": False, "enable_model_summary": False, **trainer_kwargs}
         pl.Trainer(**kwargs).fit(model, train_dataloaders=datamodule.train_dataloader())
