@@ -1,7 +1,7 @@
 """The invariants with a presence mask in the batch (benchmark-protocol.md §5.7): DDP on 2 processes equals one
 process (also when one rank holds no sample of a modality in a step), accumulation equals the full batch,
 resume from a checkpoint inside an epoch equals the uninterrupted run, and fp16 overflow steps are skipped
-without touching state; and what each method that does not support absence says."""
+without touching state; and CML on absent modalities."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
-from lightning_balance import AGM, OGMGE, PMR, CMLLoss, InfoReg, MMPareto, ModalityContractError
+from lightning_balance import AGM, OGMGE, PMR, CMLLoss, InfoReg, MMPareto
 from tests.helpers import (DictDataset, InterleavedSampler, SaveParams, TinyAV, flat_params, resumable_loader,
                            states_equal, trainer_kwargs)
 
@@ -145,12 +145,22 @@ def test_a_step_where_no_sample_has_a_modality_gives_no_edit(tmp_path):
 class CMLModel(TinyAV):
     def __init__(self):
         super().__init__()
-        self.configure_loss_terms([CMLLoss()])
+        self.configure_loss_terms([CMLLoss(seed=1)])
 
     def training_step(self, batch, batch_idx):
         return self.add_loss_terms(super().training_step(batch, batch_idx))
 
 
-def test_cml_refuses_absent_modalities_with_the_reason(tmp_path):
-    with pytest.raises(ModalityContractError, match="CMLLoss does not handle absent modalities: its nested subsets"):
-        pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1)).fit(CMLModel(), masked_loader())
+def test_cml_trains_on_absent_modalities_and_resumes_inside_an_epoch(tmp_path):
+    straight = CMLModel()
+    pl.Trainer(**trainer_kwargs(tmp_path / "a", max_epochs=3)).fit(straight, resumable_loader(missing=MISSING))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[ckpt], max_epochs=3, enable_checkpointing=True)).fit(
+        CMLModel(), resumable_loader(missing=MISSING))
+    resumed = CMLModel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(**trainer_kwargs(tmp_path / "c", max_epochs=3)).fit(
+            resumed, resumable_loader(missing=MISSING), ckpt_path=str(tmp_path / "ckpt" / "step=6.ckpt"))
+    torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=1e-6, atol=1e-7)
+    assert torch.isfinite(flat_params(straight)).all()

@@ -370,3 +370,38 @@ model:
     assert set(terms) == {"cml", "contrastive", "reconstruction"}
     assert terms["cml"].rank_weight == 0.5 and terms["contrastive"].weight == 0.2
     assert terms["reconstruction"].form == "mfm"
+
+
+def test_samples_that_lack_a_modality_have_the_chain_of_the_modalities_they_have():
+    """Two modalities: a complete sample has the chain {a, v} -> its one kept modality; a sample that lacks one
+    has the chain of its single modality, which adds nothing. Restated by hand from the documented stream."""
+    from lightning_balance import MultimodalMixin  # noqa: F401  (the model is TinyAV)
+
+    torch.manual_seed(0)
+    model = TinyAV()
+    term = CMLLoss(seed=13)
+    model.configure_loss_terms([term])
+    n = 8
+    batch = {"audio": torch.randn(n, 6), "visual": torch.randn(n, 5), "target": torch.randint(0, 4, (n,))}
+    present = {"audio": torch.tensor([True] * 6 + [False, True]), "visual": torch.tensor([True] * 6 + [True, False])}
+    feats = model.forward_features(batch)
+    model.fuse(feats, batch["target"], present=present)
+    value, _ = term.from_record(model, model.balance_record)
+    # the stream of CMLLoss(seed=13) at step 0: splitmix of (13, 0), keys U(0, 1) of shape (N, M)
+    x = (13 * 0x9E3779B97F4A7C15 + 0 * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    keys = torch.rand(n, 2, generator=torch.Generator().manual_seed(x & 0x7FFFFFFFFFFFFFFF))
+    w, b = model.head.weight, model.head.bias
+    za, zv = feats["audio"], feats["visual"]
+    y = batch["target"]
+    ce, ranked = 0.0, 0.0
+    for i in range(6):  # complete samples: remove the modality with the smaller key first
+        full = torch.cat([za[i], zv[i]]) @ w.T + b
+        kept = torch.cat([za[i], torch.zeros(8)]) if keys[i, 0] > keys[i, 1] else torch.cat([torch.zeros(8), zv[i]])
+        sub = kept @ w.T + b
+        ce += float(F.cross_entropy(sub[None], y[i:i + 1]))
+        c0, c1 = float(F.softmax(full, -1).max()), float(F.softmax(sub, -1).max())
+        right0, right1 = int(full.argmax()) == int(y[i]), int(sub.argmax()) == int(y[i])
+        ranked += max(c1 - c0, 0.0) * right0 + max(c1 - c0, 0.0) * (not right0 and not right1)
+    expected = ce / n + 2 * 0.1 * ranked  # samples 6 and 7: a chain of one modality, nothing added
+    assert value.item() == pytest.approx(expected, rel=1e-5)

@@ -1,7 +1,7 @@
 """Functional core: each method's math as pure tensor functions (no Lightning import)."""
 
 from lightning_balance.functional.agm import agm_coefficients, agm_scores, shapley_responses, shapley_weights
-from lightning_balance.functional.cml import cml_objective, cml_ranking_penalty, removal_chains
+from lightning_balance.functional.cml import chain_steps, cml_objective, cml_ranking_penalty, removal_chains
 from lightning_balance.functional.contrastive import symmetric_info_nce
 from lightning_balance.functional.diagnostics import (
     Z95,
@@ -85,6 +85,7 @@ __all__ = [
     "prototype_entropy",
     "prototype_logits",
     "removal_chains",
+    "chain_steps",
     "shapley_contributions",
     "shapley_responses",
     "shapley_weights",

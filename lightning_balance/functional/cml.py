@@ -28,16 +28,32 @@ _GATES = ("larger_correct", "cpm", "all")
 
 
 def removal_chains(num_modalities: int, batch_size: int, generator: torch.Generator | None = None,
-                   device: torch.device | str = "cpu") -> Tensor:
+                   device: torch.device | str = "cpu", present: Optional[Tensor] = None) -> Tensor:
     """Per sample, a random removal order of the modalities: ``(N, M)`` permutations (uniform, like the
     official ``random.shuffle`` per sample); subset ``S_j`` of sample ``i`` keeps every modality except the
-    first ``j`` of its order. Drawn on the CPU from ``generator`` (torch's global stream if ``None``)."""
-    keys = torch.rand(batch_size, num_modalities, generator=generator, device="cpu")
-    return keys.argsort(dim=1).to(device)
+    first ``j`` of its order. Drawn on the CPU from ``generator`` (torch's global stream if ``None``).
+
+    With ``present`` (``(N, M)`` bool), a sample's absent modalities come first in its order (their removal
+    changes nothing: those chain steps are no-ops, left out by :func:`chain_steps`), then its present ones in
+    a uniformly random order. The draws are the same with or without the mask."""
+    keys = torch.rand(batch_size, num_modalities, generator=generator, device="cpu").to(device)
+    if present is not None:  # on the mask's device: no host sync
+        keys = torch.where(present.to(keys.device), keys, torch.full_like(keys, -1.0))
+    return keys.argsort(dim=1)
+
+
+def chain_steps(present: Tensor) -> Tensor:
+    """``(M - 1, N)`` bool: whether chain step ``j = 1 … M-1`` of each sample removes a modality it has (with
+    the absent ones removed first, steps ``j <= a_i`` are no-ops, ``a_i`` = its number of absent modalities)."""
+    m = present.shape[1]
+    absent = (~present).sum(1)  # (N,)
+    steps = torch.arange(1, m, device=present.device).unsqueeze(1)  # (M-1, 1)
+    return steps > absent.unsqueeze(0)
 
 
 def cml_ranking_penalty(chain_logits: Tensor, targets: Tensor, margin: float = 0.0, gate: Gate = "larger_correct",
-                        both_wrong: bool = True, valid: Optional[Tensor] = None) -> Tensor:
+                        both_wrong: bool = True, valid: Optional[Tensor] = None,
+                        steps: Optional[Tensor] = None) -> Tensor:
     r"""Per-sample ranking penalty of nested subsets, ``(N,)``:
 
     .. math::
@@ -57,6 +73,8 @@ def cml_ranking_penalty(chain_logits: Tensor, targets: Tensor, margin: float = 0
         chain_logits: ``(M, N, C)``, ``chain_logits[0]`` on all modalities.
         targets: ``(N,)`` class indices (any value where ``valid`` is False).
         valid: optional ``(N,)`` bool mask of the samples to score.
+        steps: optional ``(M - 1, N)`` bool (:func:`chain_steps`): the pairs ``(S_{j-1}, S_j)`` to rank; a
+            no-op step (a modality the sample lacks) ranks nothing.
     """
     if chain_logits.ndim != 3 or chain_logits.shape[0] < 2:
         raise ValueError(f"chain_logits must have shape (M >= 2, N, C), got {tuple(chain_logits.shape)}.")
@@ -73,6 +91,8 @@ def cml_ranking_penalty(chain_logits: Tensor, targets: Tensor, margin: float = 0
         hinge = hinge * ~(~larger & smaller)
     if both_wrong:
         hinge = hinge + (conf[1:] - conf[:-1].detach() - margin).clamp_min(0) * (~larger & ~smaller)
+    if steps is not None:
+        hinge = torch.where(steps, hinge, torch.zeros((), device=hinge.device))
     penalty = hinge.sum(dim=0)
     if valid is not None:
         penalty = penalty * valid
@@ -81,7 +101,8 @@ def cml_ranking_penalty(chain_logits: Tensor, targets: Tensor, margin: float = 0
 
 def cml_objective(chain_logits: Tensor, targets: Tensor, rank_weight: float = 0.1, subset_weight: float = 1.0,
                   margin: float = 0.0, gate: Gate = "larger_correct", both_wrong: bool = True,
-                  reduction: Literal["sum", "mean"] = "sum", valid: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                  reduction: Literal["sum", "mean"] = "sum", valid: Optional[Tensor] = None,
+                  steps: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     r"""What CML adds to a loss that already holds the cross-entropy on all modalities, and the per-sample
     penalty ``R_i`` (:func:`cml_ranking_penalty`):
 
@@ -103,16 +124,20 @@ def cml_objective(chain_logits: Tensor, targets: Tensor, rank_weight: float = 0.
         subset_weight: μ, each smaller subset's cross-entropy weight relative to the one on all modalities.
         reduction: ``"sum"`` (official) or ``"mean"`` over the samples.
         valid: optional ``(N,)`` bool mask (default: every sample).
+        steps: optional ``(M - 1, N)`` bool (:func:`chain_steps`): the chain steps that remove a modality the
+            sample has; the others add no cross-entropy and rank nothing (a sample with fewer modalities has
+            a shorter chain).
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}.")
     m, n = chain_logits.shape[0], chain_logits.shape[1]
     valid = torch.ones(n, dtype=torch.bool, device=chain_logits.device) if valid is None else valid
     safe = torch.where(valid, targets, torch.zeros_like(targets))
-    penalty = cml_ranking_penalty(chain_logits, safe, margin, gate, both_wrong, valid)
+    penalty = cml_ranking_penalty(chain_logits, safe, margin, gate, both_wrong, valid, steps)
     count = valid.sum().clamp_min(1)
     # (M-1, N) cross-entropies of the smaller subsets, averaged over the valid samples of each subset
     ce = F.cross_entropy(chain_logits[1:].float().flatten(0, 1), safe.repeat(m - 1), reduction="none").view(m - 1, n)
-    subsets = (ce * valid).sum() / count
+    counted = valid.unsqueeze(0) if steps is None else valid.unsqueeze(0) & steps
+    subsets = torch.where(counted, ce, torch.zeros((), device=ce.device)).sum() / count
     ranked = penalty.sum() if reduction == "sum" else penalty.sum() / count
     return subset_weight * subsets + m * rank_weight * ranked, penalty

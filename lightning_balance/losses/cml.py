@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_balance._distributed import shared_generator
-from lightning_balance.functional.cml import _GATES, Gate, cml_objective, removal_chains
+from lightning_balance.functional.cml import _GATES, Gate, chain_steps, cml_objective, removal_chains
 from lightning_balance.losses.base import LossTerm
 from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
 
@@ -45,7 +45,9 @@ class CMLLoss(LossTerm):
     kept in the term's buffer ``rng_state``: it is identical on every rank, travels in the model's
     checkpoint (a resumed run draws what the uninterrupted run draws) and DDP broadcasts it. Only training
     steps advance it. Samples whose target is the declared ``ignore_index`` are left out of every
-    cross-entropy and of the ranking term.
+    cross-entropy and of the ranking term. A sample that lacks modalities (``fuse(..., present=...)``) has the
+    chain of the modalities it has: ``S_0`` = its present set, then they are removed in a random order; its
+    absent modalities add no cross-entropy and no ranking term (:func:`~lightning_balance.functional.chain_steps`).
 
     Under DDP the sum runs over each rank's batch, as the official code sums over the batch it sees:
     after DDP's gradient averaging the ranking weight is that of a single process with the per-rank batch.
@@ -71,10 +73,6 @@ class CMLLoss(LossTerm):
     """
 
     name = "cml"
-    supports_absence = False
-    absence_refusal = ("its nested subsets remove each sample's modalities in a random order, and a chain for a "
-                       "sample that lacks some of them (which steps to count, which confidences to rank) is not "
-                       "defined yet.")
 
     def __init__(self, rank_weight: float = 0.1, subset_weight: float = 1.0, margin: float = 0.0,
                  gate: Gate = "larger_correct", both_wrong: bool = True,
@@ -131,7 +129,8 @@ class CMLLoss(LossTerm):
         device = record.logits.device
         if generator is None:
             generator = self._stream(advance=record.training and torch.is_grad_enabled())
-        order = removal_chains(m, n, generator=generator, device=device)  # (N, M)
+        matrix = None if record.present is None else torch.stack([record.present[k] for k in names], 1)
+        order = removal_chains(m, n, generator=generator, device=device, present=matrix)  # (N, M), absent first
         present = torch.ones(m, n, m, dtype=torch.bool, device=device)  # [j, i, modality]
         for j in range(1, m):
             present[j:, torch.arange(n, device=device), order[:, j - 1]] = False
@@ -139,7 +138,8 @@ class CMLLoss(LossTerm):
         full = 2**m - 1
         by_mask = {full: record.logits}
         for mask in range(1, full):
-            by_mask[mask] = module.fuse_subset(record.features, [k for b, k in enumerate(names) if mask >> b & 1])
+            by_mask[mask] = module.fuse_subset(record.features, [k for b, k in enumerate(names) if mask >> b & 1],
+                                               present=record.present)
         stacked = torch.stack([by_mask[k] for k in range(1, full + 1)])  # (2^M - 1, N, C)
         weights = (2 ** torch.arange(m, device=device)).view(1, 1, m)
         masks = (present.long() * weights).sum(-1)  # (M, N) subset mask per chain step and sample
@@ -152,7 +152,11 @@ class CMLLoss(LossTerm):
             raise ModalityContractError("CMLLoss needs at least two modalities.")
         chains = self.chain_logits(module, record)
         valid = record.valid
-        value, penalty = self._objective(chains, record.valid_targets(), valid)
+        steps = None
+        if record.present is not None:
+            steps = chain_steps(torch.stack([record.present[k] for k in module.modalities], 1))
+        value, penalty = cml_objective(chains, record.valid_targets(), self.rank_weight, self.subset_weight,
+                                       self.margin, self.gate, self.both_wrong, self.reduction, valid, steps)
         count = valid.sum().clamp_min(1)  # type: ignore[union-attr]
         return value, {"penalty": penalty.sum() / count, "violations": ((penalty > 0) & valid).sum() / count}
 
