@@ -30,7 +30,7 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
     def __init__(self, input_dims: Optional[dict[str, int]] = None, hidden: int = 256, feature_dim: int = 128,
                  num_classes: int = 10, lr: float = 0.02, momentum: float = 0.9, aux_heads: bool = False,
                  unimodal_losses: bool = False, cosine_scale: Optional[float] = None,
-                 loss_terms: Optional[list] = None) -> None:
+                 loss_terms: Optional[list] = None, missing: str = "zeros") -> None:
         super().__init__()
         input_dims = input_dims or {"audio": 40, "visual": 64}
         self.save_hyperparameters(ignore=["loss_terms"])
@@ -43,11 +43,18 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
         elif aux_heads:  # one linear head per modality (MMPareto's and Gradient-Blending's unimodal heads)
             self.aux_heads = nn.ModuleDict({m: nn.Linear(feature_dim, num_classes) for m in input_dims})
             self.configure_modalities({m: self.encoders[m] for m in input_dims}, head=self.head, unimodal="heads",
-                                      unimodal_heads=dict(self.aux_heads.items()))
+                                      unimodal_heads=dict(self.aux_heads.items()), **self._fill(missing, input_dims))
         else:
-            self.configure_modalities({m: self.encoders[m] for m in input_dims}, head=self.head)
+            self.configure_modalities({m: self.encoders[m] for m in input_dims}, head=self.head,
+                                      **self._fill(missing, input_dims))
         if loss_terms:
             self.configure_loss_terms(loss_terms)
+
+    def _fill(self, missing: str, input_dims: dict[str, int]) -> dict:
+        """What stands in for an absent modality: zeros, or a learned embedding of the feature width."""
+        if missing == "learned":
+            return {"missing": "learned", "feature_dims": {m: self.hparams.feature_dim for m in input_dims}}
+        return {"missing": missing}
 
     def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.encoders[m](batch[m]) for m in self.modalities}

@@ -14,7 +14,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def examples_path(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))
     yield
-    for name in ("benchmark", "diagnose", "_common"):
+    for name in ("benchmark", "diagnose", "robustness", "_common"):
         sys.modules.pop(name, None)
 
 
@@ -55,3 +55,20 @@ def test_diagnose_prints_a_verdict(tmp_path, examples_path, capsys):
     rows = json.loads((tmp_path / "diagnose_synthetic_baseline.json").read_text())["rows"]
     assert rows[0]["monitor"] and "contribution/m0" in rows[0]["monitor"][-1]
     assert (tmp_path / "diagnostics_synthetic_baseline.png").exists()
+
+
+@pytest.mark.timeout(300)
+def test_robustness_runner_trains_with_a_missing_rate_and_sweeps(tmp_path, examples_path):
+    import robustness
+
+    saved = robustness.main(["--methods", "baseline", "dropout_adaptive", "--dataset", "synthetic", "--epochs", "1",
+                             "--seeds", "0", "--train-missing", "0.3", "--no-progress", "--out", str(tmp_path)])
+    rows = saved["runs"]["0.3"]["0"]
+    assert set(rows) == {"baseline", "dropout_adaptive"}
+    for key in ("acc", "auc_missing/all", "auc_missing_mean_fill/m0", f"auc_noise/{saved['weakest']}"):
+        assert 0.0 <= rows["baseline"][key] <= 1.0, key
+    assert rows["baseline"]["missing/all/0"] == rows["baseline"]["acc"]  # rate 0 is the complete test set
+    table = (tmp_path / "robustness_synthetic.md").read_text()
+    assert "| 0.3 | dropout_adaptive |" in table and "area, all missing (mean fill)" in table
+    assert (tmp_path / "robustness_synthetic.png").stat().st_size > 1000
+    assert not list(tmp_path.glob("**/*.ckpt"))  # model selection's checkpoints stay out of --out

@@ -1,0 +1,222 @@
+"""Robustness to absent and noisy modalities: methods trained with a missing rate, scored on complete test data
+and against test-time missing rates and input noise.
+
+Per dataset, seed, training missing rate and method: the joint model (AV-Digits MLPs, concat head) is trained on
+the training split with that share of each modality absent (MUSE-style independent masking, never all of a
+sample's; ``missing_rate`` of the data module), the validation split masked the same way; it is restored to
+its epoch of best **validation** accuracy, then scored on the complete test split and on test-time sweeps:
+
+* missing rate 0 to 0.5: each modality absent at that rate, and every modality absent independently at it
+  (masks from the sample positions, :func:`lightning_balance.functional.sweep_presence`); the absent features
+  replaced by the model's own fill (zeros, or the learned embedding of ``baseline_learned``), and, as another
+  baseline of absent inputs, by the mean of the training features ("mean fill");
+* uniform input noise on the weakest modality (the one with the lower trained-alone validation accuracy) at
+  noise rates 0.05 to 0.5 (noise standard deviation = rate × the feature's training standard deviation), the
+  collapse paper's denoising sweep read at test time.
+
+Each curve is summarised by its normalised area (the mean accuracy over the sweep). Writes
+``robustness_<dataset>.json`` (every value), a markdown table (mean ± std over seeds) and a PNG of the mean curves.
+
+    python examples/robustness.py --seeds 0 1 2 3 4 --train-missing 0 0.3 --out docs/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import AVDigitsNet, UnimodalNet, fit, make_data, mean_std, setup_for  # noqa: E402
+
+from lightning_balance import MMPareto, ModalityDropout, UMTLoss  # noqa: E402
+from lightning_balance.functional import curve_area, sweep_presence, uniform_noise  # noqa: E402
+
+RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+NOISE = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
+DROPOUT_P = 0.3  # not tuned (the seed's "careful scheduling" is the schedules below)
+WARMUP = 300  # optimizer steps of the linear and cosine warm-ups (about 10 epochs of AV-Digits at batch 64)
+
+# method -> (setup_for name, callbacks factory, model overrides)
+METHODS: dict[str, tuple[str, Callable[[], list[pl.Callback]], dict]] = {
+    "baseline": ("baseline", lambda: [], {}),
+    "baseline_learned": ("baseline", lambda: [], {"missing": "learned"}),
+    "dropout_constant": ("uni_losses_split", lambda: [ModalityDropout(p=DROPOUT_P, seed=0)], {}),
+    "dropout_linear": ("uni_losses_split", lambda: [ModalityDropout(p=DROPOUT_P, schedule="linear",
+                                                                    warmup_steps=WARMUP, seed=0)], {}),
+    "dropout_cosine": ("uni_losses_split", lambda: [ModalityDropout(p=DROPOUT_P, schedule="cosine",
+                                                                    warmup_steps=WARMUP, seed=0)], {}),
+    "dropout_adaptive": ("uni_losses_split", lambda: [ModalityDropout(p=DROPOUT_P, schedule="adaptive", seed=0)], {}),
+    "uni_losses_split": ("uni_losses_split", lambda: [], {}),
+    "cml": ("cml", lambda: [], {}),
+    "mmpareto": ("mmpareto", lambda: [MMPareto(gamma=2.0)], {}),
+    "umt": ("umt", lambda: [], {}),
+}
+DEFAULT = ["baseline", "dropout_constant", "dropout_linear", "dropout_cosine", "dropout_adaptive", "cml", "mmpareto", "umt"]
+
+
+@torch.no_grad()
+def sweeps(model: AVDigitsNet, data, weakest: str) -> dict[str, float]:
+    """Complete-test accuracy, the missing-rate curves (model fill and mean fill) and the noise curve."""
+    model.eval()
+    test, train = data.splits["test"], data.splits["train"]
+    names = list(model.modalities)
+    y = test["target"]
+    feats = model.features(test)
+    train_feats = model.features(train)
+    keep = train.get("present")
+    means = {m: (train_feats[m][keep[:, i]] if keep is not None else train_feats[m]).mean(0) for i, m in enumerate(names)}
+    positions = torch.arange(len(y))
+    out: dict[str, float] = {"acc": float((model.fuse_features(feats).argmax(-1) == y).float().mean())}
+    for which in (*names, "all"):
+        own, mean_fill = [], []
+        for rate in RATES:
+            mask = sweep_presence(positions, names, rate, which)
+            own.append(float((model.fuse_subset(feats, names, present=mask).argmax(-1) == y).float().mean()))
+            filled = {m: torch.where(mask[m][:, None], feats[m], means[m]) for m in names}
+            mean_fill.append(float((model.fuse_features(filled).argmax(-1) == y).float().mean()))
+        for rate, a, b in zip(RATES, own, mean_fill):
+            out[f"missing/{which}/{rate:g}"] = a
+            out[f"missing_mean_fill/{which}/{rate:g}"] = b
+        out[f"auc_missing/{which}"] = curve_area(RATES, own)
+        out[f"auc_missing_mean_fill/{which}"] = curve_area(RATES, mean_fill)
+    std = train[weakest].std(0)
+    noisy_curve = []
+    for rate in NOISE:
+        noisy = dict(test)
+        noisy[weakest] = uniform_noise(test[weakest], rate, std, torch.Generator().manual_seed(1))
+        noisy_curve.append(float((model.fuse_features(model.features(noisy)).argmax(-1) == y).float().mean()))
+    for rate, a in zip(NOISE, noisy_curve):
+        out[f"noise/{weakest}/{rate:g}"] = a
+    out[f"auc_noise/{weakest}"] = curve_area(NOISE, noisy_curve)
+    return out
+
+
+def run(dataset: str, seed: int, train_missing: float, methods: list[str], epochs: int, root: str,
+        progress: bool) -> dict[str, dict[str, float]]:
+    kwargs = {"missing_rate": train_missing, "missing_splits": ("train", "val")} if train_missing > 0 else {}
+    data = make_data(dataset, seed, **kwargs)
+    dims, classes = dict(data.feature_dims), data.num_classes
+    # the references: each modality alone (the weakest modality; UMT's teachers), on the same masked data
+    alone, val = {}, {}
+    for m, d in dims.items():
+        pl.seed_everything(seed, verbose=False)
+        alone[m], val[m] = fit(UnimodalNet(m, d, num_classes=classes), data, [], epochs, f"{root}/{m}", progress)
+    weakest = min(val, key=val.get)
+    results: dict[str, dict[str, float]] = {}
+    for method in methods:
+        setup, callbacks, overrides = METHODS[method]
+        pl.seed_everything(seed, verbose=False)
+        model_kwargs, _ = setup_for(setup, dims)
+        model_kwargs.update(overrides)
+        if setup == "umt":  # the modalities alone are the frozen teachers (BalanceBenchmark's lambda 10, not tuned)
+            model_kwargs["loss_terms"] = [UMTLoss({m: copy.deepcopy(alone[m].encoder) for m in dims}, weight=10.0)]
+        start = time.perf_counter()
+        model, best = fit(AVDigitsNet(input_dims=dims, num_classes=classes, **model_kwargs), data, callbacks(), epochs,
+                          f"{root}/{method}", progress)
+        results[method] = {**sweeps(model, data, weakest), "val_acc": best, "fit_s": time.perf_counter() - start}
+    return results
+
+
+def table(saved: dict, methods: list[str]) -> str:
+    names = saved["modalities"]
+    weakest = saved["weakest"]
+    head = ("| train missing | method | complete test | " + " | ".join(f"area, {m} missing" for m in names)
+            + " | area, all missing | area, all missing (mean fill) | area, noise on " + weakest + " |")
+    lines = [head, "|" + "---|" * (5 + len(names) + 1)]
+    for rate, by_seed in saved["runs"].items():
+        for method in methods:
+            rows = [seed_rows[method] for seed_rows in by_seed.values() if method in seed_rows]
+            if not rows:
+                continue
+
+            def col(key: str) -> str:
+                return mean_std([r[key] for r in rows])
+            cells = [col("acc"), *[col(f"auc_missing/{m}") for m in names], col("auc_missing/all"),
+                     col("auc_missing_mean_fill/all"), col(f"auc_noise/{weakest}")]
+            lines.append(f"| {rate} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(saved: dict, methods: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = saved["modalities"]
+    panels = [(f"missing/{w}", RATES, f"{w} missing" if w != "all" else "all missing, independently") for w in
+              (*names, "all")] + [(f"noise/{saved['weakest']}", NOISE, f"noise on {saved['weakest']}")]
+    rates = list(saved["runs"])
+    fig, axes = plt.subplots(len(rates), len(panels), figsize=(4 * len(panels), 3.2 * len(rates)), squeeze=False)
+    for r, rate in enumerate(rates):
+        for c, (key, xs, title) in enumerate(panels):
+            ax = axes[r][c]
+            for i, method in enumerate(methods):
+                rows = [s[method] for s in saved["runs"][rate].values() if method in s]
+                if rows:
+                    ax.plot(xs, [statistics.mean(row[f"{key}/{x:g}"] for row in rows) for x in xs], "o-", ms=3,
+                            color=f"C{i}", label=method)
+            ax.set(title=f"{title} (trained with {rate} missing)", xlabel="rate", ylabel="test accuracy")
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=DEFAULT, choices=sorted(METHODS))
+    parser.add_argument("--dataset", default="av_digits", choices=["av_digits", "synthetic"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--train-missing", nargs="+", type=float, default=[0.0, 0.3])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(2)
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    saved: dict = {"command": "python examples/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                   "rates": RATES, "noise": NOISE, "runs": {}}
+    root = tempfile.mkdtemp(prefix="robustness_")  # the checkpoints of model selection stay out of --out
+    for rate in args.train_missing:
+        saved["runs"][f"{rate:g}"] = {}
+        for seed in args.seeds:
+            results = run(args.dataset, seed, rate, args.methods, args.epochs, root, not args.no_progress)
+            saved["runs"][f"{rate:g}"][str(seed)] = results
+            print(f"train missing {rate:g}, seed {seed}: " + ", ".join(
+                f"{m} {r['acc']:.3f}/{r['auc_missing/all']:.3f}" for m, r in results.items()), flush=True)
+    data = make_data(args.dataset, 0)
+    saved["modalities"] = list(data.modalities)
+    first = next(iter(next(iter(saved["runs"].values())).values()))
+    saved["weakest"] = next(k.split("/")[1] for k in next(iter(first.values())) if k.startswith("auc_noise/"))
+    saved["seconds"] = time.perf_counter() - start
+    stem = os.path.join(args.out, f"robustness_{args.dataset}")
+    with open(stem + ".json", "w") as f:
+        json.dump(saved, f, indent=1)
+    text = table(saved, args.methods)
+    with open(stem + ".md", "w") as f:
+        f.write(f"`{saved['command']}` ({saved['seconds']:.0f} s)\n\n{text}\n")
+    print(text)
+    try:
+        plot(saved, args.methods, stem + ".png")
+    except ImportError:
+        pass
+    return saved
+
+
+if __name__ == "__main__":
+    main()
