@@ -66,10 +66,11 @@ DEFAULT = ["baseline", "dropout_constant", "dropout_linear", "dropout_cosine", "
 
 
 @torch.no_grad()
-def sweeps(model: AVDigitsNet, data, weakest: str) -> dict[str, float]:
-    """Complete-test accuracy, the missing-rate curves (model fill and mean fill) and the noise curve."""
+def sweeps(model: AVDigitsNet, data, weakest: str, split: str = "test") -> dict[str, float]:
+    """Accuracy on ``split``, the missing-rate curves (model fill and mean fill) and the noise curve. On the
+    (masked) validation split the sweep's masks come on top of the split's own (the selection of ``--dropout-p``)."""
     model.eval()
-    test, train = data.splits["test"], data.splits["train"]
+    test, train = data.splits[split], data.splits["train"]
     names = list(model.modalities)
     y = test["target"]
     feats = model.features(test)
@@ -77,11 +78,13 @@ def sweeps(model: AVDigitsNet, data, weakest: str) -> dict[str, float]:
     keep = train.get("present")
     means = {m: (train_feats[m][keep[:, i]] if keep is not None else train_feats[m]).mean(0) for i, m in enumerate(names)}
     positions = torch.arange(len(y))
-    out: dict[str, float] = {"acc": float((model.fuse_features(feats).argmax(-1) == y).float().mean())}
+    base = None if "present" not in test else {m: test["present"][:, i] for i, m in enumerate(names)}
+    full = model.fuse_features(feats) if base is None else model.fuse_subset(feats, names, present=base)
+    out: dict[str, float] = {"acc": float((full.argmax(-1) == y).float().mean())}
     for which in (*names, "all"):
         own, mean_fill = [], []
         for rate in RATES:
-            mask = sweep_presence(positions, names, rate, which)
+            mask = sweep_presence(positions, names, rate, which, present=base)
             own.append(float((model.fuse_subset(feats, names, present=mask).argmax(-1) == y).float().mean()))
             filled = {m: torch.where(mask[m][:, None], feats[m], means[m]) for m in names}
             mean_fill.append(float((model.fuse_features(filled).argmax(-1) == y).float().mean()))
@@ -103,7 +106,7 @@ def sweeps(model: AVDigitsNet, data, weakest: str) -> dict[str, float]:
 
 
 def run(dataset: str, seed: int, train_missing: float, methods: list[str], epochs: int, root: str,
-        progress: bool) -> dict[str, dict[str, float]]:
+        progress: bool, split: str = "test") -> dict[str, dict[str, float]]:
     kwargs = {"missing_rate": train_missing, "missing_splits": ("train", "val")} if train_missing > 0 else {}
     data = make_data(dataset, seed, **kwargs)
     dims, classes = dict(data.feature_dims), data.num_classes
@@ -124,7 +127,7 @@ def run(dataset: str, seed: int, train_missing: float, methods: list[str], epoch
         start = time.perf_counter()
         model, best = fit(AVDigitsNet(input_dims=dims, num_classes=classes, **model_kwargs), data, callbacks(), epochs,
                           f"{root}/{method}", progress)
-        results[method] = {**sweeps(model, data, weakest), "val_acc": best, "fit_s": time.perf_counter() - start}
+        results[method] = {**sweeps(model, data, weakest, split), "val_acc": best, "fit_s": time.perf_counter() - start}
     return results
 
 
@@ -184,7 +187,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", default="results")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--split", default="test", choices=["test", "val"],
+                        help="score on test (the reported numbers) or on validation (choosing --dropout-p)")
+    parser.add_argument("--dropout-p", type=float, default=None, help=f"p of the dropout methods (default {DROPOUT_P})")
     args = parser.parse_args(argv)
+    if args.dropout_p is not None:
+        global DROPOUT_P
+        DROPOUT_P = args.dropout_p
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     os.makedirs(args.out, exist_ok=True)
@@ -195,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     for rate in args.train_missing:
         saved["runs"][f"{rate:g}"] = {}
         for seed in args.seeds:
-            results = run(args.dataset, seed, rate, args.methods, args.epochs, root, not args.no_progress)
+            results = run(args.dataset, seed, rate, args.methods, args.epochs, root, not args.no_progress, args.split)
             saved["runs"][f"{rate:g}"][str(seed)] = results
             print(f"train missing {rate:g}, seed {seed}: " + ", ".join(
                 f"{m} {r['acc']:.3f}/{r['auc_missing/all']:.3f}" for m, r in results.items()), flush=True)
@@ -204,7 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
     first = next(iter(next(iter(saved["runs"].values())).values()))
     saved["weakest"] = next(k.split("/")[1] for k in next(iter(first.values())) if k.startswith("auc_noise/"))
     saved["seconds"] = time.perf_counter() - start
-    stem = os.path.join(args.out, f"robustness_{args.dataset}")
+    saved["split"], saved["dropout_p"] = args.split, DROPOUT_P
+    suffix = "" if args.split == "test" and args.dropout_p is None else f"_{args.split}_p{DROPOUT_P:g}"
+    stem = os.path.join(args.out, f"robustness_{args.dataset}{suffix}")
     with open(stem + ".json", "w") as f:
         json.dump(saved, f, indent=1)
     text = table(saved, args.methods)
