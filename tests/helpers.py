@@ -261,3 +261,24 @@ def states_equal(a: Any, b: Any, rtol: float = 1e-5, atol: float = 1e-7) -> bool
     if isinstance(a, float):
         return a == pytest.approx(b, rel=rtol, abs=max(atol, 1e-9))
     return a == b
+
+
+def resume_inside_an_epoch(tmp_path: Any, make_callbacks: Any, make_model: Any, make_loader: Any, step: int,
+                           epochs: int = 3) -> tuple[Any, list, Any, list]:
+    """An uninterrupted fit, and a fit resumed from the checkpoint taken at optimizer step ``step`` (inside an
+    epoch) into a model with other initial weights: ``(straight, its callbacks, resumed, its callbacks)``."""
+    import warnings
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    straight, straight_cbs = make_model(), make_callbacks()
+    pl.Trainer(**trainer_kwargs(tmp_path / "a", callbacks=straight_cbs, max_epochs=epochs)).fit(straight, make_loader())
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=step, save_top_k=-1, filename="{step}")
+    pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[*make_callbacks(), ckpt], max_epochs=epochs,
+                                enable_checkpointing=True)).fit(make_model(), make_loader())
+    resumed, resumed_cbs = make_model(seed=123), make_callbacks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(**trainer_kwargs(tmp_path / "c", callbacks=resumed_cbs, max_epochs=epochs)).fit(
+            resumed, make_loader(), ckpt_path=str(tmp_path / "ckpt" / f"step={step}.ckpt"))
+    return straight, straight_cbs, resumed, resumed_cbs

@@ -10,13 +10,12 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
 from lightning_balance import AGM, OGMGE, PMR, CMLLoss, InfoReg, MMPareto
 from tests.helpers import (DictDataset, InterleavedSampler, SaveParams, TinyAV, flat_params, resumable_loader,
-                           states_equal, trainer_kwargs)
+                           resume_inside_an_epoch, states_equal, trainer_kwargs)
 
 MISSING = (0.3, 0.25)
 METHODS = {
@@ -83,19 +82,9 @@ def test_accumulation_with_a_mask_equals_the_full_batch(tmp_path, name):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_resume_inside_an_epoch_with_a_mask(tmp_path, name):
-    straight_cb = METHODS[name]()
-    straight = model()
-    data = lambda: resumable_loader(missing=MISSING)  # noqa: E731
-    pl.Trainer(**trainer_kwargs(tmp_path / "a", callbacks=[straight_cb], max_epochs=3)).fit(straight, data())
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1, filename="{step}")
-    pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[METHODS[name](), ckpt], max_epochs=3,
-                                enable_checkpointing=True)).fit(model(), data())
-    resumed_cb = METHODS[name]()
-    resumed = TinyAV(aux_losses=True, seed=123)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pl.Trainer(**trainer_kwargs(tmp_path / "c", callbacks=[resumed_cb], max_epochs=3)).fit(
-            resumed, data(), ckpt_path=str(tmp_path / "ckpt" / "step=6.ckpt"))
+    straight, (straight_cb,), resumed, (resumed_cb,) = resume_inside_an_epoch(
+        tmp_path, lambda: [METHODS[name]()], lambda seed=0: TinyAV(aux_losses=True, seed=seed),
+        lambda: resumable_loader(missing=MISSING), step=6)
     torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=1e-6, atol=1e-7)
     assert states_equal(resumed_cb.state_dict(), straight_cb.state_dict())
 
@@ -152,15 +141,7 @@ class CMLModel(TinyAV):
 
 
 def test_cml_trains_on_absent_modalities_and_resumes_inside_an_epoch(tmp_path):
-    straight = CMLModel()
-    pl.Trainer(**trainer_kwargs(tmp_path / "a", max_epochs=3)).fit(straight, resumable_loader(missing=MISSING))
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1, filename="{step}")
-    pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[ckpt], max_epochs=3, enable_checkpointing=True)).fit(
-        CMLModel(), resumable_loader(missing=MISSING))
-    resumed = CMLModel()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pl.Trainer(**trainer_kwargs(tmp_path / "c", max_epochs=3)).fit(
-            resumed, resumable_loader(missing=MISSING), ckpt_path=str(tmp_path / "ckpt" / "step=6.ckpt"))
+    straight, _, resumed, _ = resume_inside_an_epoch(tmp_path, lambda: [], lambda seed=0: CMLModel(),
+                                                     lambda: resumable_loader(missing=MISSING), step=6)
     torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=1e-6, atol=1e-7)
     assert torch.isfinite(flat_params(straight)).all()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from lightning_balance import AGM, OGMGE, PMR, MMPareto
 from tests.helpers import TinyAV, flat_params, loader, trainer_kwargs
+from tests.test_official_recipes import _official_min_norm_weight, _per_loss_gradients
 
 MISSING = (0.3, 0.25)
 
@@ -207,24 +208,13 @@ def test_mmpareto_merges_unimodal_losses_of_the_present_samples(tmp_path):
             losses = {"both": F.cross_entropy(reference.fusion(za, zv), y),
                       "audio": F.cross_entropy(reference.aux["audio"](za)[pa], y[pa], reduction="sum") / len(y),
                       "visual": F.cross_entropy(reference.aux["visual"](zv)[pv], y[pv], reduction="sum") / len(y)}
-            grads = {}
-            for name, loss in losses.items():
-                opt.zero_grad()
-                loss.backward(retain_graph=True)
-                grads[name] = {m: [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in ps]
-                               for m, ps in encoders.items()}
-            opt.zero_grad()
-            sum(losses.values()).backward()
+            grads = _per_loss_gradients(opt, losses, encoders)  # the official per-loss passes
             with torch.no_grad():
                 for m, params in encoders.items():
                     g_mm, g_u = grads["both"][m], grads[m][m]
                     a = torch.cat([g.reshape(-1) for g in g_mm]).double()
                     b = torch.cat([g.reshape(-1) for g in g_u]).double()
-                    if float(a @ b) > 0:
-                        w = 0.5
-                    else:
-                        v11, v12, v22 = float(a @ a), float(a @ b), float(b @ b)
-                        w = 0.999 if v12 >= v11 else 0.001 if v12 >= v22 else -(v12 - v22) / (v11 + v22 - 2 * v12)
+                    w = 0.5 if float(a @ b) > 0 else _official_min_norm_weight(a, b)
                     for p, gm, gu in zip(params, g_mm, g_u):
                         g_hat = 2 * w * gm + 2 * (1 - w) * gu
                         p.grad = g_hat * max(1.0, float(p.grad.norm() / g_hat.norm()))

@@ -5,16 +5,14 @@ validation untouched; the adaptive schedule's probabilities against scores compu
 from __future__ import annotations
 
 import math
-import warnings
-
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_balance import ModalityDropout, ModalityMonitor
 from lightning_balance.functional import adaptive_probabilities, drop_modalities, scheduled_factor
-from tests.helpers import SaveParams, TinyAV, flat_params, loader, resumable_loader, states_equal, trainer_kwargs
+from tests.helpers import (SaveParams, TinyAV, flat_params, loader, resumable_loader, resume_inside_an_epoch,
+                           states_equal, trainer_kwargs)
 
 
 def _stream(seed, counter, n, m):
@@ -127,19 +125,9 @@ def test_ddp_drops_what_one_process_drops(tmp_path):
 
 @pytest.mark.parametrize("schedule", ["constant", "adaptive"])
 def test_resume_inside_an_epoch(tmp_path, schedule):
-    make = lambda: ModalityDropout(p=0.4, schedule=schedule, seed=5)  # noqa: E731
-    straight_cb = make()
-    straight = TinyAV(aux_losses=True)
-    pl.Trainer(**trainer_kwargs(tmp_path / "a", callbacks=[straight_cb], max_epochs=3)).fit(straight, resumable_loader())
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1, filename="{step}")
-    pl.Trainer(**trainer_kwargs(tmp_path / "b", callbacks=[make(), ckpt], max_epochs=3,
-                                enable_checkpointing=True)).fit(TinyAV(aux_losses=True), resumable_loader())
-    resumed_cb = make()
-    resumed = TinyAV(aux_losses=True, seed=9)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pl.Trainer(**trainer_kwargs(tmp_path / "c", callbacks=[resumed_cb], max_epochs=3)).fit(
-            resumed, resumable_loader(), ckpt_path=str(tmp_path / "ckpt" / "step=6.ckpt"))
+    straight, (straight_cb,), resumed, (resumed_cb,) = resume_inside_an_epoch(
+        tmp_path, lambda: [ModalityDropout(p=0.4, schedule=schedule, seed=5)],
+        lambda seed=0: TinyAV(aux_losses=True, seed=seed), resumable_loader, step=6)
     torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=1e-6, atol=1e-7)
     assert states_equal(resumed_cb.state_dict(), straight_cb.state_dict())
 
