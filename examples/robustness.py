@@ -179,6 +179,7 @@ def plot(saved: dict, methods: list[str], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    global DROPOUT_P
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=DEFAULT, choices=sorted(METHODS))
     parser.add_argument("--dataset", default="av_digits", choices=["av_digits", "synthetic"])
@@ -192,7 +193,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dropout-p", type=float, default=None, help=f"p of the dropout methods (default {DROPOUT_P})")
     args = parser.parse_args(argv)
     if args.dropout_p is not None:
-        global DROPOUT_P
         DROPOUT_P = args.dropout_p
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
