@@ -93,12 +93,14 @@ def sweeps(model: AVDigitsNet, data, weakest: str, split: str = "test") -> dict[
             out[f"missing_mean_fill/{which}/{rate:g}"] = b
         out[f"auc_missing/{which}"] = curve_area(RATES, own)
         out[f"auc_missing_mean_fill/{which}"] = curve_area(RATES, mean_fill)
-    std = train[weakest].std(0)
+    w = names.index(weakest)
+    std = (train[weakest][keep[:, w]] if keep is not None else train[weakest]).std(0)  # of the present inputs
     noisy_curve = []
     for rate in NOISE:
         noisy = dict(test)
         noisy[weakest] = uniform_noise(test[weakest], rate, std, torch.Generator().manual_seed(1))
-        noisy_curve.append(float((model.fuse_features(model.features(noisy)).argmax(-1) == y).float().mean()))
+        logits = model.fuse_subset(model.features(noisy), names, present=base)  # the split's own mask, if any
+        noisy_curve.append(float((logits.argmax(-1) == y).float().mean()))
     for rate, a in zip(NOISE, noisy_curve):
         out[f"noise/{weakest}/{rate:g}"] = a
     out[f"auc_noise/{weakest}"] = curve_area(NOISE, noisy_curve)

@@ -48,6 +48,9 @@ def test_the_plan_depends_on_seed_and_epoch_only():
     b.set_epoch(5)
     assert list(b) != epoch4  # another epoch, another plan
     assert list(BalancedBatchSampler(labels, present, 12, seed=4)) != list(BalancedBatchSampler(labels, present, 12, seed=3))
+    # only set_epoch moves the plan: a second pass of the same epoch (a callback's own pass over the training
+    # loader, PMR's prototypes) sees the batches the epoch trains on
+    assert list(a) == epoch4
 
 
 def test_ddp_ranks_get_disjoint_balanced_shares():
@@ -60,9 +63,9 @@ def test_ddp_ranks_get_disjoint_balanced_shares():
     for share in shares:
         for batch in share:
             assert set(Counter(int(labels[i]) for i in batch).values()) == {2}
-    # together they are the one-process plan with twice the batches
-    single = BalancedBatchSampler(labels, None, batch_size=6, by="class", seed=0, num_replicas=2, rank=0).plan()
-    assert shares[0] == single[0::2] and shares[1] == single[1::2]
+    # every sample of the data set is used before any repeats within a stratum (240 samples, 120 slots here)
+    used = [i for share in shares for batch in share for i in batch]
+    assert len(used) == 240 and len(set(used)) >= 200
 
 
 def test_bad_arguments():
@@ -73,6 +76,8 @@ def test_bad_arguments():
         BalancedBatchSampler(labels, present, by="modality")
     with pytest.raises(ValueError, match="present must be an \\(N, M\\) bool array with N = 120"):
         BalancedBatchSampler(labels, present[:10])
+    with pytest.raises(ValueError, match="labels must be integer classes"):
+        BalancedBatchSampler(labels.float() + 0.5, present)
     with pytest.raises(ValueError, match="rank must be in"):
         list(BalancedBatchSampler(labels, present, num_replicas=2, rank=2))
 
@@ -88,7 +93,7 @@ def test_in_a_lightning_fit_the_epoch_is_set_by_the_trainer(tmp_path):
 
     pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[Record()], max_epochs=2)).fit(
         TinyAV(), DataLoader(ds, batch_sampler=sampler))
-    assert len(seen) == 8 and sampler.epoch >= 1
+    assert len(seen) == 8 and sampler.epoch == 1
     sampler.set_epoch(1)
     expected = [ds.y[b] for b in sampler.plan()]
     assert all(torch.equal(t, e) for (epoch, t), e in zip([s for s in seen if s[0] == 1], expected))

@@ -405,3 +405,53 @@ def test_samples_that_lack_a_modality_have_the_chain_of_the_modalities_they_have
         ranked += max(c1 - c0, 0.0) * right0 + max(c1 - c0, 0.0) * (not right0 and not right1)
     expected = ce / n + 2 * 0.1 * ranked  # samples 6 and 7: a chain of one modality, nothing added
     assert value.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_three_modalities_with_absent_ones_restated_by_hand(seed):
+    """M = 3: a sample's absent modalities are removed first (no-op steps), its present ones in the order of its
+    keys (the documented stream); only the real removals add a cross-entropy and a ranking term."""
+    from tests.helpers import MultiMLP
+
+    torch.manual_seed(0)
+    dims = {"a": 3, "b": 4, "c": 5}
+    model = MultiMLP(dims, classes=4)
+    term = CMLLoss(seed=seed)
+    model.configure_loss_terms([term])
+    n = 10
+    batch = {m: torch.randn(n, d) for m, d in dims.items()}
+    y = torch.randint(0, 4, (n,))
+    have = torch.ones(n, 3, dtype=torch.bool)
+    have[0, 0] = have[1, 1] = have[2, 2] = False
+    have[3, :2] = False
+    have[4, 1:] = False
+    feats = {m: model.encoders[m](batch[m]) for m in dims}
+    model.train()
+    model.fuse(feats, y, present={m: have[:, i] for i, m in enumerate(dims)})
+    value, _ = term.from_record(model, model.balance_record)
+    x = (seed * 0x9E3779B97F4A7C15 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    keys = torch.rand(n, 3, generator=torch.Generator().manual_seed(x & 0x7FFFFFFFFFFFFFFF))
+    w, b = model.head.weight, model.head.bias
+
+    def logits(i, keep):  # the concat head, absent and removed features zero
+        return torch.cat([feats[m][i] * float(keep[k]) for k, m in enumerate(dims)]) @ w.T + b
+
+    ce = ranked = 0.0
+    for i in range(n):
+        order = sorted([k for k in range(3) if have[i, k]], key=lambda k: float(keys[i, k]))
+        keep = [bool(have[i, k]) for k in range(3)]
+        prev = logits(i, keep)
+        for k in order[:-1]:  # each real removal
+            keep[k] = False
+            cur = logits(i, keep)
+            ce += float(F.cross_entropy(cur[None], y[i:i + 1]))
+            c0, c1 = float(F.softmax(prev, -1).max()), float(F.softmax(cur, -1).max())
+            right0, right1 = int(prev.argmax()) == int(y[i]), int(cur.argmax()) == int(y[i])
+            ranked += max(c1 - c0, 0.0) * right0 + max(c1 - c0, 0.0) * (not right0 and not right1)
+            prev = cur
+    assert value.item() == pytest.approx(ce / n + 3 * 0.1 * ranked, rel=1e-5)
+    # the stream is the same with or without a mask: complete samples keep their order
+    plain = removal_chains(3, n, generator=torch.Generator().manual_seed(1))
+    masked = removal_chains(3, n, generator=torch.Generator().manual_seed(1), present=have)
+    assert torch.equal(plain[5:], masked[5:])

@@ -179,6 +179,14 @@ def test_bad_arguments(kwargs, match):
         ModalityDropout(**kwargs)
 
 
+def test_an_empty_fuse_call_counts_its_draw(tmp_path):
+    cb = ModalityDropout(p=0.3, seed=1)
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=1)).fit(TinyAV(), loader())
+    assert cb.draws == 4
+    cb._enabled, cb._p_now = True, torch.tensor([0.3, 0.3])
+    assert cb.tap_presence(TinyAV(), None, 0, torch.device("cpu")) is None and cb.draws == 5  # the stream moves on
+
+
 def test_a_probability_for_an_unknown_modality_is_named(tmp_path):
     with pytest.raises(ValueError, match="names modalities \\['depth'\\]"):
         pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[ModalityDropout(p={"depth": 0.2})], max_epochs=1)).fit(

@@ -261,6 +261,9 @@ class GradientBalancingCallback(Callback, abc.ABC):
     #: a method without it refuses records with a presence mask, with :attr:`absence_refusal` as the reason
     supports_absence: ClassVar[bool] = True
     absence_refusal: ClassVar[str] = ""
+    #: the method edits each modality's parameter group (a method that does not, like modality dropout, needs
+    #: no non-empty selection)
+    edits_gradients: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -430,7 +433,7 @@ class GradientBalancingCallback(Callback, abc.ABC):
         self._groups = {}
         for m in chosen:
             params = self.select_parameters(pl_module, m)
-            if not params:
+            if not params and self.edits_gradients:
                 raise ModalityContractError(self._empty_group_message(m))
             self._groups[m] = params
         self._per_optimizer = {}

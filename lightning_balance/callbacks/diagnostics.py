@@ -134,7 +134,10 @@ class ModalityDiagnostics(ModalityMonitor):
             every modality absent independently at it (``"all"``, never all of a sample's), through
             ``fuse_subset(..., present=...)`` (the model's own ``missing`` fill);
             :func:`~lightning_balance.functional.sweep_presence` draws each sample's mask from its position, so
-            DDP equals one process. Logged as ``robust/<which>/<rate>`` and the normalised area under each
+            DDP equals one process with the interleaved order of Lightning's ``DistributedSampler`` (with
+            ``sample_order="rank"`` the position is rank-local: the masks, and the sweep, differ from one
+            process's). With a presence mask in validation, the sweep, like the whole diagnosis, is of the
+            complete samples. Logged as ``robust/<which>/<rate>`` and the normalised area under each
             curve ``robust_auc/<which>``; a PNG ``robustness.png`` next to the other one. Costs
             ``(M + 1) × len(rates)`` fusion passes per validation batch on diagnosed epochs.
     """

@@ -61,12 +61,15 @@ class ModalityDropout(GradientBalancingCallback):
             :class:`~lightning_balance.GradientBalancingCallback` (the window in which it drops).
 
     Logged: ``balance/dropout/p/<m>`` (the probability of the step) and ``balance/dropout/kept/<m>`` (the
-    fraction of this rank's samples with ``m`` after dropout), on the logged steps.
+    fraction of this rank's samples with ``m`` after dropout, in the step's last ``fuse`` call), on the
+    logged steps.
     """
 
     method = "dropout"
     needs_targets = False  # the adaptive schedule's scores need targets: checked there
     edit_order = 0  # edits nothing; first in the pipeline
+    edits_gradients = False  # no parameter group is needed
+    fsdp_ok = True  # edits no gradient: sharded parameters do not matter
 
     def __init__(
         self,
@@ -152,15 +155,18 @@ class ModalityDropout(GradientBalancingCallback):
     # ------------------------------------------------------------------ the mask
     def tap_presence(self, module: MultimodalMixin, present: Optional[dict[str, Tensor]], n: int,
                      device: torch.device) -> Optional[dict[str, Tensor]]:
-        if not self._enabled or self._p_now is None or n == 0:
+        if not self._enabled or self._p_now is None:
+            return present
+        draw = self.draws
+        self.draws += 1  # every rank counts every training fuse call, an empty one too: the streams stay aligned
+        if n == 0:
             return present
         names = module.modalities
         active = list(self.active_modalities)
         world, rank = 1, 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        generator = shared_generator(self.seed or 0, self.draws, torch.device("cpu"))
-        self.draws += 1
+        generator = shared_generator(self.seed or 0, draw, torch.device("cpu"))
         uniform = torch.rand(n * world, len(active), generator=generator)[rank::world].to(device, non_blocking=True)
         p = torch.zeros(len(names))
         for i, m in enumerate(active):

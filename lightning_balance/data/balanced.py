@@ -12,6 +12,20 @@ from torch.utils.data import Sampler
 __all__ = ["BalancedBatchSampler"]
 
 
+class _EpochSetter:
+    """What Lightning finds at ``batch_sampler.sampler``: it calls ``set_epoch`` there before every epoch
+    (never on the batch sampler itself), and this forwards it."""
+
+    def __init__(self, owner: "BalancedBatchSampler") -> None:
+        self._owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self._owner.num_samples
+
+
 class BalancedBatchSampler(Sampler[list[int]]):
     """A batch sampler that gives each stratum (class × presence pattern) an equal share of every batch.
 
@@ -24,14 +38,19 @@ class BalancedBatchSampler(Sampler[list[int]]):
     that cycles: small strata are repeated within an epoch, large ones are partly left for the next.
 
     **Deterministic and DDP-ready.** The plan of an epoch is a function of ``(seed, epoch)`` only (Lightning
-    calls :meth:`set_epoch` before each epoch). Under DDP every rank computes the same plan and takes its
+    calls :meth:`set_epoch` before each epoch; outside Lightning call it yourself, as for
+    ``DistributedSampler``: iterating twice without it gives the same plan). Under DDP every rank computes
+    the same plan and takes its
     own batches: rank ``r`` of ``W`` gets the ``r``-th batch of each group of ``W`` consecutive batches,
     drawn from the strata's streams one after another, so the ranks' batches are disjoint until a stratum
     cycles, and each is balanced by itself. Use it in place of the distributed sampler:
     ``Trainer(use_distributed_sampler=False)`` and ``DataLoader(dataset, batch_sampler=sampler)``.
 
     An epoch has ``len(labels) // (batch_size · W)`` batches per rank (each sample about once per epoch
-    on average).
+    on average). A stratum smaller than its share of a batch appears several times in it (a stratum of one
+    sample fills all its slots). Resuming inside an epoch: Lightning restores only a DataLoader that has
+    ``state_dict``/``load_state_dict`` (not its batch sampler), so wrap the loader as in
+    ``docs/design.md`` or the resumed epoch replays its first batches.
 
     Args:
         labels: ``(N,)`` class of each sample.
@@ -45,7 +64,10 @@ class BalancedBatchSampler(Sampler[list[int]]):
     def __init__(self, labels: Sequence[int] | torch.Tensor | np.ndarray, present: Optional[torch.Tensor | np.ndarray] = None,
                  batch_size: int = 64, by: str = "both", seed: int = 0, num_replicas: Optional[int] = None,
                  rank: Optional[int] = None) -> None:
-        labels = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
+        raw = torch.as_tensor(np.asarray(labels))
+        if raw.is_floating_point() or raw.dtype == torch.bool:
+            raise ValueError(f"labels must be integer classes, got {raw.dtype}.")
+        labels = raw.long().reshape(-1)
         if labels.numel() == 0:
             raise ValueError("BalancedBatchSampler needs at least one sample.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -77,6 +99,7 @@ class BalancedBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self.sampler = _EpochSetter(self)  # Lightning sets the epoch through batch_sampler.sampler
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -117,7 +140,7 @@ class BalancedBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
+        # the epoch changes only through set_epoch (as DistributedSampler's): a callback's own pass over the
+        # training loader (PMR's prototypes) then sees the plan the training epoch trains on
         world, rank = self._world()
-        plan = self.plan()
-        self.epoch += 1  # outside Lightning, successive passes differ; Lightning sets the epoch itself
-        yield from plan[rank::world]
+        yield from self.plan()[rank::world]
