@@ -136,7 +136,8 @@ def run(dataset: str, seed: int, train_missing: float, methods: list[str], epoch
 def table(saved: dict, methods: list[str]) -> str:
     names = saved["modalities"]
     weakest = saved["weakest"]
-    head = ("| train missing | method | complete test | " + " | ".join(f"area, {m} missing" for m in names)
+    where = "validation (masked as in training)" if saved.get("split") == "val" else "complete test"
+    head = (f"| train missing | method | {where} | " + " | ".join(f"area, {m} missing" for m in names)
             + " | area, all missing | area, all missing (mean fill) | area, noise on " + weakest + " |")
     lines = [head, "|" + "---|" * (5 + len(names) + 1)]
     for rate, by_seed in saved["runs"].items():
