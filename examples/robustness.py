@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         plot(saved, args.methods, stem + ".png")
     except ImportError:
-        pass
+        print("matplotlib is not installed: no PNG (pip install matplotlib)", file=sys.stderr)
     return saved
 
 

@@ -119,7 +119,7 @@ def test_the_diagnosis_is_of_complete_samples_and_says_so(tmp_path):
 
 
 def test_the_missing_rate_sweep_against_masks_drawn_from_the_sample_positions(tmp_path):
-    from lightning_balance.functional import curve_area, position_uniform
+    from lightning_balance.functional import position_uniform
 
     ds = DictDataset(n=48, seed=3)
     model = TinyAV(seed=1)

@@ -180,9 +180,14 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_an_empty_fuse_call_counts_its_draw(tmp_path):
+    import warnings
+
     cb = ModalityDropout(p=0.3, seed=1)
-    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=1)).fit(TinyAV(), loader())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=1)).fit(TinyAV(), loader())
     assert cb.draws == 4
+    assert not [w for w in caught if "never edited" in str(w.message)]  # it edits no gradient: nothing to warn
     cb._enabled, cb._p_now = True, torch.tensor([0.3, 0.3])
     assert cb.tap_presence(TinyAV(), None, 0, torch.device("cpu")) is None and cb.draws == 5  # the stream moves on
 

@@ -219,6 +219,24 @@ def _official_min_norm_weight(a, b):
     return 0.999 if v12 >= v11 else 0.001 if v12 >= v22 else -(v12 - v22) / (v11 + v22 - 2 * v12)
 
 
+def _official_merge(encoders, grads, gamma, coeff=None):
+    """The official merge of each encoder's gradients after the per-loss passes (in place on ``p.grad``):
+    (0.5, 0.5) if the multimodal and unimodal gradients agree (cos > 0), else the two-vector min-norm
+    weights; per tensor gamma * g_hat * max(1, |g_mm + g_u| / |g_hat|), g_hat = 2 (w g_mm + (1 - w) g_u).
+    ``coeff`` (modality -> factor): OGM's coefficient on the merged weight matrices, for a stack."""
+    with torch.no_grad():
+        for m, params in encoders.items():
+            g_mm, g_u = grads["both"][m], grads[m][m]
+            a = torch.cat([g.reshape(-1) for g in g_mm]).double()
+            b = torch.cat([g.reshape(-1) for g in g_u]).double()
+            w = 0.5 if float(a @ b) > 0 else _official_min_norm_weight(a, b)
+            for p, gm, gu in zip(params, g_mm, g_u):
+                g_hat = 2 * w * gm + 2 * (1 - w) * gu
+                p.grad = gamma * g_hat * max(1.0, float(p.grad.norm() / g_hat.norm()))
+                if coeff is not None and p.ndim >= 2:
+                    p.grad = p.grad * coeff[m]
+
+
 def _official_mmpareto(model, epochs, gamma):
     """MMPareto_ICML2024 code/MMPareto.py with separate unimodal heads: one backward per loss (L_mm, L_a, L_v) with
     the encoder gradients cloned; cos over the whole encoder; (0.5, 0.5) if cos > 0, else the two-vector min-norm
@@ -313,17 +331,7 @@ def test_mmpareto_then_ogm_follows_the_declared_order(tmp_path):
                 coeff["visual"] = 1 - math.tanh(alpha * ratio_v)
             else:
                 coeff["audio"] = 1 - math.tanh(alpha / ratio_v)
-            with torch.no_grad():
-                for m, params in encoders.items():
-                    g_mm, g_u = grads["both"][m], grads[m][m]
-                    a = torch.cat([g.reshape(-1) for g in g_mm]).double()
-                    b = torch.cat([g.reshape(-1) for g in g_u]).double()
-                    w = 0.5 if float(a @ b) > 0 else _official_min_norm_weight(a, b)
-                    for p, gm, gu in zip(params, g_mm, g_u):
-                        g_hat = 2 * w * gm + 2 * (1 - w) * gu
-                        p.grad = 1.5 * g_hat * max(1.0, float(p.grad.norm() / g_hat.norm()))
-                        if p.ndim >= 2:  # OGM on the merged gradient of the weight matrices
-                            p.grad = p.grad * coeff[m]
+            _official_merge(encoders, grads, gamma=1.5, coeff=coeff)  # then OGM on the merged weight matrices
             opt.step()
     for order in ((MMPareto(), OGMGE(alpha=alpha, noise=False)), (OGMGE(alpha=alpha, noise=False), MMPareto())):
         model = _fit(_Opposed(seed=7), list(order), tmp_path, 2)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_balance import ModalityContractError, MultimodalMixin
-from tests.helpers import DictDataset, GatedFusion, TinyAV, loader, trainer_kwargs
+from tests.helpers import DictDataset, GatedFusion, TinyAV, trainer_kwargs
 
 
 def batch(n=6, seed=0):

@@ -261,8 +261,8 @@ class GradientBalancingCallback(Callback, abc.ABC):
     #: a method without it refuses records with a presence mask, with :attr:`absence_refusal` as the reason
     supports_absence: ClassVar[bool] = True
     absence_refusal: ClassVar[str] = ""
-    #: the method edits each modality's parameter group (a method that does not, like modality dropout, needs
-    #: no non-empty selection)
+    #: the method edits each modality's parameter group; a method that does not (modality dropout) needs no
+    #: non-empty selection, skips the checks of the optimizer it would edit with, and never warns "never edited"
     edits_gradients: ClassVar[bool] = True
 
     def __init__(
@@ -364,7 +364,7 @@ class GradientBalancingCallback(Callback, abc.ABC):
         if any(getattr(getattr(cls, name), "__isabstractmethod__", False) for name in ("collect", "compute")):
             return  # an intermediate abstract base
         needed = "edit" if cls.reduce_at == "step" else "prepare_backward"
-        if getattr(cls, needed) is getattr(GradientBalancingCallback, needed):
+        if cls.edits_gradients and getattr(cls, needed) is getattr(GradientBalancingCallback, needed):
             raise TypeError(f"{cls.__name__} has reduce_at={cls.reduce_at!r} and must implement {needed}().")
 
     def metrics(self, result: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -461,7 +461,7 @@ class GradientBalancingCallback(Callback, abc.ABC):
                 f"accumulation='per_micro_batch' to accept per-micro-batch coefficients."
             )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
+        if self.edits_gradients and scaler is not None and scaler.is_enabled():
             fused = [type(o).__name__ for o in trainer.optimizers if getattr(o, "_step_supports_amp_scaling", False)]
             if fused:
                 raise ValueError(
@@ -483,7 +483,7 @@ class GradientBalancingCallback(Callback, abc.ABC):
                 )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.num_edits == 0 and not trainer.interrupted:
+        if self.edits_gradients and self.num_edits == 0 and not trainer.interrupted:
             window = f"start_epoch={self.start_epoch}, end_epoch={self.end_epoch}"
             if self.start_step or self.end_step is not None:
                 window += f", start_step={self.start_step}, end_step={self.end_step}"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_balance._distributed import broadcast_seed, shared_generator
 from lightning_balance._presence import presence_matrix
@@ -129,12 +129,6 @@ class ModalityDropout(GradientBalancingCallback):
         if self.seed is None:
             self.seed = broadcast_seed(trainer.strategy)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass  # edits no gradient: none of the gradient methods' optimizer checks apply
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass
-
     def _base(self) -> Tensor:
         if isinstance(self.p, dict):
             return torch.tensor([float(self.p.get(m, 0.0)) for m in self.active_modalities])
@@ -196,9 +190,6 @@ class ModalityDropout(GradientBalancingCallback):
         previous = self.shares.to(shares.device) if self.shares is not None else shares
         self._pending = self.momentum * previous + (1 - self.momentum) * shares
         return {"shares": shares}
-
-    def edit(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device) -> None:
-        pass
 
     def commit_step(self, groups: dict[str, Any], result: dict[str, Tensor], device: torch.device, active: bool) -> None:
         if self._pending is not None:

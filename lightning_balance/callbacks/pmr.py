@@ -229,7 +229,7 @@ class PMR(GradientBalancingCallback):
         if self.centroids:
             return next(iter(self.centroids.values())).shape[0]
         with torch.no_grad():
-            return int(pl_module._fusion_call({k: v[:1] for k, v in features.items()}, None).shape[-1])
+            return int(pl_module.fuse_subset({k: v[:1] for k, v in features.items()}, pl_module.modalities).shape[-1])
 
     def _add_class_sums(self, sums: dict[str, Tensor], pl_module: Any, features: dict[str, Tensor],
                         targets: Tensor, valid: Tensor, classes: Optional[int] = None,
