@@ -152,3 +152,39 @@ def test_the_missing_rate_sweep_against_masks_drawn_from_the_sample_positions(tm
     assert (tmp_path / "plots" / "robustness.png").exists()
     with pytest.raises(ValueError, match="robustness_rates must be increasing"):
         ModalityDiagnostics(robustness_rates=(0.5, 0.1))
+
+
+def test_the_feature_noise_sweep_against_noise_drawn_from_the_sample_positions(tmp_path):
+    from lightning_balance.functional import position_uniform
+
+    ds = DictDataset(n=48, seed=3)
+    model = TinyAV(seed=1)
+    rates = (0.0, 0.5, 2.0)
+    diag = ModalityDiagnostics(verbose=False, probe=False, vif=False, bootstrap=0, noise_rates=rates, plot=True,
+                               plot_dir=str(tmp_path / "plots"), seed=5)
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[diag], max_epochs=1)).validate(
+        model, DataLoader(ds, batch_size=16), verbose=False)
+    values = diag.diagnostics_history[-1]
+    with torch.no_grad():
+        z = {"audio": model.audio_encoder(ds.a), "visual": model.visual_encoder(ds.v)}
+        w, b = model.head.weight, model.head.bias
+    # element k of sample i: uniform of (i * 8 + k) on stream 1000 + modality index; std = rate × RMS of z_i
+    index = (torch.arange(48)[:, None] * 8 + torch.arange(8)).reshape(-1)
+    curves = {}
+    for i, m in enumerate(("audio", "visual")):
+        u = position_uniform(index, 1000 + i, 5).reshape(48, 8).float()
+        rms = z[m].pow(2).mean(1, keepdim=True).sqrt()
+        curves[m] = []
+        for rate in rates:
+            noisy = {**z, m: z[m] + 3**0.5 * rate * rms * (2 * u - 1)}
+            assert (noisy[m] - z[m]).std() == pytest.approx(rate * float(rms.pow(2).mean().sqrt()), rel=0.2)
+            pred = (torch.cat([noisy["audio"], noisy["visual"]], 1) @ w.T + b).argmax(1)
+            curves[m].append(float((pred == ds.y).float().mean()))
+            assert values[f"robust_noise/{m}/{rate:g}"] == pytest.approx(curves[m][-1], abs=1e-6), (m, rate)
+        assert values[f"robust_noise_auc/{m}"] == pytest.approx(
+            (0.5 * (curves[m][0] + curves[m][1]) / 2 + 1.5 * (curves[m][1] + curves[m][2]) / 2) / 2.0)
+    assert values["robust_noise/audio/0"] == pytest.approx(values["acc_fused"])
+    assert curves["audio"][-1] < curves["audio"][0]  # the noise hurts the strong modality's samples
+    assert "noise on audio" in diag.report() and (tmp_path / "plots" / "robustness.png").exists()
+    with pytest.raises(ValueError, match="noise_rates must be increasing"):
+        ModalityDiagnostics(noise_rates=(0.5, 0.1))

@@ -263,3 +263,101 @@ def test_estimates_with_the_users_optimizer(tmp_path, name):
     assert [h["epoch"] for h in cb.history] == [0, 1]
     assert sum(cb.weights.values()) == pytest.approx(1.0)
     assert all(0 < w < 1 for w in cb.weights.values())
+
+
+# ---------------------------------------------------------------------------- absent modalities
+class MaskedData(Data):
+    """The same shapes with each modality absent in 30% of the samples (never both; absent inputs hold garbage)."""
+
+    def train_dataloader(self):
+        return loader(n=32, batch_size=self.batch_size, missing=(0.3, 0.3))
+
+    def holdout_dataloader(self):
+        return DataLoader(DictDataset(n=64, seed=1, missing=(0.3, 0.3)), batch_size=32)
+
+
+def masked_terms(model, batch, head):
+    """(per-sample CE, which samples count) of one head: absent features are zeros before the concat head;
+    a unimodal head counts the samples that have its modality."""
+    pa, pv = batch["present"]["audio"], batch["present"]["visual"]
+    za, zv = model.audio_encoder(batch["audio"]), model.visual_encoder(batch["visual"])
+    weight, bias = model.head.weight, model.head.bias
+    if head == "fused":
+        logits, counts = F.linear(torch.cat([za * pa[:, None], zv * pv[:, None]], dim=1), weight, bias), pa | pv
+    elif head == "audio":
+        logits, counts = F.linear(za, weight[:, :8], bias / 2), pa
+    else:
+        logits, counts = F.linear(zv, weight[:, 8:], bias / 2), pv
+    return F.cross_entropy(logits, batch["target"], reduction="none"), counts
+
+
+def masked_mean(model, batches, head):
+    model.eval()
+    with torch.no_grad():
+        total = count = 0.0
+        for b in batches:
+            ce, counts = masked_terms(model, b, head)
+            total += float(ce[counts].sum())
+            count += float(counts.sum())
+    model.train()
+    return total / count
+
+
+def test_matches_the_recipe_with_absent_modalities(tmp_path):
+    """With 30% of each modality absent: a head's ΔG and ΔO are measured on the samples that have its
+    modality, its branch trains on them alone, and the joint loss adds each unimodal term as a sum over the
+    present samples divided by the batch size. Two estimates and the parameters after 3 epochs equal the
+    recipe restated here."""
+    data = MaskedData()
+    train, holdout = list(data.train_dataloader()), list(data.holdout_dataloader())
+    assert 0.15 < 1 - float(torch.cat([b["present"]["audio"] for b in train]).float().mean()) < 0.45
+    reference = Configured("sgd")
+
+    def weights_now():
+        raw, deltas = [], []
+        for head in HEADS:
+            branch = copy.deepcopy(reference)
+            t0, v0 = masked_mean(branch, train, head), masked_mean(branch, holdout, head)
+            optimizer = torch.optim.SGD(branch.parameters(), lr=0.1, momentum=0.9)
+            for _ in range(3):
+                for batch in train:
+                    optimizer.zero_grad()
+                    ce, counts = masked_terms(branch, batch, head)
+                    ce[counts].mean().backward()
+                    optimizer.step()
+            t1, v1 = masked_mean(branch, train, head), masked_mean(branch, holdout, head)
+            delta_o, delta_g = (v1 - t1) - (v0 - t0), v0 - v1
+            raw.append(max(max(delta_g, 0.0) / max(delta_o**2, 1e-8), 1e-8))
+            deltas.append((delta_g, delta_o))
+        return {h: r / sum(raw) for h, r in zip(HEADS, raw)}, deltas
+
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    history = []
+    for epoch in range(3):
+        if epoch % 2 == 0:
+            history.append(weights_now())
+        weights = history[-1][0]
+        for batch in train:
+            optimizer.zero_grad()
+            loss = 0.0
+            for h in HEADS:
+                ce, counts = masked_terms(reference, batch, h)
+                loss = loss + weights[h] * (ce * counts).sum() / len(ce)
+            loss.backward()
+            optimizer.step()
+
+    cb = GradientBlending(every_n_epochs=2, estimate_epochs=3)
+    model = Configured("sgd")
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=3)).fit(model, datamodule=data)
+    assert [h["epoch"] for h in cb.history] == [0, 2]
+    for got, (weights, deltas) in zip(cb.history, history, strict=True):
+        assert max(weights.values()) - min(weights.values()) > 0.05  # a real blend
+        for h, (delta_g, delta_o) in zip(HEADS, deltas):
+            assert got[f"weight/{h}"] == pytest.approx(weights[h], rel=1e-3)
+            assert got[f"delta_g/{h}"] == pytest.approx(delta_g, rel=1e-3, abs=1e-5)
+            assert got[f"delta_o/{h}"] == pytest.approx(delta_o, rel=1e-3, abs=1e-5)
+    torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=1e-4, atol=1e-5)
+    # the complete-data recipe gives other numbers: the mask is not ignored
+    unmasked, _ = recipe_weights(Configured("sgd"), train, holdout, 3,
+                                 lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), None)
+    assert unmasked != pytest.approx(history[0][0], rel=1e-2)

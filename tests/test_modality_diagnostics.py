@@ -131,14 +131,15 @@ def test_values_match_an_independent_computation(tmp_path):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("n", [40, 37])  # 37: DistributedSampler pads rank 1 with a repeated sample
 def test_ddp_gives_the_numbers_of_one_process(tmp_path, n):
-    sweep = dict(robustness_rates=(0.0, 0.3))  # the masks follow the sample positions: DDP equals one process
+    # the masks and the noise follow the sample positions: DDP equals one process
+    sweep = dict(robustness_rates=(0.0, 0.3), noise_rates=(0.0, 0.5))
     single, _ = validate(tmp_path, n=n, devices=1, **sweep)
     ddp, out = validate(tmp_path, n=n, devices=2, batch_size=4, **sweep)
     with open(out / "rank1.json") as f:
         rank1 = json.load(f)
     (s,), (d,), (d1,) = single["diag"], ddp["diag"], rank1["diag"]
     assert d == d1 or all(d[k] == d1[k] for k in d if not k.startswith("seconds/")), "ranks disagree"
-    assert d["samples"] == n and "robust_auc/all" in d
+    assert d["samples"] == n and "robust_auc/all" in d and "robust_noise_auc/audio" in d
     for key, value in s.items():
         if not key.startswith("seconds/"):
             assert d[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

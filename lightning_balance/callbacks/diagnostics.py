@@ -19,7 +19,7 @@ from lightning_balance._distributed import gather_samples
 from lightning_balance._record import ModalityRecord
 from lightning_balance.callbacks.base import is_number, log_balance_metrics
 from lightning_balance.callbacks.monitor import ModalityMonitor
-from lightning_balance.functional.robustness import curve_area, sweep_presence
+from lightning_balance.functional.robustness import curve_area, position_noise, sweep_presence
 from lightning_balance.functional.diagnostics import (
     _reference,
     diagnostics_from_correctness,
@@ -140,6 +140,14 @@ class ModalityDiagnostics(ModalityMonitor):
             complete samples. Logged as ``robust/<which>/<rate>`` and the normalised area under each
             curve ``robust_auc/<which>``; a PNG ``robustness.png`` next to the other one. Costs
             ``(M + 1) × len(rates)`` fusion passes per validation batch on diagnosed epochs.
+        noise_rates: noise rates of a feature-noise sweep (e.g. ``(0, 0.05, 0.1, 0.2, 0.3, 0.5)``, as in the
+            collapse paper's denoising experiment; ``None``: none). Per modality and rate, the fused accuracy when
+            that modality's features (what ``fuse`` receives) carry additive uniform noise of standard deviation
+            ``rate ×`` each sample's feature RMS (:func:`~lightning_balance.functional.position_noise`, drawn from the
+            sample's position: DDP equals one process). Noise on the encoders' **inputs** needs the inputs, which
+            this callback never sees: ``examples/robustness.py`` does that one. Logged as
+            ``robust_noise/<modality>/<rate>`` and ``robust_noise_auc/<modality>``; drawn in ``robustness.png``.
+            Costs ``M × len(rates)`` fusion passes per validation batch on diagnosed epochs.
     """
 
     diagnostics_prefix = "balance/diagnostics"
@@ -150,8 +158,16 @@ class ModalityDiagnostics(ModalityMonitor):
                  tolerance: float = 0.02, bootstrap: int = 1000, seed: int = 0, sample_order: str = "auto",
                  verbose: bool = True, plot: Optional[bool] = None, plot_dir: Optional[str] = None,
                  missing: bool = True, prefix: str = "balance/monitor",
-                 robustness_rates: Optional[Sequence[float]] = None) -> None:
+                 robustness_rates: Optional[Sequence[float]] = None,
+                 noise_rates: Optional[Sequence[float]] = None) -> None:
         super().__init__(missing=missing, prefix=prefix)
+        if noise_rates is not None:
+            rates = list(noise_rates)
+            if not rates or not all(is_number(r) and 0 <= r <= 10 for r in rates) or rates != sorted(set(rates)):
+                raise ValueError(f"noise_rates must be increasing noise rates in [0, 10] (noise std / feature RMS), "
+                                 f"e.g. (0, 0.05, 0.1, 0.2, 0.3, 0.5), got {noise_rates!r}.")
+            noise_rates = tuple(float(r) for r in rates)
+        self.noise_rates = noise_rates
         if robustness_rates is not None:
             rates = list(robustness_rates)
             if not rates or not all(is_number(r) and 0 <= r < 1 for r in rates) or rates != sorted(set(rates)):
@@ -296,17 +312,24 @@ class ModalityDiagnostics(ModalityMonitor):
 
     def _sweep_columns(self, pl_module: pl.LightningModule, record: ModalityRecord, names: tuple[str, ...],
                        key: Tensor, targets: Tensor) -> list[Tensor]:
-        """Correctness of the fused prediction at each point of the missing-rate sweep: ``(M + 1) × rates``."""
-        if not self.robustness_rates:
+        """Correctness of the fused prediction at each point of the missing-rate sweep (``(M + 1) × rates``), then
+        of the noise sweep (``M × noise rates``)."""
+        if not self.robustness_rates and not self.noise_rates:
             return []
         features = {m: z.detach() for m, z in record.features.items()}
         positions = key.to(torch.int64)
         out = []
-        for which in (*names, "all"):
+        for which in (*names, "all") if self.robustness_rates else ():
             for rate in self.robustness_rates:
                 mask = sweep_presence(positions, names, rate, which, self.seed, record.present)
                 with record.autocast():
                     logits = pl_module.fuse_subset(features, names, present=mask)  # type: ignore[attr-defined]
+                out.append((logits.argmax(-1) == targets).double())
+        for i, m in enumerate(names if self.noise_rates else ()):
+            for rate in self.noise_rates:
+                noisy = {**features, m: position_noise(features[m], positions, rate, 1000 + i, self.seed)}
+                with record.autocast():
+                    logits = pl_module.fuse_subset(noisy, names, present=record.present)  # type: ignore[attr-defined]
                 out.append((logits.argmax(-1) == targets).double())
         return out
 
@@ -332,7 +355,7 @@ class ModalityDiagnostics(ModalityMonitor):
             return None
         classes = round(float(layout[1]) / ranks)
         widths = [round(float(w) / ranks) for w in layout[2:]]
-        sweep = (m + 1) * len(self.robustness_rates or ())
+        sweep = (m + 1) * len(self.robustness_rates or ()) + m * len(self.noise_rates or ())
         head = 4 + 2**m + m + sweep
         device = pl_module.device
         local = (torch.cat(self._store) if self._store else
@@ -393,6 +416,14 @@ class ModalityDiagnostics(ModalityMonitor):
                 for rate, acc in zip(rates, curve):
                     values[f"robust/{which}/{rate:g}"] = acc
                 values[f"robust_auc/{which}"] = curve_area(rates, curve)
+        if self.noise_rates:
+            sweep = samples["sweep"].float().mean(0).tolist()[(len(names) + 1) * len(self.robustness_rates or ()):]
+            rates = list(self.noise_rates)
+            for w, m in enumerate(names):
+                curve = sweep[w * len(rates): (w + 1) * len(rates)]
+                for rate, acc in zip(rates, curve):
+                    values[f"robust_noise/{m}/{rate:g}"] = acc
+                values[f"robust_noise_auc/{m}"] = curve_area(rates, curve)
         values["seconds/gather"] = gather_seconds
         values["seconds/total"] = time.perf_counter() - clock
         if self.alone_probe:
@@ -435,6 +466,12 @@ class ModalityDiagnostics(ModalityMonitor):
                 what = f"{which} missing" if which != "all" else "every modality missing independently"
                 curve = " ".join(f"{values[f'robust/{which}/{r:g}']:.3f}" for r in self.robustness_rates)
                 lines.append(f"    {what}: {curve} (area {values[f'robust_auc/{which}']:.3f})")
+        if self.noise_rates:
+            rates = ", ".join(f"{r:g}" for r in self.noise_rates)
+            lines.append(f"  fused accuracy with feature noise at rates {rates} (area under the curve):")
+            for m in modalities:
+                curve = " ".join(f"{values[f'robust_noise/{m}/{r:g}']:.3f}" for r in self.noise_rates)
+                lines.append(f"    noise on {m}: {curve} (area {values[f'robust_noise_auc/{m}']:.3f})")
         return "\n".join(lines)
 
     def report(self) -> str:
@@ -496,18 +533,31 @@ class ModalityDiagnostics(ModalityMonitor):
         fig.savefig(path, dpi=100)
         plt.close(fig)
         self.plot_path = path
-        if self.robustness_rates and self.diagnostics_history:
+        if (self.robustness_rates or self.noise_rates) and self.diagnostics_history:
             last = self.diagnostics_history[-1]
-            fig, ax = plt.subplots(figsize=(5.5, 3.8))
-            for i, which in enumerate((*names, "all")):
+            panels = [p for p in ("missing", "noise") if (self.robustness_rates if p == "missing" else self.noise_rates)]
+            fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+            axes = dict(zip(panels, axes[0]))
+            for i, m in enumerate(names if self.noise_rates else ()):
+                ax = axes["noise"]
+                curve = [last.get(f"robust_noise/{m}/{r:g}", math.nan) for r in self.noise_rates]
+                ax.plot(self.noise_rates, curve, "s-", color=f"C{i}",
+                        label=f"noise on {m} (area {last.get(f'robust_noise_auc/{m}', math.nan):.3f})")
+                ax.set(title=f"fused accuracy vs feature noise (epoch {int(last['epoch'])})",
+                       xlabel="noise rate (std / feature RMS)", ylabel="accuracy")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+            ax = axes.get("missing")
+            for i, which in enumerate((*names, "all") if self.robustness_rates else ()):
                 curve = [last.get(f"robust/{which}/{r:g}", math.nan) for r in self.robustness_rates]
                 label = f"{which} missing" if which != "all" else "all, independently"
                 ax.plot(self.robustness_rates, curve, "o-", color=f"C{i}" if which != "all" else "k",
                         label=f"{label} (area {last.get(f'robust_auc/{which}', math.nan):.3f})")
-            ax.set(title=f"fused accuracy vs test-time missing rate (epoch {int(last['epoch'])})",
-                   xlabel="missing rate", ylabel="accuracy")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax is not None:
+                ax.set(title=f"fused accuracy vs test-time missing rate (epoch {int(last['epoch'])})",
+                       xlabel="missing rate", ylabel="accuracy")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
             fig.tight_layout()
             fig.savefig(os.path.join(folder, "robustness.png"), dpi=100)
             plt.close(fig)

@@ -23,7 +23,13 @@ from lightning_balance.functional.diagnostics import (
     variance_inflation,
 )
 from lightning_balance.functional.dropout import adaptive_probabilities, drop_modalities, scheduled_factor
-from lightning_balance.functional.robustness import curve_area, position_uniform, sweep_presence, uniform_noise
+from lightning_balance.functional.robustness import (
+    curve_area,
+    position_noise,
+    position_uniform,
+    sweep_presence,
+    uniform_noise,
+)
 from lightning_balance.functional.gblend import floor_weights, gblend_weights
 from lightning_balance.functional.inforeg import fisher_trace_increment, inforeg_coefficients, prime_window_indicator
 from lightning_balance.functional.mmpareto import pareto_merge, pareto_merge_from_sum_, pareto_stationary, pareto_weights
@@ -63,6 +69,7 @@ __all__ = [
     "position_uniform",
     "sweep_presence",
     "uniform_noise",
+    "position_noise",
     "drop_modalities",
     "inforeg_coefficients",
     "present_sums",

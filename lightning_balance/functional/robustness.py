@@ -14,6 +14,9 @@ of a missing-rate sweep and summarise a curve by its area:
 * :func:`uniform_noise`: additive uniform noise of standard deviation ``rate × σ`` per feature, our reading
   of the "noise rate" of the collapse paper's denoising experiment (Chaudhuri et al., ICML 2025, §5: "additive
   random uniform noise over a range of noise rates (from 5–50%)"; the paper gives no formula).
+* :func:`position_noise`: the same noise on a batch of **features**, scaled by each sample's own feature RMS and
+  drawn from each element's (sample position, index) hash, so that it needs no dataset statistics and a sweep
+  under DDP equals one process (what :class:`~lightning_balance.ModalityDiagnostics` uses).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["position_uniform", "sweep_presence", "curve_area", "uniform_noise"]
+__all__ = ["position_uniform", "sweep_presence", "curve_area", "uniform_noise", "position_noise"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -90,3 +93,18 @@ def uniform_noise(x: Tensor, rate: float, std: Tensor, generator: Optional[torch
     a = math.sqrt(3.0) * rate * std.to(x.dtype)
     u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device) * 2 - 1
     return x + a * u
+
+
+def position_noise(z: Tensor, positions: Tensor, rate: float, stream: int, seed: int = 0) -> Tensor:
+    r"""``z + ε`` for a batch of features ``z`` ``(N, ...)``: ``ε ~ U(−a_i, a_i)`` per element with
+    :math:`a_i = \sqrt{3}\,\mathrm{rate}\cdot\mathrm{RMS}(z_i)`, so the noise of sample ``i`` has standard deviation
+    ``rate`` times the root mean square of its own features (its noise-to-signal ratio is ``rate``). Each
+    element's draw is :func:`position_uniform` of ``position × K + k`` (``K`` elements per sample) on ``stream``:
+    the same sample gets the same noise in any batch, on any rank."""
+    n = z.shape[0]
+    flat = z.reshape(n, -1)
+    k = flat.shape[1]
+    index = positions.to(torch.int64).reshape(n, 1) * k + torch.arange(k, device=positions.device)
+    u = position_uniform(index.reshape(-1), stream, seed).reshape(n, k).to(device=z.device, dtype=torch.float32)
+    rms = flat.float().pow(2).mean(1, keepdim=True).sqrt()
+    return (flat.float() + math.sqrt(3.0) * rate * rms * (2 * u - 1)).to(z.dtype).reshape(z.shape)
