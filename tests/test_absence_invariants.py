@@ -145,3 +145,24 @@ def test_cml_trains_on_absent_modalities_and_resumes_inside_an_epoch(tmp_path):
                                                      lambda: resumable_loader(missing=MISSING), step=6)
     torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=1e-6, atol=1e-7)
     assert torch.isfinite(flat_params(straight)).all()
+
+
+@pytest.mark.parametrize("names", [("ogm_ge", "mmpareto"), ("inforeg", "agm"), ("pmr", "ogm_ge")])
+def test_stacked_methods_with_a_mask_give_the_same_result_in_both_list_orders(tmp_path, names):
+    """Stacked with a mask in the batch and ModalityDropout removing more (its draws are rank-identical and
+    independent of the list): the result does not depend on the list order, and every method acted."""
+    from lightning_balance import ModalityDropout
+
+    def stack(order):
+        return [ModalityDropout(p=0.2, seed=1), *(METHODS[n]() for n in order)]
+
+    runs = []
+    for order in (names, names[::-1]):
+        callbacks = stack(order)
+        net = fit(tmp_path, callbacks, masked_loader())
+        runs.append((flat_params(net), {type(cb).__name__: cb.state_dict() for cb in callbacks}))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
+    assert states_equal(runs[0][1], runs[1][1])
+    for alone in names:
+        net = fit(tmp_path, [ModalityDropout(p=0.2, seed=1), METHODS[alone]()], masked_loader())
+        assert (flat_params(net) - runs[0][0]).abs().max() > 1e-4, f"{alone} alone equals the stack"

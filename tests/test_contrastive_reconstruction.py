@@ -262,20 +262,35 @@ class SaveParamsAndLoss(SaveParams):
                    f"{self.directory}/loss{trainer.global_rank}.pt")
 
 
+class GlobalBatchMasked(GlobalBatch):
+    """The same with the batch's presence mask: the pairs are the samples of all ranks that have both."""
+
+    def training_step(self, batch, batch_idx):
+        logits = self.fuse(self.forward_features(batch), batch["target"], present=batch["present"])
+        world = self.trainer.world_size
+        return self.add_loss_terms(F.cross_entropy(logits, batch["target"], reduction="sum") * world / 16)
+
+
 @pytest.mark.timeout(300)
-def test_ddp_unequal_batches_match_one_process_and_log_the_global_loss(tmp_path):
+@pytest.mark.parametrize("masked", [False, True])
+def test_ddp_unequal_batches_match_one_process_and_log_the_global_loss(tmp_path, masked):
     # 63 samples: rank 0 reads 32 (batches 8, 8, 8, 8), rank 1 reads 31 (8, 8, 8, 7); one process: 16, 16, 16, 15
+    net, missing = (GlobalBatchMasked, (0.3, 0.3)) if masked else (GlobalBatch, None)
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
     trainer = pl.Trainer(**trainer_kwargs(ddp_dir, callbacks=[SaveParamsAndLoss(str(ddp_dir))], devices=2,
                                           strategy="ddp_spawn", use_distributed_sampler=False, log_every_n_steps=1))
-    trainer.fit(GlobalBatch(), loader(n=63, batch_size=8))
+    trainer.fit(net(), loader(n=63, batch_size=8, missing=missing))
     rank0, rank1 = torch.load(ddp_dir / "rank0.pt"), torch.load(ddp_dir / "rank1.pt")
     assert torch.equal(rank0["params"], rank1["params"])
-    single = GlobalBatch()
+    single = net()
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, log_every_n_steps=1))
-    trainer.fit(single, loader(n=63, batch_size=16))
+    trainer.fit(single, loader(n=63, batch_size=16, missing=missing))
     torch.testing.assert_close(rank0["params"], flat_params(single), rtol=1e-5, atol=1e-6)
+    if masked:  # the mask reached the term: without it the same data trains other parameters
+        plain = GlobalBatch()
+        pl.Trainer(**trainer_kwargs(tmp_path)).fit(plain, loader(n=63, batch_size=16, missing=missing))
+        assert (flat_params(plain) - flat_params(single)).abs().max() > 1e-3
     # the logged value is the global batch's loss (the last batch: 15 samples), on every rank
     logged = float(trainer.callback_metrics["balance/contrastive/loss"])
     for rank in (0, 1):
