@@ -97,3 +97,44 @@ def test_in_a_lightning_fit_the_epoch_is_set_by_the_trainer(tmp_path):
     sampler.set_epoch(1)
     expected = [ds.y[b] for b in sampler.plan()]
     assert all(torch.equal(t, e) for (epoch, t), e in zip([s for s in seen if s[0] == 1], expected))
+
+
+def test_resume_inside_an_epoch_continues_the_plan(tmp_path):
+    """A checkpoint at step 3 of 4 in epoch 0 (every_n_train_steps): the resumed fit trains on the batches the
+    uninterrupted one did (the plan's, epoch by epoch), without loading the skipped ones; a plain DataLoader
+    replays the epoch's first batches instead."""
+    from lightning_balance.data import ResumableDataLoader
+    from tests.helpers import flat_params, resume_inside_an_epoch
+
+    ds = DictDataset(n=64, missing=(0.3, 0.0))
+    loaded = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __getitem__(self, i):
+            loaded.append(i)
+            return ds[i]
+
+        def __len__(self):
+            return len(ds)
+
+    def make_loader(kind=ResumableDataLoader):
+        sampler = BalancedBatchSampler(ds.y, ds.present, batch_size=16, seed=2)
+        return kind(Counting(), batch_sampler=sampler)
+
+    def model(seed=0):
+        return TinyAV(seed=seed, aux_losses=True)
+
+    straight, _, resumed, _ = resume_inside_an_epoch(tmp_path, lambda: [], model, make_loader, step=3, epochs=2)
+    torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=0, atol=0)
+    # the three fits: 8 batches, 8 batches, then the resumed one's 1 + 4 batches (none loaded twice)
+    assert len(loaded) == 16 * (8 + 8 + 5)
+    plain, _, replayed, _ = resume_inside_an_epoch(tmp_path / "plain", lambda: [], model,
+                                                   lambda: make_loader(DataLoader), step=3, epochs=2)
+    assert (flat_params(replayed) - flat_params(plain)).abs().max() > 1e-4
+    loader = make_loader()
+    loader.load_state_dict({"yielded": 2})
+    first = [b["target"] for b in loader]
+    assert len(first) == 2 and loader.state_dict() == {"yielded": 0}  # a finished pass resumes fresh
+    assert len(list(loader)) == 4  # then whole epochs
+    with pytest.raises(ValueError, match="yielded"):
+        loader.load_state_dict({"yielded": -1})

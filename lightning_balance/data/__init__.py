@@ -6,10 +6,13 @@
 * :class:`SyntheticCollapseDataModule` / :func:`make_synthetic_collapse` / :data:`PRESETS`: the
   controllable M-modality synthetic collapse generator.
 * :class:`MultimodalTensorDataset`: dict-of-tensors dataset giving dict batches.
+* :class:`BalancedBatchSampler`: batches balanced over classes and presence patterns (DDP-ready).
+* :class:`ResumableDataLoader`: a DataLoader that Lightning resumes inside an epoch.
 """
 
 from lightning_balance.data._dataset import MultimodalTensorDataset, mask_modalities
 from lightning_balance.data.balanced import BalancedBatchSampler
+from lightning_balance.data.resumable import ResumableDataLoader
 from lightning_balance.data.av_digits import AVDigitsDataModule, make_av_digits
 from lightning_balance.data.synthetic import PRESETS, SyntheticCollapseDataModule, make_synthetic_collapse
 
@@ -18,6 +21,7 @@ __all__ = [
     "AVDigitsDataModule",
     "BalancedBatchSampler",
     "MultimodalTensorDataset",
+    "ResumableDataLoader",
     "mask_modalities",
     "SyntheticCollapseDataModule",
     "make_av_digits",

@@ -49,8 +49,9 @@ class BalancedBatchSampler(Sampler[list[int]]):
     An epoch has ``len(labels) // (batch_size · W)`` batches per rank (each sample about once per epoch
     on average). A stratum smaller than its share of a batch appears several times in it (a stratum of one
     sample fills all its slots). Resuming inside an epoch: Lightning restores only a DataLoader that has
-    ``state_dict``/``load_state_dict`` (not its batch sampler), so wrap the loader as in
-    ``docs/design.md`` or the resumed epoch replays its first batches.
+    ``state_dict``/``load_state_dict`` (not its batch sampler): use
+    :class:`~lightning_balance.data.ResumableDataLoader` (it calls :meth:`skip_batches`, so the batches
+    already trained on are not loaded again), or the resumed epoch replays its first batches.
 
     Args:
         labels: ``(N,)`` class of each sample.
@@ -99,6 +100,7 @@ class BalancedBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self._start = 0
         self.sampler = _EpochSetter(self)  # Lightning sets the epoch through batch_sampler.sampler
 
     def set_epoch(self, epoch: int) -> None:
@@ -139,8 +141,16 @@ class BalancedBatchSampler(Sampler[list[int]]):
             batches.append(batch)
         return batches
 
+    def skip_batches(self, n: int) -> None:
+        """Start the next pass after its first ``n`` batches (this rank's), once; then whole epochs again."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"skip_batches takes an int >= 0, got {n!r}.")
+        self._start = n
+
     def __iter__(self) -> Iterator[list[int]]:
         # the epoch changes only through set_epoch (as DistributedSampler's): a callback's own pass over the
-        # training loader (PMR's prototypes) then sees the plan the training epoch trains on
+        # training loader (PMR's prototypes) then sees the plan the training epoch trains on. Not a generator:
+        # the skip is taken when the pass begins, not at its first batch
         world, rank = self._world()
-        yield from self.plan()[rank::world]
+        start, self._start = self._start, 0
+        return iter(self.plan()[rank::world][start:])
