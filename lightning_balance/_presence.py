@@ -52,7 +52,8 @@ def accepts_present(fn: Any) -> bool:
 
 def _as_mask(value: Any, what: str, n: int, device: torch.device) -> Tensor:
     if not isinstance(value, Tensor):
-        raise ModalityContractError(f"{what} must be a bool tensor of shape ({n},), got {type(value).__name__}.")
+        raise ModalityContractError(f"{what} must be a bool tensor of shape ({n},), got {type(value).__name__}"
+                                    f"{_numpy_hint(value)}.")
     if value.is_floating_point() or value.is_complex():
         raise ModalityContractError(
             f"{what} must be a bool (or 0/1 integer) tensor, got {value.dtype}: a presence mask says whether each "
@@ -61,8 +62,19 @@ def _as_mask(value: Any, what: str, n: int, device: torch.device) -> Tensor:
     if value.ndim != 1 or value.shape[0] != n:
         raise ModalityContractError(f"{what} must have shape ({n},) (one entry per sample), got {tuple(value.shape)}.")
     if value.dtype != torch.bool:
+        # 0/1 only: -1 or 2 is not a presence (a bool mask skips this check and its host sync)
+        if not bool(((value == 0) | (value == 1)).all()):
+            raise ModalityContractError(
+                f"{what} is an integer tensor with values other than 0 and 1 ({sorted(set(value.unique().tolist()))[:6]}): "
+                f"a presence mask is bool (True: the sample has the modality); pass `mask.bool()` of a 0/1 tensor, "
+                f"or `mask > 0` if absence is written as -1."
+            )
         value = value != 0
-    return value.to(device)  # small; a blocking copy is safe in every direction
+    return value.to(device)
+
+
+def _numpy_hint(value: Any) -> str:
+    return " (a numpy array: pass torch.from_numpy(mask))" if type(value).__module__ == "numpy" else ""  # small; a blocking copy is safe in every direction
 
 
 def normalise_presence(present: PresenceLike, names: Sequence[str], n: int,
@@ -85,7 +97,7 @@ def normalise_presence(present: PresenceLike, names: Sequence[str], n: int,
     if not isinstance(present, Mapping):
         raise ModalityContractError(
             f"present must be an (N, M) bool tensor or a mapping modality -> (N,) bool tensor, got "
-            f"{type(present).__name__}."
+            f"{type(present).__name__}{_numpy_hint(present)}."
         )
     unknown = [k for k in present if k not in names]
     if unknown:
@@ -184,7 +196,12 @@ def make_missing_embeddings(names: Sequence[str], feature_dims: Optional[Mapping
     params = {}
     for m in names:
         dims = feature_dims[m]
-        shape = (dims,) if isinstance(dims, int) and not isinstance(dims, bool) else tuple(dims)
+        if isinstance(dims, int) and not isinstance(dims, bool):
+            shape: tuple = (dims,)
+        elif isinstance(dims, (list, tuple, torch.Size)):
+            shape = tuple(dims)
+        else:
+            shape = ()
         if not shape or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in shape):
             raise ModalityContractError(f"feature_dims[{m!r}] must be a positive int or a shape, got {dims!r}.")
         params[m] = nn.Parameter(torch.zeros(shape))

@@ -155,6 +155,7 @@ class MultimodalMixin(ObjectivesMixin):
     _lb_batch_records: Optional[list[ModalityRecord]] = None
     _lb_target_checks: int = 0
     _lb_presence_checks: int = 0
+    _lb_empty_checks: int = 0
     #: on accelerators, targets are range-checked on the first this many ``fuse`` calls (one host sync
     #: each); CPU targets are checked on every call
     target_checks_on_accelerator: int = 16
@@ -635,7 +636,26 @@ class MultimodalMixin(ObjectivesMixin):
         first = features[spec.names[0]]
         n, device = first.shape[0], first.device
         mask = subset_presence(normalise_presence(present, spec.names, n, device), spec.names, modalities, n, device)
-        return self._fusion_call(fill_absent(features, mask, spec.missing, self._missing_fill()), mask)
+        logits = self._fusion_call(fill_absent(features, mask, spec.missing, self._missing_fill()), mask)
+        if spec.missing == "none" and (device.type == "cpu" or self._lb_empty_checks < self.target_checks_on_accelerator):
+            if device.type != "cpu":
+                self._lb_empty_checks += 1
+            self._check_empty_rows(logits, mask, modalities)
+        return logits
+
+    def _check_empty_rows(self, logits: Tensor, mask: dict[str, Tensor], modalities: Collection[str]) -> None:
+        """A fusion that takes ``present`` must give finite logits for a sample left with no modality."""
+        empty = ~torch.stack(list(mask.values()), 1).any(1)
+        bad = empty & ~torch.isfinite(logits.detach()).all(-1)
+        if bool(bad.any()):
+            raise ModalityContractError(
+                f"{type(self).__name__}'s fusion takes `present` (missing='none') and returned non-finite logits for "
+                f"{int(bad.sum())} sample(s) left with no modality in a subset pass (modalities={sorted(modalities)}; "
+                f"the empty coalition of Shapley values, AGM, CML and the missing-modality accuracy). It must give "
+                f"finite logits for an all-False row: e.g. an attention pooling with a learned query/CLS key that is "
+                f"never masked, or `torch.where(present.any(1, keepdim=True), logits, bias)`. (An attention softmax "
+                f"over keys that are all masked gives NaN.)"
+            )
 
     def pool_features(self, modality: str, features: Tensor) -> Tensor:
         """One ``(N, D)`` vector per sample from a modality's features, for the methods that need vectors

@@ -112,7 +112,7 @@ def test_the_diagnosis_is_of_complete_samples_and_says_so(tmp_path):
     ds = DictDataset(n=64, missing=(0.3, 0.3), seed=2)
     complete = ds.present.all(1)
     diag = ModalityDiagnostics(verbose=False, probe=False, vif=False, bootstrap=50)
-    with pytest.warns(UserWarning, match="collapse diagnosis .* is of the complete samples only"):
+    with pytest.warns(UserWarning, match="collapse diagnosis .* are of the complete samples only"):
         pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[diag], max_epochs=1)).validate(
             TinyAV(seed=1), DataLoader(ds, batch_size=16), verbose=False)
     assert diag.diagnostics_history[-1]["samples"] == int(complete.sum())
@@ -188,3 +188,16 @@ def test_the_feature_noise_sweep_against_noise_drawn_from_the_sample_positions(t
     assert "noise on audio" in diag.report() and (tmp_path / "plots" / "robustness.png").exists()
     with pytest.raises(ValueError, match="noise_rates must be increasing"):
         ModalityDiagnostics(noise_rates=(0.5, 0.1))
+
+
+def test_a_validation_set_without_a_complete_sample_says_so(tmp_path):
+    ds = DictDataset(n=32, seed=3, missing=(0.5, 0.5))
+    ds.present[:, 0] = torch.arange(32) % 2 == 0  # every sample lacks exactly one modality
+    ds.present[:, 1] = ~ds.present[:, 0]
+    diag = ModalityDiagnostics(verbose=False, probe=False, vif=False, bootstrap=0, robustness_rates=(0.0, 0.5))
+    with pytest.warns(UserWarning, match="no validation sample has every modality"):
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[diag], max_epochs=1)).validate(
+            TinyAV(seed=1), DataLoader(ds, batch_size=16), verbose=False)
+    assert diag.diagnostics_history == []
+    with pytest.raises(ValueError, match="robustness_rates must be a sequence"):
+        ModalityDiagnostics(robustness_rates=0.3)

@@ -138,3 +138,15 @@ def test_resume_inside_an_epoch_continues_the_plan(tmp_path):
     assert len(list(loader)) == 4  # then whole epochs
     with pytest.raises(ValueError, match="yielded"):
         loader.load_state_dict({"yielded": -1})
+
+
+def test_masks_the_contract_refuses_are_refused_here_too():
+    labels = torch.arange(6) % 2
+    with pytest.raises(ValueError, match="not a weight"):
+        BalancedBatchSampler(labels, torch.full((6, 2), 0.7), batch_size=2)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        BalancedBatchSampler(labels, torch.full((6, 2), -1), batch_size=2)
+    empty = torch.ones(6, 2, dtype=torch.bool)
+    empty[3] = False
+    with pytest.raises(ValueError, match=r"1 sample\(s\) have no modality at all \(rows \[3\]\)"):
+        BalancedBatchSampler(labels, empty, batch_size=2)

@@ -196,3 +196,18 @@ def test_a_probability_for_an_unknown_modality_is_named(tmp_path):
     with pytest.raises(ValueError, match="names modalities \\['depth'\\]"):
         pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[ModalityDropout(p={"depth": 0.2})], max_epochs=1)).fit(
             TinyAV(), loader())
+
+
+def test_one_modality_may_be_the_only_one_dropped(tmp_path):
+    model = Recorder()
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[ModalityDropout(p=0.5, seed=2, modalities=["audio"])],
+                                max_epochs=1)).fit(model, loader())
+    masks = torch.cat(model.masks)
+    assert masks[:, 1].all() and 0.3 < 1 - masks[:, 0].float().mean() < 0.7  # visual never, audio about half
+    with pytest.raises(ValueError, match="needs at least two droppable modalities"):
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[ModalityDropout(p=0.5, schedule="adaptive",
+                                                                         modalities=["audio"])], max_epochs=1)).fit(
+            TinyAV(), loader())
+    with pytest.raises(ValueError, match=r"did you mean 'audoi' -> 'audio'"):
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[ModalityDropout(p={"audoi": 0.2})], max_epochs=1)).fit(
+            TinyAV(), loader())

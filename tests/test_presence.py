@@ -217,3 +217,39 @@ def test_bad_declarations_of_the_fill():
     gated = TinyAV(fusion="gated")
     assert gated.modality_spec.missing == "zeros" and not gated.modality_spec.fusion_takes_present
     assert isinstance(gated.fusion, GatedFusion)
+
+
+class NaiveAttentionFusion(MaskedAttentionFusion):
+    """The same attention without the care for an all-absent row: every key masked gives NaN."""
+
+    def forward(self, za, zv, present=None):
+        tokens = torch.stack([za, zv], 1)
+        pooled, _ = self.attn(self.query.expand(len(za), -1, -1), tokens, tokens, key_padding_mask=~present)
+        return self.out(pooled[:, 0])
+
+
+def test_a_mask_taking_fusion_that_gives_nan_for_an_empty_row_is_named():
+    model = AttentionModel()
+    model.fusion = NaiveAttentionFusion()
+    model.configure_modalities({"audio": model.audio_encoder, "visual": model.visual_encoder}, fusion=model.fusion)
+    b = batch()
+    feats = model.forward_features(b) if hasattr(model, "forward_features") else {
+        "audio": model.audio_encoder(b["audio"]), "visual": model.visual_encoder(b["visual"])}
+    model.fuse(feats, b["target"], present=PRESENT)  # no sample is empty here: fine
+    with pytest.raises(ModalityContractError, match=r"finite logits for an all-False row.*CLS key"):
+        model.fuse_subset(feats, ["visual"], present=PRESENT)  # row 2 lacks visual: left with nothing
+
+
+def test_masks_of_other_integers_and_numpy_masks_are_refused_with_the_fix():
+    model = TinyAV()
+    b = batch()
+    feats = model.forward_features(b)
+    with pytest.raises(ModalityContractError, match=r"values other than 0 and 1 \(\[-1, 1\]\).*mask > 0"):
+        model.fuse(feats, b["target"], present={"audio": torch.where(PRESENT["audio"], 1, -1)})
+    with pytest.raises(ModalityContractError, match=r"torch.from_numpy"):
+        model.fuse(feats, b["target"], present={"audio": PRESENT["audio"].numpy()})
+    with pytest.raises(ModalityContractError, match=r"torch.from_numpy"):
+        model.fuse(feats, b["target"], present=torch.stack([PRESENT["audio"], PRESENT["visual"]], 1).numpy())
+    with pytest.raises(ModalityContractError, match=r"feature_dims\['audio'\] must be a positive int"):
+        model.configure_modalities({"audio": model.audio_encoder, "visual": model.visual_encoder}, head=model.head,
+                                   missing="learned", feature_dims={"audio": 8.0, "visual": 8})

@@ -24,6 +24,7 @@ unscaled gradients, the result equals single-process training with the global ba
 from __future__ import annotations
 
 import abc
+import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, Optional
 
@@ -31,6 +32,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 
 from lightning_balance._distributed import all_reduce_sum, check_strategy
@@ -140,8 +142,14 @@ def loss_scales(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[flo
     return accumulate, amp
 
 
+# The library logs epoch-level values that are already reduced across ranks (identical on every rank), so
+# with sync_dist=False: Lightning's advice to sync them (once per key and fit) is silenced for our keys only.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('balance/", category=PossibleUserWarning)
+
+
 def log_balance_metrics(pl_module: pl.LightningModule, metrics: dict[str, Tensor], **kwargs: Any) -> None:
-    """Log through ``pl_module.log`` (any Lightning logger) unless the Trainer runs barebones."""
+    """Log through ``pl_module.log`` (any Lightning logger) unless the Trainer runs barebones. The values are
+    the library's reduced statistics, the same on every rank: they are logged without ``sync_dist``."""
     trainer = pl_module._trainer
     if trainer is None or getattr(trainer, "barebones", False) or not metrics:
         return
@@ -264,6 +272,8 @@ class GradientBalancingCallback(Callback, abc.ABC):
     #: the method edits each modality's parameter group; a method that does not (modality dropout) needs no
     #: non-empty selection, skips the checks of the optimizer it would edit with, and never warns "never edited"
     edits_gradients: ClassVar[bool] = True
+    #: how many modalities ``modalities=`` must name (balancing needs two; dropping one modality is a recipe)
+    min_modalities: ClassVar[int] = 2
 
     def __init__(
         self,
@@ -282,8 +292,9 @@ class GradientBalancingCallback(Callback, abc.ABC):
                 raise TypeError(f"modalities must be a list of modality names, got {modalities!r}.")
             if len(set(modalities)) != len(modalities):
                 raise ValueError(f"modalities has duplicates: {list(modalities)}.")
-            if len(modalities) < 2:
-                raise ValueError(f"modalities must name at least two modalities to balance, got {list(modalities)}.")
+            if len(modalities) < self.min_modalities:
+                raise ValueError(f"modalities must name at least {self.min_modalities} modalities to balance, got "
+                                 f"{list(modalities)}.")
         for name, low, high in (("epoch", start_epoch, end_epoch), ("step", start_step, end_step)):
             if isinstance(low, bool) or not isinstance(low, int) or low < 0:
                 raise ValueError(f"start_{name} must be an int >= 0, got {low!r}.")

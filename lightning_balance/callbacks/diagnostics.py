@@ -161,6 +161,9 @@ class ModalityDiagnostics(ModalityMonitor):
                  robustness_rates: Optional[Sequence[float]] = None,
                  noise_rates: Optional[Sequence[float]] = None) -> None:
         super().__init__(missing=missing, prefix=prefix)
+        for name, value in (("robustness_rates", robustness_rates), ("noise_rates", noise_rates)):
+            if value is not None and (isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")):
+                raise ValueError(f"{name} must be a sequence of rates, e.g. (0, 0.1, 0.3, 0.5), got {value!r}.")
         if noise_rates is not None:
             rates = list(noise_rates)
             if not rates or not all(is_number(r) and 0 <= r <= 10 for r in rates) or rates != sorted(set(rates)):
@@ -249,6 +252,7 @@ class ModalityDiagnostics(ModalityMonitor):
         self._shape = None
         self._precisions = {}
         self._warned_absent = getattr(self, "_warned_absent", False)
+        self._saw_incomplete = False
 
     def _begin(self, trainer: pl.Trainer, stage: str) -> None:
         self._epoch_start()
@@ -273,14 +277,17 @@ class ModalityDiagnostics(ModalityMonitor):
         if self._store is None:
             return
         if record.present is not None:  # the diagnosis is of complete samples (the monitor's keys count all)
+            labelled = keep
             keep = keep & torch.stack([record.present[m] for m in names]).all(0)
+            self._saw_incomplete = self._saw_incomplete or bool((labelled & ~keep).any())
             if not self._warned_absent:
                 self._warned_absent = True
                 rank_zero_warn(
                     f"{type(self).__name__}: some validation samples lack a modality; the collapse diagnosis "
-                    f"(Shapley contributions, probes, ranks, CKA, VIF) is of the complete samples only, since an "
-                    f"absent modality's features are the fill, not evidence. The monitor's accuracies count every "
-                    f"sample (a modality's own accuracy, the samples that have it).")
+                    f"(Shapley contributions, probes, ranks, CKA, VIF) and the robustness and noise sweeps are of "
+                    f"the complete samples only, since an absent modality's features are the fill, not evidence. "
+                    f"The monitor's accuracies count every sample (a modality's own accuracy, the samples that "
+                    f"have it).")
         if view == 0:  # a batch's views are kept or dropped together
             self._storing_batch = self.max_samples is None or self._stored < self.max_samples
             if self._storing_batch:
@@ -386,8 +393,13 @@ class ModalityDiagnostics(ModalityMonitor):
         samples = self._ordered_samples(trainer, pl_module, layout)  # collective: every rank, before any skip
         where = "the test data" if stage == "test" else f"epoch {trainer.current_epoch}"
         if samples is None:
-            rank_zero_warn(f"ModalityDiagnostics: no labelled sample to diagnose in {where} (every target is "
-                           f"ignore_index, or every batch is empty); the diagnosis is skipped.")
+            if getattr(self, "_saw_incomplete", False):
+                reason = ("no validation sample has every modality: the diagnosis and its sweeps are of complete "
+                          "samples (keep some complete samples in validation, e.g. missing_splits=('train',))")
+            else:
+                reason = "every target is ignore_index, or every batch is empty"
+            rank_zero_warn(f"ModalityDiagnostics: no labelled sample to diagnose in {where} ({reason}); the diagnosis "
+                           f"(and any robustness or noise sweep) is skipped.")
             return
         try:
             self._measure(trainer, pl_module, stage, samples, clock, where)

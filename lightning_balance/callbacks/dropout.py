@@ -69,6 +69,7 @@ class ModalityDropout(GradientBalancingCallback):
     needs_targets = False  # the adaptive schedule's scores need targets: checked there
     edit_order = 0  # edits nothing; first in the pipeline
     edits_gradients = False  # no parameter group is needed
+    min_modalities = 1  # dropping one modality only is a recipe
     fsdp_ok = True  # edits no gradient: sharded parameters do not matter
 
     def __init__(
@@ -124,8 +125,17 @@ class ModalityDropout(GradientBalancingCallback):
         if isinstance(self.p, dict):
             unknown = sorted(set(self.p) - set(self.active_modalities))
             if unknown:
-                raise ValueError(f"ModalityDropout(p=...) names modalities {unknown} that are not balanced; "
-                                 f"the modalities are {list(self.active_modalities)}.")
+                import difflib
+
+                hints = [f"{u!r} -> {close[0]!r}?" for u in unknown
+                         if (close := difflib.get_close_matches(u, list(self.active_modalities), n=1))]
+                raise ValueError(f"ModalityDropout(p=...) names modalities {unknown} that it may not drop; the ones "
+                                 f"it may drop are {list(self.active_modalities)}"
+                                 f"{' (did you mean ' + ', '.join(hints) + ')' if hints else ''}.")
+        if self.schedule == "adaptive" and len(self.active_modalities) < 2:
+            raise ValueError(f"schedule='adaptive' drops the dominant modality more, measured against the others: it "
+                             f"needs at least two droppable modalities, got {list(self.active_modalities)}; use "
+                             f"schedule='constant' to drop one modality.")
         if self.seed is None:
             self.seed = broadcast_seed(trainer.strategy)
 

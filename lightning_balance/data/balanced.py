@@ -76,10 +76,20 @@ class BalancedBatchSampler(Sampler[list[int]]):
         if by not in ("class", "presence", "both"):
             raise ValueError(f"by must be 'class', 'presence' or 'both', got {by!r}.")
         if present is not None:
-            present = torch.as_tensor(np.asarray(present)).bool()
+            raw_present = torch.as_tensor(np.asarray(present))
+            if raw_present.is_floating_point() or raw_present.is_complex():
+                raise ValueError(f"present must be an (N, M) bool array (True: the sample has the modality), got "
+                                 f"{raw_present.dtype}: a presence mask is not a weight.")
+            if raw_present.dtype != torch.bool and not bool(((raw_present == 0) | (raw_present == 1)).all()):
+                raise ValueError("present must be an (N, M) bool array; an integer one may hold only 0 and 1.")
+            present = raw_present.bool()
             if present.ndim != 2 or present.shape[0] != labels.numel():
                 raise ValueError(f"present must be an (N, M) bool array with N = {labels.numel()}, got "
                                  f"{tuple(present.shape)}.")
+            empty = torch.nonzero(~present.any(1)).reshape(-1)
+            if empty.numel():
+                raise ValueError(f"{empty.numel()} sample(s) have no modality at all (rows {empty[:8].tolist()}): a "
+                                 f"sample needs one modality to be predicted; drop them from the dataset.")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
         keys = []
