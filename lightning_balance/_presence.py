@@ -70,11 +70,11 @@ def _as_mask(value: Any, what: str, n: int, device: torch.device) -> Tensor:
                 f"or `mask > 0` if absence is written as -1."
             )
         value = value != 0
-    return value.to(device)
+    return value.to(device)  # small; a blocking copy is safe in every direction
 
 
 def _numpy_hint(value: Any) -> str:
-    return " (a numpy array: pass torch.from_numpy(mask))" if type(value).__module__ == "numpy" else ""  # small; a blocking copy is safe in every direction
+    return " (a numpy array: pass torch.from_numpy(mask))" if type(value).__module__ == "numpy" else ""
 
 
 def normalise_presence(present: PresenceLike, names: Sequence[str], n: int,

@@ -141,3 +141,53 @@ def test_a_projection_without_any_pair_gets_a_zero_gradient_not_none():
     term(vectors, {**present, "a": torch.tensor([False, True, True, True])}).backward()
     assert term.projections["c"].weight.grad is not None
     assert float(term.projections["c"].weight.grad.abs().sum()) == 0.0  # no pair with c: zero, like under DDP
+
+
+def test_a_method_that_cannot_handle_absence_refuses_a_mask_with_its_reason(tmp_path):
+    """The refusal path (no shipped method needs it): a callback and a loss term with ``supports_absence =
+    False`` stop at the first record with a mask, naming themselves and their reason; without a mask they run."""
+    from lightning_balance import ModalityContractError
+    from lightning_balance.callbacks.base import GradientBalancingCallback
+    from lightning_balance.losses.base import LossTerm
+    from tests.helpers import TinyAV, loader, trainer_kwargs
+
+    class CompleteOnly(GradientBalancingCallback):
+        method = "complete_only"
+        supports_absence = False
+        absence_refusal = "its scores assume every sample has every modality."
+
+        def collect(self, pl_module, record):
+            return {"n": torch.tensor([float(record.batch_size)])}
+
+        def compute(self, stats):
+            return {"n": stats["n"]}
+
+        def edit(self, groups, result, device):
+            self.edited = True
+
+    class CompleteTerm(LossTerm):
+        name = "complete_term"
+        supports_absence = False
+        absence_refusal = "it pairs every sample with all its modalities."
+
+        def from_record(self, module, record):
+            return record.logits.sum() * 0.0, {}
+
+    class WithTerm(TinyAV):
+        def __init__(self):
+            super().__init__()
+            self.configure_loss_terms([CompleteTerm()])
+
+        def training_step(self, batch, batch_idx):
+            logits = self.fuse(self.forward_features(batch), batch["target"], present=batch.get("present"))
+            return self.add_loss_terms(torch.nn.functional.cross_entropy(logits, batch["target"]))
+
+    with pytest.raises(ModalityContractError, match="CompleteOnly does not handle absent modalities: its scores assume"):
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[CompleteOnly()], max_steps=1)).fit(
+            TinyAV(), loader(missing=(0.3, 0.3)))
+    with pytest.raises(ModalityContractError, match="CompleteTerm does not handle absent modalities: it pairs"):
+        pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1)).fit(WithTerm(), loader(missing=(0.3, 0.3)))
+    cb = CompleteOnly()
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_steps=1)).fit(TinyAV(), loader())
+    assert cb.edited
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1)).fit(WithTerm(), loader())

@@ -458,5 +458,20 @@ def test_datamodules_serve_the_presence_mask():
         AVDigitsDataModule(missing_rate=1.5)
     with pytest.raises(ValueError, match="missing_splits names unknown splits \\['holdout'\\]"):
         AVDigitsDataModule(missing_rate=0.2, missing_splits=("holdout",))
-    with pytest.raises(ValueError, match="missing_rate names unknown modalities \\['depth'\\]"):
+    with pytest.raises(ValueError, match="names unknown modalities \\['depth'\\]"):
         AVDigitsDataModule(missing_rate={"depth": 0.2}).setup()
+
+
+def test_each_split_may_have_its_own_missing_rate():
+    dm = AVDigitsDataModule(batch_size=32, missing_splits={"train": 0.3, "test": {"audio": 0.5}})
+    dm.setup()
+    train, test = dm.splits["train"]["present"], dm.splits["test"]["present"]
+    assert "present" not in dm.splits["val"]
+    # train: each modality dropped at 0.3, then half of the 0.09 that lost both keep audio, half visual
+    assert float((~train).float().mean(0)[0]) == pytest.approx(0.3 - 0.09 / 2, abs=0.04)
+    assert float((~train).float().mean(0)[1]) == pytest.approx(0.3 - 0.09 / 2, abs=0.04)
+    assert float((~test[:, 0]).float().mean()) == pytest.approx(0.5, abs=0.06) and bool(test[:, 1].all())
+    with pytest.raises(ValueError, match="leave missing_rate at 0"):
+        AVDigitsDataModule(missing_rate=0.2, missing_splits={"train": 0.3})
+    with pytest.raises(ValueError, match="missing_splits\\['test'\\] must be in \\[0, 1\\)"):
+        AVDigitsDataModule(missing_splits={"test": 1.2})

@@ -181,7 +181,9 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
             (:func:`mask_modalities`). The batches then carry ``"present"``, an ``(B, M)`` bool mask in
             ``modalities`` order, and the absent inputs are zeros. The mask is fixed per split (drawn
             once from ``seed``), as in datasets with missing modalities. 0 (default): complete data.
-        missing_splits: the splits that ``missing_rate`` applies to.
+        missing_splits: the splits that ``missing_rate`` applies to; or a mapping split -> rate (a float or a
+            mapping modality -> rate) for a different rate per split, e.g. ``{"train": 0.3, "test": {"audio":
+            0.5}}`` (then ``missing_rate`` must stay 0; the splits left out are complete).
     """
 
     modalities: tuple[str, ...] = ()
@@ -190,16 +192,28 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
 
     def __init__(self, batch_size: int = 64, seed: int = 0, num_workers: int = 0, drop_last: bool = False,
                  holdout_fraction: float = 0.0, missing_rate: float | Mapping[str, float] = 0.0,
-                 missing_splits: tuple[str, ...] | list[str] = SPLIT_NAMES) -> None:
+                 missing_splits: tuple[str, ...] | list[str] | Mapping[str, float | Mapping[str, float]] = SPLIT_NAMES
+                 ) -> None:
         super().__init__()
-        rates = list(missing_rate.values()) if isinstance(missing_rate, Mapping) else [missing_rate]
-        if not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 <= r < 1 for r in rates):
-            raise ValueError(f"missing_rate must be in [0, 1) (or a mapping modality -> rate), got {missing_rate!r}.")
+
+        def checked(rate: Any, what: str) -> float | dict[str, float]:
+            rates = list(rate.values()) if isinstance(rate, Mapping) else [rate]
+            if not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 <= r < 1 for r in rates):
+                raise ValueError(f"{what} must be in [0, 1) (or a mapping modality -> rate), got {rate!r}.")
+            return {k: float(v) for k, v in rate.items()} if isinstance(rate, Mapping) else float(rate)
+
+        self.missing_rate = checked(missing_rate, "missing_rate")
         unknown = sorted(set(missing_splits) - set(SPLIT_NAMES))
         if unknown:
             raise ValueError(f"missing_splits names unknown splits {unknown}; the splits are {list(SPLIT_NAMES)}.")
-        self.missing_rate = dict(missing_rate) if isinstance(missing_rate, Mapping) else float(missing_rate)
-        self.missing_splits = tuple(missing_splits)
+        if isinstance(missing_splits, Mapping):
+            if any(self.missing_rate.values()) if isinstance(self.missing_rate, dict) else self.missing_rate > 0:
+                raise ValueError("missing_splits gives each split its own rate: leave missing_rate at 0 (got "
+                                 f"missing_rate={missing_rate!r} and missing_splits={dict(missing_splits)!r}).")
+            self.split_missing_rates = {k: checked(v, f"missing_splits[{k!r}]") for k, v in missing_splits.items()}
+        else:
+            self.split_missing_rates = {k: self.missing_rate for k in missing_splits}
+        self.missing_splits = tuple(self.split_missing_rates)
         if not isinstance(holdout_fraction, (int, float)) or isinstance(holdout_fraction, bool) or not 0 <= holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction!r}. Use e.g. 0.1, or 0 for none.")
         self.holdout_fraction = float(holdout_fraction)
@@ -218,17 +232,17 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
         """Build the three splits (once; later calls reuse them)."""
         if self.splits is None:
             self.splits = self._make_splits()
-            if isinstance(self.missing_rate, dict):
-                unknown = sorted(set(self.missing_rate) - set(self.modalities))
-                if unknown:
-                    raise ValueError(f"missing_rate names unknown modalities {unknown}; the modalities are "
-                                     f"{list(self.modalities)}.")
-            has_missing = any(self.missing_rate.values()) if isinstance(self.missing_rate, dict) else self.missing_rate > 0
-            if has_missing:
-                for i, split in enumerate(SPLIT_NAMES):
-                    if split in self.missing_splits:
-                        self.splits[split] = mask_modalities(self.splits[split], self.modalities, self.missing_rate,
-                                                             seed=self.seed * 1009 + 17 + i)
+            for split, rate in self.split_missing_rates.items():
+                if isinstance(rate, dict):
+                    unknown = sorted(set(rate) - set(self.modalities))
+                    if unknown:
+                        raise ValueError(f"the missing rate of {split!r} names unknown modalities {unknown}; the "
+                                         f"modalities are {list(self.modalities)}.")
+            for i, split in enumerate(SPLIT_NAMES):
+                rate = self.split_missing_rates.get(split, 0.0)
+                if any(rate.values()) if isinstance(rate, dict) else rate > 0:
+                    self.splits[split] = mask_modalities(self.splits[split], self.modalities, rate,
+                                                         seed=self.seed * 1009 + 17 + i)
             if self.holdout_fraction > 0:
                 train = self.splits["train"]
                 n = len(next(iter(train.values())))

@@ -279,7 +279,7 @@ class AVDigitsDataModule(_SplitDataModule):
         drop_last: bool = False,
         holdout_fraction: float = 0.0,
         missing_rate: float | dict[str, float] = 0.0,
-        missing_splits: tuple[str, ...] = ("train", "val", "test"),
+        missing_splits: tuple[str, ...] | dict[str, float | dict[str, float]] = ("train", "val", "test"),
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, drop_last=drop_last,
                          holdout_fraction=holdout_fraction, missing_rate=missing_rate, missing_splits=missing_splits)

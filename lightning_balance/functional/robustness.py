@@ -100,10 +100,14 @@ def position_noise(z: Tensor, positions: Tensor, rate: float, stream: int, seed:
     :math:`a_i = \sqrt{3}\,\mathrm{rate}\cdot\mathrm{RMS}(z_i)`, so the noise of sample ``i`` has standard deviation
     ``rate`` times the root mean square of its own features (its noise-to-signal ratio is ``rate``). Each
     element's draw is :func:`position_uniform` of ``position × K + k`` (``K`` elements per sample) on ``stream``:
-    the same sample gets the same noise in any batch, on any rank."""
+    the same sample gets the same noise in any batch, on any rank. (``position × K`` wraps around in int64 beyond
+    2⁶³, e.g. rank-local positions ``rank · 2⁴⁰ + i`` with over a million elements per sample: the draws stay
+    uniform, but two samples may then share a stream.)"""
     n = z.shape[0]
-    flat = z.reshape(n, -1)
-    k = flat.shape[1]
+    k = math.prod(z.shape[1:])
+    if n == 0 or k == 0:
+        return z.clone()
+    flat = z.reshape(n, k)
     index = positions.to(torch.int64).reshape(n, 1) * k + torch.arange(k, device=positions.device)
     u = position_uniform(index.reshape(-1), stream, seed).reshape(n, k).to(device=z.device, dtype=torch.float32)
     rms = flat.float().pow(2).mean(1, keepdim=True).sqrt()
