@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_balance import MultimodalMixin
+from lightning_balance.data import ResumableDataLoader
 
 
 class DictDataset(Dataset):
@@ -214,31 +215,9 @@ class FirstGradients(pl.Callback):
             self.grads = [p.grad.clone() for p in pl_module.parameters()]
 
 
-class ResumableLoader(DataLoader):
-    """A DataLoader Lightning can resume inside an epoch: it reports how many batches it has yielded in the
-    current pass (``state_dict``) and skips that many on the first pass after ``load_state_dict`` (a plain
-    DataLoader restarts from its first batch, so a mid-epoch resume would see different batches)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._yielded = 0
-        self._skip = 0
-
-    def __iter__(self):
-        skip, self._skip = self._skip, 0
-        self._yielded = skip
-        for i, batch in enumerate(super().__iter__()):
-            if i < skip:
-                continue
-            self._yielded += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        # a finished pass (checkpoint at an epoch's last batch) resumes with a fresh one
-        return {"yielded": self._yielded if self._yielded < len(self) else 0}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._skip = int(state_dict["yielded"])
+# a DataLoader Lightning resumes inside an epoch (the library's; itself tested against the uninterrupted fit in
+# tests/test_balanced_sampler.py)
+ResumableLoader = ResumableDataLoader
 
 
 def resumable_loader(n: int = 64, batch_size: int = 16, seed: int = 0,
