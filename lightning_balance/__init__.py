@@ -19,6 +19,7 @@ from lightning_balance.heads import CosineHead
 from lightning_balance.losses import (
     CMLLoss,
     ContrastiveLoss,
+    CrossModalDistillation,
     LossTerm,
     LossTerms,
     ReconstructionLoss,
@@ -33,6 +34,7 @@ __all__ = [
     "CMLLoss",
     "ContrastiveLoss",
     "CosineHead",
+    "CrossModalDistillation",
     "LossTerm",
     "LossTerms",
     "AGM",

@@ -255,7 +255,10 @@ def _check_loaders(dm, batch_size: int) -> None:
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert isinstance(batch, dict)
-    assert set(batch) == set(dm.modalities) | {"target"}
+    assert set(batch) == set(dm.modalities) | {"target", "index"}
+    seen = [int(i) for b in dm.train_dataloader() for i in b["index"]]  # drop_last may leave a few out
+    assert len(set(seen)) == len(seen) and set(seen) <= set(range(len(dm.datasets["train"])))
+    assert sorted(int(i) for b in dm.val_dataloader() for i in b["index"]) == list(range(len(dm.datasets["val"])))
     for name in dm.modalities:
         assert batch[name].shape == (batch_size, dm.feature_dims[name])
         assert batch[name].dtype == torch.float32

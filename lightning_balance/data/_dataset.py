@@ -181,6 +181,8 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
             (:func:`mask_modalities`). The batches then carry ``"present"``, an ``(B, M)`` bool mask in
             ``modalities`` order, and the absent inputs are zeros. The mask is fixed per split (drawn
             once from ``seed``), as in datasets with missing modalities. 0 (default): complete data.
+        (Every batch also carries ``"index"``: each sample's position in its split, e.g. for the dataset indices
+        of :class:`~lightning_balance.CrossModalDistillation`'s memory, with ``num_samples=len(dm.datasets["train"])``.)
         missing_splits: the splits that ``missing_rate`` applies to; or a mapping split -> rate (a float or a
             mapping modality -> rate) for a different rate per split, e.g. ``{"train": 0.3, "test": {"audio":
             0.5}}`` (then ``missing_rate`` must stay 0; the splits left out are complete).
@@ -250,6 +252,8 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
                 cut = max(1, round(self.holdout_fraction * n))
                 self.splits["holdout"] = {k: v[order[:cut]] for k, v in train.items()}
                 self.splits["train"] = {k: v[order[cut:]] for k, v in train.items()}
+            for split in self.splits.values():  # each sample's position in its split (CRD's memory index)
+                split["index"] = torch.arange(len(split["target"]))
             self.datasets = {name: MultimodalTensorDataset(split) for name, split in self.splits.items()}
 
     def _dataset(self, split: str) -> MultimodalTensorDataset:

@@ -3,6 +3,13 @@
 from lightning_balance.functional.agm import agm_coefficients, agm_scores, shapley_responses, shapley_weights
 from lightning_balance.functional.cml import chain_steps, cml_objective, cml_ranking_penalty, removal_chains
 from lightning_balance.functional.contrastive import symmetric_info_nce
+from lightning_balance.functional.distill import (
+    crd_memory_init,
+    crd_memory_update,
+    crd_nce_loss,
+    crd_scores,
+    draw_negatives,
+)
 from lightning_balance.functional.diagnostics import (
     Z95,
     bootstrap_means,
@@ -69,6 +76,11 @@ __all__ = [
     "position_uniform",
     "sweep_presence",
     "uniform_noise",
+    "crd_memory_init",
+    "crd_memory_update",
+    "crd_nce_loss",
+    "crd_scores",
+    "draw_negatives",
     "position_noise",
     "drop_modalities",
     "inforeg_coefficients",

@@ -1,0 +1,82 @@
+r"""Cross-modal knowledge distillation: the pieces of Contrastive Representation Distillation (CRD; Tian, Krishnan,
+Isola, ICLR 2020), as the collapse paper uses it (Chaudhuri et al., ICML 2025, §3.3: "knowledge distillation has
+to be performed from the modality that survives fusion, to the one that gets ignored"). Pure tensor functions.
+
+CRD, as its official code computes it, for a batch of ``B`` samples with dataset indices ``i_b``:
+
+* embeddings ``s_b``, ``t_b``: a linear map of the student's / teacher's feature, L2-normalised;
+* two memory banks over the ``N`` training samples, ``M_s`` (student embeddings) and ``M_t`` (teacher's), each row
+  initialised uniform in ``[-a, a]``, ``a = 1/\sqrt{d/3}``;
+* ``K`` negatives per sample, ``j_{b,1..K}``, next to the positive ``j_{b,0} = i_b``;
+* scores :math:`P^s_{b,k} = \exp(M_t[j_{b,k}] \cdot s_b / \tau) / Z_s` (the student as anchor, the teacher's
+  memory as the contrast) and :math:`P^t_{b,k} = \exp(M_s[j_{b,k}] \cdot t_b / \tau) / Z_t`; each ``Z`` is set
+  once, on the first batch, to the mean of its ``exp(·/τ)`` times ``N``;
+* the NCE loss of each anchor (the paper's Eq. 18), with noise probability ``1/N``:
+  :math:`-\frac1B \sum_b \big[\log\frac{P_{b,0}}{P_{b,0} + K/N + \epsilon}
+  + \sum_{k\ge1} \log\frac{K/N}{P_{b,k} + K/N + \epsilon}\big]`, ``ε = 1e-7``, and the CRD loss is the sum of the two;
+* after the scores, the memories move toward the batch: :math:`M[i_b] \leftarrow
+  \mathrm{normalise}(m\,M[i_b] + (1-m)\,e_b)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["crd_memory_init", "crd_scores", "crd_nce_loss", "crd_memory_update", "draw_negatives", "CRD_EPS"]
+
+#: the official ``eps`` of the NCE loss
+CRD_EPS = 1e-7
+
+
+def crd_memory_init(num_samples: int, dim: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``(N, d)`` uniform in ``[-a, a]``, ``a = 1 / sqrt(d / 3)`` (the official initialisation)."""
+    bound = 1.0 / math.sqrt(dim / 3)
+    return torch.rand(num_samples, dim, generator=generator) * (2 * bound) - bound
+
+
+def crd_scores(anchor: Tensor, memory: Tensor, idx: Tensor, temperature: float) -> Tensor:
+    """``exp(memory[idx] · anchor / τ)``: ``anchor`` ``(B, d)``, ``idx`` ``(B, K + 1)`` (column 0 the positive);
+    ``(B, K + 1)``, not yet divided by ``Z``. The memory rows carry no gradient."""
+    rows = memory[idx.reshape(-1)].detach().reshape(idx.shape[0], idx.shape[1], -1).to(anchor.dtype)
+    return torch.exp(torch.bmm(rows, anchor.unsqueeze(-1)).squeeze(-1) / temperature)
+
+
+def crd_nce_loss(probs: Tensor, num_samples: int, eps: float = CRD_EPS) -> Tensor:
+    """The NCE loss of one anchor side from ``probs`` ``(B, K + 1)`` = scores / Z (column 0 the positive)."""
+    k = probs.shape[1] - 1
+    noise = k / float(num_samples)
+    log_pos = torch.log(probs[:, 0] / (probs[:, 0] + noise + eps))
+    log_neg = torch.log(noise / (probs[:, 1:] + noise + eps))
+    return -(log_pos.sum() + log_neg.sum()) / probs.shape[0]
+
+
+@torch.no_grad()
+def crd_memory_update(memory: Tensor, index: Tensor, embeddings: Tensor, momentum: float) -> None:
+    """In place: ``memory[index] = normalise(m · memory[index] + (1 − m) · embeddings)`` (a repeated index: its last row)."""
+    rows = memory[index] * momentum + embeddings.detach().to(memory.dtype) * (1 - momentum)
+    memory.index_copy_(0, index, F.normalize(rows, dim=1))
+
+
+def draw_negatives(positives: Tensor, num_samples: int, k: int, generator: torch.Generator,
+                   labels: Optional[Tensor] = None, targets: Optional[Tensor] = None, tries: int = 8) -> Tensor:
+    """``(B, K + 1)`` contrast indices: column 0 the positives, then ``K`` indices uniform over ``[0, N)`` (the official
+    memory's own sampler), or, with ``labels`` ``(N,)`` and the batch's ``targets``, over the samples of another class
+    (the official data loader's ``mode='exact'``; a label of −1, not seen yet, counts as another class). Drawn on
+    the CPU from ``generator``, so every rank that holds the same generator draws the same indices."""
+    b = positives.shape[0]
+    neg = torch.randint(0, num_samples, (b, k), generator=generator)
+    if labels is not None:
+        if targets is None:
+            raise ValueError("draw_negatives: labels need the batch's targets.")
+        lab, tgt = labels.cpu(), targets.cpu().reshape(-1, 1)
+        for _ in range(tries):  # redraw the ones of the anchor's own class (rarely more than a few rounds)
+            same = lab[neg] == tgt
+            if not bool(same.any()):
+                break
+            neg[same] = torch.randint(0, num_samples, (int(same.sum()),), generator=generator)
+    return torch.cat([positives.cpu().reshape(-1, 1), neg], 1).to(positives.device)
