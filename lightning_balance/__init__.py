@@ -25,6 +25,7 @@ from lightning_balance.losses import (
     ReconstructionLoss,
     UMTLoss,
     UnimodalEnsemble,
+    distill_encoder,
 )
 from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
 
@@ -55,6 +56,7 @@ __all__ = [
     "StepStatistics",
     "UMTLoss",
     "UnimodalEnsemble",
+    "distill_encoder",
     "UnsupportedStrategyError",
     "__version__",
 ]

@@ -241,3 +241,64 @@ def test_ddp_equals_one_process_on_the_global_batch(tmp_path, method):
     torch.testing.assert_close(rank0["params"], flat_params(single), rtol=1e-5, atol=1e-6)
     for key, value in single.balance_losses["distill"].state_dict().items():
         torch.testing.assert_close(term0[key].float(), value.float(), rtol=1e-5, atol=1e-6, msg=key)
+
+
+# ---------------------------------------------------------------------------- the pre-training recipe
+class IndexedData(pl.LightningDataModule):
+    def train_dataloader(self):
+        return indexed_loader()
+
+
+def test_distill_encoder_is_crds_student_training_and_replaces_the_encoder(tmp_path):
+    """The official student objective, CE(head(z_s)) + 0.8 · CRD(z_s, z_t) with the teacher frozen in eval mode,
+    SGD, restated here; the module's student encoder ends with the distilled weights, the teacher untouched."""
+    from lightning_balance import distill_encoder
+
+    term_kwargs = dict(feat_dim=FEAT, nce_k=K, negatives="uniform", seed=SEED)
+    # the reference, drawing the same initial weights in the same order as the helper
+    owner = TinyAV(seed=0)
+    torch.manual_seed(11)
+    student = __import__("copy").deepcopy(owner.visual_encoder)
+    for sub in student.modules():
+        if hasattr(sub, "reset_parameters"):
+            sub.reset_parameters()
+    next(iter(indexed_loader()))  # the helper's look at a first batch draws a DataLoader seed
+    term = CrossModalDistillation("visual", "audio", {"visual": 8, "audio": 8}, num_samples=N, **term_kwargs)
+    head = torch.nn.Linear(8, 4)
+    batches = list(indexed_loader())
+    teacher = owner.audio_encoder
+    params = [*student.parameters(), *head.parameters(), *term.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(SEED)
+    bound = 1.0 / math.sqrt(FEAT / 3)
+    mem_s = torch.rand(N, FEAT, generator=g) * 2 * bound - bound
+    mem_t = torch.rand(N, FEAT, generator=g) * 2 * bound - bound
+    zn = None
+    for step, batch in enumerate(batches * 2, start=1):
+        optimizer.zero_grad()
+        zs = student(batch["visual"])
+        with torch.no_grad():
+            zt = teacher(batch["audio"])
+        s, t = embed(term.embed_student.linear, zs), embed(term.embed_teachers["audio"].linear, zt)
+        neg = torch.randint(0, N, (16, K), generator=torch.Generator().manual_seed(SEED * 1_000_003 + step))
+        idx = torch.cat([batch["index"][:, None], neg], 1)
+        o1 = torch.exp(torch.einsum("bkd,bd->bk", mem_t[idx], s) / TEMP)
+        o2 = torch.exp(torch.einsum("bkd,bd->bk", mem_s[idx], t) / TEMP)
+        if zn is None:
+            zn = (float(o1.detach().mean() * N), float(o2.detach().mean() * N))
+        loss = F.cross_entropy(head(zs), batch["target"]) + 0.8 * (nce(o1 / zn[0]) + nce(o2 / zn[1]))
+        with torch.no_grad():
+            mem_s[batch["index"]] = F.normalize(mem_s[batch["index"]] * MOMENTUM + s * (1 - MOMENTUM), dim=1)
+            mem_t[batch["index"]] = F.normalize(mem_t[batch["index"]] * MOMENTUM + t * (1 - MOMENTUM), dim=1)
+        loss.backward()
+        optimizer.step()
+
+    module = TinyAV(seed=0)
+    teacher_before = flat_params(module.audio_encoder).clone()
+    torch.manual_seed(11)
+    distilled = distill_encoder(module, "visual", "audio", IndexedData(), num_classes=4, max_epochs=2,
+                                term_kwargs=term_kwargs, default_root_dir=str(tmp_path))
+    torch.testing.assert_close(flat_params(distilled), flat_params(student), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flat_params(module.visual_encoder), flat_params(student), rtol=1e-5, atol=1e-6)
+    assert torch.equal(flat_params(module.audio_encoder), teacher_before)
+    assert (flat_params(student) - flat_params(TinyAV(seed=0).visual_encoder)).abs().max() > 1e-2

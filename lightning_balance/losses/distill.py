@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal, Optional, Union
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Optional, Union
 
+import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ from lightning_balance.functional.distill import (
 from lightning_balance.losses.base import LossTerm
 from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
 
-__all__ = ["CrossModalDistillation"]
+__all__ = ["CrossModalDistillation", "distill_encoder"]
 
 
 class _Embed(nn.Module):
@@ -258,3 +260,102 @@ class CrossModalDistillation(LossTerm):
         return (f"student={self.student!r}, teachers={self.teachers}, method={self.method!r}, "
                 f"nce_k={self.nce_k}, nce_t={self.nce_t}, nce_m={self.nce_m}")
 
+
+
+class _DistillStudent(pl.LightningModule):
+    """A student encoder with a linear head, trained on ``γ · CE + term`` against a frozen teacher encoder."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, width: int, num_classes: int, names: tuple[str, str],
+                 term: CrossModalDistillation, classification_weight: float, lr: float, momentum: float,
+                 ignore_index: int, order: Sequence[str], pool: Any) -> None:
+        super().__init__()
+        self.encoder, self.head, self.term = student, nn.Linear(width, num_classes), term
+        self.teacher = [teacher]  # not a submodule: neither trained nor checkpointed here
+        self.names, self.order, self.pool = names, list(order), pool
+        self.classification_weight, self.lr, self.momentum, self.ignore_index = classification_weight, lr, momentum, ignore_index
+
+    def _present(self, batch: Any, m: str, n: int, device: torch.device) -> Tensor:
+        present = batch.get("present") if isinstance(batch, Mapping) else None
+        if present is None:
+            return torch.ones(n, dtype=torch.bool, device=device)
+        return (present[m] if isinstance(present, Mapping) else present[:, self.order.index(m)]).bool()
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        student, teacher = self.names
+        targets = batch["target"]
+        zs = self.pool(student, self.encoder(batch[student]))
+        teacher_net = self.teacher[0].to(zs.device).eval()
+        with torch.no_grad():  # the official teacher: frozen, in eval mode
+            zt = self.pool(teacher, teacher_net(batch[teacher]))
+        has_s = self._present(batch, student, len(targets), zs.device)
+        keep = has_s & self._present(batch, teacher, len(targets), zs.device) & (targets != self.ignore_index)
+        ce_targets = torch.where(has_s, targets, torch.full_like(targets, self.ignore_index))
+        loss = self.term.weight * self.term(zs, zt, teacher, batch.get(self.term.index_key), targets, keep)
+        if self.classification_weight:
+            loss = loss + self.classification_weight * F.cross_entropy(self.head(zs), ce_targets,
+                                                                       ignore_index=self.ignore_index)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for n, p in self.named_parameters()], lr=self.lr, momentum=self.momentum)
+
+
+def distill_encoder(module: MultimodalMixin, student: str, teacher: str, datamodule: pl.LightningDataModule,
+                    num_classes: int, max_epochs: int = 40, method: Literal["crd", "infonce"] = "crd",
+                    classification_weight: float = 1.0, lr: float = 0.05, momentum: float = 0.9,
+                    replace: bool = True, reinitialise: bool = True, term_kwargs: Optional[dict[str, Any]] = None,
+                    **trainer_kwargs: Any) -> nn.Module:
+    r"""The paper's recipe (Chaudhuri et al., ICML 2025, §3.3): "replace the modality-specific encoder of the
+    modality that gets eliminated under collapse, with one that is pretrained via cross-modal knowledge
+    distillation" from the modality that survives.
+
+    A copy of ``module``'s ``student`` encoder (re-initialised by default) with a linear head is trained on the
+    datamodule's training batches ``{modality: x, "target": y, "index": i}`` with CRD's student objective,
+    ``γ · CE(head(z_s), y) + 0.8 · CRD(z_s, z_t)`` (the official ``train_student.py`` with ``-r 1 -a 0 -b 0.8``),
+    against the module's ``teacher`` encoder, frozen and in eval mode (train the module, or its teacher encoder,
+    first: the teacher should be the trained encoder of the modality that survives). With ``replace=True`` the
+    distilled weights are loaded into the module's student encoder; either way the distilled encoder is returned.
+
+    Args:
+        module: the multimodal module (its declared encoders; one module per modality).
+        student, teacher: the collapsing and the surviving modality.
+        datamodule: gives ``train_dataloader()`` (with ``"index"`` for ``method="crd"``; the data modules have it).
+        num_classes: classes of the head.
+        max_epochs, lr, momentum: the distillation's training (SGD).
+        method: ``"crd"`` or ``"infonce"``.
+        classification_weight: γ, the weight of the student's own cross-entropy (official 1; 0: distillation only).
+        replace: load the distilled weights into the module's student encoder.
+        reinitialise: start the student from fresh parameters (``reset_parameters``), as a pre-training does.
+        term_kwargs: more :class:`CrossModalDistillation` arguments (``nce_k``, ``feat_dim``, ``weight``, ...).
+        trainer_kwargs: more ``pl.Trainer`` arguments.
+    """
+    for m in (student, teacher):
+        module.check_modality(m)
+        if len(module.modality_encoders(m)) != 1:
+            raise ModalityContractError(f"distill_encoder needs one encoder module for {m!r}, got "
+                                        f"{len(module.modality_encoders(m))}.")
+    encoder = copy.deepcopy(module.modality_encoders(student)[0])
+    if reinitialise:
+        for sub in encoder.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+    teacher_net = copy.deepcopy(module.modality_encoders(teacher)[0]).requires_grad_(False)
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    sample = next(iter(loader))
+    with torch.no_grad():
+        widths = {student: module.pool_features(student, encoder(sample[student])).shape[-1],
+                  teacher: module.pool_features(teacher, teacher_net(sample[teacher])).shape[-1]}
+    options = dict(term_kwargs or {})
+    if method == "crd":
+        options.setdefault("num_samples", len(loader.dataset))
+    term = CrossModalDistillation(student, teacher, widths, method=method, **options)
+    model = _DistillStudent(encoder, teacher_net, widths[student], num_classes, (student, teacher), term,
+                            classification_weight, lr, momentum, module.modality_spec.ignore_index, module.modalities,
+                            module.pool_features)
+    kwargs = {"max_epochs": max_epochs, "logger": False, "enable_checkpointing": False,
+              "enable_progress_bar": False, "enable_model_summary": False, **trainer_kwargs}
+    pl.Trainer(**kwargs).fit(model, train_dataloaders=loader)
+    if replace:
+        module.modality_encoders(student)[0].load_state_dict(model.encoder.state_dict())
+    return model.encoder
