@@ -131,7 +131,7 @@ def test_the_teacher_learns_nothing_from_the_term():
     assert model.balance_losses["distill"].embed_teachers["audio"].linear.weight.grad.abs().sum() > 0
 
 
-def test_other_class_negatives_avoid_the_anchors_class_once_labels_are_known():
+def test_other_class_negatives_avoid_the_anchors_class_once_labels_are_known(tmp_path):
     from lightning_balance.functional import draw_negatives
 
     labels = torch.arange(40) % 4
@@ -142,9 +142,44 @@ def test_other_class_negatives_avoid_the_anchors_class_once_labels_are_known():
     unseen = torch.full((40,), -1)  # nothing seen yet: any index is a negative
     idx = draw_negatives(torch.tensor([0]), 40, 500, torch.Generator().manual_seed(0), unseen, torch.tensor([0]))
     assert len(set(idx[0, 1:].tolist())) > 30
+    # imbalanced classes (90% class 0): exactly the other class, without replacement while the pool allows
+    labels = (torch.arange(100) >= 90).long()
+    idx = draw_negatives(torch.tensor([0, 95]), 100, 10, torch.Generator().manual_seed(1), labels,
+                         torch.tensor([0, 1]))
+    assert bool((labels[idx[0, 1:]] == 1).all()) and len(set(idx[0, 1:].tolist())) == 10
+    assert bool((labels[idx[1, 1:]] == 0).all()) and len(set(idx[1, 1:].tolist())) == 10
+    idx = draw_negatives(torch.tensor([0]), 100, 30, torch.Generator().manual_seed(1), labels, torch.tensor([0]))
+    assert bool((labels[idx[0, 1:]] == 1).all())  # 30 > the 10 of class 1: with replacement
     model = KDModel(negatives="other_class")
-    pl.Trainer(**trainer_kwargs("/tmp/lb_kd", max_epochs=1)).fit(model, indexed_loader())
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1)).fit(model, indexed_loader())
     assert torch.equal(model.balance_losses["distill"].labels, Indexed(n=N).y)  # learned from the targets
+    given = CrossModalDistillation("visual", "audio", {"audio": 8, "visual": 8}, num_samples=N, labels=Indexed(n=N).y)
+    assert torch.equal(given.labels, Indexed(n=N).y)
+    with pytest.raises(ValueError, match="labels must give the class of each"):
+        CrossModalDistillation("visual", "audio", {"audio": 8, "visual": 8}, num_samples=N, labels=[0, 1])
+
+
+def test_validation_calls_leave_the_state_alone_and_the_memory_takes_a_repeated_index_once():
+    from lightning_balance.functional import crd_memory_update
+
+    model = KDModel(negatives="other_class").eval()
+    term = model.balance_losses["distill"]
+    before = {k: v.clone() for k, v in term.state_dict().items()}
+    batch = next(iter(indexed_loader()))
+    with torch.no_grad():
+        model.fuse(model.forward_features(batch), batch["target"], inputs={"index": batch["index"]})
+        loss, _ = term.from_record(model, model.balance_record)
+    assert float(loss) == 0.0
+    assert all(torch.equal(before[k], v) for k, v in term.state_dict().items())  # no Z, labels, memory or step
+    memory = F.normalize(torch.randn(5, 3), dim=1)
+    rows = torch.randn(3, 3)
+    want = memory.clone()
+    want[2] = F.normalize(memory[2] * 0.5 + rows[2] * 0.5, dim=0)  # index 2 twice: its last row
+    want[0] = F.normalize(memory[0] * 0.5 + rows[1] * 0.5, dim=0)
+    crd_memory_update(memory, torch.tensor([2, 0, 2]), rows, 0.5)
+    torch.testing.assert_close(memory, want)
+    with pytest.raises(ModalityContractError, match=r"needs \(N,\) integer class targets"):
+        term.train()(torch.randn(4, 8), torch.randn(4, 8), index=torch.arange(4), targets=torch.rand(4, 3))
 
 
 def test_only_samples_with_both_modalities_count_and_move_the_memories():

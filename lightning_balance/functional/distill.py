@@ -57,26 +57,42 @@ def crd_nce_loss(probs: Tensor, num_samples: int, eps: float = CRD_EPS) -> Tenso
 
 @torch.no_grad()
 def crd_memory_update(memory: Tensor, index: Tensor, embeddings: Tensor, momentum: float) -> None:
-    """In place: ``memory[index] = normalise(m · memory[index] + (1 − m) · embeddings)`` (a repeated index: its last row)."""
-    rows = memory[index] * momentum + embeddings.detach().to(memory.dtype) * (1 - momentum)
+    """In place: ``memory[index] = normalise(m · memory[index] + (1 − m) · embeddings)``. An index that appears more
+    than once (DDP's padding repeats samples) takes its last row, deterministically on every device."""
+    positions = torch.arange(index.shape[0], device=index.device)
+    last = torch.full((memory.shape[0],), -1, dtype=torch.long, device=index.device)
+    last.scatter_reduce_(0, index, positions, reduce="amax")
+    keep = last[index] == positions  # the last occurrence of each index
+    index, embeddings = index[keep], embeddings.detach()[keep]
+    rows = memory[index] * momentum + embeddings.to(memory.dtype) * (1 - momentum)
     memory.index_copy_(0, index, F.normalize(rows, dim=1))
 
 
 def draw_negatives(positives: Tensor, num_samples: int, k: int, generator: torch.Generator,
-                   labels: Optional[Tensor] = None, targets: Optional[Tensor] = None, tries: int = 8) -> Tensor:
-    """``(B, K + 1)`` contrast indices: column 0 the positives, then ``K`` indices uniform over ``[0, N)`` (the official
-    memory's own sampler), or, with ``labels`` ``(N,)`` and the batch's ``targets``, over the samples of another class
-    (the official data loader's ``mode='exact'``; a label of −1, not seen yet, counts as another class). Drawn on
-    the CPU from ``generator``, so every rank that holds the same generator draws the same indices."""
+                   labels: Optional[Tensor] = None, targets: Optional[Tensor] = None) -> Tensor:
+    """``(B, K + 1)`` contrast indices: column 0 the positives, then ``K`` negatives. Without ``labels``: uniform over
+    ``[0, N)`` with replacement (the official memory's own sampler, ``AliasMethod`` over uniform unigrams). With
+    ``labels`` ``(N,)`` and the batch's ``targets``: for each anchor, ``K`` samples of the other classes, without
+    replacement when there are at least ``K`` of them, else with (the official data loader's ``mode='exact'``:
+    ``np.random.choice(cls_negative[target], k, replace=k > len(cls_negative[target]))``); a label of −1 (not known)
+    counts as another class. Drawn on the CPU from ``generator``: every rank with the same generator draws the same."""
     b = positives.shape[0]
-    neg = torch.randint(0, num_samples, (b, k), generator=generator)
-    if labels is not None:
+    if labels is None:
+        neg = torch.randint(0, num_samples, (b, k), generator=generator)
+    else:
         if targets is None:
             raise ValueError("draw_negatives: labels need the batch's targets.")
-        lab, tgt = labels.cpu(), targets.cpu().reshape(-1, 1)
-        for _ in range(tries):  # redraw the ones of the anchor's own class (rarely more than a few rounds)
-            same = lab[neg] == tgt
-            if not bool(same.any()):
-                break
-            neg[same] = torch.randint(0, num_samples, (int(same.sum()),), generator=generator)
+        lab, tgt = labels.cpu(), targets.cpu().reshape(-1)
+        neg = torch.empty(b, k, dtype=torch.long)
+        for c in torch.unique(tgt).tolist():  # one pool per class of the batch
+            rows = torch.nonzero(tgt == c).reshape(-1)
+            pool = torch.nonzero(lab != c).reshape(-1)
+            if pool.numel() == 0:
+                raise ValueError(f"draw_negatives: no sample of another class than {c} to contrast with.")
+            if k <= pool.numel():
+                weights = torch.ones(len(rows), pool.numel())
+                pick = torch.multinomial(weights, k, replacement=False, generator=generator)
+            else:
+                pick = torch.randint(0, pool.numel(), (len(rows), k), generator=generator)
+            neg[rows] = pool[pick]
     return torch.cat([positives.cpu().reshape(-1, 1), neg], 1).to(positives.device)

@@ -40,9 +40,12 @@ class _Embed(nn.Module):
 
 class CrossModalDistillation(LossTerm):
     r"""Distil the modality that survives fusion (the teacher) into the encoder of the one that collapses (the
-    student), inside the joint training: Chaudhuri et al., "A Closer Look at Multimodal Representation Collapse"
-    (ICML 2025, §3.3), with Contrastive Representation Distillation (Tian et al., ICLR 2020) as the distillation
-    loss, as the paper uses it.
+    student): Chaudhuri et al., "A Closer Look at Multimodal Representation Collapse" (ICML 2025, §3.3), with
+    Contrastive Representation Distillation (Tian et al., ICLR 2020) as the distillation loss, as the paper uses it.
+    The paper pre-trains the student encoder by distillation and then replaces the original
+    (:func:`distill_encoder`); this term is our variant that distils **during** the joint training, where the
+    teacher is the other modality's encoder as it trains (detached here, in the model's train mode: its
+    dropout and batch norm run as in training), not a frozen network in eval mode.
 
     The teacher's features are **detached**: only the student's encoder (and the two embeddings) learn from
     this term. Two estimators of the contrastive objective:
@@ -90,6 +93,9 @@ class CrossModalDistillation(LossTerm):
         nce_m: memory momentum (official 0.5).
         negatives: ``"other_class"`` or ``"uniform"`` (``crd``).
         index_key: the key of the dataset indices in ``fuse(..., inputs=...)`` (``crd``).
+        labels: the class of every training sample (``(N,)``, ``crd`` with ``"other_class"``), as the official data
+            loader knows them; ``None``: learned from the targets as the samples are seen (an index not seen yet
+            counts as another class, so the first epoch's negatives are close to uniform).
         epochs_per_teacher: epochs per teacher when ``teacher`` is a sequence.
         seed: of the memories' initialisation and the negatives.
         weight: the term's weight (official ``-b 0.8``), ``start_epoch``, ``end_epoch``: see :class:`LossTerm`.
@@ -102,7 +108,8 @@ class CrossModalDistillation(LossTerm):
                  nce_k: int = 16384, nce_t: float = 0.07, nce_m: float = 0.5,
                  negatives: Literal["other_class", "uniform"] = "other_class", index_key: str = "index",
                  epochs_per_teacher: Optional[int] = None, seed: int = 0, weight: float = 0.8,
-                 start_epoch: int = 0, end_epoch: Optional[int] = None) -> None:
+                 start_epoch: int = 0, end_epoch: Optional[int] = None,
+                 labels: Optional[Union[Sequence[int], Tensor]] = None) -> None:
         super().__init__(weight=weight, start_epoch=start_epoch, end_epoch=end_epoch)
         teachers = [teacher] if isinstance(teacher, str) else list(teacher)
         if not teachers or not all(isinstance(t, str) for t in teachers) or len(set(teachers)) != len(teachers):
@@ -145,7 +152,13 @@ class CrossModalDistillation(LossTerm):
             for t in teachers:
                 self.register_buffer(f"memory_{t}", crd_memory_init(num_samples, feat_dim, g))
             self.register_buffer("normalisers", torch.full((2 * len(teachers),), -1.0))  # Z_s, Z_t per teacher
-            self.register_buffer("labels", torch.full((num_samples,), -1, dtype=torch.long))
+            known = torch.full((num_samples,), -1, dtype=torch.long)
+            if labels is not None:
+                known = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+                if known.shape[0] != num_samples:
+                    raise ValueError(f"labels must give the class of each of the num_samples={num_samples} training "
+                                     f"samples, got {known.shape[0]}.")
+            self.register_buffer("labels", known)
 
     def teacher_at(self, epoch: int) -> str:
         """The teacher of ``epoch`` (the weakest first, ``epochs_per_teacher`` epochs each, the last one after)."""
@@ -190,6 +203,12 @@ class CrossModalDistillation(LossTerm):
                     f"CrossModalDistillation: dataset indices must be in [0, num_samples={self.num_samples}), got "
                     f"{sorted({int(i) for i in index.tolist()})[:3]}...{int(index.max())}: num_samples is the training "
                     f"set's size.")
+        if crd and self.negatives == "other_class" and (targets is None or targets.ndim != 1
+                                                          or targets.is_floating_point() or targets.shape[0] != n):
+            raise ModalityContractError(
+                f"CrossModalDistillation(negatives='other_class') draws negatives from the other classes: it needs "
+                f"(N,) integer class targets, got {None if targets is None else (tuple(targets.shape), targets.dtype)}; "
+                f"use negatives='uniform' for other targets.")
         if targets is None:
             targets = torch.full((n,), -1, dtype=torch.long, device=s.device)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -206,8 +225,10 @@ class CrossModalDistillation(LossTerm):
             keep, targets = extra[:, 0].detach() > 0.5, extra[:, 1].detach().round().long()
             if crd:
                 index = extra[:, 2].detach().round().long()
-        self.steps += int(update)
         attached = 0.0 * (s.sum() + t.sum())  # every embedding stays in the graph (DDP's used-parameter check)
+        if not update:  # validation, sanity checks: the official code never scores them, and no state moves
+            return attached
+        self.steps += 1
         if not bool(keep.any()):
             return attached
         s, t, targets = s[keep], t[keep], targets[keep]
@@ -349,6 +370,9 @@ def distill_encoder(module: MultimodalMixin, student: str, teacher: str, datamod
     options = dict(term_kwargs or {})
     if method == "crd":
         options.setdefault("num_samples", len(loader.dataset))
+        known = getattr(loader.dataset, "tensors", None)  # the data modules' datasets know every label up front
+        if isinstance(known, Mapping) and "target" in known and options.get("negatives", "other_class") == "other_class":
+            options.setdefault("labels", known["target"])
     term = CrossModalDistillation(student, teacher, widths, method=method, **options)
     model = _DistillStudent(encoder, teacher_net, widths[student], num_classes, (student, teacher), term,
                             classification_weight, lr, momentum, module.modality_spec.ignore_index, module.modalities,
