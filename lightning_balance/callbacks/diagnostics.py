@@ -16,9 +16,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_balance._distributed import gather_samples
+from lightning_balance._errors import ModalityContractError
 from lightning_balance._record import ModalityRecord
 from lightning_balance.callbacks.base import is_number, log_balance_metrics
 from lightning_balance.callbacks.monitor import ModalityMonitor
+from lightning_balance.functional.polysemantic import polysemanticity_scores, polysemanticity_summary
 from lightning_balance.functional.robustness import curve_area, position_noise, sweep_presence
 from lightning_balance.functional.diagnostics import (
     _reference,
@@ -148,6 +150,14 @@ class ModalityDiagnostics(ModalityMonitor):
             this callback never sees: ``examples/robustness.py`` does that one. Logged as
             ``robust_noise/<modality>/<rate>`` and ``robust_noise_auc/<modality>``; drawn in ``robustness.png``.
             Costs ``M × len(rates)`` fusion passes per validation batch on diagnosed epochs.
+        polysemantic_layer: attribute path of a layer inside the fusion (e.g. ``"fusion.hidden"``) whose neurons
+            get a cross-modal polysemanticity score (**ours**, not the collapse paper's unpublished estimator;
+            :mod:`~lightning_balance.functional.polysemantic`): each neuron's mean absolute change when each
+            modality is removed, its modality shares, their normalised entropy (0: one modality drives it, 1:
+            all equally). Logged as ``polysemantic/mean``, ``polysemantic/fraction`` (the share of live neurons
+            above ``polysemantic_threshold``) and ``polysemantic/live``; printed under the verdict. Costs ``M``
+            fusion passes per validation batch on diagnosed epochs; DDP equals one process.
+        polysemantic_threshold: the score above which a neuron counts as cross-modal polysemantic.
     """
 
     diagnostics_prefix = "balance/diagnostics"
@@ -159,7 +169,8 @@ class ModalityDiagnostics(ModalityMonitor):
                  verbose: bool = True, plot: Optional[bool] = None, plot_dir: Optional[str] = None,
                  missing: bool = True, prefix: str = "balance/monitor",
                  robustness_rates: Optional[Sequence[float]] = None,
-                 noise_rates: Optional[Sequence[float]] = None) -> None:
+                 noise_rates: Optional[Sequence[float]] = None, polysemantic_layer: Optional[str] = None,
+                 polysemantic_threshold: float = 0.5) -> None:
         super().__init__(missing=missing, prefix=prefix)
         for name, value in (("robustness_rates", robustness_rates), ("noise_rates", noise_rates)):
             if value is not None and (isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")):
@@ -171,6 +182,13 @@ class ModalityDiagnostics(ModalityMonitor):
                                  f"e.g. (0, 0.05, 0.1, 0.2, 0.3, 0.5), got {noise_rates!r}.")
             noise_rates = tuple(float(r) for r in rates)
         self.noise_rates = noise_rates
+        if polysemantic_layer is not None and (not isinstance(polysemantic_layer, str) or not polysemantic_layer):
+            raise ValueError(f"polysemantic_layer must be the attribute path of a layer of the fusion, e.g. "
+                             f"'fusion.hidden', got {polysemantic_layer!r}.")
+        if not is_number(polysemantic_threshold) or not 0 <= polysemantic_threshold < 1:
+            raise ValueError(f"polysemantic_threshold must be in [0, 1), got {polysemantic_threshold!r}.")
+        self.polysemantic_layer = polysemantic_layer
+        self.polysemantic_threshold = float(polysemantic_threshold)
         if robustness_rates is not None:
             rates = list(robustness_rates)
             if not rates or not all(is_number(r) and 0 <= r < 1 for r in rates) or rates != sorted(set(rates)):
@@ -229,6 +247,18 @@ class ModalityDiagnostics(ModalityMonitor):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if self.polysemantic_layer is not None:
+            try:
+                pl_module.get_submodule(self.polysemantic_layer)
+            except AttributeError:
+                import difflib
+
+                names = [n for n, _ in pl_module.named_modules() if n]
+                close = difflib.get_close_matches(self.polysemantic_layer, names, n=3)
+                raise ModalityContractError(
+                    f"ModalityDiagnostics(polysemantic_layer={self.polysemantic_layer!r}): {type(pl_module).__name__} has "
+                    f"no such submodule{' (did you mean ' + ', '.join(map(repr, close)) + '?)' if close else ''}; give "
+                    f"the attribute path of a layer inside the fusion, as in named_modules().") from None
         if self.alone_probe is not None:
             for m in self.alone_probe:
                 pl_module.check_modality(m)  # type: ignore[attr-defined]
@@ -301,8 +331,10 @@ class ModalityDiagnostics(ModalityMonitor):
             known = self._precisions.get(m)
             self._precisions[m] = lowest_precision([z.dtype] if known is None else [known, z.dtype]) or torch.float64
         uni = record.unimodal_logits()
+        poly = self._polysemantic_columns(pl_module, record, names)
         if self._shape is None:
-            self._shape = (record.logits.shape[-1], [vectors[m].shape[1] for m in names])
+            self._shape = (record.logits.shape[-1], [vectors[m].shape[1] for m in names]
+                           + ([poly.shape[1]] if poly is not None else []))
         trainer = pl_module.trainer
         if self.sample_order == "rank" or (self.sample_order == "auto" and layout is None):
             key = trainer.global_rank * 2.0**40 + positions.double()
@@ -314,7 +346,8 @@ class ModalityDiagnostics(ModalityMonitor):
         columns += [(preds[mask] == targets).double() for mask in range(2 ** len(names))]
         columns += [(uni[m].argmax(-1) == targets).double() for m in names]
         columns += self._sweep_columns(pl_module, record, names, key, targets)
-        rows = torch.cat([torch.stack(columns, dim=1), *[vectors[m].double() for m in names]], dim=1)
+        rows = torch.cat([torch.stack(columns, dim=1), *[vectors[m].double() for m in names],
+                          *([poly] if poly is not None else [])], dim=1)
         self._store.append(rows[keep])
 
     def _sweep_columns(self, pl_module: pl.LightningModule, record: ModalityRecord, names: tuple[str, ...],
@@ -340,13 +373,41 @@ class ModalityDiagnostics(ModalityMonitor):
                 out.append((logits.argmax(-1) == targets).double())
         return out
 
+    def _polysemantic_columns(self, pl_module: pl.LightningModule, record: ModalityRecord,
+                              names: tuple[str, ...]) -> Optional[Tensor]:
+        """``(N, M·K)``: each sample's ``|h_k(x) − h_k(x without m)|`` for the ``K`` neurons of the chosen layer,
+        modality-major."""
+        if self.polysemantic_layer is None:
+            return None
+        layer = pl_module.get_submodule(self.polysemantic_layer)
+        captured: list[Tensor] = []
+
+        def grab(_: Any, __: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            captured.append(out.detach().reshape(out.shape[0], -1, out.shape[-1]).mean(1).double())
+
+        features = {m: z.detach() for m, z in record.features.items()}
+        handle = layer.register_forward_hook(grab)
+        try:
+            with record.autocast():
+                pl_module.fuse_subset(features, names, present=record.present)  # type: ignore[attr-defined]
+                for m in names:
+                    pl_module.fuse_subset(features, [k for k in names if k != m], present=record.present)  # type: ignore[attr-defined]
+        finally:
+            handle.remove()
+        if len(captured) != len(names) + 1:
+            raise ModalityContractError(
+                f"ModalityDiagnostics(polysemantic_layer={self.polysemantic_layer!r}): the layer ran {len(captured)} "
+                f"times in {len(names) + 1} fusion passes; choose a layer of the fusion that runs once per pass.")
+        return torch.cat([(captured[1 + i] - captured[0]).abs() for i in range(len(names))], dim=1)
+
     def _extra_sums(self, pl_module: pl.LightningModule, device: torch.device, dtype: torch.dtype) -> Tensor:
         # every rank learns the row layout (also a rank that stored nothing) in the monitor's one all-reduce
         if self._store is None:
             return super()._extra_sums(pl_module, device, dtype)
         m = len(pl_module.modalities)  # type: ignore[attr-defined]
         if self._shape is None:
-            return torch.zeros(2 + m, device=device, dtype=dtype)
+            return torch.zeros(2 + m + (self.polysemantic_layer is not None), device=device, dtype=dtype)
         classes, widths = self._shape
         return torch.tensor([1.0, classes, *widths], device=device, dtype=dtype)
 
@@ -386,6 +447,8 @@ class ModalityDiagnostics(ModalityMonitor):
         for mod, w in zip(names, widths):
             out["vectors"][mod] = rows[:, start: start + w].float()
             start += w
+        if self.polysemantic_layer is not None:
+            out["polysemantic"] = rows[:, start: start + widths[m]]
         return out
 
     def _diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, layout: Tensor) -> None:
@@ -436,6 +499,11 @@ class ModalityDiagnostics(ModalityMonitor):
                 for rate, acc in zip(rates, curve):
                     values[f"robust_noise/{m}/{rate:g}"] = acc
                 values[f"robust_noise_auc/{m}"] = curve_area(rates, curve)
+        if self.polysemantic_layer is not None and samples["polysemantic"].shape[0]:
+            m = len(names)
+            attributions = samples["polysemantic"].mean(0).reshape(m, -1).T  # (K, M)
+            summary = polysemanticity_summary(polysemanticity_scores(attributions), self.polysemantic_threshold)
+            values.update({f"polysemantic/{k}": v for k, v in summary.items()})
         values["seconds/gather"] = gather_seconds
         values["seconds/total"] = time.perf_counter() - clock
         if self.alone_probe:
@@ -478,6 +546,11 @@ class ModalityDiagnostics(ModalityMonitor):
                 what = f"{which} missing" if which != "all" else "every modality missing independently"
                 curve = " ".join(f"{values[f'robust/{which}/{r:g}']:.3f}" for r in self.robustness_rates)
                 lines.append(f"    {what}: {curve} (area {values[f'robust_auc/{which}']:.3f})")
+        if self.polysemantic_layer is not None and "polysemantic/mean" in values:
+            lines.append(f"  cross-modal polysemanticity of {self.polysemantic_layer} (our ablation-entropy score, 0 "
+                         f"monosemantic to 1 shared by all): mean {values['polysemantic/mean']:.3f}; "
+                         f"{100 * values['polysemantic/fraction']:.0f}% of {int(values['polysemantic/live'])} live "
+                         f"neurons above {self.polysemantic_threshold:g}")
         if self.noise_rates:
             rates = ", ".join(f"{r:g}" for r in self.noise_rates)
             lines.append(f"  fused accuracy with feature noise at rates {rates} (area under the curve):")

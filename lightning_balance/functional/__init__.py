@@ -30,6 +30,12 @@ from lightning_balance.functional.diagnostics import (
     variance_inflation,
 )
 from lightning_balance.functional.dropout import adaptive_probabilities, drop_modalities, scheduled_factor
+from lightning_balance.functional.polysemantic import (
+    ablation_attributions,
+    fusion_polysemanticity,
+    polysemanticity_scores,
+    polysemanticity_summary,
+)
 from lightning_balance.functional.robustness import (
     curve_area,
     position_noise,
@@ -76,6 +82,10 @@ __all__ = [
     "position_uniform",
     "sweep_presence",
     "uniform_noise",
+    "ablation_attributions",
+    "fusion_polysemanticity",
+    "polysemanticity_scores",
+    "polysemanticity_summary",
     "crd_memory_init",
     "crd_memory_update",
     "crd_nce_loss",

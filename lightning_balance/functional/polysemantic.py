@@ -1,0 +1,86 @@
+r"""Cross-modal polysemanticity of a fusion head's neurons: **our** estimator, not the collapse paper's.
+
+Chaudhuri et al. (ICML 2025) explain collapse by *cross-modal polysemantic* neurons of the fusion head, neurons
+that respond to features of several modalities, through which one modality's noise masks another's signal;
+their Table 9 measures polysemanticity, but the estimator is not given in the text we could read. This module
+measures it by ablation attribution:
+
+* :math:`a_{k,m} = \mathbb{E}_x\,|h_k(x) - h_k(x \setminus m)|`: how much neuron ``k`` of a chosen layer moves when
+  modality ``m`` is removed (through the contract's ``fuse_subset``, so with the model's own fill);
+* :math:`p_{k,m} = a_{k,m} / \sum_{m'} a_{k,m'}`: the neuron's share of each modality;
+* :math:`\mathrm{score}_k = H(p_k) / \log M \in [0, 1]`: 0 when one modality drives the neuron (monosemantic
+  across modalities), 1 when all drive it equally.
+
+A neuron that no ablation moves (dead, or a constant) has no score (NaN) and is left out of the summaries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ablation_attributions", "polysemanticity_scores", "polysemanticity_summary", "fusion_polysemanticity"]
+
+
+def ablation_attributions(full: Tensor, ablated: Tensor) -> Tensor:
+    """``(K, M)``: the mean absolute change of each of ``K`` neurons when each of ``M`` modalities is removed, from
+    the activations ``full`` ``(N, K)`` and ``ablated`` ``(M, N, K)`` (the same samples, modality ``m`` removed)."""
+    if full.ndim != 2 or ablated.ndim != 3 or ablated.shape[1:] != full.shape:
+        raise ValueError(f"full must be (N, K) and ablated (M, N, K), got {tuple(full.shape)} and {tuple(ablated.shape)}.")
+    return (ablated.double() - full.double().unsqueeze(0)).abs().mean(1).T
+
+
+def polysemanticity_scores(attributions: Tensor, eps: float = 1e-12) -> Tensor:
+    """``(K,)`` normalised entropy of each neuron's modality shares (NaN for a neuron no ablation moves)."""
+    k, m = attributions.shape
+    if m < 2:
+        raise ValueError("polysemanticity needs at least two modalities.")
+    total = attributions.sum(1, keepdim=True)
+    p = attributions / total.clamp_min(eps)
+    entropy = -(torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))).sum(1) / math.log(m)
+    return torch.where(total.squeeze(1) > eps, entropy, torch.full_like(entropy, math.nan))
+
+
+def polysemanticity_summary(scores: Tensor, threshold: float = 0.5) -> dict[str, float]:
+    """``mean`` score of the live neurons, ``fraction`` of live neurons above ``threshold``, and ``live`` (how many)."""
+    live = scores[~torch.isnan(scores)]
+    if live.numel() == 0:
+        return {"mean": math.nan, "fraction": math.nan, "live": 0.0}
+    return {"mean": float(live.mean()), "fraction": float((live > threshold).double().mean()), "live": float(live.numel())}
+
+
+@torch.no_grad()
+def fusion_polysemanticity(module: Any, features: dict[str, Tensor], layer: nn.Module,
+                           present: Optional[Any] = None, modalities: Optional[Sequence[str]] = None,
+                           threshold: float = 0.5) -> dict[str, Any]:
+    """The scores of the neurons of ``layer`` (a submodule of ``module``'s fusion whose output is ``(N, K)``, or
+    ``(N, ..., K)``, averaged over the middle dimensions) on a batch of ``features``, removing each modality through
+    ``module.fuse_subset``. Returns ``{"attributions": (K, M), "scores": (K,), "mean", "fraction", "live"}``."""
+    names = list(modalities or module.modalities)
+    captured: list[Tensor] = []
+
+    def grab(_: nn.Module, __: Any, output: Any) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if out.ndim > 2:
+            out = out.mean(dim=tuple(range(1, out.ndim - 1)))
+        captured.append(out.detach())
+
+    handle = layer.register_forward_hook(grab)
+    try:
+        module.fuse_subset(features, names, present=present)
+        ablated = []
+        for m in names:
+            module.fuse_subset(features, [k for k in names if k != m], present=present)
+            ablated.append(captured[-1])
+    finally:
+        handle.remove()
+    if len(captured) != len(names) + 1:
+        raise ValueError(f"fusion_polysemanticity: the layer ran {len(captured)} times for {len(names) + 1} fusion "
+                         f"passes; pass a layer of the fusion that runs once per pass.")
+    attributions = ablation_attributions(captured[0], torch.stack(ablated))
+    scores = polysemanticity_scores(attributions)
+    return {"attributions": attributions, "scores": scores, **polysemanticity_summary(scores, threshold)}
