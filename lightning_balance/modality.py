@@ -484,8 +484,10 @@ class MultimodalMixin(ObjectivesMixin):
             tap = getattr(hook, "tap_presence", None)
             if tap is not None:
                 mask = tap(self, mask, first.shape[0], first.device)
-        ordered = fill_absent({m: features[m] for m in spec.names}, mask, spec.missing, self._missing_fill())
-        extras: dict[str, Any] = {"present": mask}  # for hooks that run subset passes (AGM)
+        extras: dict[str, Any] = {}
+        adapted, mask = self._adapt_features({m: features[m] for m in spec.names}, mask, extras)
+        ordered = fill_absent(adapted, mask, spec.missing, self._missing_fill())
+        extras["present"] = mask  # for hooks that run subset passes (AGM)
         for hook in hooks:
             tap = getattr(hook, "tap_features", None)
             if tap is not None:
@@ -556,11 +558,28 @@ class MultimodalMixin(ObjectivesMixin):
         encoded = self.encode_batch(batch)
         features, targets = encoded[0], encoded[1]
         present = encoded[2] if len(encoded) > 2 else None
-        if present is not None:  # absent features replaced by the declared fill, as in fuse
-            first = features[self.modality_spec.names[0]]
+        first = features[self.modality_spec.names[0]]
+        if present is not None:
             present = normalise_presence(present, self.modality_spec.names, first.shape[0], first.device)
+        features, present = self._adapt_features(dict(features), present, {})  # as in fuse: what the fusion sees
+        if present is not None:  # absent features replaced by the declared fill, as in fuse
             features = fill_absent(features, present, self.modality_spec.missing, self._missing_fill())
         return features, targets, present
+
+    def feature_adapters(self) -> list[Any]:
+        """The attached loss terms that change the features before the fusion (``adapt_features``; EBR's
+        encoder-decoder heads), in attachment order."""
+        terms = getattr(self, "balance_losses", None)
+        return [] if terms is None else [t for t in terms.values() if callable(getattr(t, "adapt_features", None))]
+
+    def _adapt_features(self, features: dict[str, Tensor], present: Optional[dict[str, Tensor]],
+                        extras: dict[str, Any]) -> tuple[dict[str, Tensor], Optional[dict[str, Tensor]]]:
+        """Each adapter's ``adapt_features(module, features, present, extras) -> (features, present)``: in every
+        ``fuse`` call (training and evaluation) and in :meth:`encoded_batch`, before the fill. The record keeps the
+        adapted features, the fusion's inputs, so subset passes on ``record.features`` see what the fusion saw."""
+        for adapter in self.feature_adapters():
+            features, present = adapter.adapt_features(self, features, present, extras)
+        return features, present
 
     def fusion_modules(self) -> list[nn.Module]:
         """The declared fusion / head modules (empty when the fusion is an overridden ``fuse_features``)."""

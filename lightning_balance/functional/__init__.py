@@ -43,6 +43,13 @@ from lightning_balance.functional.robustness import (
     sweep_presence,
     uniform_noise,
 )
+from lightning_balance.functional.ebr import (
+    basis_similarity,
+    modality_discrimination_loss,
+    reverse_gradient,
+    substitute_absent,
+    substitution_order,
+)
 from lightning_balance.functional.gblend import floor_weights, gblend_weights
 from lightning_balance.functional.inforeg import fisher_trace_increment, inforeg_coefficients, prime_window_indicator
 from lightning_balance.functional.mmpareto import pareto_merge, pareto_merge_from_sum_, pareto_stationary, pareto_weights
@@ -82,6 +89,11 @@ __all__ = [
     "position_uniform",
     "sweep_presence",
     "uniform_noise",
+    "basis_similarity",
+    "modality_discrimination_loss",
+    "reverse_gradient",
+    "substitute_absent",
+    "substitution_order",
     "ablation_attributions",
     "fusion_polysemanticity",
     "polysemanticity_scores",

@@ -1,0 +1,159 @@
+"""Explicit Basis Reallocation against the recipe restated here with separate backward passes (the task loss;
+the discriminator's loss for the discriminator; minus lambda times it for the encoders and the heads h_m; none
+for the decoders), the schedule, the fusion seeing the decoded features, and substitution at test time."""
+
+from __future__ import annotations
+
+
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from lightning_balance import ExplicitBasisReallocation, ModalityContractError
+from lightning_balance.functional import reverse_gradient, substitution_order
+from tests.helpers import DictDataset, TinyAV, flat_params, loader, trainer_kwargs
+
+LAMBDA = 0.5
+
+
+class EBRModel(TinyAV):
+    def __init__(self, seed=0, substitute=False, interleave_epochs=1):
+        super().__init__(seed=seed)
+        self.configure_loss_terms([ExplicitBasisReallocation({"audio": 8, "visual": 8}, basis_dim=4, hidden_dim=6,
+                                                             adversarial_weight=LAMBDA, interleave_epochs=interleave_epochs,
+                                                             substitute=substitute)])
+
+    def training_step(self, batch, batch_idx):
+        logits = self.fuse(self.forward_features(batch), batch["target"], present=batch.get("present"))
+        return self.add_loss_terms(F.cross_entropy(logits, batch["target"]))
+
+
+def recipe(model, batches, epochs):
+    """SGD(0.1, 0.9) on: the task CE through ẑ_m = h⁻¹_m(h_m(z_m)); in odd epochs (period 1) also L_md for ψ and
+    −λ·∇L_md for the encoders f_m and the heads h_m (restated as separate gradients)."""
+    term = model.balance_losses["ebr"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    encoders = [*model.audio_encoder.parameters(), *model.visual_encoder.parameters(), *term.encoders.parameters()]
+    psi = list(term.discriminator.parameters())
+    for epoch in range(epochs):
+        for batch in batches:
+            optimizer.zero_grad()
+            z = {"audio": model.audio_encoder(batch["audio"]), "visual": model.visual_encoder(batch["visual"])}
+            g = {m: term.encoders[m](v) for m, v in z.items()}
+            decoded = {m: term.decoders[m](v) for m, v in g.items()}
+            ce = F.cross_entropy(model.head(torch.cat([decoded["audio"], decoded["visual"]], 1)), batch["target"])
+            ce.backward(retain_graph=True)
+            if epoch % 2 == 1:
+                n = len(batch["target"])
+                l_md = 0.5 * sum(F.cross_entropy(term.discriminator(g[m]), torch.full((n,), i)) for i, m in
+                                 enumerate(("audio", "visual")))
+                for p, grad in zip(psi, torch.autograd.grad(l_md, psi, retain_graph=True)):
+                    p.grad = p.grad + grad if p.grad is not None else grad.clone()
+                for p, grad in zip(encoders, torch.autograd.grad(l_md, encoders, allow_unused=True)):
+                    if grad is not None:
+                        p.grad = p.grad - LAMBDA * grad
+            optimizer.step()
+
+
+def test_matches_the_recipe_over_two_epochs_of_the_schedule(tmp_path):
+    reference = EBRModel()
+    recipe(reference, list(loader()), epochs=2)
+    model = EBRModel()
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2)).fit(model, loader())
+    torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=1e-5, atol=1e-6)
+    # the adversarial epoch acted: without it (period 2: epoch 1 is not adversarial) the run differs
+    quiet = EBRModel(interleave_epochs=2)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2)).fit(quiet, loader())
+    assert (flat_params(quiet) - flat_params(model)).abs().max() > 1e-4
+    term = model.balance_losses["ebr"]
+    assert [term.adversarial(e) for e in range(4)] == [False, True, False, True]
+
+
+def test_the_fusion_sees_the_decoded_features_in_training_and_evaluation():
+    model = EBRModel().eval()
+    batch = next(iter(loader()))
+    z = model.forward_features(batch)
+    logits = model.fuse(z, batch["target"])
+    term = model.balance_losses["ebr"]
+    decoded = {m: term.decoders[m](term.encoders[m](v)) for m, v in z.items()}
+    torch.testing.assert_close(logits, model.head(torch.cat([decoded["audio"], decoded["visual"]], 1)))
+    torch.testing.assert_close(model.balance_record.features["visual"], decoded["visual"])
+    features, _, _ = model.encoded_batch(batch)  # the callbacks' own passes see the same
+    torch.testing.assert_close(features["audio"], decoded["audio"])
+
+
+def test_gradient_reversal():
+    x = torch.randn(3, requires_grad=True)
+    (reverse_gradient(x, 0.3) * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    torch.testing.assert_close(x.grad, -0.3 * torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_substitution_orders_by_hand():
+    sim = torch.tensor([[1.0, 0.2, 0.9], [0.2, 1.0, 0.5], [0.9, 0.5, 1.0]])
+    assert substitution_order(sim).tolist() == [[2, 1], [2, 0], [0, 1]]
+    # the paper's one-row reading, reference 1: list [1, 2, 0] (0.5 > 0.2); each j takes its nearest in the list
+    assert substitution_order(sim, reference=1).tolist() == [[2, 1], [2, 0], [1, 0]]
+
+
+def test_fit_substitution_and_the_substituted_features(tmp_path):
+    model = EBRModel(substitute=True)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1)).fit(model, loader())
+    term = model.balance_losses["ebr"]
+    val = DataLoader(DictDataset(n=32, seed=5, missing=(0.3, 0.3)), batch_size=8)
+    similarity = term.fit_substitution(model, val)
+    # by hand: the mean cosine of the bases over the samples that have both modalities
+    ds = val.dataset
+    with torch.no_grad():
+        ga = F.normalize(term.encoders["audio"](model.audio_encoder(ds.a)), dim=1)
+        gv = F.normalize(term.encoders["visual"](model.visual_encoder(ds.v)), dim=1)
+    both = ds.present.all(1)
+    assert float(similarity[0, 1]) == pytest.approx(float((ga[both] * gv[both]).sum(1).mean()), rel=1e-5)
+    assert float(similarity[0, 0]) == pytest.approx(1.0, rel=1e-5)
+    assert term.order.tolist() == [[1], [0]]
+    # in evaluation, a sample lacking visual gets h_visual^-1(h_audio(z_audio)) and counts visual as present
+    model.eval()
+    batch = next(iter(DataLoader(ds, batch_size=32)))
+    with torch.no_grad():
+        z = model.forward_features(batch)
+        model.fuse(z, batch["target"], present=batch["present"])
+        record = model.balance_record
+        lacks = ~batch["present"]["visual"]
+        want = term.decoders["visual"](term.encoders["audio"](z["audio"][lacks]))
+    assert lacks.any() and bool(record.present["visual"].all()) and bool(record.present["audio"].all())
+    torch.testing.assert_close(record.features["visual"][lacks], want)
+    with pytest.raises(ModalityContractError, match="call ebr.fit_substitution"):
+        fresh = EBRModel(substitute=True).eval()
+        fresh.fuse(fresh.forward_features(batch), batch["target"], present=batch["present"])
+
+
+def test_absent_samples_add_nothing_to_the_discriminators_loss():
+    model = EBRModel(interleave_epochs=None)
+    batch = next(iter(loader(missing=(0.4, 0.3))))
+    model.fuse(model.forward_features(batch), batch["target"], present=batch["present"])
+    term = model.balance_losses["ebr"]
+    loss, _ = term.from_record(model, model.balance_record)
+    bases = model.balance_record.extras["ebr_basis"]
+    n = len(batch["target"])
+    want = 0.0
+    for i, m in enumerate(("audio", "visual")):
+        ce = F.cross_entropy(term.discriminator(bases[m]), torch.full((n,), i), reduction="none")
+        want = want + ce[batch["present"][m]].sum()
+    torch.testing.assert_close(loss, want / (2 * n))
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="at least two"):
+        ExplicitBasisReallocation({"audio": 8})
+    with pytest.raises(ValueError, match="interleave_epochs"):
+        ExplicitBasisReallocation({"audio": 8, "visual": 8}, interleave_epochs=0)
+    model = TinyAV()
+    model.configure_loss_terms([ExplicitBasisReallocation({"audio": 5, "visual": 8})])
+    batch = next(iter(loader()))
+    with pytest.raises(ModalityContractError, match=r"feature widths \(got, feature_dims\) differ for \{'audio': \(8, 5\)\}"):
+        model.fuse(model.forward_features(batch), batch["target"])
+
+
+
