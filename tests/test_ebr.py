@@ -4,8 +4,6 @@ for the decoders), the schedule, the fusion seeing the decoded features, and sub
 
 from __future__ import annotations
 
-
-
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -154,6 +152,3 @@ def test_clear_errors():
     batch = next(iter(loader()))
     with pytest.raises(ModalityContractError, match=r"feature widths \(got, feature_dims\) differ for \{'audio': \(8, 5\)\}"):
         model.fuse(model.forward_features(batch), batch["target"])
-
-
-
