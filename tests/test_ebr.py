@@ -152,3 +152,27 @@ def test_clear_errors():
     batch = next(iter(loader()))
     with pytest.raises(ModalityContractError, match=r"feature widths \(got, feature_dims\) differ for \{'audio': \(8, 5\)\}"):
         model.fuse(model.forward_features(batch), batch["target"])
+
+
+@pytest.mark.timeout(300)
+def test_ddp_with_absent_modalities_equals_one_process(tmp_path):
+    from tests.helpers import SaveParams
+
+    ddp_dir = tmp_path / "ddp"
+    ddp_dir.mkdir()
+    pl.Trainer(**trainer_kwargs(ddp_dir, callbacks=[SaveParams(str(ddp_dir))], devices=2, strategy="ddp_spawn",
+                                use_distributed_sampler=False, max_epochs=2)).fit(
+        EBRModel(), loader(batch_size=8, missing=(0.3, 0.3)))
+    rank0, rank1 = torch.load(ddp_dir / "rank0.pt"), torch.load(ddp_dir / "rank1.pt")
+    assert torch.equal(rank0["params"], rank1["params"])
+    single = EBRModel()
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2)).fit(single, loader(batch_size=16, missing=(0.3, 0.3)))
+    torch.testing.assert_close(rank0["params"], flat_params(single), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_inside_an_epoch(tmp_path):
+    from tests.helpers import resumable_loader, resume_inside_an_epoch
+
+    straight, _, resumed, _ = resume_inside_an_epoch(tmp_path, lambda: [], lambda seed=0: EBRModel(seed=seed),
+                                                     lambda: resumable_loader(missing=(0.3, 0.3)), step=6)
+    torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=1e-6, atol=1e-7)
