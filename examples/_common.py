@@ -64,8 +64,10 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
         return self.features(batch), batch["target"], batch.get("present")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self.fuse(self.features(batch), batch["target"], inputs={m: batch[m] for m in self.modalities},
-                           present=batch.get("present"))
+        inputs = {m: batch[m] for m in self.modalities}
+        if "index" in batch:  # each sample's position in the training split (CRD's memory)
+            inputs["index"] = batch["index"]
+        logits = self.fuse(self.features(batch), batch["target"], inputs=inputs, present=batch.get("present"))
         loss = F.cross_entropy(logits, batch["target"])
         self.log("train_loss", loss, prog_bar=True)
         if getattr(self, "balance_losses", None) is not None and not getattr(self, "skip_loss_terms", False):

@@ -59,6 +59,8 @@ from lightning_balance import (  # noqa: E402
     AGM,
     OGMGE,
     PMR,
+    CrossModalDistillation,
+    ExplicitBasisReallocation,
     GradientBlending,
     InfoReg,
     MMPareto,
@@ -96,10 +98,16 @@ METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
     "reconstruction": lambda: [],
     # UMT: the unimodal references' encoders are the frozen teachers (needs the references)
     "umt": lambda: [],
+    # the collapse paper (issue 13): the student is the weakest modality alone, the teachers the others (weakest first)
+    "kd_crd": lambda: [],
+    "kd_infonce": lambda: [],
+    "ebr": lambda: [],
 }
 # methods defined for one dataset only
 ONLY_ON: dict[str, tuple[str, ...]] = {}
 UMT_WEIGHT = 10.0  # BalanceBenchmark's lambda; not tuned
+KD_EPOCHS_PER_TEACHER = 10  # with more than one teacher; not tuned
+CRD_NEGATIVES = 4096  # of the official 16384: the training sets here have 1-3 thousand samples
 # every method on main, and the stacked combinations the docs report ("--methods all")
 ALL = ["baseline", "ogm_ge", "ogm", "inforeg", "inforeg_variant", "agm", "pmr", "uni_losses", "uni_losses_split",
        "mmpareto", "gblend", "cml", "mmcosine", "contrastive", "reconstruction", "umt", "ogm_ge+cml", "ogm_ge+umt", "pmr+cml"]
@@ -157,6 +165,20 @@ def run_seed(dataset: str, seed: int, methods: list[str], epochs: int, root: str
                 raise SystemExit("umt needs the unimodal references (drop --no-references): they are its teachers.")
             teachers = {m: copy.deepcopy(model.encoder) for m, model in alone.items()}
             model_kwargs["loss_terms"] = [*model_kwargs.get("loss_terms", []), UMTLoss(teachers, weight=UMT_WEIGHT)]
+        for kd in ("kd_crd", "kd_infonce"):
+            if kd in parts:
+                if not alone:
+                    raise SystemExit(f"{kd} needs the unimodal references (drop --no-references): the weakest modality "
+                                     f"alone is the student.")
+                ranked = sorted(alone, key=lambda m: results[f"{m} alone"]["val_acc"])  # weakest first
+                extra = {"num_samples": len(data.datasets["train"]), "nce_k": CRD_NEGATIVES} if kd == "kd_crd" else {}
+                term = CrossModalDistillation(
+                    ranked[0], ranked[1:], {m: 128 for m in dims}, method="crd" if kd == "kd_crd" else "infonce",
+                    epochs_per_teacher=KD_EPOCHS_PER_TEACHER if len(ranked) > 2 else None, **extra)
+                model_kwargs["loss_terms"] = [*model_kwargs.get("loss_terms", []), term]
+        if "ebr" in parts:
+            model_kwargs["loss_terms"] = [*model_kwargs.get("loss_terms", []),
+                                          ExplicitBasisReallocation({m: 128 for m in dims})]
         method_data = make_data(dataset, seed, **data_kwargs) if data_kwargs else data
         watch, timer = ModalityMonitor(), StepTimer()
         callbacks = [cb for part in parts for cb in METHODS[part]()]

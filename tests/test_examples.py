@@ -72,3 +72,14 @@ def test_robustness_runner_trains_with_a_missing_rate_and_sweeps(tmp_path, examp
     assert "| 0.3 | dropout_adaptive |" in table and "area, all missing (mean fill)" in table
     assert (tmp_path / "robustness_synthetic.png").stat().st_size > 1000
     assert not list(tmp_path.glob("**/*.ckpt"))  # model selection's checkpoints stay out of --out
+
+
+@pytest.mark.timeout(300)
+def test_benchmark_runs_the_collapse_papers_methods(tmp_path, examples_path):
+    import benchmark
+
+    out = benchmark.main(["--methods", "kd_crd", "kd_infonce", "ebr", "--datasets", "synthetic", "--epochs", "1",
+                          "--seeds", "0", "--no-progress", "--out", str(tmp_path)])
+    rows = out["synthetic"]
+    assert {"kd_crd", "kd_infonce", "ebr"} <= set(rows)
+    assert all(0.0 <= rows[m][0]["acc"] <= 1.0 for m in ("kd_crd", "kd_infonce", "ebr"))
