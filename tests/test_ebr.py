@@ -122,9 +122,10 @@ def test_fit_substitution_and_the_substituted_features(tmp_path):
         want = term.decoders["visual"](term.encoders["audio"](z["audio"][lacks]))
     assert lacks.any() and bool(record.present["visual"].all()) and bool(record.present["audio"].all())
     torch.testing.assert_close(record.features["visual"][lacks], want)
-    with pytest.raises(ModalityContractError, match="call ebr.fit_substitution"):
-        fresh = EBRModel(substitute=True).eval()
+    fresh = EBRModel(substitute=True).eval()  # no order yet: the fill, with a warning
+    with pytest.warns(UserWarning, match="no substitution order yet"), torch.no_grad():
         fresh.fuse(fresh.forward_features(batch), batch["target"], present=batch["present"])
+    assert torch.equal(fresh.balance_record.present["visual"], batch["present"]["visual"])
 
 
 def test_absent_samples_add_nothing_to_the_discriminators_loss():
@@ -176,3 +177,54 @@ def test_resume_inside_an_epoch(tmp_path):
     straight, _, resumed, _ = resume_inside_an_epoch(tmp_path, lambda: [], lambda seed=0: EBRModel(seed=seed),
                                                      lambda: resumable_loader(missing=(0.3, 0.3)), step=6)
     torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=1e-6, atol=1e-7)
+
+
+def test_three_modalities_substitute_by_the_chosen_order():
+    """M = 3: the order is set by hand so that pairwise and reference rankings differ; each sample lacking ``c``
+    gets the decoded basis of its first present modality in that order."""
+    from tests.helpers import MultiMLP
+
+    net = MultiMLP({"a": 3, "b": 3, "c": 3}, classes=2)
+    term = ExplicitBasisReallocation({"a": 16, "b": 16, "c": 16}, basis_dim=4, hidden_dim=5, substitute=True)
+    net.configure_loss_terms([term])
+    sim = torch.tensor([[1.0, 0.1, 0.3], [0.1, 1.0, 0.8], [0.3, 0.8, 1.0]])
+    assert substitution_order(sim).tolist() == [[2, 1], [2, 0], [1, 0]]
+    assert substitution_order(sim, reference=0).tolist() == [[2, 1], [2, 0], [0, 1]]  # list [a, c, b]
+    term.order.copy_(substitution_order(sim, reference=0))
+    torch.manual_seed(3)
+    x = {m: torch.randn(6, 3) for m in "abc"}
+    present = {"a": torch.tensor([1, 0, 1, 0, 1, 1]).bool(), "b": torch.tensor([1, 1, 0, 1, 1, 1]).bool(),
+               "c": torch.tensor([0, 0, 0, 1, 1, 1]).bool()}
+    net.eval()
+    with torch.no_grad():
+        z = {m: net.encoders[m](x[m]) for m in "abc"}
+        net.fuse(z, torch.zeros(6, dtype=torch.long), present=present)
+        record = net.balance_record
+        g = {m: term.encoders[m](z[m]) for m in "abc"}
+        # c's order under reference a is [a, b]: rows 0 and 2 have a, row 1 only b
+        torch.testing.assert_close(record.features["c"][[0, 2]], term.decoders["c"](g["a"][[0, 2]]))
+        torch.testing.assert_close(record.features["c"][1], term.decoders["c"](g["b"][1]))
+    assert bool(record.present["c"].all())
+    assert record.extras["ebr_substituted"]["c"].tolist() == [True, True, True, False, False, False]
+
+
+def test_validation_during_fit_before_the_order_falls_back_to_the_fill(tmp_path):
+    class WithVal(EBRModel):
+        def validation_step(self, batch, batch_idx):
+            self.fuse(self.forward_features(batch), batch["target"], present=batch["present"])
+
+    model = WithVal(substitute=True)
+    with pytest.warns(UserWarning, match="no substitution order yet"):
+        pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_val_batches=2)).fit(
+            model, loader(), DataLoader(DictDataset(n=32, seed=5, missing=(0.3, 0.3)), batch_size=8))
+
+
+def test_nan_placeholders_in_absent_samples_do_not_reach_the_gradients():
+    model = EBRModel(interleave_epochs=None)
+    batch = next(iter(loader(missing=(0.4, 0.3))))
+    z = model.forward_features(batch)
+    z = {m: torch.where(batch["present"][m][:, None], v, torch.full_like(v, float("nan"))) for m, v in z.items()}
+    logits = model.fuse(z, batch["target"], present=batch["present"])
+    model.add_loss_terms(F.cross_entropy(logits, batch["target"])).backward()
+    term = model.balance_losses["ebr"]
+    assert all(torch.isfinite(p.grad).all() for p in term.parameters() if p.grad is not None)

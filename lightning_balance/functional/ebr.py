@@ -71,7 +71,7 @@ def basis_similarity(bases: Mapping[str, Tensor], names: Sequence[str],
             else torch.stack([present[m] for m in names]))
     both = (have.unsqueeze(1) & have.unsqueeze(0)).double()  # (M, M, N)
     cos = torch.einsum("ind,jnd->ijn", unit, unit)
-    return (cos * both).sum(-1), both.sum(-1)
+    return torch.where(both > 0, cos, torch.zeros_like(cos)).sum(-1), both.sum(-1)  # a NaN placeholder stays out
 
 
 def substitution_order(similarity: Tensor, reference: Optional[int] = None) -> Tensor:

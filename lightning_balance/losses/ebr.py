@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_balance._distributed import all_reduce_sum
@@ -51,14 +53,17 @@ class ExplicitBasisReallocation(LossTerm):
     adversarial term, and so on (a third-party reading of the paper; the other reading, discriminator-only and
     encoder-only phases, is not implemented). ``interleave_epochs=None``: the adversarial term every epoch.
 
-    **Sizes** (the paper's C.1, for avMNIST: "The two hidden layers of [h] have output dimensionalities 512 and
-    256"): ``h_m``: ``D → hidden_dim → basis_dim`` (512, 256), ``h_m^{-1}``: ``basis_dim → hidden_dim → D``, ``ψ``:
-    ``basis_dim → hidden_dim → M``; token features ``(N, T, D)`` go through the heads token by token, and ``ψ``
-    sees the pooled basis.
+    **Sizes**: ``h_m``: ``D → hidden_dim → basis_dim`` (1024, 512), ``h_m^{-1}``: ``basis_dim → hidden_dim → D``,
+    ``ψ``: ``basis_dim → hidden_dim → M`` (the paper's C.1 lists "1024 and 512" and a mirrored "512 and 1024" with
+    the networks' symbols lost; a third-party re-implementation uses these sizes; see the docs page). Token
+    features ``(N, T, D)`` go through the heads token by token, and ``ψ`` sees the basis pooled by the module's
+    ``pool_features``.
 
     **Substitution at test time** (§4.4): after :meth:`fit_substitution` on validation data, with
     ``substitute=True``, a sample lacking modality ``j`` in an evaluation ``fuse`` call gets
-    ``ẑ_j = h_j^{-1}(g_k)`` from its best-ranked present modality ``k`` and counts ``j`` as present.
+    ``ẑ_j = h_j^{-1}(g_k)`` from its best-ranked present modality ``k`` and counts ``j`` as present
+    (``record.extras["ebr_substituted"]`` says which); before :meth:`fit_substitution` the fill stands in (warned
+    once). An absent sample's placeholder is zeroed before the heads.
 
     Args:
         feature_dims: modality → feature width ``D`` (the last dimension).
@@ -71,7 +76,7 @@ class ExplicitBasisReallocation(LossTerm):
 
     name = "ebr"
 
-    def __init__(self, feature_dims: dict[str, int], basis_dim: int = 256, hidden_dim: int = 512,
+    def __init__(self, feature_dims: dict[str, int], basis_dim: int = 512, hidden_dim: int = 1024,
                  adversarial_weight: float = 0.01, interleave_epochs: Optional[int] = 10, substitute: bool = False,
                  weight: float = 1.0, start_epoch: int = 0, end_epoch: Optional[int] = None) -> None:
         super().__init__(weight=weight, start_epoch=start_epoch, end_epoch=end_epoch)
@@ -94,6 +99,7 @@ class ExplicitBasisReallocation(LossTerm):
         m = len(self.names)
         self.register_buffer("similarity", torch.full((m, m), float("nan")))
         self.register_buffer("order", torch.full((m, max(m - 1, 1)), -1, dtype=torch.long))
+        self._warned = False
 
     # ------------------------------------------------------------------ the features the fusion sees
     def basis(self, modality: str, z: Tensor) -> Tensor:
@@ -112,14 +118,23 @@ class ExplicitBasisReallocation(LossTerm):
                  if z.shape[-1] != self.encoders[m][0].in_features}
         if wrong:
             raise ModalityContractError(f"ExplicitBasisReallocation: feature widths (got, feature_dims) differ for {wrong}.")
+        if present is not None:  # the heads never see an absent sample's placeholder (NaN included)
+            features = {m: torch.where(present[m].reshape(-1, *([1] * (z.ndim - 1))), z, torch.zeros_like(z))
+                        for m, z in features.items()}
         bases = {m: self.basis(m, z) for m, z in features.items()}
         decoded = {m: self.decode(m, g) for m, g in bases.items()}
         extras["ebr_basis"] = bases
         if self.substitute and present is not None and not module.training:
             if int(self.order[0, 0]) < 0:
-                raise ModalityContractError("ExplicitBasisReallocation(substitute=True) needs the substitution order: "
-                                            "call ebr.fit_substitution(model, val_dataloader) after training.")
+                if not self._warned:
+                    self._warned = True
+                    rank_zero_warn("ExplicitBasisReallocation(substitute=True): no substitution order yet (call "
+                                   "ebr.fit_substitution(model, val_dataloader) after training); until then absent "
+                                   "modalities get the model's fill.")
+                return decoded, present
+            original = present
             decoded, present = substitute_absent(decoded, bases, present, module.modalities, self.order, self.decode)
+            extras["ebr_substituted"] = {m: present[m] & ~original[m] for m in present}
         return decoded, present
 
     # ------------------------------------------------------------------ the adversarial term
@@ -130,11 +145,12 @@ class ExplicitBasisReallocation(LossTerm):
         return (max(0, epoch - self.start_epoch) // self.interleave_epochs) % 2 == 1
 
     def forward(self, bases: dict[str, Tensor], present: Optional[dict[str, Tensor]] = None,
-                valid: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
-        """``L_md`` of the reversed, pooled bases (the discriminator's loss; the encoders get ``−λ`` of its gradient)."""
+                valid: Optional[Tensor] = None, pool: Any = None) -> Tensor:  # type: ignore[override]
+        """``L_md`` of the reversed, pooled bases (the discriminator's loss; the encoders get ``−λ`` of its gradient);
+        ``pool(modality, g)``: one vector per sample (the module's ``pool_features``; default: the mean of tokens)."""
         logits = {}
         for m, g in bases.items():
-            pooled = g.mean(dim=tuple(range(1, g.ndim - 1))) if g.ndim > 2 else g
+            pooled = pool(m, g) if pool is not None else (g.mean(dim=tuple(range(1, g.ndim - 1))) if g.ndim > 2 else g)
             logits[m] = self.discriminator(reverse_gradient(pooled, self.adversarial_weight))
         return modality_discrimination_loss(logits, self.names, present, valid)
 
@@ -148,7 +164,8 @@ class ExplicitBasisReallocation(LossTerm):
         idle = 0.0 * sum(p.sum() for p in self.discriminator.parameters())  # in the graph every step (DDP)
         if not self.adversarial(epoch):
             return idle, {"adversarial": torch.tensor(0.0)}
-        return self.forward(bases, record.present, record.valid) + idle, {"adversarial": torch.tensor(1.0)}
+        return (self.forward(bases, record.present, record.valid, module.pool_features) + idle,
+                {"adversarial": torch.tensor(1.0)})
 
     # ------------------------------------------------------------------ substitution
     @torch.no_grad()
@@ -162,14 +179,18 @@ class ExplicitBasisReallocation(LossTerm):
         names = list(module.modalities)
         if names != self.names:
             raise ModalityContractError(f"fit_substitution: the module declares {names}, the term has heads for {self.names}.")
+        if strategy is None and getattr(module, "_trainer", None) is not None:
+            strategy = module.trainer.strategy  # every rank's sums, when the module is attached to a Trainer
+        device = next(module.parameters()).device
         was = module.training
         module.eval()
-        sums = counts = None
+        m = len(names)
+        sums = torch.zeros(m, m, dtype=torch.float64, device=device)
+        counts = torch.zeros(m, m, dtype=torch.float64, device=device)
         try:
             for batch in dataloader:
-                device = next(module.parameters()).device
-                if strategy is not None:
-                    batch = strategy.batch_to_device(batch, device)
+                batch = (strategy.batch_to_device(batch, device) if strategy is not None
+                         else apply_to_collection(batch, Tensor, lambda t: t.to(device)))
                 encoded = module.encode_batch(batch)
                 features, present = encoded[0], (encoded[2] if len(encoded) > 2 else None)
                 if present is not None:
@@ -177,17 +198,16 @@ class ExplicitBasisReallocation(LossTerm):
 
                     first = features[names[0]]
                     present = normalise_presence(present, names, first.shape[0], first.device)
-                bases = {m: self.basis(m, features[m]) for m in names}
-                bases = {m: g.mean(dim=tuple(range(1, g.ndim - 1))) if g.ndim > 2 else g for m, g in bases.items()}
+                bases = {k: module.pool_features(k, self.basis(k, features[k])) for k in names}
                 s, c = basis_similarity(bases, names, present)
-                sums, counts = (s, c) if sums is None else (sums + s, counts + c)
+                sums, counts = sums + s, counts + c
         finally:
             module.train(was)
-        if sums is None:
-            raise ModalityContractError("fit_substitution got no batch.")
-        if strategy is not None:
+        if strategy is not None:  # every rank, also one without batches
             both = all_reduce_sum(torch.stack([sums, counts]), strategy)
             sums, counts = both[0], both[1]
+        if float(counts.sum()) == 0:
+            raise ModalityContractError("fit_substitution got no sample (an empty loader).")
         similarity = (sums / counts.clamp_min(1)).float()
         similarity[counts == 0] = float("nan")
         self.similarity.copy_(similarity)
