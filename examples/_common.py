@@ -204,14 +204,15 @@ def evaluate_joint(model: AVDigitsNet, data: AVDigitsDataModule) -> dict[str, fl
     model.eval()
     test, train = data.splits["test"], data.splits["train"]
     c = model.hparams.num_classes
-    feats = model.features(test)
+    encoded = model.features(test)  # the encoders' outputs: what the probes read
+    feats, _ = model.fusion_inputs(encoded)  # what the fusion sees (EBR's decoded features)
     out: dict[str, float] = {}
     out["acc"], out["f1"] = _acc_f1(model.fuse_features(feats), test["target"], c)
     uni = model.compute_unimodal_logits(feats)
     train_feats = model.features(train)
     for m in model.modalities:
         out[f"acc_{m}"] = _acc_f1(uni[m], test["target"], c)[0]
-        out[f"probe_{m}"] = linear_probe_accuracy(train_feats[m], train["target"], feats[m], test["target"], c)
+        out[f"probe_{m}"] = linear_probe_accuracy(train_feats[m], train["target"], encoded[m], test["target"], c)
         out[f"acc_without_{m}"] = _acc_f1(model.fuse_without(feats, m), test["target"], c)[0]
     return out
 

@@ -73,8 +73,8 @@ def sweeps(model: AVDigitsNet, data, weakest: str, split: str = "test") -> dict[
     test, train = data.splits[split], data.splits["train"]
     names = list(model.modalities)
     y = test["target"]
-    feats = model.features(test)
-    train_feats = model.features(train)
+    feats, _ = model.fusion_inputs(model.features(test))  # what the fusion sees (EBR's decoded features)
+    train_feats, _ = model.fusion_inputs(model.features(train))
     keep = train.get("present")
     means = {m: (train_feats[m][keep[:, i]] if keep is not None else train_feats[m]).mean(0) for i, m in enumerate(names)}
     positions = torch.arange(len(y))
@@ -99,7 +99,8 @@ def sweeps(model: AVDigitsNet, data, weakest: str, split: str = "test") -> dict[
     for rate in NOISE:
         noisy = dict(test)
         noisy[weakest] = uniform_noise(test[weakest], rate, std, torch.Generator().manual_seed(1))
-        logits = model.fuse_subset(model.features(noisy), names, present=base)  # the split's own mask, if any
+        noisy_feats, _ = model.fusion_inputs(model.features(noisy))
+        logits = model.fuse_subset(noisy_feats, names, present=base)  # the split's own mask, if any
         noisy_curve.append(float((logits.argmax(-1) == y).float().mean()))
     for rate, a in zip(NOISE, noisy_curve):
         out[f"noise/{weakest}/{rate:g}"] = a

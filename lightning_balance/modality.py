@@ -566,6 +566,15 @@ class MultimodalMixin(ObjectivesMixin):
             features = fill_absent(features, present, self.modality_spec.missing, self._missing_fill())
         return features, targets, present
 
+    def fusion_inputs(self, features: Mapping[str, Tensor], present: PresenceLike = None
+                      ) -> tuple[dict[str, Tensor], Optional[dict[str, Tensor]]]:
+        """The encoders' features as the fusion receives them, and the mask: the attached feature adapters applied
+        (EBR's heads; nothing without adapters), not yet the fill. ``fuse`` does this itself; call it before
+        :meth:`fuse_subset` / :meth:`fuse_features` / :meth:`compute_unimodal_logits` on features of your own."""
+        first = features[self.modality_spec.names[0]]
+        mask = normalise_presence(present, self.modality_spec.names, first.shape[0], first.device)
+        return self._adapt_features({m: features[m] for m in self.modality_spec.names}, mask, {})
+
     def feature_adapters(self) -> list[Any]:
         """The attached loss terms that change the features before the fusion (``adapt_features``; EBR's
         encoder-decoder heads), in attachment order."""
@@ -650,6 +659,8 @@ class MultimodalMixin(ObjectivesMixin):
         AGM's Shapley responses, CML's nested subsets, Shapley contributions): through the fusion, at the
         feature level, without re-running the encoders. A sample may be left with no modality in a subset
         pass (the empty coalition): a fusion that takes ``present`` must give logits for an all-False row.
+        ``features`` are the fusion's inputs (``record.features``, or :meth:`fusion_inputs` of the encoders' output
+        when a feature adapter such as EBR is attached).
         """
         spec = self.modality_spec
         first = features[spec.names[0]]

@@ -228,3 +228,15 @@ def test_nan_placeholders_in_absent_samples_do_not_reach_the_gradients():
     model.add_loss_terms(F.cross_entropy(logits, batch["target"])).backward()
     term = model.balance_losses["ebr"]
     assert all(torch.isfinite(p.grad).all() for p in term.parameters() if p.grad is not None)
+
+
+def test_fusion_inputs_are_what_fuse_gives_the_fusion():
+    model = EBRModel().eval()
+    batch = next(iter(loader()))
+    z = model.forward_features(batch)
+    feats, present = model.fusion_inputs(z)
+    assert present is None
+    torch.testing.assert_close(model.fuse_features(feats), model.fuse(z, batch["target"]))
+    plain = TinyAV()
+    same, _ = plain.fusion_inputs(plain.forward_features(batch))  # no adapter: the features themselves
+    assert all(torch.equal(same[m], v) for m, v in plain.forward_features(batch).items())
