@@ -33,6 +33,8 @@ from lightning_balance import (  # noqa: E402
     PMR,
     CMLLoss,
     ContrastiveLoss,
+    CrossModalDistillation,
+    ExplicitBasisReallocation,
     InfoReg,
     MMPareto,
     ModalityDropout,
@@ -133,6 +135,10 @@ class AlternatingTerms(Alternating):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         pl_module.skip_loss_terms = self._arm == "A"
+        if self._arm == "A":  # nor the feature adapters (EBR's heads) that the terms put before the fusion
+            pl_module.feature_adapters = lambda: []
+        elif "feature_adapters" in vars(pl_module):
+            del pl_module.feature_adapters
         self._t0 = time.perf_counter()
 
 
@@ -152,6 +158,7 @@ def fixed_batches(dims: dict[str, int], batch_size: int, steps: int, classes: in
     n = batch_size * steps
     tensors = {m: torch.randn(n, d, generator=g) for m, d in dims.items()}
     tensors["target"] = torch.randint(0, classes, (n,), generator=g)
+    tensors["index"] = torch.arange(n)  # CRD's memory index
     return DataLoader(MultimodalTensorDataset(tensors), batch_size=batch_size, shuffle=False)
 
 
@@ -172,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=200, help="steps per setting (A and B alternate; 10 warm-up)")
     parser.add_argument("--out", default="results")
     parser.add_argument("--only-terms", action="store_true", help="only the loss terms (writes overhead_terms.json)")
+    parser.add_argument("--only-collapse", action="store_true",
+                        help="only the collapse paper's KD and EBR terms (writes overhead_collapse.json)")
     parser.add_argument("--only-dropout", action="store_true",
                         help="only modality dropout against plain training (writes overhead_dropout.json)")
     args = parser.parse_args(argv)
@@ -228,15 +237,26 @@ def main(argv: list[str] | None = None) -> None:
     # loss terms: the same model with and without its terms (A/B within one fit)
     def term_factories(dims: dict[str, int], feature_dim: int) -> dict[str, Callable[[], list]]:
         feats = {m: feature_dim for m in dims}
+        names = list(dims)
+        n_samples = {128: 64, 512: 128}[feature_dim] * args.steps  # fixed_batches: batch × steps samples
         hidden_of = {128: 256, 512: 2048}[feature_dim]
         return {"UMT": lambda: [UMTLoss({m: mlp(d, hidden_of, feature_dim) for m, d in dims.items()})],
                 "CML": lambda: [CMLLoss(rank_weight=0.1)],
                 "contrastive": lambda: [ContrastiveLoss(feature_dims=feats, weight=0.3)],
-                "reconstruction": lambda: [ReconstructionLoss(feats, dict(dims), weight=0.03)]}
+                "reconstruction": lambda: [ReconstructionLoss(feats, dict(dims), weight=0.03)],
+                # the collapse paper: KD into the last modality from the others (weakest first), and EBR
+                "KD, CRD": lambda: [CrossModalDistillation(names[-1], names[:-1], feats, num_samples=n_samples,
+                                                           nce_k=round(16384 / 50000 * n_samples),
+                                                           epochs_per_teacher=1 if len(names) > 2 else None)],
+                "KD, in-batch": lambda: [CrossModalDistillation(names[-1], names[:-1], feats, method="infonce",
+                                                                epochs_per_teacher=1 if len(names) > 2 else None)],
+                "EBR": lambda: [ExplicitBasisReallocation(feats, interleave_epochs=None)]}
 
     for name, dims, hidden, feature_dim, batch in (() if args.only_dropout else (
             ("AV-Digits MLP", av, 256, 128, 64), ("synthetic MLP, M=2", {"m0": 128, "m1": 128}, 2048, 512, 128))):
         for term, make in term_factories(dims, feature_dim).items():
+            if args.only_collapse and not term.startswith(("KD", "EBR")):
+                continue
             torch.manual_seed(0)
             model = AVDigitsNet(input_dims=dims, hidden=hidden, feature_dim=feature_dim, loss_terms=make())
             res = measure_terms(model, fixed_batches(dims, batch, args.steps), warmup=10)
@@ -245,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:22s} {params / 1e6:5.2f}M  {term:18s} {res['median_ms_without']:8.2f} ms -> "
                   f"{res['median_ms_with']:8.2f} ms  ratio {res['ratio']:.3f}", flush=True)
 
-    for name, factory, dims, batch, methods in ([] if args.only_terms else setups):
+    for name, factory, dims, batch, methods in ([] if args.only_terms or args.only_collapse else setups):
         torch.manual_seed(0)
         model = factory()
         params = sum(p.numel() for p in model.parameters())
@@ -269,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         draws.append(time.perf_counter() - t0)
     rng_ms = 1e3 * statistics.median(draws[1:])
     print(f"\nGaussian draw of 5M float32 elements (torch normal_, this device): {rng_ms:.1f} ms")
-    name = "overhead_terms.json" if args.only_terms else "overhead_dropout.json" if args.only_dropout else "overhead.json"
+    name = ("overhead_terms.json" if args.only_terms else "overhead_dropout.json" if args.only_dropout
+            else "overhead_collapse.json" if args.only_collapse else "overhead.json")
     with open(os.path.join(args.out, name), "w") as f:
         json.dump({"command": "python examples/overhead.py " + " ".join(argv or sys.argv[1:]),
                    "device": "cpu", "threads": torch.get_num_threads(), "normal_5M_ms": rng_ms, "rows": rows},
