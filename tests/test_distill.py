@@ -337,3 +337,20 @@ def test_distill_encoder_is_crds_student_training_and_replaces_the_encoder(tmp_p
     torch.testing.assert_close(flat_params(module.visual_encoder), flat_params(student), rtol=1e-5, atol=1e-6)
     assert torch.equal(flat_params(module.audio_encoder), teacher_before)
     assert (flat_params(student) - flat_params(TinyAV(seed=0).visual_encoder)).abs().max() > 1e-2
+
+
+def test_both_ways_of_scoring_against_the_memory_agree_and_survive_the_update():
+    from lightning_balance.functional import crd_memory_update, crd_scores
+
+    torch.manual_seed(0)
+    anchor = F.normalize(torch.randn(5, 4), dim=1).requires_grad_()
+    for n, k in ((30, 20), (300, 2)):  # N <= (K+1)·d: the products with the whole memory; else the gathered rows
+        memory = F.normalize(torch.randn(n, 4), dim=1)
+        idx = torch.randint(0, n, (5, k + 1))
+        want = torch.exp(torch.einsum("bkd,bd->bk", memory[idx], anchor) / 0.07)
+        got = crd_scores(anchor, memory, idx, 0.07)
+        torch.testing.assert_close(got, want)
+        crd_memory_update(memory, idx[:, 0], anchor, 0.5)  # in place, before the backward
+        got.sum().backward()
+        assert torch.isfinite(anchor.grad).all()
+        anchor.grad = None

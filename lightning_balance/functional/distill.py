@@ -41,9 +41,16 @@ def crd_memory_init(num_samples: int, dim: int, generator: Optional[torch.Genera
 
 def crd_scores(anchor: Tensor, memory: Tensor, idx: Tensor, temperature: float) -> Tensor:
     """``exp(memory[idx] · anchor / τ)``: ``anchor`` ``(B, d)``, ``idx`` ``(B, K + 1)`` (column 0 the positive);
-    ``(B, K + 1)``, not yet divided by ``Z``. The memory rows carry no gradient."""
-    rows = memory[idx.reshape(-1)].detach().reshape(idx.shape[0], idx.shape[1], -1).to(anchor.dtype)
-    return torch.exp(torch.bmm(rows, anchor.unsqueeze(-1)).squeeze(-1) / temperature)
+    ``(B, K + 1)``, not yet divided by ``Z``. The memory rows carry no gradient. Computed as the ``(B, N)`` products
+    with the whole memory, then the chosen columns: ``B·N`` numbers instead of the ``B·(K + 1)·d`` of gathering
+    the rows (smaller whenever ``N < (K + 1)·d``, as with the official 16 384 negatives of 50 000 samples)."""
+    if memory.shape[0] <= idx.shape[1] * memory.shape[1]:
+        # a copy: the backward needs the memory as it was, and the update after the scores is in place
+        products = torch.gather(anchor @ memory.detach().to(anchor.dtype, copy=True).T, 1, idx)
+    else:
+        rows = memory.detach()[idx.reshape(-1)].reshape(idx.shape[0], idx.shape[1], -1).to(anchor.dtype)
+        products = torch.bmm(rows, anchor.unsqueeze(-1)).squeeze(-1)
+    return torch.exp(products / temperature)
 
 
 def crd_nce_loss(probs: Tensor, num_samples: int, eps: float = CRD_EPS) -> Tensor:
