@@ -14,7 +14,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from lightning_balance import CMLLoss, ContrastiveLoss, CosineHead, MultimodalMixin, ReconstructionLoss
+from lightning_balance import (
+    CMLLoss,
+    ContrastiveLoss,
+    CosineHead,
+    CrossModalDistillation,
+    ExplicitBasisReallocation,
+    MultimodalMixin,
+    ReconstructionLoss,
+)
 from lightning_balance.data import AVDigitsDataModule, SyntheticCollapseDataModule
 from lightning_balance.functional import linear_probe_accuracy
 
@@ -122,6 +130,30 @@ SETUPS: dict[str, Callable[[dict[str, int]], tuple[dict, dict]]] = {
     "reconstruction": lambda dims: ({"loss_terms": lambda: [ReconstructionLoss(_feature_dims(dims), dict(dims),
                                                                                weight=0.03)]}, {}),
 }
+
+
+KD_EPOCHS_PER_TEACHER = 10  # with more than one teacher; not tuned
+CRD_NEGATIVE_SHARE = 16384 / 50000  # the official K / N (CIFAR-100): the training sets here have 1-3 thousand samples
+COLLAPSE_METHODS = ("kd_crd", "kd_infonce", "ebr")
+
+
+def collapse_terms(part: str, data: pl.LightningDataModule, weakest_first: Sequence[str]) -> list:
+    """The collapse paper's loss term of a method part (``kd_crd``, ``kd_infonce``, ``ebr``; ``[]`` otherwise): KD
+    into the weakest modality (``weakest_first[0]``, e.g. by the validation accuracy of each modality alone) from
+    the others, weakest first; EBR on every modality."""
+    dims = {m: 128 for m in data.feature_dims}  # AVDigitsNet's feature_dim
+    if part == "ebr":
+        return [ExplicitBasisReallocation(dims)]
+    if part not in ("kd_crd", "kd_infonce"):
+        return []
+    ranked = list(weakest_first)
+    extra: dict = {}
+    if part == "kd_crd":
+        n_train = len(data.datasets["train"])
+        extra = {"num_samples": n_train, "nce_k": max(1, round(CRD_NEGATIVE_SHARE * n_train)),
+                 "labels": data.splits["train"]["target"]}
+    return [CrossModalDistillation(ranked[0], ranked[1:], dims, method="crd" if part == "kd_crd" else "infonce",
+                                   epochs_per_teacher=KD_EPOCHS_PER_TEACHER if len(ranked) > 2 else None, **extra)]
 
 
 def setup_for(method: str, input_dims: Optional[dict[str, int]] = None, **overrides) -> tuple[dict, dict]:

@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     AVDigitsNet,
+    collapse_terms,
     UnimodalNet,
     evaluate_ensemble,
     evaluate_joint,
@@ -59,8 +60,6 @@ from lightning_balance import (  # noqa: E402
     AGM,
     OGMGE,
     PMR,
-    CrossModalDistillation,
-    ExplicitBasisReallocation,
     GradientBlending,
     InfoReg,
     MMPareto,
@@ -106,8 +105,7 @@ METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
 # methods defined for one dataset only
 ONLY_ON: dict[str, tuple[str, ...]] = {}
 UMT_WEIGHT = 10.0  # BalanceBenchmark's lambda; not tuned
-KD_EPOCHS_PER_TEACHER = 10  # with more than one teacher; not tuned
-CRD_NEGATIVE_SHARE = 16384 / 50000  # the official K / N (CIFAR-100): the training sets here have 1-3 thousand samples
+
 # every method on main, and the stacked combinations the docs report ("--methods all")
 ALL = ["baseline", "ogm_ge", "ogm", "inforeg", "inforeg_variant", "agm", "pmr", "uni_losses", "uni_losses_split",
        "mmpareto", "gblend", "cml", "mmcosine", "contrastive", "reconstruction", "umt", "ogm_ge+cml", "ogm_ge+umt", "pmr+cml"]
@@ -165,22 +163,13 @@ def run_seed(dataset: str, seed: int, methods: list[str], epochs: int, root: str
                 raise SystemExit("umt needs the unimodal references (drop --no-references): they are its teachers.")
             teachers = {m: copy.deepcopy(model.encoder) for m, model in alone.items()}
             model_kwargs["loss_terms"] = [*model_kwargs.get("loss_terms", []), UMTLoss(teachers, weight=UMT_WEIGHT)]
-        for kd in ("kd_crd", "kd_infonce"):
-            if kd in parts:
-                if not alone:
-                    raise SystemExit(f"{kd} needs the unimodal references (drop --no-references): the weakest modality "
-                                     f"alone is the student.")
-                ranked = sorted(alone, key=lambda m: results[f"{m} alone"]["val_acc"])  # weakest first
-                n_train = len(data.datasets["train"])
-                extra = ({"num_samples": n_train, "nce_k": max(1, round(CRD_NEGATIVE_SHARE * n_train)),
-                          "labels": data.splits["train"]["target"]} if kd == "kd_crd" else {})
-                term = CrossModalDistillation(
-                    ranked[0], ranked[1:], {m: 128 for m in dims}, method="crd" if kd == "kd_crd" else "infonce",
-                    epochs_per_teacher=KD_EPOCHS_PER_TEACHER if len(ranked) > 2 else None, **extra)
-                model_kwargs["loss_terms"] = [*model_kwargs.get("loss_terms", []), term]
-        if "ebr" in parts:
+        if any(part.startswith("kd_") for part in parts) and not alone:
+            raise SystemExit("kd_* needs the unimodal references (drop --no-references): the weakest modality alone "
+                             "is the student.")
+        weakest_first = sorted(alone, key=lambda m: results[f"{m} alone"]["val_acc"]) if alone else list(dims)
+        for part in parts:
             model_kwargs["loss_terms"] = [*model_kwargs.get("loss_terms", []),
-                                          ExplicitBasisReallocation({m: 128 for m in dims})]
+                                          *collapse_terms(part, data, weakest_first)]
         method_data = make_data(dataset, seed, **data_kwargs) if data_kwargs else data
         watch, timer = ModalityMonitor(), StepTimer()
         callbacks = [cb for part in parts for cb in METHODS[part]()]

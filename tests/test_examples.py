@@ -14,7 +14,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def examples_path(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))
     yield
-    for name in ("benchmark", "diagnose", "robustness", "_common"):
+    for name in ("benchmark", "diagnose", "robustness", "rank_vs_beta", "_common"):
         sys.modules.pop(name, None)
 
 
@@ -83,3 +83,17 @@ def test_benchmark_runs_the_collapse_papers_methods(tmp_path, examples_path):
     rows = out["synthetic"]
     assert {"kd_crd", "kd_infonce", "ebr"} <= set(rows)
     assert all(0.0 <= rows[m][0]["acc"] <= 1.0 for m in ("kd_crd", "kd_infonce", "ebr"))
+
+
+@pytest.mark.timeout(300)
+def test_rank_against_beta_runner(tmp_path, examples_path):
+    import rank_vs_beta
+
+    saved = rank_vs_beta.main(["--methods", "baseline", "kd_infonce", "--betas", "0", "2", "--dataset", "synthetic",
+                               "--epochs", "1", "--no-progress", "--out", str(tmp_path)])
+    run = saved["seeds"]["0"]
+    assert set(run["runs"]) == {"baseline/0", "baseline/2", "kd_infonce/0", "kd_infonce/2"}
+    assert all(r["erank"] >= 1.0 and r["nrank"] >= 1 and 0.0 <= r["acc"] <= 1.0 for r in run["runs"].values())
+    assert run["weak"] in ("m0", "m1") and run["alone_erank"] >= 1.0
+    assert (tmp_path / "rank_vs_beta_synthetic.png").stat().st_size > 1000
+    assert "| kd_infonce | 2 |" in (tmp_path / "rank_vs_beta_synthetic.md").read_text()
