@@ -354,3 +354,21 @@ def test_both_ways_of_scoring_against_the_memory_agree_and_survive_the_update():
         got.sum().backward()
         assert torch.isfinite(anchor.grad).all()
         anchor.grad = None
+
+
+def test_the_student_and_teachers_from_a_diagnosis(tmp_path):
+    from lightning_balance import ModalityDiagnostics
+    from lightning_balance.functional import distillation_order
+
+    values = {"contribution/a": 0.30, "contribution/b": 0.05, "contribution/c": 0.12}
+    assert distillation_order(values, ["a", "b", "c"]) == ("b", ["c", "a"])  # least used; teachers weakest first
+    with pytest.raises(ValueError, match="no finite 'contribution' for \\['c'\\]"):
+        distillation_order({"contribution/a": 0.1, "contribution/b": 0.2}, ["a", "b", "c"])
+    # from a real diagnosis: DictDataset's audio is the strong modality, so visual is the student
+    diag = ModalityDiagnostics(verbose=False, probe=False, vif=False, bootstrap=0, plot=False)
+    model = TinyAV()
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[diag], max_epochs=3)).fit(
+        model, indexed_loader(), DataLoader(Indexed(n=N, seed=2), batch_size=16))
+    last = diag.diagnostics_history[-1]
+    assert last["contribution/audio"] > last["contribution/visual"]
+    assert distillation_order(last, model.modalities) == ("visual", ["audio"])

@@ -8,6 +8,7 @@ from lightning_balance.functional.distill import (
     crd_memory_update,
     crd_nce_loss,
     crd_scores,
+    distillation_order,
     draw_negatives,
 )
 from lightning_balance.functional.diagnostics import (
@@ -103,6 +104,7 @@ __all__ = [
     "crd_nce_loss",
     "crd_scores",
     "draw_negatives",
+    "distillation_order",
     "position_noise",
     "drop_modalities",
     "inforeg_coefficients",

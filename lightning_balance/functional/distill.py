@@ -21,13 +21,15 @@ CRD, as its official code computes it, for a batch of ``B`` samples with dataset
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["crd_memory_init", "crd_scores", "crd_nce_loss", "crd_memory_update", "draw_negatives", "CRD_EPS"]
+__all__ = ["crd_memory_init", "crd_scores", "crd_nce_loss", "crd_memory_update", "draw_negatives", "CRD_EPS",
+           "distillation_order"]
 
 #: the official ``eps`` of the NCE loss
 CRD_EPS = 1e-7
@@ -103,3 +105,19 @@ def draw_negatives(positives: Tensor, num_samples: int, k: int, generator: torch
                 pick = torch.randint(0, pool.numel(), (len(rows), k), generator=generator)
             neg[rows] = pool[pick]
     return torch.cat([positives.cpu().reshape(-1, 1), neg], 1).to(positives.device)
+
+
+def distillation_order(values: Mapping[str, float], modalities: Sequence[str],
+                       key: str = "contribution") -> tuple[str, list[str]]:
+    """``(student, teachers)`` from a diagnosis (``ModalityDiagnostics``' ``diagnostics_history[-1]`` or
+    ``test_diagnostics``, or any ``{f"{key}/{m}": value}``): the student is the modality with the smallest value
+    (the least used by the fusion: by default its Shapley contribution to accuracy), the teachers the others from
+    the weakest to the strongest (the collapse paper's §3.3 order)."""
+    missing = [m for m in modalities if not math.isfinite(float(values.get(f"{key}/{m}", math.nan)))]
+    if missing:
+        raise ValueError(f"distillation_order: the diagnosis has no finite {key!r} for {missing}; run a diagnosis with "
+                         f"ModalityDiagnostics first (its values hold '{key}/<modality>').")
+    if len(modalities) < 2:
+        raise ValueError("distillation_order needs at least two modalities.")
+    ranked = sorted(modalities, key=lambda m: (float(values[f"{key}/{m}"]), list(modalities).index(m)))
+    return ranked[0], ranked[1:]
