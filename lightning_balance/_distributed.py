@@ -138,6 +138,20 @@ def all_gather_rows(local: Tensor) -> tuple[list[Tensor], list[int]]:
     return [p[:n] for p, n in zip(parts, sizes)], sizes
 
 
+def global_batch_rows(local: Tensor) -> Tensor:
+    """Every rank's rows concatenated in rank order, with gradient through this rank's own rows only, **scaled by
+    the world size**: a loss of the whole global batch computed identically on every rank then gives, after DDP
+    averages the gradients, the gradient of one process on the global batch, with no collective inside the
+    backward pass (a gather with gradient would communicate there, concurrently with DDP's own reduction). The
+    value of the own rows is unchanged (``e + (W − 1)(e − e)``). One process: ``local`` itself."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    parts, _ = all_gather_rows(local)
+    world = dist.get_world_size()
+    parts[dist.get_rank()] = local + (world - 1) * (local - local.detach())
+    return torch.cat(parts, dim=0)
+
+
 def _gather_padded(local: Tensor) -> tuple[list[Tensor], list[int]]:
     """One all-gather of every rank's row count, then one of its rows padded to the largest count."""
     world = dist.get_world_size()

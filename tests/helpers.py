@@ -261,3 +261,25 @@ def resume_inside_an_epoch(tmp_path: Any, make_callbacks: Any, make_model: Any, 
         pl.Trainer(**trainer_kwargs(tmp_path / "c", callbacks=resumed_cbs, max_epochs=epochs)).fit(
             resumed, make_loader(), ckpt_path=str(tmp_path / "ckpt" / f"step={step}.ckpt"))
     return straight, straight_cbs, resumed, resumed_cbs
+
+
+class SkipFirst(TinyAV):
+    """TinyAV with the unimodal losses that returns None from its first ``skip`` training steps: Lightning then
+    takes no backward and no optimizer step and the scaler does not update, which is the fp16 overflow run with
+    those steps removed (the reference of the forced-overflow tests)."""
+
+    def __init__(self, skip: int, **kw: Any) -> None:
+        super().__init__(aux_losses=True, **kw)
+        self.skip = skip
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
+        return None if self.trainer.global_step < self.skip else super().training_step(batch, batch_idx)
+
+
+def fp16_plugin(init_scale: float) -> Any:
+    """16-mixed precision on CPU with a GradScaler starting at ``init_scale`` and backing off by 2^-8 (2^40
+    overflows the first three steps of TinyAV: 2^40 -> 2^32 -> 2^24 -> 2^16)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale,
+                                                                          backoff_factor=2.0**-8))

@@ -10,12 +10,11 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
 from lightning_balance import AGM, OGMGE, PMR, CMLLoss, InfoReg, MMPareto
-from tests.helpers import (DictDataset, InterleavedSampler, SaveParams, TinyAV, flat_params, resumable_loader,
-                           resume_inside_an_epoch, states_equal, trainer_kwargs)
+from tests.helpers import (DictDataset, InterleavedSampler, SaveParams, SkipFirst, TinyAV, flat_params, fp16_plugin,
+                           resumable_loader, resume_inside_an_epoch, states_equal, trainer_kwargs)
 
 MISSING = (0.3, 0.25)
 METHODS = {
@@ -89,32 +88,19 @@ def test_resume_inside_an_epoch_with_a_mask(tmp_path, name):
     assert states_equal(resumed_cb.state_dict(), straight_cb.state_dict())
 
 
-class _SkipFirst(TinyAV):
-    def __init__(self, skip):
-        super().__init__(aux_losses=True)
-        self.skip = skip
-
-    def training_step(self, batch, batch_idx):
-        return None if self.trainer.global_step < self.skip else super().training_step(batch, batch_idx)
-
-
-def _fp16(scale):
-    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=scale, backoff_factor=2.0**-8))
-
-
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_fp16_overflow_with_a_mask(tmp_path, name):
     cb = METHODS[name]()
     net = model()
-    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=2, plugins=[_fp16(2.0**40)])).fit(
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=2, plugins=[fp16_plugin(2.0**40)])).fit(
         net, masked_loader())
     assert cb.num_skipped == 3
     reference_cb = METHODS[name]()
-    reference = _SkipFirst(skip=3)
+    reference = SkipFirst(skip=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[reference_cb], max_epochs=2,
-                                    plugins=[_fp16(2.0**16)])).fit(reference, masked_loader())
+                                    plugins=[fp16_plugin(2.0**16)])).fit(reference, masked_loader())
     torch.testing.assert_close(flat_params(net), flat_params(reference), rtol=0, atol=0)
     assert states_equal(cb.state_dict(), reference_cb.state_dict())
 

@@ -13,8 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_balance import ModalityContractError, ModalityDiagnostics, MultimodalMixin
-from lightning_balance.functional import (ablation_attributions, fusion_polysemanticity, polysemanticity_scores,
-                                          polysemanticity_summary)
+from lightning_balance.functional import fusion_polysemanticity, polysemanticity_scores, polysemanticity_summary
 from tests.helpers import trainer_kwargs
 
 
@@ -69,12 +68,8 @@ def test_pure_functions_and_errors():
     scores = polysemanticity_scores(attr)
     assert scores[0] == pytest.approx(1.0) and scores[1] == pytest.approx(0.0) and math.isnan(float(scores[2]))
     assert polysemanticity_summary(scores, threshold=0.5) == {"mean": 0.5, "fraction": 0.5, "live": 2.0}
-    full, ablated = torch.zeros(3, 2), torch.ones(2, 3, 2)
-    assert torch.equal(ablation_attributions(full, ablated), torch.ones(2, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="at least two modalities"):
         polysemanticity_scores(torch.ones(3, 1))
-    with pytest.raises(ValueError, match=r"\(N, K\) and ablated \(M, N, K\)"):
-        ablation_attributions(torch.zeros(3, 2), torch.zeros(2, 4, 2))
 
 
 class _Pairs(torch.utils.data.Dataset):

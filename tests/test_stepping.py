@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_balance import AGM, OGMGE, PMR, InfoReg, MMPareto
 from lightning_balance.functional.inforeg import prime_window_indicator
-from tests.helpers import SaveParams, TinyAV, flat_params, loader, resumable_loader, states_equal, trainer_kwargs
+from tests.helpers import (SaveParams, SkipFirst, TinyAV, flat_params, fp16_plugin, loader, resumable_loader, states_equal,
+                           trainer_kwargs)
 
 # name -> factory of a fresh callback; every one edits TinyAV(aux_losses=True)'s gradients from its first epochs
 FACTORIES = {
@@ -67,31 +67,12 @@ def test_resume_from_a_checkpoint_inside_an_epoch(tmp_path, name, step):
 
 
 # ------------------------------------------------------------------------------------------------ fp16 overflow
-class _SkipFirst(TinyAV):
-    """Returns None from its first `skip` training steps: Lightning then takes no backward and no optimizer step,
-    the scaler does not update — the same run as the overflow run with those steps removed."""
-
-    def __init__(self, skip, **kw):
-        super().__init__(aux_losses=True, **kw)
-        self.skip = skip
-
-    def training_step(self, batch, batch_idx):
-        if self.trainer.global_step < self.skip:
-            return None
-        return super().training_step(batch, batch_idx)
-
-
-def _fp16(init_scale):
-    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale,
-                                                                          backoff_factor=2.0**-8))
-
-
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_fp16_overflow_steps_are_skipped_without_changing_state(tmp_path, name):
     """init scale 2^40 overflows the fp16 backward on the first three steps (2^40 -> 2^32 -> 2^24 -> 2^16)."""
     cb = FACTORIES[name]()
     model = _model()
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=2, plugins=[_fp16(2.0**40)]))
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], max_epochs=2, plugins=[fp16_plugin(2.0**40)]))
     trainer.fit(model, loader())  # no exception, also under nonfinite="raise"
     assert cb.num_skipped == 3
     assert trainer.precision_plugin.scaler.get_scale() == 2.0**16
@@ -99,11 +80,11 @@ def test_fp16_overflow_steps_are_skipped_without_changing_state(tmp_path, name):
     assert torch.isfinite(flat_params(model)).all()
     # the same run in which those three steps are skipped, starting at the scale they end with
     reference_cb = FACTORIES[name]()
-    reference = _SkipFirst(skip=3)
+    reference = SkipFirst(skip=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[reference_cb], max_epochs=2,
-                                    plugins=[_fp16(2.0**16)])).fit(reference, loader())
+                                    plugins=[fp16_plugin(2.0**16)])).fit(reference, loader())
     assert reference_cb.num_skipped == 0
     torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=0, atol=0)
     assert states_equal(cb.state_dict(), reference_cb.state_dict())

@@ -20,7 +20,11 @@ from lightning_balance._errors import ModalityContractError
 from lightning_balance._record import ModalityRecord
 from lightning_balance.callbacks.base import is_number, log_balance_metrics
 from lightning_balance.callbacks.monitor import ModalityMonitor
-from lightning_balance.functional.polysemantic import polysemanticity_scores, polysemanticity_summary
+from lightning_balance.functional.polysemantic import (
+    layer_ablation_changes,
+    polysemanticity_scores,
+    polysemanticity_summary,
+)
 from lightning_balance.functional.robustness import curve_area, position_noise, sweep_presence
 from lightning_balance.functional.diagnostics import (
     _reference,
@@ -380,26 +384,13 @@ class ModalityDiagnostics(ModalityMonitor):
         if self.polysemantic_layer is None:
             return None
         layer = pl_module.get_submodule(self.polysemantic_layer)
-        captured: list[Tensor] = []
-
-        def grab(_: Any, __: Any, output: Any) -> None:
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            captured.append(out.detach().reshape(out.shape[0], -1, out.shape[-1]).mean(1).double())
-
         features = {m: z.detach() for m, z in record.features.items()}
-        handle = layer.register_forward_hook(grab)
         try:
             with record.autocast():
-                pl_module.fuse_subset(features, names, present=record.present)  # type: ignore[attr-defined]
-                for m in names:
-                    pl_module.fuse_subset(features, [k for k in names if k != m], present=record.present)  # type: ignore[attr-defined]
-        finally:
-            handle.remove()
-        if len(captured) != len(names) + 1:
-            raise ModalityContractError(
-                f"ModalityDiagnostics(polysemantic_layer={self.polysemantic_layer!r}): the layer ran {len(captured)} "
-                f"times in {len(names) + 1} fusion passes; choose a layer of the fusion that runs once per pass.")
-        return torch.cat([(captured[1 + i] - captured[0]).abs() for i in range(len(names))], dim=1)
+                changes = layer_ablation_changes(pl_module, features, layer, record.present, names)  # (M, N, K)
+        except ValueError as err:
+            raise ModalityContractError(f"ModalityDiagnostics(polysemantic_layer={self.polysemantic_layer!r}): {err}") from None
+        return changes.permute(1, 0, 2).reshape(changes.shape[1], -1)  # modality-major columns
 
     def _extra_sums(self, pl_module: pl.LightningModule, device: torch.device, dtype: torch.dtype) -> Tensor:
         # every rank learns the row layout (also a rank that stored nothing) in the monitor's one all-reduce

@@ -32,8 +32,8 @@ from lightning_balance.functional.diagnostics import (
 )
 from lightning_balance.functional.dropout import adaptive_probabilities, drop_modalities, scheduled_factor
 from lightning_balance.functional.polysemantic import (
-    ablation_attributions,
     fusion_polysemanticity,
+    layer_ablation_changes,
     polysemanticity_scores,
     polysemanticity_summary,
 )
@@ -95,8 +95,8 @@ __all__ = [
     "reverse_gradient",
     "substitute_absent",
     "substitution_order",
-    "ablation_attributions",
     "fusion_polysemanticity",
+    "layer_ablation_changes",
     "polysemanticity_scores",
     "polysemanticity_summary",
     "crd_memory_init",

@@ -57,7 +57,7 @@ def modality_discrimination_loss(logits: Mapping[str, Tensor], names: Sequence[s
                              reduction="none")
         keep = counted if present is None else counted & present[m]
         total = total + torch.where(keep, ce, torch.zeros_like(ce)).sum()
-    return total / (len(names) * max(int(counted.sum()), 1))
+    return total / (len(names) * counted.sum().clamp_min(1))  # no host sync
 
 
 def basis_similarity(bases: Mapping[str, Tensor], names: Sequence[str],

@@ -23,15 +23,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ablation_attributions", "polysemanticity_scores", "polysemanticity_summary", "fusion_polysemanticity"]
-
-
-def ablation_attributions(full: Tensor, ablated: Tensor) -> Tensor:
-    """``(K, M)``: the mean absolute change of each of ``K`` neurons when each of ``M`` modalities is removed, from
-    the activations ``full`` ``(N, K)`` and ``ablated`` ``(M, N, K)`` (the same samples, modality ``m`` removed)."""
-    if full.ndim != 2 or ablated.ndim != 3 or ablated.shape[1:] != full.shape:
-        raise ValueError(f"full must be (N, K) and ablated (M, N, K), got {tuple(full.shape)} and {tuple(ablated.shape)}.")
-    return (ablated.double() - full.double().unsqueeze(0)).abs().mean(1).T
+__all__ = ["polysemanticity_scores", "polysemanticity_summary", "layer_ablation_changes",
+           "fusion_polysemanticity"]
 
 
 def polysemanticity_scores(attributions: Tensor, eps: float = 1e-12) -> Tensor:
@@ -54,33 +47,37 @@ def polysemanticity_summary(scores: Tensor, threshold: float = 0.5) -> dict[str,
 
 
 @torch.no_grad()
-def fusion_polysemanticity(module: Any, features: dict[str, Tensor], layer: nn.Module,
-                           present: Optional[Any] = None, modalities: Optional[Sequence[str]] = None,
-                           threshold: float = 0.5) -> dict[str, Any]:
-    """The scores of the neurons of ``layer`` (a submodule of ``module``'s fusion whose output is ``(N, K)``, or
-    ``(N, ..., K)``, averaged over the middle dimensions) on a batch of ``features``, removing each modality through
-    ``module.fuse_subset``. Returns ``{"attributions": (K, M), "scores": (K,), "mean", "fraction", "live"}``."""
+def layer_ablation_changes(module: Any, features: dict[str, Tensor], layer: nn.Module, present: Optional[Any] = None,
+                           modalities: Optional[Sequence[str]] = None) -> Tensor:
+    """``(M, N, K)``: ``|h_k(x) − h_k(x without m)|`` for each modality ``m``, sample and neuron of ``layer`` (a
+    layer of ``module``'s fusion with output ``(N, K)`` or ``(N, ..., K)``, averaged over the middle dimensions),
+    removing each modality through ``module.fuse_subset``."""
     names = list(modalities or module.modalities)
     captured: list[Tensor] = []
 
     def grab(_: nn.Module, __: Any, output: Any) -> None:
         out = output[0] if isinstance(output, (tuple, list)) else output
-        if out.ndim > 2:
-            out = out.mean(dim=tuple(range(1, out.ndim - 1)))
-        captured.append(out.detach())
+        captured.append(out.detach().reshape(out.shape[0], -1, out.shape[-1]).mean(1).double())
 
     handle = layer.register_forward_hook(grab)
     try:
         module.fuse_subset(features, names, present=present)
-        ablated = []
         for m in names:
             module.fuse_subset(features, [k for k in names if k != m], present=present)
-            ablated.append(captured[-1])
     finally:
         handle.remove()
     if len(captured) != len(names) + 1:
-        raise ValueError(f"fusion_polysemanticity: the layer ran {len(captured)} times for {len(names) + 1} fusion "
-                         f"passes; pass a layer of the fusion that runs once per pass.")
-    attributions = ablation_attributions(captured[0], torch.stack(ablated))
+        raise ValueError(f"the layer ran {len(captured)} times in {len(names) + 1} fusion passes; choose a layer "
+                         f"of the fusion that runs once per pass.")
+    return (torch.stack(captured[1:]) - captured[0].unsqueeze(0)).abs()
+
+
+@torch.no_grad()
+def fusion_polysemanticity(module: Any, features: dict[str, Tensor], layer: nn.Module,
+                           present: Optional[Any] = None, modalities: Optional[Sequence[str]] = None,
+                           threshold: float = 0.5) -> dict[str, Any]:
+    """The scores of the neurons of ``layer`` on a batch of ``features`` (:func:`layer_ablation_changes`, averaged
+    over the samples). Returns ``{"attributions": (K, M), "scores": (K,), "mean", "fraction", "live"}``."""
+    attributions = layer_ablation_changes(module, features, layer, present, modalities).mean(1).T
     scores = polysemanticity_scores(attributions)
     return {"attributions": attributions, "scores": scores, **polysemanticity_summary(scores, threshold)}

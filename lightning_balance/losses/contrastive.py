@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_balance._distributed import all_gather_rows
+from lightning_balance._distributed import global_batch_rows
 from lightning_balance.functional.contrastive import symmetric_info_nce
 from lightning_balance.losses.base import LossTerm
 from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
@@ -122,14 +122,10 @@ class ContrastiveLoss(LossTerm):
             # gradients over ranks, so the gradient reaching this rank's rows is multiplied by the world size;
             # the value is unchanged (e + (W-1)(e - e) is e), and the temperature, used identically on every
             # rank, gets the exact gradient from every rank.
-            rank = dist.get_rank()
             mask = torch.stack([present[m] if present is not None else torch.ones(n, dtype=torch.bool,
                                 device=emb[m].device) for m in names], 1).to(emb[names[0]].dtype)
             local = torch.cat([*[emb[m] for m in names], mask], dim=1)  # one gather: every modality and the mask
-            parts, _ = all_gather_rows(local)
-            own = local + (world - 1) * (local - local.detach())
-            parts[rank] = own
-            full = torch.cat(parts, dim=0)
+            full = global_batch_rows(local)
             *columns, mask = full.split([*[emb[m].shape[1] for m in names], len(names)], dim=1)
             emb = dict(zip(names, columns))
             present = {m: mask[:, i].detach() > 0.5 for i, m in enumerate(names)}

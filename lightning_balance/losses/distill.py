@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_balance._distributed import all_gather_rows
+from lightning_balance._distributed import global_batch_rows
 from lightning_balance.functional.contrastive import symmetric_info_nce
 from lightning_balance.functional.distill import (
     crd_memory_init,
@@ -22,6 +22,7 @@ from lightning_balance.functional.distill import (
     draw_negatives,
 )
 from lightning_balance.losses.base import LossTerm
+from lightning_balance.losses.umt import _UnimodalModel
 from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
 
 __all__ = ["CrossModalDistillation", "distill_encoder"]
@@ -145,7 +146,8 @@ class CrossModalDistillation(LossTerm):
         self.epochs_per_teacher, self.seed = epochs_per_teacher, seed
         self.embed_student = _Embed(feature_dims[student], feat_dim)
         self.embed_teachers = nn.ModuleDict({t: _Embed(feature_dims[t], feat_dim) for t in teachers})
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # fuse calls distilled: the negatives' stream
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._index_checks = 0  # fuse calls distilled: the negatives' stream
         if method == "crd":
             g = torch.Generator().manual_seed(seed)
             self.register_buffer("memory_student", crd_memory_init(num_samples, feat_dim, g))
@@ -198,7 +200,9 @@ class CrossModalDistillation(LossTerm):
             index = index.reshape(-1).to(device=s.device, dtype=torch.long)
             if index.shape[0] != n:
                 raise ModalityContractError(f"CrossModalDistillation: {index.shape[0]} indices for {n} samples.")
-            if bool(((index < 0) | (index >= self.num_samples)).any()):
+            checked = index.device.type == "cpu" or self._index_checks < 16  # a host sync: the first 16 on accelerators
+            self._index_checks += index.device.type != "cpu"
+            if checked and bool(((index < 0) | (index >= self.num_samples)).any()):
                 raise ModalityContractError(
                     f"CrossModalDistillation: dataset indices must be in [0, num_samples={self.num_samples}), got "
                     f"{sorted({int(i) for i in index.tolist()})[:3]}...{int(index.max())}: num_samples is the training "
@@ -217,9 +221,7 @@ class CrossModalDistillation(LossTerm):
             extra = torch.stack([keep.double(), targets.double(),
                                  (index if crd else torch.zeros_like(targets)).double()], 1)  # type: ignore[union-attr]
             local = torch.cat([s.double(), t.double(), extra], 1)
-            parts, _ = all_gather_rows(local)
-            parts[dist.get_rank()] = local + (world - 1) * (local - local.detach())
-            full = torch.cat(parts, 0)
+            full = global_batch_rows(local)
             s, t, extra = full.split([self.feat_dim, self.feat_dim, 3], 1)
             s, t = s.float(), t.float()
             keep, targets = extra[:, 0].detach() > 0.5, extra[:, 1].detach().round().long()
@@ -254,9 +256,9 @@ class CrossModalDistillation(LossTerm):
             s, t = s.float(), t.float()
             out_s = crd_scores(s, memory_t, idx, self.nce_t)  # the student anchored on the teacher's memory
             out_t = crd_scores(t, memory_s, idx, self.nce_t)  # the teacher anchored on the student's memory
-            for j, out in ((2 * k, out_s), (2 * k + 1, out_t)):
-                if float(self.normalisers[j]) < 0:  # set once, on the first batch, as the official code
-                    self.normalisers[j] = out.detach().mean() * n_data
+            for j, out in ((2 * k, out_s), (2 * k + 1, out_t)):  # set once, on the first batch, as the official code
+                self.normalisers[j] = torch.where(self.normalisers[j] < 0, out.detach().mean() * n_data,
+                                                  self.normalisers[j])  # no host sync
             loss = (crd_nce_loss(out_s / self.normalisers[2 * k], n_data)
                     + crd_nce_loss(out_t / self.normalisers[2 * k + 1], n_data))
         if update:
@@ -283,42 +285,31 @@ class CrossModalDistillation(LossTerm):
 
 
 
-class _DistillStudent(pl.LightningModule):
-    """A student encoder with a linear head, trained on ``γ · CE + term`` against a frozen teacher encoder."""
+class _DistillStudent(_UnimodalModel):
+    """The student encoder with a linear head, trained on ``γ · CE + term`` against a frozen teacher encoder."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, width: int, num_classes: int, names: tuple[str, str],
                  term: CrossModalDistillation, classification_weight: float, lr: float, momentum: float,
                  ignore_index: int, order: Sequence[str], pool: Any) -> None:
-        super().__init__()
-        self.encoder, self.head, self.term = student, nn.Linear(width, num_classes), term
+        super().__init__(student, width, num_classes, names[0], lr, momentum, ignore_index,
+                         list(order).index(names[0]), pool)
+        self.term, self.teacher_name, self.order = term, names[1], list(order)
         self.teacher = [teacher]  # not a submodule: neither trained nor checkpointed here
-        self.names, self.order, self.pool = names, list(order), pool
-        self.classification_weight, self.lr, self.momentum, self.ignore_index = classification_weight, lr, momentum, ignore_index
-
-    def _present(self, batch: Any, m: str, n: int, device: torch.device) -> Tensor:
-        present = batch.get("present") if isinstance(batch, Mapping) else None
-        if present is None:
-            return torch.ones(n, dtype=torch.bool, device=device)
-        return (present[m] if isinstance(present, Mapping) else present[:, self.order.index(m)]).bool()
+        self.classification_weight = classification_weight
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        student, teacher = self.names
+        teacher = self.teacher_name
         targets = batch["target"]
-        zs = self.pool(student, self.encoder(batch[student]))
+        zs = self.features(batch[self.modality])
         teacher_net = self.teacher[0].to(zs.device).eval()
         with torch.no_grad():  # the official teacher: frozen, in eval mode
             zt = self.pool(teacher, teacher_net(batch[teacher]))
-        has_s = self._present(batch, student, len(targets), zs.device)
-        keep = has_s & self._present(batch, teacher, len(targets), zs.device) & (targets != self.ignore_index)
-        ce_targets = torch.where(has_s, targets, torch.full_like(targets, self.ignore_index))
+        own = self.own_targets(batch)  # ignore_index where the student's modality is absent
+        keep = (own != self.ignore_index) & self.has(batch, teacher, self.order.index(teacher), len(targets), zs.device)
         loss = self.term.weight * self.term(zs, zt, teacher, batch.get(self.term.index_key), targets, keep)
         if self.classification_weight:
-            loss = loss + self.classification_weight * F.cross_entropy(self.head(zs), ce_targets,
-                                                                       ignore_index=self.ignore_index)
+            loss = loss + self.classification_weight * F.cross_entropy(self.head(zs), own, ignore_index=self.ignore_index)
         return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD([p for n, p in self.named_parameters()], lr=self.lr, momentum=self.momentum)
 
 
 def distill_encoder(module: MultimodalMixin, student: str, teacher: str, datamodule: pl.LightningDataModule,

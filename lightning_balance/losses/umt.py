@@ -142,25 +142,40 @@ def choose_ume_or_umt(ensemble_val_accuracy: float, joint_val_accuracy: float) -
 
 
 class _UnimodalModel(pl.LightningModule):
+    """One encoder and a linear head trained on its own cross-entropy (also the base of ``distill_encoder``'s
+    student). ``pool(modality, z)``: one vector per sample (default: the mean of token sequences)."""
+
     def __init__(self, encoder: nn.Module, width: int, num_classes: int, modality: str, lr: float, momentum: float,
-                 ignore_index: int = -100, index: int = 0) -> None:
+                 ignore_index: int = -100, index: int = 0, pool: Optional[Any] = None) -> None:
         super().__init__()
         self.encoder, self.head, self.modality = encoder, nn.Linear(width, num_classes), modality
         self.lr, self.momentum, self.ignore_index, self.index = lr, momentum, ignore_index, index
+        self.pool = pool
+
+    def features(self, x: Tensor) -> Tensor:
+        z = self.encoder(x)
+        if self.pool is not None:
+            return self.pool(self.modality, z)
+        return z.mean(dim=tuple(range(1, z.ndim - 1))) if z.ndim > 2 else z  # the contract's default pooling
 
     def forward(self, x: Tensor) -> Tensor:
-        z = self.encoder(x)
-        if z.ndim > 2:  # token sequences: their mean, as the contract's default pool_features
-            z = z.mean(dim=tuple(range(1, z.ndim - 1)))
-        return self.head(z)
+        return self.head(self.features(x))
+
+    def has(self, batch: Any, modality: str, index: int, n: int, device: torch.device) -> Tensor:
+        """``(N,)`` bool: the samples of ``batch`` that have ``modality`` (all without a ``"present"`` mask)."""
+        present = batch.get("present") if isinstance(batch, Mapping) else None
+        if present is None:
+            return torch.ones(n, dtype=torch.bool, device=device)
+        return (present[modality] if isinstance(present, Mapping) else present[:, index]).bool()
+
+    def own_targets(self, batch: Any) -> Tensor:
+        """The targets, ``ignore_index`` where the sample lacks this modality (it teaches nothing about it)."""
+        targets = batch["target"]
+        have = self.has(batch, self.modality, self.index, len(targets), targets.device)
+        return torch.where(have, targets, torch.full_like(targets, self.ignore_index))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        targets = batch["target"]
-        present = batch.get("present") if isinstance(batch, Mapping) else None
-        if present is not None:  # a sample without this modality teaches nothing about it
-            have = present[self.modality] if isinstance(present, Mapping) else present[:, self.index]
-            targets = torch.where(have.bool(), targets, torch.full_like(targets, self.ignore_index))
-        return F.cross_entropy(self(batch[self.modality]), targets, ignore_index=self.ignore_index)
+        return F.cross_entropy(self(batch[self.modality]), self.own_targets(batch), ignore_index=self.ignore_index)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
