@@ -100,8 +100,9 @@ def make_data(dataset: str, seed: int, **kwargs: Any) -> pl.LightningDataModule:
     only tells 5 groups of 2 classes apart, ``m1`` is weak (snr 1) but sees all 10 classes."""
     if dataset == "av_digits":
         data = AVDigitsDataModule(seed=seed, **kwargs)
-    else:
-        data = SyntheticCollapseDataModule(preset="dominant", num_samples=3000, seed=seed, **kwargs)
+    else:  # "synthetic" is the preset "dominant"; any other preset by its name (e.g. "underlearned")
+        preset = "dominant" if dataset == "synthetic" else dataset
+        data = SyntheticCollapseDataModule(preset=preset, num_samples=3000, seed=seed, **kwargs)
     data.setup()
     return data
 
@@ -137,13 +138,13 @@ CRD_NEGATIVE_SHARE = 16384 / 50000  # the official K / N (CIFAR-100): the traini
 COLLAPSE_METHODS = ("kd_crd", "kd_infonce", "ebr")
 
 
-def collapse_terms(part: str, data: pl.LightningDataModule, weakest_first: Sequence[str]) -> list:
+def collapse_terms(part: str, data: pl.LightningDataModule, weakest_first: Sequence[str], **kwargs: Any) -> list:
     """The collapse paper's loss term of a method part (``kd_crd``, ``kd_infonce``, ``ebr``; ``[]`` otherwise): KD
     into the weakest modality (``weakest_first[0]``, e.g. by the validation accuracy of each modality alone) from
-    the others, weakest first; EBR on every modality."""
+    the others, weakest first; EBR on every modality. ``kwargs`` go to the term (e.g. a selected ``weight``)."""
     dims = {m: 128 for m in data.feature_dims}  # AVDigitsNet's feature_dim
     if part == "ebr":
-        return [ExplicitBasisReallocation(dims)]
+        return [ExplicitBasisReallocation(dims, **kwargs)]
     if part not in ("kd_crd", "kd_infonce"):
         return []
     ranked = list(weakest_first)
@@ -153,7 +154,7 @@ def collapse_terms(part: str, data: pl.LightningDataModule, weakest_first: Seque
         extra = {"num_samples": n_train, "nce_k": max(1, round(CRD_NEGATIVE_SHARE * n_train)),
                  "labels": data.splits["train"]["target"]}
     return [CrossModalDistillation(ranked[0], ranked[1:], dims, method="crd" if part == "kd_crd" else "infonce",
-                                   epochs_per_teacher=KD_EPOCHS_PER_TEACHER if len(ranked) > 2 else None, **extra)]
+                                   epochs_per_teacher=KD_EPOCHS_PER_TEACHER if len(ranked) > 2 else None, **extra, **kwargs)]
 
 
 def setup_for(method: str, input_dims: Optional[dict[str, int]] = None, **overrides) -> tuple[dict, dict]:

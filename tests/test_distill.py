@@ -59,8 +59,10 @@ def nce(p):
     return -(log_d1.sum() + log_d0.sum()) / p.shape[0]
 
 
-def crd_recipe(model, batches, epochs, method="crd"):
-    """Joint training on CE + 0.8 · CRD(student = visual, teacher = audio detached), SGD as TinyAV's."""
+def crd_recipe(model, batches, epochs, method="crd", accumulate=1):
+    """Joint training on CE + 0.8 · CRD(student = visual, teacher = audio detached), SGD as TinyAV's; with
+    ``accumulate`` > 1 each micro-batch's loss / accumulate is backpropagated, the memories move after every
+    micro-batch (the official code's per-iteration update) and the optimizer steps every ``accumulate``."""
     term = model.balance_losses["distill"]
     ws, wt = term.embed_student.linear, term.embed_teachers["audio"].linear
     g = torch.Generator().manual_seed(SEED)
@@ -71,9 +73,10 @@ def crd_recipe(model, batches, epochs, method="crd"):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     step = 0
     for _ in range(epochs):
-        for batch in batches:
+        for i, batch in enumerate(batches):
             step += 1
-            optimizer.zero_grad()
+            if i % accumulate == 0:
+                optimizer.zero_grad()
             za, zv = model.audio_encoder(batch["audio"]), model.visual_encoder(batch["visual"])
             ce = F.cross_entropy(model.head(torch.cat([za, zv], 1)), batch["target"])
             s, t = embed(ws, zv), embed(wt, za.detach())
@@ -94,8 +97,9 @@ def crd_recipe(model, batches, epochs, method="crd"):
                 with torch.no_grad():
                     mem_s[index] = F.normalize(mem_s[index] * MOMENTUM + s * (1 - MOMENTUM), dim=1)
                     mem_t[index] = F.normalize(mem_t[index] * MOMENTUM + t * (1 - MOMENTUM), dim=1)
-            (ce + WEIGHT * kd).backward()
-            optimizer.step()
+            ((ce + WEIGHT * kd) / accumulate).backward()
+            if (i + 1) % accumulate == 0:
+                optimizer.step()
     return mem_s, mem_t, (z_s, z_t)
 
 

@@ -189,8 +189,50 @@ def test_verdict_names_the_dominant_ignored_and_under_learned_modality():
     assert "v encoder: linear probe 0.880 after joint training vs 0.890 trained alone -> learned as well" in text
 
 
+def test_semantic_loss_is_the_out_of_fold_probe_cross_entropy():
+    """The collapse paper's Fig. 4 quantity: restated here with its own two-fold loop, a probe per fold and the
+    cross-entropy written out (log-sum-exp minus the target's logit)."""
+    from lightning_balance.functional import fit_linear_probe
+
+    g = torch.Generator().manual_seed(3)
+    n, classes = 120, 3
+    y = torch.randint(0, classes, (n,), generator=g)
+    informative = torch.nn.functional.one_hot(y, classes).float() * 2 + torch.randn(n, classes, generator=g)
+    noise = torch.randn(n, 4, generator=g)
+    feats = {"a": informative, "b": noise}
+
+    def fuse_subset(f, present):
+        return sum((f[m][:, :classes] if m in present else torch.zeros(n, classes)) for m in ("a", "b"))
+
+    values = collapse_diagnostics(feats, y, fuse_subset, classes, bootstrap=0)
+    for m, z in feats.items():
+        losses = torch.zeros(n, dtype=torch.float64)
+        fold = torch.arange(n) % 2
+        for f in (0, 1):
+            w, b, mu, sd = fit_linear_probe(z[fold != f], y[fold != f], classes)
+            logits = ((z[fold == f].double() - mu) / sd) @ w.T + b
+            losses[fold == f] = torch.logsumexp(logits, 1) - logits.gather(1, y[fold == f, None]).squeeze(1)
+        assert values[f"semantic_loss/{m}"] == pytest.approx(float(losses.mean()), rel=1e-9)
+        assert values[f"semantic_loss_se/{m}"] == pytest.approx(float(losses.std() / math.sqrt(n)), rel=1e-9)
+    assert values["semantic_loss/a"] < 0.6 < math.log(classes) < values["semantic_loss/b"]
+
+
+def test_verdict_compares_the_semantic_loss_with_the_unimodal_baseline():
+    from lightning_balance.functional import imbalance_verdict
+
+    values = {"acc_fused": 0.9, "contribution/a": 0.2, "contribution/v": 0.7, "acc_without/a": 0.7,
+              "acc_without/v": 0.2, "probe/a": 0.45, "probe/v": 0.88, "semantic_loss/a": 1.6,
+              "semantic_loss_se/a": 0.05, "semantic_loss/v": 0.40, "semantic_loss_se/v": 0.05}
+    text = "\n".join(imbalance_verdict(values, ["a", "v"], alone_semantic_loss={"a": (1.1, 0.05), "v": 0.42}))
+    assert "a encoder: semantic loss by linear evaluation (the probe's cross-entropy) 1.600 ± 0.098 vs 1.100 ± 0.098" in text
+    assert "0.500 ± 0.139: higher than alone" in text
+    assert "v encoder: semantic loss by linear evaluation (the probe's cross-entropy) 0.400 ± 0.098 vs 0.420" in text
+    assert "no clear difference" in text
+
+
 def test_logged_keys_report_plot_and_every_n_epochs(tmp_path):
-    diag = ModalityDiagnostics(every_n_epochs=2, alone_probe={"audio": 0.9}, plot=True, verbose=True)
+    diag = ModalityDiagnostics(every_n_epochs=2, alone_probe={"audio": 0.9}, plot=True, verbose=True,
+                               alone_semantic_loss={"visual": [0.5, 0.01]})
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[diag], max_epochs=3,
                                           logger=CSVLogger(str(tmp_path)), log_every_n_steps=1))
     trainer.fit(model(), DataLoader(DictDataset(n=32), batch_size=8), DataLoader(DictDataset(n=32, seed=1), batch_size=8))
@@ -202,11 +244,15 @@ def test_logged_keys_report_plot_and_every_n_epochs(tmp_path):
     for key in ("contribution/audio", "probe/visual", "erank/fused", "cka/audio", "vif_max/visual",
                 "under_learned/audio", "seconds/probe", "contribution_imbalance", "contribution_se/audio",
                 "probe_se/visual", "acc_fused_se", "acc_without_se/audio", "drop_se/visual", "contribution_lead_se",
-                "under_learned_se/audio"):
+                "under_learned_se/audio", "semantic_loss/audio", "semantic_loss_se/visual", "semantic_gap/visual",
+                "semantic_gap_se/visual"):
         assert f"balance/diagnostics/{key}" in header, key
     assert os.path.exists(diag.plot_path) and os.path.getsize(diag.plot_path) > 1000
     report = diag.report()
     assert "audio encoder: linear probe" in report and "trained alone" in report and "| fused" in report
+    assert "visual encoder: semantic loss by linear evaluation" in report and "with its own loss" in report
+    last = diag.diagnostics_history[-1]
+    assert last["semantic_gap/visual"] == pytest.approx(last["semantic_loss/visual"] - 0.5)
     assert "±" in report and "1.96 standard errors" in report  # the table shows the intervals
     state = diag.state_dict()
     fresh = ModalityDiagnostics()
@@ -231,6 +277,8 @@ def test_max_samples_keeps_the_first_samples(tmp_path):
     ({"alone_probe": {"audio": [0.6, 0.01, 0.2]}}, "alone_probe"),
     ({"bootstrap": 1}, "bootstrap"),
     ({"seed": 0.5}, "seed"),
+    ({"alone_semantic_loss": {"audio": -0.1}}, "alone_semantic_loss"),
+    ({"alone_semantic_loss": {"audio": [1.2, -0.1]}}, "alone_semantic_loss"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -39,13 +39,19 @@ __all__ = ["ModalityDiagnostics"]
 _ORDERS = ("auto", "interleaved", "rank")
 
 
-def _check_alone_probe(alone_probe: Any) -> dict[str, Union[float, tuple[float, float]]]:
-    """``{modality: accuracy}`` or ``{modality: (accuracy, standard error)}``, checked; numbers stay numbers."""
+def _check_alone_probe(alone_probe: Any, name: str = "alone_probe") -> dict[str, Union[float, tuple[float, float]]]:
+    """``{modality: value}`` or ``{modality: (value, standard error)}``, checked; numbers stay numbers. Values are
+    accuracies in [0, 1] for ``alone_probe``, non-negative losses for ``alone_semantic_loss``."""
+    loss = name == "alone_semantic_loss"
+
+    def valid(v: float) -> bool:
+        return math.isfinite(v) and v >= 0 and (loss or v <= 1)
+
     def entry(value: Any) -> Optional[Union[float, tuple[float, float]]]:
-        if is_number(value) and 0 <= value <= 1:
+        if is_number(value) and valid(value):
             return float(value)
         if (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
-                and all(is_number(v) for v in value) and 0 <= value[0] <= 1 and 0 <= value[1] < 1):
+                and all(is_number(v) for v in value) and valid(value[0]) and 0 <= value[1] < (math.inf if loss else 1)):
             return (float(value[0]), float(value[1]))
         return None
 
@@ -53,6 +59,9 @@ def _check_alone_probe(alone_probe: Any) -> dict[str, Union[float, tuple[float, 
         checked = {k: entry(v) for k, v in alone_probe.items()}
         if all(v is not None for v in checked.values()):
             return checked  # type: ignore[return-value]
+    if loss:
+        raise ValueError(f"alone_semantic_loss must map modality names to non-negative losses, or to [loss, standard "
+                         f"error] pairs (e.g. {{'audio': [1.21, 0.03]}}), got {alone_probe!r}.")
     raise ValueError(f"alone_probe must map modality names to accuracies in [0, 1], or to [accuracy, standard error] "
                      f"pairs (e.g. {{'audio': [0.62, 0.02]}}), got {alone_probe!r}.")
 
@@ -77,6 +86,10 @@ class ModalityDiagnostics(ModalityMonitor):
     * ``probe/<m>``: accuracy of a linear probe on ``m``'s frozen features (``probe_folds``-fold
       cross-validation on the validation samples); with ``alone_probe`` given, ``under_learned/<m>`` =
       alone − joint probe accuracy;
+    * ``semantic_loss/<m>``: that probe's out-of-fold cross-entropy, the **semantic loss by linear evaluation** of
+      the collapse paper's Fig. 4 (Chaudhuri et al., ICML 2025, §4.1; the estimator is ours, the paper gives none),
+      logged every diagnosed epoch so that its curve over epochs is the figure's; with ``alone_semantic_loss``
+      given, ``semantic_gap/<m>`` = joint − reference;
     * standard errors ``acc_fused_se``, ``acc_se/<m>``, ``acc_without_se/<m>``, ``drop_se/<m>``,
       ``contribution_se/<m>``, ``contribution_lead_se`` (bootstrap over samples, ``bootstrap`` replicates
       from a generator seeded by ``seed``), ``probe_se/<m>`` (binomial), ``under_learned_se/<m>``;
@@ -162,6 +175,10 @@ class ModalityDiagnostics(ModalityMonitor):
             above ``polysemantic_threshold``) and ``polysemantic/live``; printed under the verdict. Costs ``M``
             fusion passes per validation batch on diagnosed epochs; DDP equals one process.
         polysemantic_threshold: the score above which a neuron counts as cross-modal polysemantic.
+        alone_semantic_loss: the reference of ``semantic_gap/<m>`` and of the verdict's semantic-loss line: the
+            semantic loss of each modality's encoder trained with its own unimodal loss (the paper's "unimodal
+            baseline"; e.g. this callback's ``semantic_loss/<m>`` in such a run), a loss or ``[loss, standard
+            error]``. Drawn as a dotted line in the plot's semantic-loss panel.
     """
 
     diagnostics_prefix = "balance/diagnostics"
@@ -174,7 +191,8 @@ class ModalityDiagnostics(ModalityMonitor):
                  missing: bool = True, prefix: str = "balance/monitor",
                  robustness_rates: Optional[Sequence[float]] = None,
                  noise_rates: Optional[Sequence[float]] = None, polysemantic_layer: Optional[str] = None,
-                 polysemantic_threshold: float = 0.5) -> None:
+                 polysemantic_threshold: float = 0.5,
+                 alone_semantic_loss: Optional[dict[str, Union[float, tuple[float, float]]]] = None) -> None:
         super().__init__(missing=missing, prefix=prefix)
         for name, value in (("robustness_rates", robustness_rates), ("noise_rates", noise_rates)):
             if value is not None and (isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")):
@@ -218,6 +236,8 @@ class ModalityDiagnostics(ModalityMonitor):
             raise ValueError(f"sample_order must be one of {_ORDERS}, got {sample_order!r}.")
         if alone_probe is not None:
             alone_probe = _check_alone_probe(alone_probe)
+        if alone_semantic_loss is not None:
+            alone_semantic_loss = _check_alone_probe(alone_semantic_loss, "alone_semantic_loss")
         if plot:
             try:
                 import matplotlib  # noqa: F401
@@ -229,6 +249,7 @@ class ModalityDiagnostics(ModalityMonitor):
         self.vif = vif
         self.max_samples = max_samples
         self.alone_probe = alone_probe
+        self.alone_semantic_loss = alone_semantic_loss
         self.tolerance = float(tolerance)
         self.bootstrap = bootstrap
         self.seed = seed
@@ -263,8 +284,8 @@ class ModalityDiagnostics(ModalityMonitor):
                     f"ModalityDiagnostics(polysemantic_layer={self.polysemantic_layer!r}): {type(pl_module).__name__} has "
                     f"no such submodule{' (did you mean ' + ', '.join(map(repr, close)) + '?)' if close else ''}; give "
                     f"the attribute path of a layer inside the fusion, as in named_modules().") from None
-        if self.alone_probe is not None:
-            for m in self.alone_probe:
+        for reference in (self.alone_probe, self.alone_semantic_loss):
+            for m in reference or ():
                 pl_module.check_modality(m)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ when
@@ -504,6 +525,12 @@ class ModalityDiagnostics(ModalityMonitor):
                     values[f"under_learned/{m}"] = mean - values[f"probe/{m}"]
                     if f"probe_se/{m}" in values:
                         values[f"under_learned_se/{m}"] = math.sqrt(values[f"probe_se/{m}"] ** 2 + se**2)
+        for m, ref in (self.alone_semantic_loss or {}).items():
+            if math.isfinite(values.get(f"semantic_loss/{m}", math.nan)):
+                mean, se = _reference(ref)
+                values[f"semantic_gap/{m}"] = values[f"semantic_loss/{m}"] - mean
+                if math.isfinite(values.get(f"semantic_loss_se/{m}", math.nan)):
+                    values[f"semantic_gap_se/{m}"] = math.sqrt(values[f"semantic_loss_se/{m}"] ** 2 + se**2)
         p = self.diagnostics_prefix
         log_balance_metrics(pl_module, {f"{p}/{k}": torch.tensor(v) for k, v in values.items() if math.isfinite(v)},
                             on_step=False, on_epoch=True)
@@ -527,7 +554,8 @@ class ModalityDiagnostics(ModalityMonitor):
         where = f"epoch {label}" if isinstance(label, int) else str(label)
         head = (f"Modality diagnostics ({where}, {int(values['samples'])} samples, "
                 f"{values['seconds/total']:.2f} s)")
-        verdict = imbalance_verdict(values, modalities, self.alone_probe, self.tolerance)
+        verdict = imbalance_verdict(values, modalities, self.alone_probe, self.tolerance,
+                                    alone_semantic_loss=self.alone_semantic_loss)
         table = diagnostics_table(values, modalities, self.alone_probe)
         lines = [head, table, *("  " + line for line in verdict)]
         if self.robustness_rates:
@@ -584,7 +612,10 @@ class ModalityDiagnostics(ModalityMonitor):
 
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "diagnostics.png")
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+        semantic = self.probe and any(math.isfinite(row.get(f"semantic_loss/{m}", math.nan))
+                                      for row in self.diagnostics_history for m in names)
+        fig, axes = plt.subplots(1, 3 if semantic else 2, figsize=(16.5 if semantic else 11, 3.8))
+        left, right = axes[0], axes[1]
         epochs = [row["epoch"] for row in self.history]
         if epochs:
             left.plot(epochs, [row["val_acc_fused"] for row in self.history], color="k", label="fused")
@@ -603,7 +634,17 @@ class ModalityDiagnostics(ModalityMonitor):
         right.set(title="Shapley contribution to accuracy", xlabel="epoch")
         left.legend(fontsize=7, loc="center right")
         right.legend(fontsize=8)
-        for ax in (left, right):
+        if semantic:  # the collapse paper's Fig. 4: each encoder's semantic loss over epochs, against its reference
+            ax = axes[2]
+            for i, m in enumerate(names):
+                ax.plot(diag_epochs, [row.get(f"semantic_loss/{m}", math.nan) for row in self.diagnostics_history],
+                        "o-", color=f"C{i}", label=f"{m}, joint training")
+                if self.alone_semantic_loss and m in self.alone_semantic_loss:
+                    ax.axhline(_reference(self.alone_semantic_loss[m])[0], color=f"C{i}", ls=":", lw=1,
+                               label=f"{m}, with its own loss")
+            ax.set(title="semantic loss by linear evaluation (probe CE)", xlabel="epoch")
+            ax.legend(fontsize=8)
+        for ax in axes:
             ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(path, dpi=100)

@@ -16,6 +16,7 @@ from lightning_balance.functional.diagnostics import (
     bootstrap_means,
     collapse_diagnostics,
     cross_validated_probe_correct,
+    cross_validated_probe_outcomes,
     diagnostics_from_correctness,
     probe_standard_error,
     subset_correctness,
@@ -62,7 +63,12 @@ from lightning_balance.functional.pmr import (
     prototype_logits,
     update_prototypes,
 )
-from lightning_balance.functional.probe import fit_linear_probe, linear_probe_accuracy, linear_probe_correct
+from lightning_balance.functional.probe import (
+    fit_linear_probe,
+    linear_probe_accuracy,
+    linear_probe_correct,
+    linear_probe_outcomes,
+)
 from lightning_balance.functional.scores import present_sums, modality_scores, stack_modalities, true_class_probability
 
 __all__ = [
@@ -76,6 +82,7 @@ __all__ = [
     "contribution_summary",
     "cross_validated_probe_accuracy",
     "cross_validated_probe_correct",
+    "cross_validated_probe_outcomes",
     "diagnostics_from_correctness",
     "diagnostics_table",
     "effective_rank",
@@ -113,6 +120,7 @@ __all__ = [
     "linear_cka",
     "linear_probe_accuracy",
     "linear_probe_correct",
+    "linear_probe_outcomes",
     "masked_accuracy_value",
     "modality_scores",
     "numerical_rank",

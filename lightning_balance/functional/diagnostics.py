@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from lightning_balance.functional.agm import shapley_weights
-from lightning_balance.functional.probe import linear_probe_correct
+from lightning_balance.functional.probe import linear_probe_outcomes
 
 __all__ = ["effective_rank", "numerical_rank", "linear_cka", "variance_inflation", "shapley_contributions"]
 
@@ -227,12 +227,14 @@ def _group_ids(groups: Optional[Tensor], n: int, device: torch.device) -> tuple[
     return inverse, (int(inverse.max()) + 1 if n else 0)
 
 
-def cross_validated_probe_correct(features: Tensor, targets: Tensor, num_classes: int, folds: int = 2,
-                                  weight_decay: float = 1e-4, groups: Optional[Tensor] = None) -> Tensor:
-    """``(N,)`` bool, the out-of-fold outcome of a linear probe on frozen features: sample ``i`` is predicted
-    by the probe (:func:`~lightning_balance.functional.fit_linear_probe`) fitted on the other folds. Sample
-    group ``g`` (``groups``, e.g. the two views of one sample; default: each sample its own group, in order)
-    is in fold ``g mod folds``, so no group is on both sides. Deterministic (L-BFGS, no sampling)."""
+def cross_validated_probe_outcomes(features: Tensor, targets: Tensor, num_classes: int, folds: int = 2,
+                                   weight_decay: float = 1e-4, groups: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``(correct, loss)``, both ``(N,)``: the out-of-fold outcome of a linear probe on frozen features, and its
+    cross-entropy (float64; the semantic loss by linear evaluation,
+    :func:`~lightning_balance.functional.linear_probe_outcomes`): sample ``i`` is predicted by the probe
+    (:func:`~lightning_balance.functional.fit_linear_probe`) fitted on the other folds. Sample group ``g``
+    (``groups``, e.g. the two views of one sample; default: each sample its own group, in order) is in fold
+    ``g mod folds``, so no group is on both sides. Deterministic (L-BFGS, no sampling)."""
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise ValueError(f"folds must be an integer >= 2, got {folds!r}.")
     z = features.reshape(features.shape[0], -1)
@@ -243,11 +245,19 @@ def cross_validated_probe_correct(features: Tensor, targets: Tensor, num_classes
                          f"validate on more samples or lower probe_folds.")
     fold = ids % folds
     correct = torch.zeros(n, dtype=torch.bool, device=z.device)
+    loss = torch.zeros(n, dtype=torch.float64, device=z.device)
     for f in range(folds):
         train, test = fold != f, fold == f
-        correct[test] = linear_probe_correct(z[train], targets[train], z[test], targets[test], num_classes,
-                                             weight_decay).to(z.device)
-    return correct
+        hit, nll = linear_probe_outcomes(z[train], targets[train], z[test], targets[test], num_classes, weight_decay)
+        correct[test], loss[test] = hit.to(z.device), nll.to(z.device)
+    return correct, loss
+
+
+def cross_validated_probe_correct(features: Tensor, targets: Tensor, num_classes: int, folds: int = 2,
+                                  weight_decay: float = 1e-4, groups: Optional[Tensor] = None) -> Tensor:
+    """``(N,)`` bool, the out-of-fold outcome of a linear probe on frozen features (the first half of
+    :func:`cross_validated_probe_outcomes`)."""
+    return cross_validated_probe_outcomes(features, targets, num_classes, folds, weight_decay, groups)[0]
 
 
 def cross_validated_probe_accuracy(features: Tensor, targets: Tensor, num_classes: int, folds: int = 2,
@@ -436,14 +446,22 @@ def diagnostics_from_correctness(
             outcome = None
             if enough and finite[m]:
                 outcome = _run(errors, f"the linear probe of {m!r}",
-                               lambda: cross_validated_probe_correct(flat[m], targets, num_classes, probe_folds,
-                                                                     groups=group_ids), None)
+                               lambda: cross_validated_probe_outcomes(flat[m], targets, num_classes, probe_folds,
+                                                                      groups=group_ids), None)
             if outcome is None:
                 out[f"probe/{m}"] = out[f"probe_se/{m}"] = math.nan
+                out[f"semantic_loss/{m}"] = out[f"semantic_loss_se/{m}"] = math.nan
                 continue
-            p = float(outcome.double().mean())
+            hit, nll = outcome
+            p = float(hit.double().mean())
             out[f"probe/{m}"] = p
             out[f"probe_se/{m}"] = probe_standard_error(p, k)
+            # the collapse paper's semantic loss by linear evaluation (Fig. 4): the probe's out-of-fold cross-entropy;
+            # its SE from the per-group means (the views of one sample are not independent)
+            per_group = torch.zeros(k, dtype=torch.float64, device=nll.device).index_add_(
+                0, group_ids.to(nll.device), nll) / torch.bincount(group_ids.to(nll.device), minlength=k).double()
+            out[f"semantic_loss/{m}"] = float(nll.mean())
+            out[f"semantic_loss_se/{m}"] = float(per_group.std() / math.sqrt(k)) if k > 1 else math.nan
         out["seconds/probe"] = time.perf_counter() - clock
     return out
 
@@ -536,7 +554,7 @@ def _reference(value: Reference) -> tuple[float, float]:
 
 def imbalance_verdict(values: Mapping[str, float], modalities: Sequence[str],
                       alone_probe: Optional[Mapping[str, Reference]] = None, tolerance: float = 0.02,
-                      z: float = Z95) -> list[str]:
+                      z: float = Z95, alone_semantic_loss: Optional[Mapping[str, Reference]] = None) -> list[str]:
     r"""A short verdict a person can act on, from :func:`collapse_diagnostics` values, that reports a finding
     only when it is clearly larger than the noise of the samples it was measured on.
 
@@ -558,6 +576,10 @@ def imbalance_verdict(values: Mapping[str, float], modalities: Sequence[str],
       taken as exact and only the joint probe's noise counts). Under-learned when ``I(gap)`` excludes 0 **and**
       ``gap > tolerance`` (clearly below, by more than a negligible amount); learned as well as alone when the
       upper end of ``I(gap)`` is ``≤ tolerance``; otherwise no clear gap.
+    * **semantic loss** (the collapse paper's Fig. 4): the probe line also gives ``semantic_loss/<m>``, the probe's
+      out-of-fold cross-entropy, and, for each modality in ``alone_semantic_loss`` (a loss, or ``(loss, SE)``: the
+      same encoder trained with its own unimodal loss), the excess ``joint − alone`` with its interval; "higher
+      than alone" only when that interval is above 0.
     """
     names = list(modalities)
     phi = {m: values[f"contribution/{m}"] for m in names}
@@ -629,6 +651,18 @@ def imbalance_verdict(values: Mapping[str, float], modalities: Sequence[str],
                          f"trained alone -> {state}.")
         else:
             lines.append(f"{m} encoder: linear probe {pm(probe, probe_se)} (no trained-alone reference given).")
+        loss = values.get(f"semantic_loss/{m}")
+        if loss is not None and math.isfinite(loss):
+            loss_se = se(f"semantic_loss_se/{m}")
+            text = f"{m} encoder: semantic loss by linear evaluation (the probe's cross-entropy) {pm(loss, loss_se)}"
+            if alone_semantic_loss and m in alone_semantic_loss:
+                ref, ref_se = _reference(alone_semantic_loss[m])
+                excess, excess_se = loss - ref, math.sqrt(loss_se**2 + ref_se**2)
+                state = ("higher than alone: the fusion's gradient leaves it less decodable"
+                         if excess - z * excess_se > 0 else
+                         "not above alone" if excess + z * excess_se <= 0 else "no clear difference")
+                text += f" vs {pm(ref, ref_se)} with its own loss ({pm(excess, excess_se)}: {state})"
+            lines.append(text + ".")
     if missing_se:
         lines.append("(Some standard errors are missing from these values, e.g. "
                      f"{missing_se[0]!r}: those gaps are compared with the tolerance only, not with their noise.)")

@@ -67,11 +67,13 @@ def crd_nce_loss(probs: Tensor, num_samples: int, eps: float = CRD_EPS) -> Tenso
 @torch.no_grad()
 def crd_memory_update(memory: Tensor, index: Tensor, embeddings: Tensor, momentum: float) -> None:
     """In place: ``memory[index] = normalise(m · memory[index] + (1 − m) · embeddings)``. An index that appears more
-    than once (DDP's padding repeats samples) takes its last row, deterministically on every device."""
+    than once (DDP's padding repeats samples) takes its last row, deterministically on every device. A row whose
+    embedding is not finite (an fp16 forward that overflowed) leaves its memory row as it was."""
     positions = torch.arange(index.shape[0], device=index.device)
+    finite = torch.isfinite(embeddings.detach()).all(1)
     last = torch.full((memory.shape[0],), -1, dtype=torch.long, device=index.device)
-    last.scatter_reduce_(0, index, positions, reduce="amax")
-    keep = last[index] == positions  # the last occurrence of each index
+    last.scatter_reduce_(0, index, torch.where(finite, positions, -1), reduce="amax")
+    keep = finite & (last[index] == positions)  # the last finite occurrence of each index
     index, embeddings = index[keep], embeddings.detach()[keep]
     rows = memory[index] * momentum + embeddings.to(memory.dtype) * (1 - momentum)
     memory.index_copy_(0, index, F.normalize(rows, dim=1))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["fit_linear_probe", "linear_probe_accuracy", "linear_probe_correct"]
+__all__ = ["fit_linear_probe", "linear_probe_accuracy", "linear_probe_correct", "linear_probe_outcomes"]
 
 
 def fit_linear_probe(
@@ -68,9 +68,26 @@ def linear_probe_correct(
 ) -> Tensor:
     """``(N_test,)`` bool: whether a linear probe fitted on ``train`` (frozen features) classifies each test
     sample correctly (the per-sample outcomes an uncertainty of the probe's accuracy is computed from)."""
+    return linear_probe_outcomes(train_features, train_targets, test_features, test_targets, num_classes,
+                                 weight_decay)[0]
+
+
+def linear_probe_outcomes(
+    train_features: Tensor,
+    train_targets: Tensor,
+    test_features: Tensor,
+    test_targets: Tensor,
+    num_classes: int,
+    weight_decay: float = 1e-4,
+) -> tuple[Tensor, Tensor]:
+    r"""``(correct, loss)``, both ``(N_test,)``: whether the linear probe fitted on ``train`` classifies each test
+    sample correctly, and its cross-entropy :math:`-\log p(y_i \mid z_i)` (float64), the **semantic loss by linear
+    evaluation** of the collapse paper's Fig. 4 (Chaudhuri et al., ICML 2025, §4.1: "its semantic loss ...
+    computed via linear evaluation on its representation"; the paper gives no estimator: this one is ours)."""
     weight, bias, mean, std = fit_linear_probe(train_features, train_targets, num_classes, weight_decay)
     logits = ((test_features.detach().double() - mean) / std) @ weight.T + bias
-    return logits.argmax(-1) == test_targets
+    targets = test_targets.to(logits.device)
+    return logits.argmax(-1) == targets, F.cross_entropy(logits, targets, reduction="none")
 
 
 def linear_probe_accuracy(

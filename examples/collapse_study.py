@@ -1,0 +1,300 @@
+"""The collapse paper's claims on our data (Chaudhuri et al., ICML 2025): baseline, cross-modal distillation (CRD and
+in-batch InfoNCE), EBR and EBR with test-time substitution, over seeds, with the parameters chosen on validation.
+
+Three stages:
+
+``--stage calibrate`` finds a synthetic setting in which the weak modality is truly **under-learned** by joint
+training (the paper's premise; the ``dominant`` preset's weak modality is not: its joint probe equals its alone
+probe). For a grid of generator settings, per seed: each modality trained alone and the joint baseline; the weak
+encoder's linear probe (fitted on train, scored on test) alone and after joint training, the fused and each-alone
+accuracies. Writes ``calibrate_underlearned.{json,md}``; the chosen row is the preset ``underlearned``.
+
+``--stage select`` chooses the KD weight (CRD and in-batch) and EBR's adversarial weight lambda on **validation**
+accuracy (mean over the seeds); writes ``select_collapse.json``. ``--stage run`` reads it.
+
+``--stage run`` per dataset and seed: each modality alone (the weak one, its probe and rank are the references),
+the joint baseline, ``kd_crd``, ``kd_infonce`` and ``ebr``, each restored to its best-validation epoch, scored on
+test: fused accuracy, the weak encoder's probe against the same encoder trained alone, the effective rank of the
+fused representation (the fusion's input), the cross-modal polysemanticity of the head's neurons (ours:
+:func:`lightning_balance.functional.fusion_polysemanticity`), and the area under the missing-rate curve (each
+modality and all of them absent independently at test-time rates 0 to 0.5, zero fill; for ``ebr`` also the
+paper's substitution, ``ebr + substitution``, its order fitted on validation). Writes ``collapse_<dataset>.{json,md}``.
+
+    python examples/collapse_study.py --stage calibrate --seeds 0 1 --out docs/results
+    python examples/collapse_study.py --stage select --seeds 0 1 2 --out docs/results
+    python examples/collapse_study.py --stage run --seeds 0 1 2 3 4 --out docs/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402
+    AVDigitsNet,
+    UnimodalNet,
+    collapse_terms,
+    evaluate_unimodal,
+    fit,
+    make_data,
+    mean_std,
+)
+
+from lightning_balance.data import SyntheticCollapseDataModule  # noqa: E402
+from lightning_balance.functional import (  # noqa: E402
+    curve_area,
+    effective_rank,
+    fusion_polysemanticity,
+    linear_probe_accuracy,
+    sweep_presence,
+)
+
+RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+DATASETS = ("av_digits", "underlearned")
+METHODS = ("baseline", "kd_crd", "kd_infonce", "ebr")
+# the selection grids: the KD weight (official CRD -b 0.8) and EBR's lambda (the third-party sweep's range 1e-3..1,
+# default 0.01)
+GRIDS = {"kd_crd": ("weight", [0.2, 0.8, 2.0]), "kd_infonce": ("weight", [0.2, 0.8, 2.0]),
+         "ebr": ("adversarial_weight", [0.001, 0.01, 0.1, 1.0])}
+# the calibration grid: the snr of m0 (strong) and of m1 (weak), and m1's pure-noise dimensions (a random encoder
+# passes them on to the probe; a trained one learns to suppress them: with few of them even an untrained encoder
+# reads well, and under-learning cannot show in a probe); both see every class
+CALIBRATION = [{"snr": [s0, s1], "classes_seen": [10, 10], "noise_dims": [16, n1]}
+               for s0, s1, n1 in itertools.product([3.0, 4.0], [1.5, 2.0, 2.5], [16, 240])]
+
+
+# ---------------------------------------------------------------------------------------------------- calibrate
+def calibrate(seeds: list[int], epochs: int, root: str, progress: bool) -> dict:
+    rows = []
+    for i, setting in enumerate(CALIBRATION):
+        per_seed = []
+        for seed in seeds:
+            data = SyntheticCollapseDataModule(num_samples=3000, seed=seed, **setting)
+            data.setup()
+            dims = dict(data.feature_dims)
+            out = {}
+            for m, d in dims.items():
+                pl.seed_everything(seed, verbose=False)
+                model, _ = fit(UnimodalNet(m, d, num_classes=data.num_classes), data, [], epochs, f"{root}/c{i}{m}", progress)
+                r = evaluate_unimodal(model, data)
+                out[f"alone_acc_{m}"], out[f"alone_probe_{m}"] = r["acc"], r[f"probe_{m}"]
+            pl.seed_everything(seed, verbose=False)
+            joint, _ = fit(AVDigitsNet(input_dims=dims, num_classes=data.num_classes), data, [], epochs,
+                           f"{root}/c{i}joint", progress)
+            out.update(_scores(joint, data, "m1"))
+            per_seed.append(out)
+        rows.append({"setting": setting, "seeds": per_seed})
+        gap = statistics.mean(s["alone_probe_m1"] - s["probe_weak"] for s in per_seed)
+        print(f"calibration {i + 1}/{len(CALIBRATION)} {setting}: m1 under-learned by {gap:+.3f}", flush=True)
+    return {"rows": rows}
+
+
+def calibration_table(saved: dict) -> str:
+    lines = ["| snr (m0, m1) | noise dims of m1 | m0 alone | m1 alone | fused | m1 probe alone | m1 probe joint | "
+             "under-learned (alone − joint) |", "|---|---|---|---|---|---|---|---|"]
+    for row in saved["rows"]:
+        s, seeds = row["setting"], row["seeds"]
+
+        def col(key: str) -> str:
+            return mean_std([x[key] for x in seeds])
+        gap = mean_std([x["alone_probe_m1"] - x["probe_weak"] for x in seeds])
+        lines.append(f"| {s['snr'][0]:g}, {s['snr'][1]:g} | {s['noise_dims'][1]} | {col('alone_acc_m0')} | "
+                     f"{col('alone_acc_m1')} | {col('acc')} | {col('alone_probe_m1')} | {col('probe_weak')} | {gap} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+@torch.no_grad()
+def _scores(model: AVDigitsNet, data, weak: str, substitution: bool = False) -> dict[str, float]:
+    """Test metrics of a joint model: fused accuracy, the weak encoder's probe, the fused effective rank, the head's
+    polysemanticity and the missing-rate curves (through ``fusion_inputs``, so EBR substitutes when its order is
+    fitted and ``substitution``)."""
+    model.eval()
+    test, train = data.splits["test"], data.splits["train"]
+    names, y, c = list(model.modalities), test["target"], data.num_classes
+    encoded = model.features(test)
+    feats, _ = model.fusion_inputs(encoded)
+    out = {"acc": float((model.fuse_features(feats).argmax(-1) == y).float().mean())}
+    out["probe_weak"] = linear_probe_accuracy(model.features(train)[weak], train["target"], encoded[weak], y, c)
+    out["erank"] = effective_rank(torch.cat([feats[m] for m in names], 1))
+    out["polysemantic"] = float(fusion_polysemanticity(model, feats, model.head)["mean"])
+    positions = torch.arange(len(y))
+    for which in (*names, "all"):
+        curve = []
+        for rate in RATES:
+            mask = sweep_presence(positions, names, rate, which)
+            if substitution:
+                sub, sub_mask = model.fusion_inputs(encoded, present=mask)  # EBR's substitution marks them present
+                logits = model.fuse_subset(sub, names, present=sub_mask)
+            else:
+                logits = model.fuse_subset(feats, names, present=mask)
+            curve.append(float((logits.argmax(-1) == y).float().mean()))
+        out[f"auc_missing/{which}"] = curve_area(RATES, curve)
+        out.update({f"missing/{which}/{r:g}": a for r, a in zip(RATES, curve)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- select, run
+def references(dataset: str, seed: int, epochs: int, root: str, progress: bool):
+    """The data, each modality trained alone (its test scores), and the modalities weakest first by validation."""
+    data = make_data(dataset, seed)
+    alone, val = {}, {}
+    for m, d in data.feature_dims.items():
+        pl.seed_everything(seed, verbose=False)
+        alone[m], val[m] = fit(UnimodalNet(m, d, num_classes=data.num_classes), data, [], epochs, f"{root}/{m}", progress)
+    return data, alone, sorted(val, key=val.get)
+
+
+def train(method: str, data, weakest_first: list[str], seed: int, epochs: int, root: str, progress: bool,
+          value: float | None = None):
+    """The joint model of ``method`` (``value``: its searched parameter), restored to its best-validation epoch."""
+    kwargs = {GRIDS[method][0]: value} if value is not None else {}
+    pl.seed_everything(seed, verbose=False)
+    terms = collapse_terms(method, data, weakest_first, **kwargs)
+    model = AVDigitsNet(input_dims=dict(data.feature_dims), num_classes=data.num_classes, loss_terms=terms or None)
+    return fit(model, data, [], epochs, f"{root}/{method}_{value}", progress)
+
+
+def select(datasets: list[str], seeds: list[int], epochs: int, root: str, progress: bool) -> dict:
+    out: dict = {}
+    for dataset in datasets:
+        out[dataset] = {method: {f"{v:g}": [] for v in grid} for method, (_, grid) in GRIDS.items()}
+        out[dataset]["baseline"] = {"-": []}
+        for seed in seeds:
+            data, _, weakest_first = references(dataset, seed, epochs, root, progress)
+            out[dataset]["baseline"]["-"].append(train("baseline", data, weakest_first, seed, epochs, root, progress)[1])
+            for method, (_, grid) in GRIDS.items():
+                for v in grid:
+                    _, best = train(method, data, weakest_first, seed, epochs, root, progress, v)
+                    out[dataset][method][f"{v:g}"].append(best)
+                    print(f"select {dataset} seed {seed} {method} {v:g}: val {best:.4f}", flush=True)
+        out[dataset]["chosen"] = {method: float(max(values, key=lambda k: statistics.mean(values[k])))
+                                  for method, values in out[dataset].items() if method in GRIDS}
+    return out
+
+
+def run(dataset: str, seed: int, chosen: dict[str, float], epochs: int, root: str, progress: bool) -> dict:
+    data, alone, weakest_first = references(dataset, seed, epochs, root, progress)
+    weak = weakest_first[0]
+    test, train_split = data.splits["test"], data.splits["train"]
+    with torch.no_grad():
+        z_alone = alone[weak].encoder(test[weak])
+        probe_alone = linear_probe_accuracy(alone[weak].encoder(train_split[weak]), train_split["target"], z_alone,
+                                            test["target"], data.num_classes)
+    out: dict = {"weak": weak, "alone": {"probe_weak": probe_alone, "erank_weak": effective_rank(z_alone),
+                                         **{f"acc_{m}": evaluate_unimodal(a, data)["acc"] for m, a in alone.items()}},
+                 "methods": {}}
+    for method in METHODS:
+        start = time.perf_counter()
+        model, best = train(method, data, weakest_first, seed, epochs, root, progress, chosen.get(method))
+        seconds = time.perf_counter() - start
+        out["methods"][method] = {**_scores(model, data, weak), "val_acc": best, "fit_s": seconds}
+        if method == "ebr":
+            term = model.balance_losses.terms[0] if hasattr(model.balance_losses, "terms") else model.balance_losses[0]
+            term.fit_substitution(model, data.val_dataloader())
+            term.substitute = True
+            out["methods"]["ebr + substitution"] = {**_scores(model, data, weak, substitution=True), "val_acc": best,
+                                                    "order": term.order.tolist()}
+    return out
+
+
+COLUMNS = [("acc", "fused acc"), ("probe_weak", "weak probe"), ("probe_gap", "weak probe − alone"),
+           ("erank", "fused erank"), ("polysemantic", "polysemanticity"), ("auc_missing/weak", "area, weak missing"),
+           ("auc_missing/strong", "area, strong missing"), ("auc_missing/all", "area, all missing")]
+
+
+def run_table(saved: dict) -> str:
+    seeds = saved["seeds"]
+    lines = ["| model | " + " | ".join(label for _, label in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    alone = [seeds[s]["alone"] for s in seeds]
+    lines.append(f"| weak modality alone | {mean_std([a['acc_' + seeds[s]['weak']] for s, a in zip(seeds, alone)])} | "
+                 f"{mean_std([a['probe_weak'] for a in alone])} | 0 | {mean_std([a['erank_weak'] for a in alone])} | – | – | – | – |")
+    for method in (*METHODS, "ebr + substitution"):
+        cells = []
+        for key, _ in COLUMNS:
+            values = []
+            for s in seeds:
+                row, weak = seeds[s]["methods"][method], seeds[s]["weak"]
+                strong = next(m for m in saved["modalities"] if m != weak)
+                if key == "probe_gap":
+                    values.append(row["probe_weak"] - seeds[s]["alone"]["probe_weak"])
+                else:
+                    values.append(row[key.replace("/weak", f"/{weak}").replace("/strong", f"/{strong}")])
+            cells.append(mean_std(values))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", required=True, choices=["calibrate", "select", "run"])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=["av_digits", "synthetic", "underlearned"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--selection", default=None, help="select_collapse.json of --stage select (default: in --out)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    os.makedirs(args.out, exist_ok=True)
+    command = "python examples/collapse_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    root = tempfile.mkdtemp(prefix="collapse_")
+    progress = not args.no_progress
+    start = time.perf_counter()
+    if args.stage == "calibrate":
+        saved = {"command": command, "epochs": args.epochs, "seeds": args.seeds,
+                 **calibrate(args.seeds, args.epochs, root, progress)}
+        saved["seconds"] = time.perf_counter() - start
+        text = calibration_table(saved)
+        with open(os.path.join(args.out, "calibrate_underlearned.json"), "w") as f:
+            json.dump(saved, f, indent=1)
+        with open(os.path.join(args.out, "calibrate_underlearned.md"), "w") as f:
+            f.write(f"`{command}` ({saved['seconds']:.0f} s; test split, mean ± std over seeds {args.seeds})\n\n{text}\n")
+        print(text)
+        return saved
+    if args.stage == "select":
+        saved = {"command": command, "epochs": args.epochs, "seeds": args.seeds, "grids": GRIDS,
+                 **select(args.datasets, args.seeds, args.epochs, root, progress)}
+        saved["seconds"] = time.perf_counter() - start
+        with open(os.path.join(args.out, "select_collapse.json"), "w") as f:
+            json.dump(saved, f, indent=1)
+        for dataset in args.datasets:
+            print(dataset, "chosen on validation:", saved[dataset]["chosen"])
+        return saved
+    with open(args.selection or os.path.join(args.out, "select_collapse.json")) as f:
+        selection = json.load(f)
+    everything = {}
+    for dataset in args.datasets:
+        chosen = selection[dataset]["chosen"]
+        saved = {"command": command, "dataset": dataset, "epochs": args.epochs, "chosen": chosen, "rates": RATES,
+                 "modalities": list(make_data(dataset, 0).modalities), "seeds": {}}
+        for seed in args.seeds:
+            saved["seeds"][str(seed)] = run(dataset, seed, chosen, args.epochs, root, progress)
+            print(f"{dataset} seed {seed}: " + ", ".join(f"{m} {r['acc']:.3f}" for m, r in
+                                                         saved["seeds"][str(seed)]["methods"].items()), flush=True)
+        saved["seconds"] = time.perf_counter() - start
+        text = run_table(saved)
+        stem = os.path.join(args.out, f"collapse_{dataset}")
+        with open(stem + ".json", "w") as f:
+            json.dump(saved, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(f"`{command}` ({saved['seconds']:.0f} s). Test split, mean ± std over seeds {args.seeds}; each model "
+                    f"at its best-validation epoch; parameters chosen on validation: {chosen}.\n\n{text}\n")
+        print(text)
+        everything[dataset] = saved
+    return everything
+
+
+if __name__ == "__main__":
+    main()
