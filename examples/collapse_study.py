@@ -10,7 +10,7 @@ encoder's linear probe (fitted on train, scored on test) alone and after joint t
 accuracies. Writes ``calibrate_underlearned.{json,md}``; the chosen row is the preset ``underlearned``.
 
 ``--stage select`` chooses the KD weight (CRD and in-batch) and EBR's adversarial weight lambda on **validation**
-accuracy (mean over the seeds); writes ``select_collapse.json``. ``--stage run`` reads it.
+accuracy (mean over the seeds); writes ``select_collapse_<dataset>.json``. ``--stage run`` reads it.
 
 ``--stage run`` per dataset and seed: each modality alone (the weak one, its probe and rank are the references),
 the joint baseline, ``kd_crd``, ``kd_infonce`` and ``ebr``, each restored to its best-validation epoch, scored on
@@ -23,6 +23,11 @@ paper's substitution, ``ebr + substitution``, its order fitted on validation). W
     python examples/collapse_study.py --stage calibrate --seeds 0 1 --out docs/results
     python examples/collapse_study.py --stage select --seeds 0 1 2 --out docs/results
     python examples/collapse_study.py --stage run --seeds 0 1 2 3 4 --out docs/results
+    python examples/collapse_study.py --stage semantic --seeds 0 1 2 --out docs/results
+
+``--stage semantic`` is the paper's Fig. 4: the weak encoder's semantic loss by linear evaluation over epochs under
+joint training, against the same model with the weak modality's own loss added, and with KD and EBR; writes
+``semantic_loss.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -201,12 +206,91 @@ def run(dataset: str, seed: int, chosen: dict[str, float], epochs: int, root: st
         seconds = time.perf_counter() - start
         out["methods"][method] = {**_scores(model, data, weak), "val_acc": best, "fit_s": seconds}
         if method == "ebr":
-            term = model.balance_losses.terms[0] if hasattr(model.balance_losses, "terms") else model.balance_losses[0]
+            term = model.balance_losses["ebr"]
             term.fit_substitution(model, data.val_dataloader())
             term.substitute = True
             out["methods"]["ebr + substitution"] = {**_scores(model, data, weak, substitution=True), "val_acc": best,
                                                     "order": term.order.tolist()}
     return out
+
+
+SEMANTIC_RUNS = ("unimodal baseline", "baseline", "kd_infonce", "ebr")
+
+
+def semantic(dataset: str, seed: int, chosen: dict[str, float], epochs: int, every: int, root: str,
+             progress: bool) -> dict:
+    """The collapse paper's Fig. 4 (and the loss dynamics of its Fig. 6): the weak encoder's semantic loss by
+    linear evaluation (``ModalityDiagnostics``' ``semantic_loss/<weak>``, a 2-fold probe on validation) every
+    ``every`` epochs, for the joint baseline ("multimodal prefix"), the same model with the weak modality's own
+    unimodal loss added ("unimodal baseline": weight 1 on its split-head logits), KD and EBR. The baseline's
+    diagnosis takes the unimodal baseline's last value as ``alone_semantic_loss``: its verdict is kept."""
+    from lightning_balance import ModalityDiagnostics
+
+    data, _, weakest_first = references(dataset, seed, epochs, root, progress)
+    weak = weakest_first[0]
+    out: dict = {"weak": weak, "curves": {}}
+    reference = None
+    for run_name in SEMANTIC_RUNS:
+        method = "baseline" if run_name == "unimodal baseline" else run_name
+        pl.seed_everything(seed, verbose=False)
+        value = chosen.get(method)
+        terms = collapse_terms(method, data, weakest_first, **({GRIDS[method][0]: value} if value is not None else {}))
+        model = AVDigitsNet(input_dims=dict(data.feature_dims), num_classes=data.num_classes, loss_terms=terms or None,
+                            unimodal_losses=run_name == "unimodal baseline")
+        if run_name == "unimodal baseline":
+            model.loss_weights = {"fused": 1.0, **{m: float(m == weak) for m in data.feature_dims}}
+        diag = ModalityDiagnostics(every_n_epochs=every, vif=False, bootstrap=0, verbose=False, plot=False,
+                                   alone_semantic_loss=reference if run_name == "baseline" else None)
+        fit(model, data, [diag], epochs, f"{root}/semantic_{run_name}", progress)
+        out["curves"][run_name] = [(row["epoch"], row[f"semantic_loss/{weak}"], row[f"probe/{weak}"])
+                                   for row in diag.diagnostics_history]
+        if run_name == "unimodal baseline":
+            last = diag.diagnostics_history[-1]
+            reference = {weak: (last[f"semantic_loss/{weak}"], last[f"semantic_loss_se/{weak}"])}
+        if run_name == "baseline":
+            out["verdict"] = diag.reports[-1][1]
+    return out
+
+
+def plot_semantic(saved: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(saved["datasets"])
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.8), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        seeds = saved["datasets"][dataset]
+        for i, run_name in enumerate(SEMANTIC_RUNS):
+            curves = [seeds[s]["curves"][run_name] for s in seeds]
+            epochs = [e for e, _, _ in curves[0]]
+            values = [[c[j][1] for c in curves] for j in range(len(epochs))]
+            mean = [statistics.mean(v) for v in values]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            ax.plot(epochs, mean, "o-", ms=3, color=f"C{i}", label=run_name)
+            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=f"C{i}", alpha=0.15)
+        weak = next(iter(seeds.values()))["weak"]
+        ax.set(title=f"{dataset}: semantic loss of the weak encoder ({weak})", xlabel="epoch",
+               ylabel="linear-evaluation cross-entropy (validation)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def semantic_table(saved: dict) -> str:
+    lines = ["| data | run | weak encoder's semantic loss, first diagnosis | last | min | probe, last |",
+             "|---|---|---|---|---|---|"]
+    for dataset, seeds in saved["datasets"].items():
+        for run_name in SEMANTIC_RUNS:
+            curves = [seeds[s]["curves"][run_name] for s in seeds]
+            lines.append(f"| {dataset} | {run_name} | {mean_std([c[0][1] for c in curves])} | "
+                         f"{mean_std([c[-1][1] for c in curves])} | {mean_std([min(x[1] for x in c) for c in curves])} | "
+                         f"{mean_std([c[-1][2] for c in curves])} |")
+    return "\n".join(lines)
 
 
 COLUMNS = [("acc", "fused acc"), ("probe_weak", "weak probe"), ("probe_gap", "weak probe − alone"),
@@ -238,12 +322,14 @@ def run_table(saved: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", required=True, choices=["calibrate", "select", "run"])
+    parser.add_argument("--stage", required=True, choices=["calibrate", "select", "run", "semantic"])
+    parser.add_argument("--every", type=int, default=2, help="--stage semantic: diagnose every this many epochs")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=["av_digits", "synthetic", "underlearned"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", default="results")
-    parser.add_argument("--selection", default=None, help="select_collapse.json of --stage select (default: in --out)")
+    parser.add_argument("--selection", default=None,
+                        help="folder of the select_collapse_<dataset>.json files of --stage select (default: --out)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -264,16 +350,39 @@ def main(argv: list[str] | None = None) -> dict:
         print(text)
         return saved
     if args.stage == "select":
-        saved = {"command": command, "epochs": args.epochs, "seeds": args.seeds, "grids": GRIDS,
-                 **select(args.datasets, args.seeds, args.epochs, root, progress)}
-        saved["seconds"] = time.perf_counter() - start
-        with open(os.path.join(args.out, "select_collapse.json"), "w") as f:
-            json.dump(saved, f, indent=1)
-        for dataset in args.datasets:
-            print(dataset, "chosen on validation:", saved[dataset]["chosen"])
+        saved = {}
+        for dataset in args.datasets:  # one file per dataset: the datasets can be selected in parallel processes
+            one = {"command": command, "epochs": args.epochs, "seeds": args.seeds, "grids": GRIDS,
+                   **select([dataset], args.seeds, args.epochs, root, progress)}
+            one["seconds"] = time.perf_counter() - start
+            with open(os.path.join(args.out, f"select_collapse_{dataset}.json"), "w") as f:
+                json.dump(one, f, indent=1)
+            print(dataset, "chosen on validation:", one[dataset]["chosen"])
+            saved[dataset] = one[dataset]
         return saved
-    with open(args.selection or os.path.join(args.out, "select_collapse.json")) as f:
-        selection = json.load(f)
+    selection = {}
+    for dataset in args.datasets:
+        with open(os.path.join(args.selection or args.out, f"select_collapse_{dataset}.json")) as f:
+            selection[dataset] = json.load(f)[dataset]
+    if args.stage == "semantic":
+        saved = {"command": command, "epochs": args.epochs, "seeds": args.seeds, "datasets": {}}
+        for dataset in args.datasets:
+            saved["datasets"][dataset] = {str(seed): semantic(dataset, seed, selection[dataset]["chosen"], args.epochs,
+                                                              args.every, root, progress) for seed in args.seeds}
+        saved["seconds"] = time.perf_counter() - start
+        stem = os.path.join(args.out, "semantic_loss")
+        with open(stem + ".json", "w") as f:
+            json.dump(saved, f, indent=1)
+        text = semantic_table(saved)
+        with open(stem + ".md", "w") as f:
+            f.write(f"`{command}` ({saved['seconds']:.0f} s). Validation split, 2-fold probe; mean ± std over seeds "
+                    f"{args.seeds}.\n\n{text}\n")
+        print(text)
+        try:
+            plot_semantic(saved, stem + ".png")
+        except ImportError:
+            print("matplotlib is not installed: no PNG", file=sys.stderr)
+        return saved
     everything = {}
     for dataset in args.datasets:
         chosen = selection[dataset]["chosen"]

@@ -10,7 +10,8 @@ the test split; its effective rank (Roy & Vetterli) and numerical rank are repor
 modality's encoder trained alone as the "unimodal baseline". The weak modality is the one weaker alone on
 validation.
 
-    python examples/rank_vs_beta.py --methods baseline kd_infonce ebr --betas 0 0.5 1 2 4 --seeds 0 1 2 --out docs/results
+    python examples/rank_vs_beta.py --methods baseline kd_infonce ebr --betas 0 0.5 1 2 4 --seeds 0 1 2 \
+        --selection docs/results/select_collapse_av_digits.json --out docs/results
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 
@@ -52,8 +54,15 @@ def fused_ranks(model: AVDigitsNet, data) -> dict[str, float]:
     return {"erank": effective_rank(z), "nrank": float(numerical_rank(z)), "acc": acc}
 
 
+def _chosen(method: str, chosen: dict[str, float] | None) -> dict:
+    """The term's selected parameter (``examples/collapse_study.py --stage select``), if any."""
+    if not chosen or method not in chosen:
+        return {}
+    return {"adversarial_weight" if method == "ebr" else "weight": chosen[method]}
+
+
 def run(dataset: str, seed: int, methods: list[str], betas: list[float], epochs: int, root: str,
-        progress: bool) -> dict:
+        progress: bool, chosen: dict[str, float] | None = None) -> dict:
     data = make_data(dataset, seed)
     dims = dict(data.feature_dims)
     alone, val = {}, {}
@@ -70,7 +79,8 @@ def run(dataset: str, seed: int, methods: list[str], betas: list[float], epochs:
         for beta in betas:
             pl.seed_everything(seed, verbose=False)
             model = AVDigitsNet(input_dims=dims, num_classes=data.num_classes, unimodal_losses=True,
-                                loss_terms=collapse_terms(method, data, weakest_first) or None)
+                                loss_terms=collapse_terms(method, data, weakest_first, **_chosen(method, chosen))
+                                or None)
             model.loss_weights = {"fused": 1.0, **{m: (float(beta) if m == weak else 0.0) for m in dims}}
             model, _ = fit(model, data, [], epochs, f"{root}/{method}_{beta:g}", progress)
             out["runs"][f"{method}/{beta:g}"] = fused_ranks(model, data)
@@ -86,12 +96,17 @@ def plot(saved: dict, path: str) -> None:
     betas, methods = saved["betas"], saved["methods"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, method in enumerate(methods):
-        means = [statistics.mean(r["runs"][f"{method}/{b:g}"]["erank"] for r in saved["seeds"].values()) for b in betas]
+        values = [[r["runs"][f"{method}/{b:g}"]["erank"] for r in saved["seeds"].values()] for b in betas]
+        means = [statistics.mean(v) for v in values]
+        spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
         ax.plot(betas, means, "o-", color=f"C{i}", label=method)
+        ax.fill_between(betas, [m - d for m, d in zip(means, spread)], [m + d for m, d in zip(means, spread)],
+                        color=f"C{i}", alpha=0.15)
     alone = statistics.mean(r["alone_erank"] for r in saved["seeds"].values())
     ax.axhline(alone, color="grey", ls="--", label=f"{saved['weak']} encoder alone")
     ax.set(xlabel=f"beta (weight of {saved['weak']}'s own loss)", ylabel="effective rank of the fused representation",
-           title=f"{saved['dataset']}: rank against the up-weighting of the weak modality")
+           title=f"{saved['dataset']}: rank against the up-weighting of the weak modality\n"
+                 f"(mean ± std over {len(saved['seeds'])} seed(s))")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -116,7 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["baseline", "kd_infonce", "ebr"], choices=METHODS)
     parser.add_argument("--betas", nargs="+", type=float, default=[0.0, 0.5, 1.0, 2.0, 4.0])
-    parser.add_argument("--dataset", default="av_digits", choices=["av_digits", "synthetic"])
+    parser.add_argument("--dataset", default="av_digits", choices=["av_digits", "synthetic", "underlearned"])
+    parser.add_argument("--selection", default=None,
+                        help="select_collapse_<dataset>.json of examples/collapse_study.py --stage select: the KD weights and "
+                             "EBR's lambda chosen on validation (default: the terms' defaults)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", default="results")
@@ -127,15 +145,21 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     seeds = {}
+    chosen = None
+    if args.selection:
+        with open(args.selection) as f:
+            chosen = json.load(f)[args.dataset]["chosen"]
+    root = tempfile.mkdtemp(prefix="rank_vs_beta_")  # the checkpoints of model selection stay out of --out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for seed in args.seeds:
             seeds[str(seed)] = run(args.dataset, seed, args.methods, args.betas, args.epochs,
-                                   os.path.join(args.out, "_runs", f"rank_{args.dataset}_{seed}"), not args.no_progress)
+                                   os.path.join(root, str(seed)), not args.no_progress, chosen)
+            print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
     weak = {r["weak"] for r in seeds.values()}
     saved = {"command": "python examples/rank_vs_beta.py " + " ".join(argv if argv is not None else sys.argv[1:]),
              "dataset": args.dataset, "methods": args.methods, "betas": args.betas, "epochs": args.epochs,
-             "weak": "/".join(sorted(weak)), "seeds": seeds, "seconds": time.perf_counter() - start}
+             "weak": "/".join(sorted(weak)), "seeds": seeds, "seconds": time.perf_counter() - start, "chosen": chosen}
     base = os.path.join(args.out, f"rank_vs_beta_{args.dataset}")
     with open(base + ".json", "w") as f:
         json.dump(saved, f, indent=1)

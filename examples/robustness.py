@@ -37,7 +37,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AVDigitsNet, UnimodalNet, fit, make_data, mean_std, setup_for  # noqa: E402
+from _common import AVDigitsNet, UnimodalNet, collapse_terms, fit, make_data, mean_std, setup_for  # noqa: E402
 
 from lightning_balance import MMPareto, ModalityDropout, UMTLoss  # noqa: E402
 from lightning_balance.functional import curve_area, sweep_presence, uniform_noise  # noqa: E402
@@ -61,19 +61,26 @@ METHODS: dict[str, tuple[str, Callable[[], list[pl.Callback]], dict]] = {
     "cml": ("cml", lambda: [], {}),
     "mmpareto": ("mmpareto", lambda: [MMPareto(gamma=2.0)], {}),
     "umt": ("umt", lambda: [], {}),
+    # the collapse paper's EBR (lambda chosen on validation by examples/collapse_study.py), with the absent modalities
+    # zero-filled, and with its test-time substitution h_j^-1(h_k(z_k)) from the best-ranked present modality k (the
+    # order fitted on the validation split)
+    "ebr": ("ebr", lambda: [], {}),
+    "ebr_substitution": ("ebr", lambda: [], {}),
 }
+EBR_LAMBDA = 0.01  # the default; examples/collapse_study.py --stage select chooses it (docs/results/select_collapse_<dataset>.json)
 DEFAULT = ["baseline", "dropout_constant", "dropout_linear", "dropout_cosine", "dropout_adaptive", "cml", "mmpareto", "umt"]
 
 
 @torch.no_grad()
-def sweeps(model: AVDigitsNet, data, weakest: str, split: str = "test") -> dict[str, float]:
+def sweeps(model: AVDigitsNet, data, weakest: str, split: str = "test", substitute: bool = False) -> dict[str, float]:
     """Accuracy on ``split``, the missing-rate curves (model fill and mean fill) and the noise curve. On the
     (masked) validation split the sweep's masks come on top of the split's own (the selection of ``--dropout-p``)."""
     model.eval()
     test, train = data.splits[split], data.splits["train"]
     names = list(model.modalities)
     y = test["target"]
-    feats, _ = model.fusion_inputs(model.features(test))  # what the fusion sees (EBR's decoded features)
+    encoded = model.features(test)
+    feats, _ = model.fusion_inputs(encoded)  # what the fusion sees (EBR's decoded features)
     train_feats, _ = model.fusion_inputs(model.features(train))
     keep = train.get("present")
     means = {m: (train_feats[m][keep[:, i]] if keep is not None else train_feats[m]).mean(0) for i, m in enumerate(names)}
@@ -85,7 +92,12 @@ def sweeps(model: AVDigitsNet, data, weakest: str, split: str = "test") -> dict[
         own, mean_fill = [], []
         for rate in RATES:
             mask = sweep_presence(positions, names, rate, which, present=base)
-            own.append(float((model.fuse_subset(feats, names, present=mask).argmax(-1) == y).float().mean()))
+            if substitute:  # EBR substitutes the absent modalities in fusion_inputs and marks them present
+                sub, sub_mask = model.fusion_inputs(encoded, present=mask)
+                logits = model.fuse_subset(sub, names, present=sub_mask)
+            else:
+                logits = model.fuse_subset(feats, names, present=mask)
+            own.append(float((logits.argmax(-1) == y).float().mean()))
             filled = {m: torch.where(mask[m][:, None], feats[m], means[m]) for m in names}
             mean_fill.append(float((model.fuse_features(filled).argmax(-1) == y).float().mean()))
         for rate, a, b in zip(RATES, own, mean_fill):
@@ -127,10 +139,19 @@ def run(dataset: str, seed: int, train_missing: float, methods: list[str], epoch
         model_kwargs.update(overrides)
         if setup == "umt":  # the modalities alone are the frozen teachers (BalanceBenchmark's lambda 10, not tuned)
             model_kwargs["loss_terms"] = [UMTLoss({m: copy.deepcopy(alone[m].encoder) for m in dims}, weight=10.0)]
+        if setup == "ebr":
+            model_kwargs["loss_terms"] = collapse_terms("ebr", data, sorted(val, key=val.get),
+                                                        adversarial_weight=EBR_LAMBDA)
         start = time.perf_counter()
         model, best = fit(AVDigitsNet(input_dims=dims, num_classes=classes, **model_kwargs), data, callbacks(), epochs,
                           f"{root}/{method}", progress)
-        results[method] = {**sweeps(model, data, weakest, split), "val_acc": best, "fit_s": time.perf_counter() - start}
+        substitute = method == "ebr_substitution"
+        if substitute:
+            term = model.balance_losses["ebr"]
+            term.fit_substitution(model, data.val_dataloader())
+            term.substitute = True
+        results[method] = {**sweeps(model, data, weakest, split, substitute), "val_acc": best,
+                           "fit_s": time.perf_counter() - start}
     return results
 
 
@@ -183,10 +204,10 @@ def plot(saved: dict, methods: list[str], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    global DROPOUT_P
+    global DROPOUT_P, EBR_LAMBDA
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=DEFAULT, choices=sorted(METHODS))
-    parser.add_argument("--dataset", default="av_digits", choices=["av_digits", "synthetic"])
+    parser.add_argument("--dataset", default="av_digits", choices=["av_digits", "synthetic", "underlearned"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--train-missing", nargs="+", type=float, default=[0.0, 0.3])
     parser.add_argument("--epochs", type=int, default=40)
@@ -195,7 +216,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", default="test", choices=["test", "val"],
                         help="score on test (the reported numbers) or on validation (choosing --dropout-p)")
     parser.add_argument("--dropout-p", type=float, default=None, help=f"p of the dropout methods (default {DROPOUT_P})")
+    parser.add_argument("--ebr-lambda", type=float, default=None,
+                        help=f"EBR's adversarial weight (default {EBR_LAMBDA}; chosen by examples/collapse_study.py)")
     args = parser.parse_args(argv)
+    if args.ebr_lambda is not None:
+        EBR_LAMBDA = args.ebr_lambda
     if args.dropout_p is not None:
         DROPOUT_P = args.dropout_p
     warnings.filterwarnings("ignore")

@@ -410,7 +410,7 @@ def test_synthetic_snr_controls_separation():
 
 
 def test_synthetic_presets_and_overrides():
-    assert set(PRESETS) == {"dominant", "balanced", "many"}
+    assert set(PRESETS) == {"dominant", "balanced", "underlearned", "many"}
     for kwargs in PRESETS.values():
         data = make_synthetic_collapse(num_samples=300, **kwargs)
         assert len([k for k in data["train"] if k != "target"]) == kwargs["num_modalities"]
@@ -420,6 +420,11 @@ def test_synthetic_presets_and_overrides():
     # Balanced negative control: both modalities equally informative.
     balanced = make_synthetic_collapse(num_samples=6000, **PRESETS["balanced"])
     assert abs(_nearest_mean_accuracy(balanced, "m0") - _nearest_mean_accuracy(balanced, "m1")) < 0.1
+    # Under-learned (calibrated by examples/collapse_study.py): both see every class, m1 weaker and much wider
+    under = SyntheticCollapseDataModule(preset="underlearned")
+    assert under.feature_dims == {"m0": 32, "m1": 256} and under.generator_kwargs["classes_seen"] == [10, 10]
+    underlearned = make_synthetic_collapse(num_samples=6000, **PRESETS["underlearned"])
+    assert _nearest_mean_accuracy(underlearned, "m0") > _nearest_mean_accuracy(underlearned, "m1") > 0.3
     # Explicit arguments override the preset; None falls back to the preset / generator default.
     dm = SyntheticCollapseDataModule(preset="dominant", snr=[2.0, 2.0], names=["audio", "video"], noise_dims=[0, 8])
     assert dm.generator_kwargs["snr"] == [2.0, 2.0] and dm.generator_kwargs["classes_seen"] == [5, 10]

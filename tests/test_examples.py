@@ -14,7 +14,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def examples_path(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))
     yield
-    for name in ("benchmark", "diagnose", "robustness", "rank_vs_beta", "_common"):
+    for name in ("benchmark", "diagnose", "robustness", "rank_vs_beta", "collapse_study", "_common"):
         sys.modules.pop(name, None)
 
 
@@ -61,10 +61,12 @@ def test_diagnose_prints_a_verdict(tmp_path, examples_path, capsys):
 def test_robustness_runner_trains_with_a_missing_rate_and_sweeps(tmp_path, examples_path):
     import robustness
 
-    saved = robustness.main(["--methods", "baseline", "dropout_adaptive", "--dataset", "synthetic", "--epochs", "1",
-                             "--seeds", "0", "--train-missing", "0.3", "--no-progress", "--out", str(tmp_path)])
+    saved = robustness.main(["--methods", "baseline", "dropout_adaptive", "ebr_substitution", "--dataset", "synthetic",
+                             "--epochs", "1", "--seeds", "0", "--train-missing", "0.3", "--no-progress", "--out",
+                             str(tmp_path)])
     rows = saved["runs"]["0.3"]["0"]
-    assert set(rows) == {"baseline", "dropout_adaptive"}
+    assert set(rows) == {"baseline", "dropout_adaptive", "ebr_substitution"}
+    assert 0.0 <= rows["ebr_substitution"]["auc_missing/all"] <= 1.0
     for key in ("acc", "auc_missing/all", "auc_missing_mean_fill/m0", f"auc_noise/{saved['weakest']}"):
         assert 0.0 <= rows["baseline"][key] <= 1.0, key
     assert rows["baseline"]["missing/all/0"] == rows["baseline"]["acc"]  # rate 0 is the complete test set
@@ -97,3 +99,31 @@ def test_rank_against_beta_runner(tmp_path, examples_path):
     assert run["weak"] in ("m0", "m1") and run["alone_erank"] >= 1.0
     assert (tmp_path / "rank_vs_beta_synthetic.png").stat().st_size > 1000
     assert "| kd_infonce | 2 |" in (tmp_path / "rank_vs_beta_synthetic.md").read_text()
+
+
+@pytest.mark.timeout(600)
+def test_collapse_study_selects_runs_and_draws_the_semantic_loss(tmp_path, examples_path, monkeypatch):
+    """The three stages end to end on one seed, three epochs and one-value grids: the selection is read by the run and
+    the semantic stage; every must-show column is a number in range; EBR's substitution changes the missing curves."""
+    import collapse_study
+
+    monkeypatch.setattr(collapse_study, "GRIDS", {"kd_crd": ("weight", [0.8]), "kd_infonce": ("weight", [0.5]),
+                                                  "ebr": ("adversarial_weight", [0.1])})
+    common = ["--datasets", "synthetic", "--seeds", "0", "--epochs", "3", "--no-progress", "--out", str(tmp_path)]
+    chosen = collapse_study.main(["--stage", "select", *common])["synthetic"]["chosen"]
+    assert chosen == {"kd_crd": 0.8, "kd_infonce": 0.5, "ebr": 0.1}
+    saved = collapse_study.main(["--stage", "run", *common])["synthetic"]
+    rows = saved["seeds"]["0"]["methods"]
+    assert set(rows) == {"baseline", "kd_crd", "kd_infonce", "ebr", "ebr + substitution"}
+    for row in rows.values():
+        assert 0 <= row["acc"] <= 1 and 0 <= row["probe_weak"] <= 1 and row["erank"] >= 1
+        assert 0 <= row["polysemantic"] <= 1 and 0 <= row["auc_missing/all"] <= 1
+    assert rows["ebr + substitution"]["acc"] == rows["ebr"]["acc"]  # nothing is absent at rate 0
+    assert rows["ebr + substitution"]["missing/all/0.5"] != rows["ebr"]["missing/all/0.5"]
+    table = (tmp_path / "collapse_synthetic.md").read_text()
+    assert "| ebr + substitution |" in table and "weak probe − alone" in table
+    semantic = collapse_study.main(["--stage", "semantic", "--every", "1", *common])
+    curves = semantic["datasets"]["synthetic"]["0"]["curves"]
+    assert set(curves) == set(collapse_study.SEMANTIC_RUNS) and all(len(c) == 3 and c[0][1] > 0 for c in curves.values())
+    assert "semantic loss by linear evaluation" in semantic["datasets"]["synthetic"]["0"]["verdict"]
+    assert (tmp_path / "semantic_loss.png").stat().st_size > 1000

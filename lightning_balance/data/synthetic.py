@@ -36,12 +36,20 @@ __all__ = ["PRESETS", "MultimodalTensorDataset", "SyntheticCollapseDataModule", 
 #:   classes. ``m0`` alone tops out near 50 % accuracy; the fine label needs ``m1``.
 #: * ``"balanced"``: negative control. Two equally strong modalities (snr 2) that both see all
 #:   classes; a balancing method should change nothing here.
+#: * ``"underlearned"``: two modalities that both see every class, where joint training **under-learns** the weak
+#:   one (the premise of the collapse paper and of most balancing methods): ``m0`` is strong (snr 4), ``m1`` is
+#:   weaker (snr 2.5) and carries 240 pure-noise dimensions that its encoder has to learn to suppress. Calibrated
+#:   with ``examples/collapse_study.py --stage calibrate`` (docs/results/calibrate_underlearned.md: the largest gap
+#:   of the grid; ``m1``'s linear probe 0.66 trained alone, 0.43 after joint training; ``m0`` alone 0.95, fused
+#:   0.96, against 0.98 when ``m1`` has 16 noise dimensions). The ``dominant`` preset's weak modality is *not*
+#:   under-learned (its probe is the same alone and joint), because a random encoder already reads it.
 #: * ``"many"``: eight modalities for scaling studies: one easy coarse modality (snr 4, 5 groups)
 #:   and seven weak full-label modalities (snr 1). To sweep M = 2..8 use scalar ``snr`` /
 #:   ``classes_seen`` (they broadcast) or lists of length M.
 PRESETS: dict[str, dict[str, Any]] = {
     "dominant": {"num_modalities": 2, "snr": [4.0, 1.0], "classes_seen": [5, 10]},
     "balanced": {"num_modalities": 2, "snr": [2.0, 2.0], "classes_seen": [10, 10]},
+    "underlearned": {"num_modalities": 2, "snr": [4.0, 2.5], "classes_seen": [10, 10], "noise_dims": [16, 240]},
     "many": {"num_modalities": 8, "snr": [4.0] + [1.0] * 7, "classes_seen": [5] + [10] * 7},
 }
 
@@ -242,7 +250,7 @@ class SyntheticCollapseDataModule(_SplitDataModule):
 
     Args:
         batch_size: Samples per batch (>= 1).
-        preset: ``"dominant"``, ``"balanced"``, ``"many"`` or ``None``.
+        preset: ``"dominant"``, ``"balanced"``, ``"underlearned"``, ``"many"`` or ``None``.
         num_samples: See :func:`make_synthetic_collapse`.
         num_classes: See :func:`make_synthetic_collapse`.
         num_modalities: See :func:`make_synthetic_collapse`.
