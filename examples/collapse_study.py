@@ -72,6 +72,9 @@ METHODS = ("baseline", "kd_crd", "kd_infonce", "ebr")
 # default 0.01)
 GRIDS = {"kd_crd": ("weight", [0.2, 0.8, 2.0]), "kd_infonce": ("weight", [0.2, 0.8, 2.0]),
          "ebr": ("adversarial_weight", [0.001, 0.01, 0.1, 1.0])}
+# --extend adds these values to a saved selection (the first grids' best were at their ends: KD's weight 2 and
+# 0.2, EBR's lambda 1), runs only them and merges them in
+EXTENDED = {"kd_crd": [0.05, 5.0], "kd_infonce": [5.0], "ebr": [3.0]}
 # the calibration grid: the snr of m0 (strong) and of m1 (weak), and m1's pure-noise dimensions (a random encoder
 # passes them on to the probe; a trained one learns to suppress them: with few of them even an untrained encoder
 # reads well, and under-learning cannot show in a probe); both see every class
@@ -171,22 +174,32 @@ def train(method: str, data, weakest_first: list[str], seed: int, epochs: int, r
     return fit(model, data, [], epochs, f"{root}/{method}_{value}", progress)
 
 
-def select(datasets: list[str], seeds: list[int], epochs: int, root: str, progress: bool) -> dict:
+def select(datasets: list[str], seeds: list[int], epochs: int, root: str, progress: bool,
+           grids: dict | None = None, baseline: bool = True) -> dict:
+    grids = GRIDS if grids is None else grids
     out: dict = {}
     for dataset in datasets:
-        out[dataset] = {method: {f"{v:g}": [] for v in grid} for method, (_, grid) in GRIDS.items()}
-        out[dataset]["baseline"] = {"-": []}
+        out[dataset] = {method: {f"{v:g}": [] for v in grid} for method, (_, grid) in grids.items()}
+        if baseline:
+            out[dataset]["baseline"] = {"-": []}
         for seed in seeds:
             data, _, weakest_first = references(dataset, seed, epochs, root, progress)
-            out[dataset]["baseline"]["-"].append(train("baseline", data, weakest_first, seed, epochs, root, progress)[1])
-            for method, (_, grid) in GRIDS.items():
+            if baseline:
+                out[dataset]["baseline"]["-"].append(
+                    train("baseline", data, weakest_first, seed, epochs, root, progress)[1])
+            for method, (_, grid) in grids.items():
                 for v in grid:
                     _, best = train(method, data, weakest_first, seed, epochs, root, progress, v)
                     out[dataset][method][f"{v:g}"].append(best)
                     print(f"select {dataset} seed {seed} {method} {v:g}: val {best:.4f}", flush=True)
-        out[dataset]["chosen"] = {method: float(max(values, key=lambda k: statistics.mean(values[k])))
-                                  for method, values in out[dataset].items() if method in GRIDS}
+        out[dataset]["chosen"] = choose(out[dataset])
     return out
+
+
+def choose(values_by_method: dict) -> dict[str, float]:
+    """Per method, the value of the highest mean validation accuracy over the seeds."""
+    return {method: float(max(values, key=lambda k: statistics.mean(values[k])))
+            for method, values in values_by_method.items() if method in GRIDS}
 
 
 def run(dataset: str, seed: int, chosen: dict[str, float], epochs: int, root: str, progress: bool) -> dict:
@@ -222,7 +235,8 @@ def semantic(dataset: str, seed: int, chosen: dict[str, float], epochs: int, eve
     """The collapse paper's Fig. 4 (and the loss dynamics of its Fig. 6): the weak encoder's semantic loss by
     linear evaluation (``ModalityDiagnostics``' ``semantic_loss/<weak>``, a 2-fold probe on validation) every
     ``every`` epochs, for the joint baseline ("multimodal prefix"), the same model with the weak modality's own
-    unimodal loss added ("unimodal baseline": weight 1 on its split-head logits), KD and EBR. The baseline's
+    unimodal loss added ("unimodal baseline": weight 1, through an auxiliary linear head), KD and EBR (for EBR the
+    diagnosis reads what the fusion receives, the decoded features). The baseline's
     diagnosis takes the unimodal baseline's last value as ``alone_semantic_loss``: its verdict is kept."""
     from lightning_balance import ModalityDiagnostics
 
@@ -235,8 +249,11 @@ def semantic(dataset: str, seed: int, chosen: dict[str, float], epochs: int, eve
         pl.seed_everything(seed, verbose=False)
         value = chosen.get(method)
         terms = collapse_terms(method, data, weakest_first, **({GRIDS[method][0]: value} if value is not None else {}))
+        # the unimodal baseline's own loss goes through an auxiliary linear head, so that it trains the encoder and
+        # leaves the fusion head as the multimodal prefix's (the paper: the encoder "additionally optimized")
+        extra = {"aux_heads": True, "unimodal_losses": True} if run_name == "unimodal baseline" else {}
         model = AVDigitsNet(input_dims=dict(data.feature_dims), num_classes=data.num_classes, loss_terms=terms or None,
-                            unimodal_losses=run_name == "unimodal baseline")
+                            **extra)
         if run_name == "unimodal baseline":
             model.loss_weights = {"fused": 1.0, **{m: float(m == weak) for m in data.feature_dims}}
         diag = ModalityDiagnostics(every_n_epochs=every, vif=False, bootstrap=0, verbose=False, plot=False,
@@ -324,6 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", required=True, choices=["calibrate", "select", "run", "semantic"])
     parser.add_argument("--every", type=int, default=2, help="--stage semantic: diagnose every this many epochs")
+    parser.add_argument("--extend", action="store_true", help="--stage select: add the EXTENDED values to the grids")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=["av_digits", "synthetic", "underlearned"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=40)
@@ -348,6 +366,28 @@ def main(argv: list[str] | None = None) -> dict:
         with open(os.path.join(args.out, "calibrate_underlearned.md"), "w") as f:
             f.write(f"`{command}` ({saved['seconds']:.0f} s; test split, mean ± std over seeds {args.seeds})\n\n{text}\n")
         print(text)
+        return saved
+    if args.stage == "select" and args.extend:
+        saved = {}
+        extra = {method: (GRIDS[method][0], values) for method, values in EXTENDED.items()}
+        for dataset in args.datasets:
+            path = os.path.join(args.out, f"select_collapse_{dataset}.json")
+            with open(path) as f:
+                one = json.load(f)
+            if one["seeds"] != args.seeds:
+                raise SystemExit(f"--extend: {path} was selected on seeds {one['seeds']}, not {args.seeds}.")
+            fresh = select([dataset], args.seeds, args.epochs, root, progress, grids=extra, baseline=False)[dataset]
+            for method, values in fresh.items():
+                if method in GRIDS:
+                    one[dataset][method].update(values)
+                    one["grids"][method][1] = sorted({*one["grids"][method][1], *extra[method][1]})
+            one[dataset]["chosen"] = choose(one[dataset])
+            one.setdefault("extensions", []).append({"command": command, "values": EXTENDED,
+                                                      "seconds": time.perf_counter() - start})
+            with open(path, "w") as f:
+                json.dump(one, f, indent=1)
+            print(dataset, "chosen on validation:", one[dataset]["chosen"])
+            saved[dataset] = one[dataset]
         return saved
     if args.stage == "select":
         saved = {}

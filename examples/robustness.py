@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--split", default="test", choices=["test", "val"],
                         help="score on test (the reported numbers) or on validation (choosing --dropout-p)")
     parser.add_argument("--dropout-p", type=float, default=None, help=f"p of the dropout methods (default {DROPOUT_P})")
+    parser.add_argument("--tag", default="", help="added to the output file names (e.g. _ebr)")
     parser.add_argument("--ebr-lambda", type=float, default=None,
                         help=f"EBR's adversarial weight (default {EBR_LAMBDA}; chosen by examples/collapse_study.py)")
     args = parser.parse_args(argv)
@@ -242,9 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
     first = next(iter(next(iter(saved["runs"].values())).values()))
     saved["weakest"] = next(k.split("/")[1] for k in next(iter(first.values())) if k.startswith("auc_noise/"))
     saved["seconds"] = time.perf_counter() - start
-    saved["split"], saved["dropout_p"] = args.split, DROPOUT_P
+    saved["split"], saved["dropout_p"], saved["ebr_lambda"] = args.split, DROPOUT_P, EBR_LAMBDA
     suffix = "" if args.split == "test" and args.dropout_p is None else f"_{args.split}_p{DROPOUT_P:g}"
-    stem = os.path.join(args.out, f"robustness_{args.dataset}{suffix}")
+    stem = os.path.join(args.out, f"robustness_{args.dataset}{suffix}{args.tag}")
     with open(stem + ".json", "w") as f:
         json.dump(saved, f, indent=1)
     text = table(saved, args.methods)

@@ -37,13 +37,18 @@ def test_distillation_under_accumulation_follows_the_recipe_micro_batch_by_micro
 
 
 def test_ebr_accumulated_micro_batches_equal_the_full_batch(tmp_path):
-    """L_md and the task loss are per-sample means: 2 × 8 accumulated is one step of 16, over an adversarial
-    epoch (interleave_epochs=1: epoch 1 is adversarial)."""
+    """L_md is a sum over the present pairs divided by the batch size and the task loss a per-sample mean: 2 × 8
+    accumulated is one step of 16, with absent modalities, over an adversarial epoch (interleave_epochs=1)."""
     full, accumulated = EBRModel(), EBRModel()
-    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2)).fit(full, loader(batch_size=16))
-    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, accumulate_grad_batches=2)).fit(accumulated, loader(batch_size=8))
+    missing = (0.3, 0.3)  # the micro-batches hold different numbers of present (sample, modality) pairs
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2)).fit(full, loader(batch_size=16, missing=missing))
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, accumulate_grad_batches=2)).fit(
+        accumulated, loader(batch_size=8, missing=missing))
     torch.testing.assert_close(flat_params(accumulated), flat_params(full), rtol=1e-5, atol=1e-6)
-    assert (flat_params(full) - flat_params(EBRModel())).abs().max() > 1e-3
+    untrained = EBRModel()
+    moved = (flat_params(full.balance_losses["ebr"].discriminator)
+             - flat_params(untrained.balance_losses["ebr"].discriminator)).abs().max()
+    assert moved > 1e-4  # the adversarial epoch trained the discriminator
 
 
 # ---------------------------------------------------------------------------------------------- fp16 overflow
@@ -120,29 +125,36 @@ class Both(TinyAV):
     training_step = KDModel.training_step
 
 
-@pytest.mark.parametrize("callbacks_reversed", [False, True])
-def test_distillation_and_ebr_stack_with_callbacks_in_both_list_orders(tmp_path, callbacks_reversed):
-    def callbacks():
-        out = [OGMGE(alpha=0.5, seed=2), ModalityDropout(p=0.3, seed=1)]
-        return out[::-1] if callbacks_reversed else out
-
+def test_distillation_and_ebr_stack_with_callbacks_in_every_list_order(tmp_path):
+    """The two terms in both orders, the two callbacks in both orders: four runs, one result (by name); both terms'
+    own parameters moved (the student's embedding: CRD's gradient; the discriminator: L_md's), and the stack
+    differs from distillation alone."""
     runs = []
-    for order in (("distill", "ebr"), ("ebr", "distill")):
-        net = Both(order)
-        cbs = callbacks()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pl.Trainer(**trainer_kwargs(tmp_path, callbacks=cbs, max_epochs=2)).fit(net, indexed_loader())
-        runs.append(({k: v.detach().clone() for k, v in net.state_dict().items()},
-                     {type(cb).__name__: cb.state_dict() for cb in cbs}))
-        assert next(cb for cb in cbs if isinstance(cb, OGMGE)).num_edits == 8
-        assert next(cb for cb in cbs if isinstance(cb, ModalityDropout)).draws == 8
-        moved = {k for k, v in net.state_dict().items() if k in start and not torch.equal(v, start[k])} \
-            if (start := {k: v.clone() for k, v in Both(order).state_dict().items()}) else set()
-        assert any("ebr" in k for k in moved) and any("distill" in k for k in moved) and any("head" in k for k in moved)
-    (sa, ca), (sb, cb_) = runs
-    assert sa.keys() == sb.keys()  # by name: the parameters and buffers of both terms, whatever the list order
-    for key in sa:
-        torch.testing.assert_close(sa[key], sb[key], rtol=1e-6, atol=1e-7, equal_nan=True, msg=key)
-    assert states_equal(ca, cb_)
-    assert int(next(v for k, v in sa.items() if k.endswith("distill.steps"))) == 8
+    for callbacks_reversed in (False, True):
+        for order in (("distill", "ebr"), ("ebr", "distill")):
+            net = Both(order)
+            start = {k: v.clone() for k, v in net.state_dict().items()}
+            cbs = [OGMGE(alpha=0.5, seed=2), ModalityDropout(p=0.3, seed=1)]
+            cbs = cbs[::-1] if callbacks_reversed else cbs
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pl.Trainer(**trainer_kwargs(tmp_path, callbacks=cbs, max_epochs=2)).fit(net, indexed_loader())
+            state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            for part in ("distill.embed_student", "ebr.discriminator", "ebr.decoders"):
+                assert any(part in k and not torch.equal(v, start[k]) for k, v in state.items()), part
+            assert next(cb for cb in cbs if isinstance(cb, OGMGE)).num_edits == 8
+            assert next(cb for cb in cbs if isinstance(cb, ModalityDropout)).draws == 8
+            runs.append((state, {type(cb).__name__: cb.state_dict() for cb in cbs}))
+    first, first_cbs = runs[0]
+    for state, cb_states in runs[1:]:
+        assert state.keys() == first.keys()
+        for key in first:
+            torch.testing.assert_close(state[key], first[key], rtol=1e-6, atol=1e-7, equal_nan=True, msg=key)
+        assert states_equal(cb_states, first_cbs)
+    assert int(next(v for k, v in first.items() if k.endswith("distill.steps"))) == 8
+    alone = KDModel(method="crd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[OGMGE(alpha=0.5, seed=2), ModalityDropout(p=0.3, seed=1)],
+                                    max_epochs=2)).fit(alone, indexed_loader())
+    assert (alone.state_dict()["head.weight"] - first["head.weight"]).abs().max() > 1e-4

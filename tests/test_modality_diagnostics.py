@@ -147,7 +147,10 @@ def test_ddp_gives_the_numbers_of_one_process(tmp_path, n, missing):
     assert d["samples"] == complete and "robust_auc/all" in d and "robust_noise_auc/audio" in d
     for key, value in s.items():
         if not key.startswith("seconds/"):
-            assert d[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), key
+            # the semantic loss is an L-BFGS optimum's cross-entropy on ~20 complete samples: the float32 rows
+            # summed in another order move it by ~1e-5
+            rel = 1e-4 if key.startswith("semantic_") else 1e-5
+            assert d[key] == pytest.approx(value, rel=rel, abs=1e-6, nan_ok=True), key
     # the monitor's accuracies too: DistributedSampler's padding duplicates (n = 37) are not counted
     (sm,), (dm,) = single["monitor"], ddp["monitor"]
     assert sm.keys() == dm.keys()
@@ -209,7 +212,7 @@ def test_semantic_loss_is_the_out_of_fold_probe_cross_entropy():
         losses = torch.zeros(n, dtype=torch.float64)
         fold = torch.arange(n) % 2
         for f in (0, 1):
-            w, b, mu, sd = fit_linear_probe(z[fold != f], y[fold != f], classes)
+            w, b, mu, sd = fit_linear_probe(z[fold != f], y[fold != f], classes, weight_decay=1e-2)
             logits = ((z[fold == f].double() - mu) / sd) @ w.T + b
             losses[fold == f] = torch.logsumexp(logits, 1) - logits.gather(1, y[fold == f, None]).squeeze(1)
         assert values[f"semantic_loss/{m}"] == pytest.approx(float(losses.mean()), rel=1e-9)
@@ -225,7 +228,7 @@ def test_verdict_compares_the_semantic_loss_with_the_unimodal_baseline():
               "semantic_loss_se/a": 0.05, "semantic_loss/v": 0.40, "semantic_loss_se/v": 0.05}
     text = "\n".join(imbalance_verdict(values, ["a", "v"], alone_semantic_loss={"a": (1.1, 0.05), "v": 0.42}))
     assert "a encoder: semantic loss by linear evaluation (the probe's cross-entropy) 1.600 ± 0.098 vs 1.100 ± 0.098" in text
-    assert "0.500 ± 0.139: higher than alone" in text
+    assert "0.500 ± 0.139: higher than with its own loss" in text
     assert "v encoder: semantic loss by linear evaluation (the probe's cross-entropy) 0.400 ± 0.098 vs 0.420" in text
     assert "no clear difference" in text
 

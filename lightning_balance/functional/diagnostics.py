@@ -320,6 +320,7 @@ def diagnostics_from_correctness(
     seed: int = 0,
     errors: str = "raise",
     precisions: Optional[Mapping[str, torch.dtype]] = None,
+    semantic_weight_decay: Optional[float] = 1e-2,
 ) -> dict[str, float]:
     r""":func:`collapse_diagnostics` from what it computes first: the per-sample correctness of every subset's
     prediction and one vector per sample and modality (what :class:`~lightning_balance.ModalityDiagnostics`
@@ -340,6 +341,11 @@ def diagnostics_from_correctness(
         errors: ``"raise"``, or ``"warn"``: a measurement that fails is NaN, with a warning naming it and why.
         precisions: optional ``{m: dtype}``, the precision each modality's features were computed in (for the
             numerical rank's tolerance, :func:`numerical_rank`); ``vectors`` may be stored in a wider dtype.
+        semantic_weight_decay: weight decay of the probe whose out-of-fold cross-entropy is ``semantic_loss/<m>``
+            (a second fit per fold; ``None``: no semantic loss). The accuracy probe's 1e-4 lets the weights grow
+            on nearly separable folds, and its loss then ranks a wider representation as worse; 1e-2 keeps the
+            loss in the order of the accuracy on our checks. Compare losses only at equal samples, folds and
+            weight decay.
     """
     names = list(modalities)
     m_count = len(names)
@@ -443,16 +449,30 @@ def diagnostics_from_correctness(
                           f"{2 * probe_folds} labelled samples, got {k}; they are skipped (NaN). Validate on more "
                           f"samples or lower probe_folds.", stacklevel=2)
         for m in names:
-            outcome = None
+            outcome = semantic = None
             if enough and finite[m]:
                 outcome = _run(errors, f"the linear probe of {m!r}",
                                lambda: cross_validated_probe_outcomes(flat[m], targets, num_classes, probe_folds,
                                                                       groups=group_ids), None)
+                if outcome is not None and semantic_weight_decay is not None:
+                    # the loss from a more regularised probe: the accuracy probe's weights grow without bound on
+                    # nearly separable folds, so its out-of-fold cross-entropy measures overfitting more than
+                    # decodability (a wider, more accurate representation can get a higher loss)
+                    semantic = _run(errors, f"the semantic-loss probe of {m!r}",
+                                    lambda: cross_validated_probe_outcomes(flat[m], targets, num_classes, probe_folds,
+                                                                           semantic_weight_decay, group_ids), None)
             if outcome is None:
                 out[f"probe/{m}"] = out[f"probe_se/{m}"] = math.nan
                 out[f"semantic_loss/{m}"] = out[f"semantic_loss_se/{m}"] = math.nan
                 continue
-            hit, nll = outcome
+            hit = outcome[0]
+            if semantic is None:
+                p = float(hit.double().mean())
+                out[f"probe/{m}"], out[f"probe_se/{m}"] = p, probe_standard_error(p, k)
+                if semantic_weight_decay is not None:
+                    out[f"semantic_loss/{m}"] = out[f"semantic_loss_se/{m}"] = math.nan
+                continue
+            nll = semantic[1]
             p = float(hit.double().mean())
             out[f"probe/{m}"] = p
             out[f"probe_se/{m}"] = probe_standard_error(p, k)
@@ -460,8 +480,8 @@ def diagnostics_from_correctness(
             # its SE from the per-group means (the views of one sample are not independent)
             per_group = torch.zeros(k, dtype=torch.float64, device=nll.device).index_add_(
                 0, group_ids.to(nll.device), nll) / torch.bincount(group_ids.to(nll.device), minlength=k).double()
-            out[f"semantic_loss/{m}"] = float(nll.mean())
-            out[f"semantic_loss_se/{m}"] = float(per_group.std() / math.sqrt(k)) if k > 1 else math.nan
+            out[f"semantic_loss/{m}"] = float(per_group.mean())  # each sample once, its views averaged
+            out[f"semantic_loss_se/{m}"] = float(per_group.std() / math.sqrt(k))
         out["seconds/probe"] = time.perf_counter() - clock
     return out
 
@@ -658,9 +678,9 @@ def imbalance_verdict(values: Mapping[str, float], modalities: Sequence[str],
             if alone_semantic_loss and m in alone_semantic_loss:
                 ref, ref_se = _reference(alone_semantic_loss[m])
                 excess, excess_se = loss - ref, math.sqrt(loss_se**2 + ref_se**2)
-                state = ("higher than alone: the fusion's gradient leaves it less decodable"
+                state = ("higher than with its own loss: the fusion's gradient leaves it less decodable"
                          if excess - z * excess_se > 0 else
-                         "not above alone" if excess + z * excess_se <= 0 else "no clear difference")
+                         "lower than with its own loss" if excess + z * excess_se < 0 else "no clear difference")
                 text += f" vs {pm(ref, ref_se)} with its own loss ({pm(excess, excess_se)}: {state})"
             lines.append(text + ".")
     if missing_se:

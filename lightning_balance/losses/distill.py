@@ -257,8 +257,10 @@ class CrossModalDistillation(LossTerm):
             out_s = crd_scores(s, memory_t, idx, self.nce_t)  # the student anchored on the teacher's memory
             out_t = crd_scores(t, memory_s, idx, self.nce_t)  # the teacher anchored on the student's memory
             for j, out in ((2 * k, out_s), (2 * k + 1, out_t)):  # set once, on the first batch, as the official code
-                self.normalisers[j] = torch.where(self.normalisers[j] < 0, out.detach().mean() * n_data,
-                                                  self.normalisers[j])  # no host sync
+                rows = torch.isfinite(out.detach()).all(1)  # a non-finite first batch must not fix Z at NaN
+                mean = torch.where(rows[:, None], out.detach(), 0.0).sum() / (rows.sum() * out.shape[1]).clamp_min(1)
+                first = (self.normalisers[j] < 0) & rows.any() & torch.isfinite(mean) & (mean > 0)
+                self.normalisers[j] = torch.where(first, mean * n_data, self.normalisers[j])  # no host sync
             loss = (crd_nce_loss(out_s / self.normalisers[2 * k], n_data)
                     + crd_nce_loss(out_t / self.normalisers[2 * k + 1], n_data))
         if update:
