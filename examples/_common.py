@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
 import statistics
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -31,21 +34,40 @@ def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim), nn.ReLU())
 
 
+class HiddenFusion(nn.Module):
+    """Concatenation, one hidden ReLU layer (``act``: the fusion neurons whose polysemanticity is scored), a linear
+    output: the fusion head of the collapse paper's analysis, where a neuron can mix the modalities."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.hidden, self.act, self.out = nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(self.hidden(torch.cat(features, dim=-1))))
+
+
 class AVDigitsNet(MultimodalMixin, pl.LightningModule):
     """The calibration model of the benchmark protocol: one MLP encoder per modality, concat fusion,
-    a linear head; SGD with momentum. The mixin is the only thing that balancing adds to it."""
+    a linear head (or, with ``fusion_hidden``, a :class:`HiddenFusion`); SGD with momentum. The mixin is the only
+    thing that balancing adds to it."""
 
     def __init__(self, input_dims: Optional[dict[str, int]] = None, hidden: int = 256, feature_dim: int = 128,
                  num_classes: int = 10, lr: float = 0.02, momentum: float = 0.9, aux_heads: bool = False,
                  unimodal_losses: bool = False, cosine_scale: Optional[float] = None,
-                 loss_terms: Optional[list] = None, missing: str = "zeros") -> None:
+                 loss_terms: Optional[list] = None, missing: str = "zeros", fusion_hidden: int = 0) -> None:
         super().__init__()
         input_dims = input_dims or {"audio": 40, "visual": 64}
         self.save_hyperparameters(ignore=["loss_terms"])
         self.use_unimodal_losses = unimodal_losses
         self.encoders = nn.ModuleDict({m: mlp(d, hidden, feature_dim) for m, d in input_dims.items()})
         self.head = nn.Linear(feature_dim * len(input_dims), num_classes)
-        if cosine_scale is not None:  # MMCosine: the cosine head replaces the linear one
+        if fusion_hidden and (cosine_scale is not None or aux_heads):
+            raise ValueError("fusion_hidden is the plain joint model's option: not with cosine_scale or aux_heads.")
+        if fusion_hidden:  # the collapse paper's setting: fusion neurons that can mix the modalities
+            self.head = HiddenFusion(feature_dim * len(input_dims), fusion_hidden, num_classes)
+            self.configure_modalities({m: self.encoders[m] for m in input_dims}, fusion=self.head,
+                                      **self._fill(missing, input_dims))
+        elif cosine_scale is not None:  # MMCosine: the cosine head replaces the linear one
             self.head = CosineHead([feature_dim] * len(input_dims), num_classes, scale=cosine_scale)
             self.configure_modalities({m: self.encoders[m] for m in input_dims}, fusion=self.head)
         elif aux_heads:  # one linear head per modality (MMPareto's and Gradient-Blending's unimodal heads)
@@ -93,6 +115,9 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
 
 
 AV_DIMS = {"audio": 40, "visual": 64}
+
+
+DATASET_NAMES = ("av_digits", "synthetic", "underlearned")  # what make_data builds (the study scripts' --dataset)
 
 
 def make_data(dataset: str, seed: int, **kwargs: Any) -> pl.LightningDataModule:
@@ -256,8 +281,9 @@ def unimodal_logits(model: UnimodalNet, split: dict[str, torch.Tensor]) -> torch
 
 
 @torch.no_grad()
-def evaluate_unimodal(model: UnimodalNet, data: AVDigitsDataModule) -> dict[str, float]:
-    test, train = data.splits["test"], data.splits["train"]
+def evaluate_unimodal(model: UnimodalNet, data: AVDigitsDataModule, split: str = "test") -> dict[str, float]:
+    """Accuracy, F1 and the encoder's linear probe (fitted on train) on ``split``."""
+    test, train = data.splits[split], data.splits["train"]
     c = model.hparams.num_classes
     acc, f1 = _acc_f1(unimodal_logits(model, test), test["target"], c)
     probe = linear_probe_accuracy(model.encoder(train[model.modality]), train["target"],
@@ -306,3 +332,28 @@ def median_range(values: Sequence[float]) -> str:
     """Median (min–max) over seeds: cost ratios are timings on a shared machine, where one disturbed run
     should not move the summary."""
     return _summarise(values, 2, lambda v: f"{statistics.median(v):.2f} ({min(v):.2f}–{max(v):.2f})")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, datasets: Sequence[str] = ("av_digits",)) -> None:
+    """The arguments every study script takes: ``--seeds``, ``--epochs``, ``--out``, ``--no-progress`` and
+    ``--selection`` (a ``select_collapse_<dataset>.json`` file of ``collapse_study.py --stage select``, or the
+    folder that holds them)."""
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--out", default="results", help="folder for the JSON, markdown and PNG files")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--selection", default=None,
+                        help="the parameters chosen on validation: a select_collapse_<dataset>.json file of "
+                             "examples/collapse_study.py --stage select, or its folder")
+
+
+def chosen_parameters(selection: str, dataset: str) -> dict[str, float]:
+    """The parameters chosen on validation for ``dataset`` (``selection``: a file or a folder, see
+    :func:`add_run_arguments`). A clear error if that dataset was not selected."""
+    path = os.path.join(selection, f"select_collapse_{dataset}.json") if os.path.isdir(selection) else selection
+    with open(path) as f:
+        saved = json.load(f)
+    if dataset not in saved:
+        raise SystemExit(f"{path} holds the selection for {sorted(k for k in saved if k in DATASET_NAMES)}, "
+                         f"not {dataset!r}: run examples/collapse_study.py --stage select --datasets {dataset}.")
+    return saved[dataset]["chosen"]

@@ -6,7 +6,7 @@ Three stages:
 ``--stage calibrate`` finds a synthetic setting in which the weak modality is truly **under-learned** by joint
 training (the paper's premise; the ``dominant`` preset's weak modality is not: its joint probe equals its alone
 probe). For a grid of generator settings, per seed: each modality trained alone and the joint baseline; the weak
-encoder's linear probe (fitted on train, scored on test) alone and after joint training, the fused and each-alone
+encoder's linear probe (fitted on train, scored on validation) alone and after joint training, the fused and each-alone
 accuracies. Writes ``calibrate_underlearned.{json,md}``; the chosen row is the preset ``underlearned``.
 
 ``--stage select`` chooses the KD weight (CRD and in-batch) and EBR's adversarial weight lambda on **validation**
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -47,8 +48,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
+    DATASET_NAMES,
     AVDigitsNet,
+    HiddenFusion,
     UnimodalNet,
+    add_run_arguments,
+    chosen_parameters,
     collapse_terms,
     evaluate_unimodal,
     fit,
@@ -95,12 +100,12 @@ def calibrate(seeds: list[int], epochs: int, root: str, progress: bool) -> dict:
             for m, d in dims.items():
                 pl.seed_everything(seed, verbose=False)
                 model, _ = fit(UnimodalNet(m, d, num_classes=data.num_classes), data, [], epochs, f"{root}/c{i}{m}", progress)
-                r = evaluate_unimodal(model, data)
+                r = evaluate_unimodal(model, data, split="val")  # the preset is chosen on validation
                 out[f"alone_acc_{m}"], out[f"alone_probe_{m}"] = r["acc"], r[f"probe_{m}"]
             pl.seed_everything(seed, verbose=False)
             joint, _ = fit(AVDigitsNet(input_dims=dims, num_classes=data.num_classes), data, [], epochs,
                            f"{root}/c{i}joint", progress)
-            out.update(_scores(joint, data, "m1"))
+            out.update(_scores(joint, data, "m1", split="val"))
             per_seed.append(out)
         rows.append({"setting": setting, "seeds": per_seed})
         gap = statistics.mean(s["alone_probe_m1"] - s["probe_weak"] for s in per_seed)
@@ -124,19 +129,22 @@ def calibration_table(saved: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------- scoring
 @torch.no_grad()
-def _scores(model: AVDigitsNet, data, weak: str, substitution: bool = False) -> dict[str, float]:
-    """Test metrics of a joint model: fused accuracy, the weak encoder's probe, the fused effective rank, the head's
-    polysemanticity and the missing-rate curves (through ``fusion_inputs``, so EBR substitutes when its order is
-    fitted and ``substitution``)."""
+def _scores(model: AVDigitsNet, data, weak: str, substitution: bool = False, split: str = "test") -> dict[str, float]:
+    """Metrics of a joint model on ``split``: fused accuracy, the weak encoder's probe (fitted on train), the fused
+    effective rank, the head's polysemanticity and the missing-rate curves (through ``fusion_inputs``, so EBR
+    substitutes when its order is fitted and ``substitution``)."""
     model.eval()
-    test, train = data.splits["test"], data.splits["train"]
+    test, train = data.splits[split], data.splits["train"]
     names, y, c = list(model.modalities), test["target"], data.num_classes
     encoded = model.features(test)
     feats, _ = model.fusion_inputs(encoded)
     out = {"acc": float((model.fuse_features(feats).argmax(-1) == y).float().mean())}
     out["probe_weak"] = linear_probe_accuracy(model.features(train)[weak], train["target"], encoded[weak], y, c)
     out["erank"] = effective_rank(torch.cat([feats[m] for m in names], 1))
-    out["polysemantic"] = float(fusion_polysemanticity(model, feats, model.head)["mean"])
+    # the fusion neurons: the hidden layer of a HiddenFusion, else the linear head's logits
+    layer = model.head.act if isinstance(model.head, HiddenFusion) else model.head
+    poly = fusion_polysemanticity(model, feats, layer)
+    out["polysemantic"], out["polysemantic_fraction"] = float(poly["mean"]), float(poly["fraction"])
     positions = torch.arange(len(y))
     for which in (*names, "all"):
         curve = []
@@ -165,12 +173,14 @@ def references(dataset: str, seed: int, epochs: int, root: str, progress: bool):
 
 
 def train(method: str, data, weakest_first: list[str], seed: int, epochs: int, root: str, progress: bool,
-          value: float | None = None):
-    """The joint model of ``method`` (``value``: its searched parameter), restored to its best-validation epoch."""
+          value: float | None = None, fusion_hidden: int = 0):
+    """The joint model of ``method`` (``value``: its searched parameter; ``fusion_hidden``: the width of a hidden
+    fusion layer, 0 for the linear head), restored to its best-validation epoch."""
     kwargs = {GRIDS[method][0]: value} if value is not None else {}
     pl.seed_everything(seed, verbose=False)
     terms = collapse_terms(method, data, weakest_first, **kwargs)
-    model = AVDigitsNet(input_dims=dict(data.feature_dims), num_classes=data.num_classes, loss_terms=terms or None)
+    model = AVDigitsNet(input_dims=dict(data.feature_dims), num_classes=data.num_classes, loss_terms=terms or None,
+                        fusion_hidden=fusion_hidden)
     return fit(model, data, [], epochs, f"{root}/{method}_{value}", progress)
 
 
@@ -202,7 +212,8 @@ def choose(values_by_method: dict) -> dict[str, float]:
             for method, values in values_by_method.items() if method in GRIDS}
 
 
-def run(dataset: str, seed: int, chosen: dict[str, float], epochs: int, root: str, progress: bool) -> dict:
+def run(dataset: str, seed: int, chosen: dict[str, float], epochs: int, root: str, progress: bool,
+        fusion_hidden: int = 0) -> dict:
     data, alone, weakest_first = references(dataset, seed, epochs, root, progress)
     weak = weakest_first[0]
     test, train_split = data.splits["test"], data.splits["train"]
@@ -215,7 +226,7 @@ def run(dataset: str, seed: int, chosen: dict[str, float], epochs: int, root: st
                  "methods": {}}
     for method in METHODS:
         start = time.perf_counter()
-        model, best = train(method, data, weakest_first, seed, epochs, root, progress, chosen.get(method))
+        model, best = train(method, data, weakest_first, seed, epochs, root, progress, chosen.get(method), fusion_hidden)
         seconds = time.perf_counter() - start
         out["methods"][method] = {**_scores(model, data, weak), "val_acc": best, "fit_s": seconds}
         if method == "ebr":
@@ -311,7 +322,8 @@ def semantic_table(saved: dict) -> str:
 
 
 COLUMNS = [("acc", "fused acc"), ("probe_weak", "weak probe"), ("probe_gap", "weak probe − alone"),
-           ("erank", "fused erank"), ("polysemantic", "polysemanticity"), ("auc_missing/weak", "area, weak missing"),
+           ("erank", "fused erank"), ("polysemantic", "polysemanticity"),
+           ("polysemantic_fraction", "polysemantic neurons"), ("auc_missing/weak", "area, weak missing"),
            ("auc_missing/strong", "area, strong missing"), ("auc_missing/all", "area, all missing")]
 
 
@@ -320,7 +332,7 @@ def run_table(saved: dict) -> str:
     lines = ["| model | " + " | ".join(label for _, label in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
     alone = [seeds[s]["alone"] for s in seeds]
     lines.append(f"| weak modality alone | {mean_std([a['acc_' + seeds[s]['weak']] for s, a in zip(seeds, alone)])} | "
-                 f"{mean_std([a['probe_weak'] for a in alone])} | 0 | {mean_std([a['erank_weak'] for a in alone])} | – | – | – | – |")
+                 f"{mean_std([a['probe_weak'] for a in alone])} | 0 | {mean_std([a['erank_weak'] for a in alone])} | – | – | – | – | – |")
     for method in (*METHODS, "ebr + substitution"):
         cells = []
         for key, _ in COLUMNS:
@@ -331,7 +343,7 @@ def run_table(saved: dict) -> str:
                 if key == "probe_gap":
                     values.append(row["probe_weak"] - seeds[s]["alone"]["probe_weak"])
                 else:
-                    values.append(row[key.replace("/weak", f"/{weak}").replace("/strong", f"/{strong}")])
+                    values.append(row.get(key.replace("/weak", f"/{weak}").replace("/strong", f"/{strong}"), math.nan))
             cells.append(mean_std(values))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -342,13 +354,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stage", required=True, choices=["calibrate", "select", "run", "semantic"])
     parser.add_argument("--every", type=int, default=2, help="--stage semantic: diagnose every this many epochs")
     parser.add_argument("--extend", action="store_true", help="--stage select: add the EXTENDED values to the grids")
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=["av_digits", "synthetic", "underlearned"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--out", default="results")
-    parser.add_argument("--selection", default=None,
-                        help="folder of the select_collapse_<dataset>.json files of --stage select (default: --out)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASET_NAMES)
+    parser.add_argument("--fusion-hidden", type=int, default=0,
+                        help="--stage run: a hidden fusion layer of this width (the polysemanticity of its neurons); "
+                             "0: the linear head. The parameters stay those selected with the linear head")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     os.makedirs(args.out, exist_ok=True)
@@ -364,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
         with open(os.path.join(args.out, "calibrate_underlearned.json"), "w") as f:
             json.dump(saved, f, indent=1)
         with open(os.path.join(args.out, "calibrate_underlearned.md"), "w") as f:
-            f.write(f"`{command}` ({saved['seconds']:.0f} s; test split, mean ± std over seeds {args.seeds})\n\n{text}\n")
+            f.write(f"`{command}` ({saved['seconds']:.0f} s; validation split, mean ± std over seeds {args.seeds})\n\n{text}\n")
         print(text)
         return saved
     if args.stage == "select" and args.extend:
@@ -400,14 +410,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(dataset, "chosen on validation:", one[dataset]["chosen"])
             saved[dataset] = one[dataset]
         return saved
-    selection = {}
-    for dataset in args.datasets:
-        with open(os.path.join(args.selection or args.out, f"select_collapse_{dataset}.json")) as f:
-            selection[dataset] = json.load(f)[dataset]
+    chosen_by_dataset = {dataset: chosen_parameters(args.selection or args.out, dataset) for dataset in args.datasets}
     if args.stage == "semantic":
         saved = {"command": command, "epochs": args.epochs, "seeds": args.seeds, "datasets": {}}
         for dataset in args.datasets:
-            saved["datasets"][dataset] = {str(seed): semantic(dataset, seed, selection[dataset]["chosen"], args.epochs,
+            saved["datasets"][dataset] = {str(seed): semantic(dataset, seed, chosen_by_dataset[dataset], args.epochs,
                                                               args.every, root, progress) for seed in args.seeds}
         saved["seconds"] = time.perf_counter() - start
         stem = os.path.join(args.out, "semantic_loss")
@@ -425,16 +432,16 @@ def main(argv: list[str] | None = None) -> dict:
         return saved
     everything = {}
     for dataset in args.datasets:
-        chosen = selection[dataset]["chosen"]
+        chosen = chosen_by_dataset[dataset]
         saved = {"command": command, "dataset": dataset, "epochs": args.epochs, "chosen": chosen, "rates": RATES,
-                 "modalities": list(make_data(dataset, 0).modalities), "seeds": {}}
+                 "fusion_hidden": args.fusion_hidden, "modalities": list(make_data(dataset, 0).modalities), "seeds": {}}
         for seed in args.seeds:
-            saved["seeds"][str(seed)] = run(dataset, seed, chosen, args.epochs, root, progress)
+            saved["seeds"][str(seed)] = run(dataset, seed, chosen, args.epochs, root, progress, args.fusion_hidden)
             print(f"{dataset} seed {seed}: " + ", ".join(f"{m} {r['acc']:.3f}" for m, r in
                                                          saved["seeds"][str(seed)]["methods"].items()), flush=True)
         saved["seconds"] = time.perf_counter() - start
         text = run_table(saved)
-        stem = os.path.join(args.out, f"collapse_{dataset}")
+        stem = os.path.join(args.out, f"collapse_{dataset}" + (f"_hidden{args.fusion_hidden}" if args.fusion_hidden else ""))
         with open(stem + ".json", "w") as f:
             json.dump(saved, f, indent=1)
         with open(stem + ".md", "w") as f:

@@ -31,8 +31,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     COLLAPSE_METHODS,
+    DATASET_NAMES,
     AVDigitsNet,
     UnimodalNet,
+    add_run_arguments,
+    chosen_parameters,
     collapse_terms,
     fit,
     make_data,
@@ -131,24 +134,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["baseline", "kd_infonce", "ebr"], choices=METHODS)
     parser.add_argument("--betas", nargs="+", type=float, default=[0.0, 0.5, 1.0, 2.0, 4.0])
-    parser.add_argument("--dataset", default="av_digits", choices=["av_digits", "synthetic", "underlearned"])
-    parser.add_argument("--selection", default=None,
-                        help="select_collapse_<dataset>.json of examples/collapse_study.py --stage select: the KD weights and "
-                             "EBR's lambda chosen on validation (default: the terms' defaults)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--out", default="results")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--dataset", default="av_digits", choices=DATASET_NAMES)
+    add_run_arguments(parser)  # --selection: the KD weights and EBR's lambda (default: the terms' defaults)
     args = parser.parse_args(argv)
     if any(b < 0 for b in args.betas):
         parser.error("--betas must be >= 0 (0: plain training)")
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     seeds = {}
-    chosen = None
-    if args.selection:
-        with open(args.selection) as f:
-            chosen = json.load(f)[args.dataset]["chosen"]
+    chosen = chosen_parameters(args.selection, args.dataset) if args.selection else None
     root = tempfile.mkdtemp(prefix="rank_vs_beta_")  # the checkpoints of model selection stay out of --out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -37,7 +37,18 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AVDigitsNet, UnimodalNet, collapse_terms, fit, make_data, mean_std, setup_for  # noqa: E402
+from _common import (  # noqa: E402
+    DATASET_NAMES,
+    AVDigitsNet,
+    UnimodalNet,
+    add_run_arguments,
+    chosen_parameters,
+    collapse_terms,
+    fit,
+    make_data,
+    mean_std,
+    setup_for,
+)
 
 from lightning_balance import MMPareto, ModalityDropout, UMTLoss  # noqa: E402
 from lightning_balance.functional import curve_area, sweep_presence, uniform_noise  # noqa: E402
@@ -67,7 +78,7 @@ METHODS: dict[str, tuple[str, Callable[[], list[pl.Callback]], dict]] = {
     "ebr": ("ebr", lambda: [], {}),
     "ebr_substitution": ("ebr", lambda: [], {}),
 }
-EBR_LAMBDA = 0.01  # the default; examples/collapse_study.py --stage select chooses it (docs/results/select_collapse_<dataset>.json)
+EBR_LAMBDA = 0.01  # the term's default; --selection reads the one examples/collapse_study.py --stage select chose
 DEFAULT = ["baseline", "dropout_constant", "dropout_linear", "dropout_cosine", "dropout_adaptive", "cml", "mmpareto", "umt"]
 
 
@@ -207,21 +218,22 @@ def main(argv: list[str] | None = None) -> dict:
     global DROPOUT_P, EBR_LAMBDA
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=DEFAULT, choices=sorted(METHODS))
-    parser.add_argument("--dataset", default="av_digits", choices=["av_digits", "synthetic", "underlearned"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--dataset", default="av_digits", choices=DATASET_NAMES)
     parser.add_argument("--train-missing", nargs="+", type=float, default=[0.0, 0.3])
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--out", default="results")
-    parser.add_argument("--no-progress", action="store_true")
+    add_run_arguments(parser)
     parser.add_argument("--split", default="test", choices=["test", "val"],
                         help="score on test (the reported numbers) or on validation (choosing --dropout-p)")
     parser.add_argument("--dropout-p", type=float, default=None, help=f"p of the dropout methods (default {DROPOUT_P})")
     parser.add_argument("--tag", default="", help="added to the output file names (e.g. _ebr)")
     parser.add_argument("--ebr-lambda", type=float, default=None,
-                        help=f"EBR's adversarial weight (default {EBR_LAMBDA}; chosen by examples/collapse_study.py)")
+                        help=f"EBR's adversarial weight (default: the one chosen in --selection, else {EBR_LAMBDA})")
     args = parser.parse_args(argv)
+    if args.ebr_lambda is not None and args.selection:
+        parser.error("--ebr-lambda and --selection both set EBR's lambda: pass one.")
     if args.ebr_lambda is not None:
         EBR_LAMBDA = args.ebr_lambda
+    elif args.selection:
+        EBR_LAMBDA = chosen_parameters(args.selection, args.dataset)["ebr"]
     if args.dropout_p is not None:
         DROPOUT_P = args.dropout_p
     warnings.filterwarnings("ignore")

@@ -108,6 +108,32 @@ def test_a_non_finite_embedding_leaves_its_memory_row_alone():
     torch.testing.assert_close(memory[4], F.normalize(before[4] * 0.5 + emb[2] * 0.5, dim=0))
 
 
+def test_crds_normaliser_is_set_from_the_finite_rows_of_the_first_batch():
+    """The official CRD sets Z = mean(out) · n_data on its first batch. Every memory row is one vector v here, so
+    each score of row b is exp(s_b · v / T), whatever negatives are drawn; a NaN row is left out of the mean, a
+    batch with no finite row leaves Z unset, and a later batch does not move it."""
+    n, temp = 20, 0.07
+    term = CrossModalDistillation("audio", "visual", {"audio": 4, "visual": 4}, method="crd", num_samples=n,
+                                  feat_dim=3, nce_k=5, nce_t=temp, nce_m=0.5, negatives="uniform")
+    v = F.normalize(torch.tensor([1.0, 2.0, -1.0]), dim=0)
+    term.memory_student.copy_(v.expand(n, 3))
+    term.memory_visual.copy_(v.expand(n, 3))
+    s = F.normalize(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), dim=1)
+    t = F.normalize(torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), dim=1)
+    index, targets = torch.tensor([3, 7, 11, 15]), torch.zeros(4, dtype=torch.long)
+    term._crd(torch.full_like(s, float("nan")), torch.full_like(t, float("nan")), "visual", index, targets, False)
+    assert torch.equal(term.normalisers, torch.tensor([-1.0, -1.0]))  # no finite row: not set yet
+    s_nan = s.clone()
+    s_nan[1] = float("nan")
+    term._crd(s_nan, t, "visual", index, targets, False)
+    finite = torch.tensor([0, 2, 3])
+    want_s = torch.exp(s[finite] @ v / temp).mean() * n
+    want_t = torch.exp(t @ v / temp).mean() * n
+    torch.testing.assert_close(term.normalisers, torch.stack([want_s, want_t]))
+    term._crd(-s, -t, "visual", index, targets, False)  # other scores: Z stays the first batch's
+    torch.testing.assert_close(term.normalisers, torch.stack([want_s, want_t]))
+
+
 # ---------------------------------------------------------------------------------------------- stacking
 class Both(TinyAV):
     """Distillation and EBR in one model, in a given list order, trained with the callbacks of the Trainer. The terms

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -61,9 +62,12 @@ def test_diagnose_prints_a_verdict(tmp_path, examples_path, capsys):
 def test_robustness_runner_trains_with_a_missing_rate_and_sweeps(tmp_path, examples_path):
     import robustness
 
+    selection = tmp_path / "select_collapse_synthetic.json"  # EBR's lambda as collapse_study --stage select writes it
+    selection.write_text(json.dumps({"synthetic": {"chosen": {"kd_crd": 0.8, "kd_infonce": 5.0, "ebr": 0.7}}}))
     saved = robustness.main(["--methods", "baseline", "dropout_adaptive", "ebr_substitution", "--dataset", "synthetic",
                              "--epochs", "1", "--seeds", "0", "--train-missing", "0.3", "--no-progress", "--out",
-                             str(tmp_path)])
+                             str(tmp_path), "--selection", str(tmp_path)])
+    assert saved["ebr_lambda"] == 0.7
     rows = saved["runs"]["0.3"]["0"]
     assert set(rows) == {"baseline", "dropout_adaptive", "ebr_substitution"}
     assert 0.0 <= rows["ebr_substitution"]["auc_missing/all"] <= 1.0
@@ -127,3 +131,46 @@ def test_collapse_study_selects_runs_and_draws_the_semantic_loss(tmp_path, examp
     assert set(curves) == set(collapse_study.SEMANTIC_RUNS) and all(len(c) == 3 and c[0][1] > 0 for c in curves.values())
     assert "semantic loss by linear evaluation" in semantic["datasets"]["synthetic"]["0"]["verdict"]
     assert (tmp_path / "semantic_loss.png").stat().st_size > 1000
+
+
+def test_the_selection_of_another_dataset_is_refused_by_name(tmp_path, examples_path):
+    import _common
+
+    path = tmp_path / "select_collapse_av_digits.json"
+    path.write_text(json.dumps({"command": "...", "av_digits": {"chosen": {"ebr": 0.1}}}))
+    assert _common.chosen_parameters(str(path), "av_digits") == {"ebr": 0.1}
+    assert _common.chosen_parameters(str(tmp_path), "av_digits") == {"ebr": 0.1}  # the folder form
+    with pytest.raises(SystemExit, match=r"holds the selection for \['av_digits'\], not 'underlearned'.*--datasets "
+                                         r"underlearned"):
+        _common.chosen_parameters(str(path), "underlearned")
+
+
+@pytest.mark.timeout(300)
+def test_collapse_study_calibrates_on_validation_and_runs_with_a_hidden_fusion_layer(tmp_path, examples_path,
+                                                                                     monkeypatch):
+    """The calibration scores its probes on the validation split (the preset is chosen there, the test split is the
+    runs'); ``--fusion-hidden`` puts a hidden ReLU layer into the fusion and scores the polysemanticity of its
+    neurons, not of the logits."""
+    import collapse_study
+
+    setting = {"snr": [4.0, 2.5], "classes_seen": [10, 10], "noise_dims": [16, 240]}
+    monkeypatch.setattr(collapse_study, "CALIBRATION", [setting])
+    seen = []
+    scores = collapse_study._scores
+    monkeypatch.setattr(collapse_study, "_scores", lambda *a, **k: seen.append(k.get("split")) or scores(*a, **k))
+    common = ["--seeds", "0", "--epochs", "1", "--no-progress", "--out", str(tmp_path)]
+    saved = collapse_study.main(["--stage", "calibrate", *common])
+    assert seen == ["val"] and saved["rows"][0]["setting"] == setting
+    assert "validation split" in (tmp_path / "calibrate_underlearned.md").read_text()
+
+    selection = tmp_path / "select_collapse_synthetic.json"
+    selection.write_text(json.dumps({"synthetic": {"chosen": {"kd_crd": 0.8, "kd_infonce": 5.0, "ebr": 0.1}}}))
+    layers = []
+    poly = collapse_study.fusion_polysemanticity
+    monkeypatch.setattr(collapse_study, "fusion_polysemanticity",
+                        lambda model, feats, layer, **k: layers.append(layer) or poly(model, feats, layer, **k))
+    run = collapse_study.main(["--stage", "run", "--datasets", "synthetic", "--fusion-hidden", "16", *common])
+    rows = run["synthetic"]["seeds"]["0"]["methods"]
+    assert all(isinstance(layer, torch.nn.ReLU) for layer in layers) and len(layers) == len(rows)
+    assert all(0 <= r["polysemantic_fraction"] <= 1 and 0 <= r["polysemantic"] <= 1 for r in rows.values())
+    assert "polysemantic neurons" in (tmp_path / "collapse_synthetic_hidden16.md").read_text()

@@ -220,6 +220,50 @@ def test_semantic_loss_is_the_out_of_fold_probe_cross_entropy():
     assert values["semantic_loss/a"] < 0.6 < math.log(classes) < values["semantic_loss/b"]
 
 
+def test_semantic_loss_counts_the_views_of_one_sample_once():
+    """Every sample twice (two identical views, grouped by sample id): the same loss and standard error as the
+    samples once, not an SE too small by sqrt(2) as if the 2N rows were independent."""
+    g = torch.Generator().manual_seed(4)
+    n, classes = 160, 3
+    y = torch.randint(0, classes, (n,), generator=g)
+    feats = {"a": torch.nn.functional.one_hot(y, classes).float() + torch.randn(n, classes, generator=g),
+             "b": torch.randn(n, 4, generator=g)}
+
+    def fuse_subset(f, present):
+        return sum((f[m][:, :classes] if m in present else torch.zeros(len(f[m]), classes)) for m in ("a", "b"))
+
+    once = collapse_diagnostics(feats, y, fuse_subset, classes, bootstrap=0, vif=False)
+    twice_feats = {m: z.repeat_interleave(2, 0) for m, z in feats.items()}
+    ids = torch.arange(n).repeat_interleave(2)
+    grouped = collapse_diagnostics(twice_feats, y.repeat_interleave(2), fuse_subset, classes, bootstrap=0, vif=False,
+                                   groups=ids)
+    naive = collapse_diagnostics(twice_feats, y.repeat_interleave(2), fuse_subset, classes, bootstrap=0, vif=False)
+    for m in feats:  # the duplicated rows move the standardisation's n - 1 only: equal to 1e-2
+        assert grouped[f"semantic_loss/{m}"] == pytest.approx(once[f"semantic_loss/{m}"], rel=1e-2)
+        assert grouped[f"semantic_loss_se/{m}"] == pytest.approx(once[f"semantic_loss_se/{m}"], rel=2e-2)
+        assert naive[f"semantic_loss_se/{m}"] < 0.8 * grouped[f"semantic_loss_se/{m}"]
+
+
+def test_semantic_verdict_needs_the_difference_above_its_tolerance():
+    from lightning_balance.functional import imbalance_verdict
+
+    values = {"acc_fused": 0.9, "contribution/a": 0.2, "contribution/v": 0.7, "acc_without/a": 0.7,
+              "acc_without/v": 0.2, "probe/a": 0.45, "probe/v": 0.88, "semantic_loss/a": 1.13,
+              "semantic_loss_se/a": 0.001, "semantic_loss/v": 0.40, "semantic_loss_se/v": 0.01}
+    reference = {"a": (1.1, 0.001), "v": (0.9, 0.01)}
+    text = "\n".join(imbalance_verdict(values, ["a", "v"], alone_semantic_loss=reference))
+    # a: 0.03 nats higher, its interval far from 0, but under the 0.05 default
+    assert "(0.030 ± 0.003: no clear difference (within the tolerance 0.05 nats))" in text
+    assert "(-0.500 ± 0.028: lower than with its own loss)" in text
+    strict = "\n".join(imbalance_verdict(values, ["a", "v"], alone_semantic_loss=reference, semantic_tolerance=0.01))
+    assert "(0.030 ± 0.003: higher than with its own loss" in strict
+    noisy = dict(values, **{"semantic_loss_se/a": 0.2})
+    assert "no clear difference (its 95% interval includes 0)" in "\n".join(
+        imbalance_verdict(noisy, ["a", "v"], alone_semantic_loss=reference))
+    with pytest.raises(ValueError, match="semantic_tolerance"):
+        ModalityDiagnostics(semantic_tolerance=-1)
+
+
 def test_verdict_compares_the_semantic_loss_with_the_unimodal_baseline():
     from lightning_balance.functional import imbalance_verdict
 
@@ -251,6 +295,9 @@ def test_logged_keys_report_plot_and_every_n_epochs(tmp_path):
                 "semantic_gap_se/visual"):
         assert f"balance/diagnostics/{key}" in header, key
     assert os.path.exists(diag.plot_path) and os.path.getsize(diag.plot_path) > 1000
+    import matplotlib.pyplot as plt
+
+    assert plt.imread(diag.plot_path).shape[1] == 1650  # three panels (16.5 in at 100 dpi): the semantic loss's too
     report = diag.report()
     assert "audio encoder: linear probe" in report and "trained alone" in report and "| fused" in report
     assert "visual encoder: semantic loss by linear evaluation" in report and "with its own loss" in report

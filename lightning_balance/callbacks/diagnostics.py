@@ -179,6 +179,8 @@ class ModalityDiagnostics(ModalityMonitor):
             semantic loss of each modality's encoder trained with its own unimodal loss (the paper's "unimodal
             baseline"; e.g. this callback's ``semantic_loss/<m>`` in such a run), a loss or ``[loss, standard
             error]``. Drawn as a dotted line in the plot's semantic-loss panel.
+        semantic_tolerance: the smallest semantic-loss difference (nats) that the verdict calls higher or lower
+            than ``alone_semantic_loss`` (besides its 95% interval excluding 0).
     """
 
     diagnostics_prefix = "balance/diagnostics"
@@ -192,7 +194,8 @@ class ModalityDiagnostics(ModalityMonitor):
                  robustness_rates: Optional[Sequence[float]] = None,
                  noise_rates: Optional[Sequence[float]] = None, polysemantic_layer: Optional[str] = None,
                  polysemantic_threshold: float = 0.5,
-                 alone_semantic_loss: Optional[dict[str, Union[float, tuple[float, float]]]] = None) -> None:
+                 alone_semantic_loss: Optional[dict[str, Union[float, tuple[float, float]]]] = None,
+                 semantic_tolerance: float = 0.05) -> None:
         super().__init__(missing=missing, prefix=prefix)
         for name, value in (("robustness_rates", robustness_rates), ("noise_rates", noise_rates)):
             if value is not None and (isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")):
@@ -227,6 +230,8 @@ class ModalityDiagnostics(ModalityMonitor):
                              f"got {max_samples!r}.")
         if not is_number(tolerance) or not 0 <= tolerance < 1:
             raise ValueError(f"tolerance must be a number in [0, 1), got {tolerance!r}.")
+        if not is_number(semantic_tolerance) or semantic_tolerance < 0:
+            raise ValueError(f"semantic_tolerance must be a non-negative number of nats, got {semantic_tolerance!r}.")
         if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0 or bootstrap == 1:
             raise ValueError(f"bootstrap must be 0 (no standard errors) or an integer >= 2 (e.g. 1000), "
                              f"got {bootstrap!r}.")
@@ -251,6 +256,7 @@ class ModalityDiagnostics(ModalityMonitor):
         self.alone_probe = alone_probe
         self.alone_semantic_loss = alone_semantic_loss
         self.tolerance = float(tolerance)
+        self.semantic_tolerance = float(semantic_tolerance)
         self.bootstrap = bootstrap
         self.seed = seed
         self.sample_order = sample_order
@@ -555,7 +561,8 @@ class ModalityDiagnostics(ModalityMonitor):
         head = (f"Modality diagnostics ({where}, {int(values['samples'])} samples, "
                 f"{values['seconds/total']:.2f} s)")
         verdict = imbalance_verdict(values, modalities, self.alone_probe, self.tolerance,
-                                    alone_semantic_loss=self.alone_semantic_loss)
+                                    alone_semantic_loss=self.alone_semantic_loss,
+                                    semantic_tolerance=self.semantic_tolerance)
         table = diagnostics_table(values, modalities, self.alone_probe)
         lines = [head, table, *("  " + line for line in verdict)]
         if self.robustness_rates:

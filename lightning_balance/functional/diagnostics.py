@@ -574,7 +574,8 @@ def _reference(value: Reference) -> tuple[float, float]:
 
 def imbalance_verdict(values: Mapping[str, float], modalities: Sequence[str],
                       alone_probe: Optional[Mapping[str, Reference]] = None, tolerance: float = 0.02,
-                      z: float = Z95, alone_semantic_loss: Optional[Mapping[str, Reference]] = None) -> list[str]:
+                      z: float = Z95, alone_semantic_loss: Optional[Mapping[str, Reference]] = None,
+                      semantic_tolerance: float = 0.05) -> list[str]:
     r"""A short verdict a person can act on, from :func:`collapse_diagnostics` values, that reports a finding
     only when it is clearly larger than the noise of the samples it was measured on.
 
@@ -598,8 +599,9 @@ def imbalance_verdict(values: Mapping[str, float], modalities: Sequence[str],
       upper end of ``I(gap)`` is ``≤ tolerance``; otherwise no clear gap.
     * **semantic loss** (the collapse paper's Fig. 4): the probe line also gives ``semantic_loss/<m>``, the probe's
       out-of-fold cross-entropy, and, for each modality in ``alone_semantic_loss`` (a loss, or ``(loss, SE)``: the
-      same encoder trained with its own unimodal loss), the excess ``joint − alone`` with its interval; "higher
-      than alone" only when that interval is above 0.
+      same encoder trained with its own unimodal loss), the excess ``joint − alone`` with its interval; "higher"
+      (or "lower") than with its own loss only when that interval excludes 0 **and** the excess is larger than
+      ``semantic_tolerance`` nats in size; otherwise no clear difference, with the reason.
     """
     names = list(modalities)
     phi = {m: values[f"contribution/{m}"] for m in names}
@@ -678,9 +680,14 @@ def imbalance_verdict(values: Mapping[str, float], modalities: Sequence[str],
             if alone_semantic_loss and m in alone_semantic_loss:
                 ref, ref_se = _reference(alone_semantic_loss[m])
                 excess, excess_se = loss - ref, math.sqrt(loss_se**2 + ref_se**2)
-                state = ("higher than with its own loss: the fusion's gradient leaves it less decodable"
-                         if excess - z * excess_se > 0 else
-                         "lower than with its own loss" if excess + z * excess_se < 0 else "no clear difference")
+                if excess - z * excess_se > 0 and excess > semantic_tolerance:
+                    state = "higher than with its own loss: the fusion's gradient leaves it less decodable"
+                elif excess + z * excess_se < 0 and -excess > semantic_tolerance:
+                    state = "lower than with its own loss"
+                else:
+                    why = ("its 95% interval includes 0" if excess - z * excess_se <= 0 <= excess + z * excess_se
+                           else f"within the tolerance {semantic_tolerance:g} nats")
+                    state = f"no clear difference ({why})"
                 text += f" vs {pm(ref, ref_se)} with its own loss ({pm(excess, excess_se)}: {state})"
             lines.append(text + ".")
     if missing_se:
