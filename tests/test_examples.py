@@ -64,12 +64,14 @@ def test_robustness_runner_trains_with_a_missing_rate_and_sweeps(tmp_path, examp
 
     selection = tmp_path / "select_collapse_synthetic.json"  # EBR's lambda as collapse_study --stage select writes it
     selection.write_text(json.dumps({"synthetic": {"chosen": {"kd_crd": 0.8, "kd_infonce": 5.0, "ebr": 0.7}}}))
-    saved = robustness.main(["--methods", "baseline", "dropout_adaptive", "ebr_substitution", "--dataset", "synthetic",
+    saved = robustness.main(["--methods", "baseline", "dropout_adaptive", "ebr", "ebr_substitution", "--dataset", "synthetic",
                              "--epochs", "1", "--seeds", "0", "--train-missing", "0.3", "--no-progress", "--out",
                              str(tmp_path), "--selection", str(tmp_path)])
     assert saved["ebr_lambda"] == 0.7
     rows = saved["runs"]["0.3"]["0"]
-    assert set(rows) == {"baseline", "dropout_adaptive", "ebr_substitution"}
+    assert set(rows) == {"baseline", "dropout_adaptive", "ebr", "ebr_substitution"}
+    # the substitution scores the ebr model itself: the same complete-data accuracy and validation selection
+    assert rows["ebr_substitution"]["acc"] == rows["ebr"]["acc"] and rows["ebr_substitution"]["val_acc"] == rows["ebr"]["val_acc"]
     assert 0.0 <= rows["ebr_substitution"]["auc_missing/all"] <= 1.0
     for key in ("acc", "auc_missing/all", "auc_missing_mean_fill/m0", f"auc_noise/{saved['weakest']}"):
         assert 0.0 <= rows["baseline"][key] <= 1.0, key
