@@ -66,7 +66,6 @@ from lightning_balance.functional.pmr import (
 from lightning_balance.functional.probe import (
     fit_linear_probe,
     linear_probe_accuracy,
-    linear_probe_correct,
     linear_probe_outcomes,
 )
 from lightning_balance.functional.scores import present_sums, modality_scores, stack_modalities, true_class_probability
@@ -119,7 +118,6 @@ __all__ = [
     "scheduled_factor",
     "linear_cka",
     "linear_probe_accuracy",
-    "linear_probe_correct",
     "linear_probe_outcomes",
     "masked_accuracy_value",
     "modality_scores",

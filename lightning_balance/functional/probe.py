@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["fit_linear_probe", "linear_probe_accuracy", "linear_probe_correct", "linear_probe_outcomes"]
+__all__ = ["fit_linear_probe", "linear_probe_accuracy", "linear_probe_outcomes"]
 
 
 def fit_linear_probe(
@@ -58,20 +58,6 @@ def _fit(features: Tensor, targets: Tensor, num_classes: int, weight_decay: floa
     return weight.detach(), bias.detach(), mean, std
 
 
-def linear_probe_correct(
-    train_features: Tensor,
-    train_targets: Tensor,
-    test_features: Tensor,
-    test_targets: Tensor,
-    num_classes: int,
-    weight_decay: float = 1e-4,
-) -> Tensor:
-    """``(N_test,)`` bool: whether a linear probe fitted on ``train`` (frozen features) classifies each test
-    sample correctly (the per-sample outcomes an uncertainty of the probe's accuracy is computed from)."""
-    return linear_probe_outcomes(train_features, train_targets, test_features, test_targets, num_classes,
-                                 weight_decay)[0]
-
-
 def linear_probe_outcomes(
     train_features: Tensor,
     train_targets: Tensor,
@@ -99,5 +85,6 @@ def linear_probe_accuracy(
     weight_decay: float = 1e-4,
 ) -> float:
     """Accuracy on ``test`` of a linear probe fitted on ``train`` (frozen features)."""
-    correct = linear_probe_correct(train_features, train_targets, test_features, test_targets, num_classes, weight_decay)
+    correct = linear_probe_outcomes(train_features, train_targets, test_features, test_targets, num_classes,
+                                    weight_decay)[0]
     return float(correct.double().mean())
