@@ -334,17 +334,17 @@ def median_range(values: Sequence[float]) -> str:
     return _summarise(values, 2, lambda v: f"{statistics.median(v):.2f} ({min(v):.2f}–{max(v):.2f})")
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, datasets: Sequence[str] = ("av_digits",)) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, selection_default: str = "none") -> None:
     """The arguments every study script takes: ``--seeds``, ``--epochs``, ``--out``, ``--no-progress`` and
     ``--selection`` (a ``select_collapse_<dataset>.json`` file of ``collapse_study.py --stage select``, or the
-    folder that holds them)."""
+    folder that holds them; ``selection_default`` says in the help what the script does without it)."""
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", default="results", help="folder for the JSON, markdown and PNG files")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--selection", default=None,
                         help="the parameters chosen on validation: a select_collapse_<dataset>.json file of "
-                             "examples/collapse_study.py --stage select, or its folder")
+                             f"examples/collapse_study.py --stage select, or its folder (default: {selection_default})")
 
 
 def chosen_parameters(selection: str, dataset: str) -> dict[str, float]:

@@ -19,6 +19,8 @@ fused representation (the fusion's input), the cross-modal polysemanticity of th
 :func:`lightning_balance.functional.fusion_polysemanticity`), and the area under the missing-rate curve (each
 modality and all of them absent independently at test-time rates 0 to 0.5, zero fill; for ``ebr`` also the
 paper's substitution, ``ebr + substitution``, its order fitted on validation). Writes ``collapse_<dataset>.{json,md}``.
+With ``--fusion-hidden K`` the fusion has a hidden ReLU layer of K neurons (``HiddenFusion``), whose
+polysemanticity is scored instead of the logits'; it writes ``collapse_<dataset>_hidden<K>.{json,md}``.
 
     python examples/collapse_study.py --stage calibrate --seeds 0 1 --out docs/results
     python examples/collapse_study.py --stage select --seeds 0 1 2 --out docs/results
@@ -145,6 +147,7 @@ def _scores(model: AVDigitsNet, data, weak: str, substitution: bool = False, spl
     layer = model.head.act if isinstance(model.head, HiddenFusion) else model.head
     poly = fusion_polysemanticity(model, feats, layer)
     out["polysemantic"], out["polysemantic_fraction"] = float(poly["mean"]), float(poly["fraction"])
+    out["polysemantic_live"] = float(poly["live"])  # neurons that some removal moves (ReLU neurons can die)
     positions = torch.arange(len(y))
     for which in (*names, "all"):
         curve = []
@@ -342,8 +345,10 @@ def run_table(saved: dict) -> str:
                 strong = next(m for m in saved["modalities"] if m != weak)
                 if key == "probe_gap":
                     values.append(row["probe_weak"] - seeds[s]["alone"]["probe_weak"])
+                elif key == "polysemantic_fraction":  # not in the files of runs before it was added
+                    values.append(row.get(key, math.nan))
                 else:
-                    values.append(row.get(key.replace("/weak", f"/{weak}").replace("/strong", f"/{strong}"), math.nan))
+                    values.append(row[key.replace("/weak", f"/{weak}").replace("/strong", f"/{strong}")])
             cells.append(mean_std(values))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -358,8 +363,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fusion-hidden", type=int, default=0,
                         help="--stage run: a hidden fusion layer of this width (the polysemanticity of its neurons); "
                              "0: the linear head. The parameters stay those selected with the linear head")
-    add_run_arguments(parser)
+    add_run_arguments(parser, selection_default="--out")
     args = parser.parse_args(argv)
+    if args.fusion_hidden < 0:
+        parser.error(f"--fusion-hidden must be >= 0 (0: the linear head), got {args.fusion_hidden}.")
+    if args.fusion_hidden and args.stage != "run":
+        parser.error("--fusion-hidden is an option of --stage run (calibration, selection and the semantic stage use "
+                     "the linear head).")
     warnings.filterwarnings("ignore")
     os.makedirs(args.out, exist_ok=True)
     command = "python examples/collapse_study.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", default=["baseline", "kd_infonce", "ebr"], choices=METHODS)
     parser.add_argument("--betas", nargs="+", type=float, default=[0.0, 0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--dataset", default="av_digits", choices=DATASET_NAMES)
-    add_run_arguments(parser)  # --selection: the KD weights and EBR's lambda (default: the terms' defaults)
+    add_run_arguments(parser, selection_default="the terms' defaults")  # --selection: KD weights, EBR's lambda
     args = parser.parse_args(argv)
     if any(b < 0 for b in args.betas):
         parser.error("--betas must be >= 0 (0: plain training)")

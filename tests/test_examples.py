@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_balance.data import SyntheticCollapseDataModule
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -59,18 +61,23 @@ def test_diagnose_prints_a_verdict(tmp_path, examples_path, capsys):
 
 
 @pytest.mark.timeout(300)
-def test_robustness_runner_trains_with_a_missing_rate_and_sweeps(tmp_path, examples_path):
+def test_robustness_runner_trains_with_a_missing_rate_and_sweeps(tmp_path, examples_path, monkeypatch):
     import robustness
 
+    fits = []
+    fit = robustness.fit
+    monkeypatch.setattr(robustness, "fit", lambda model, *a, **k: fits.append(type(model).__name__) or fit(model, *a, **k))
     selection = tmp_path / "select_collapse_synthetic.json"  # EBR's lambda as collapse_study --stage select writes it
     selection.write_text(json.dumps({"synthetic": {"chosen": {"kd_crd": 0.8, "kd_infonce": 5.0, "ebr": 0.7}}}))
-    saved = robustness.main(["--methods", "baseline", "dropout_adaptive", "ebr", "ebr_substitution", "--dataset", "synthetic",
+    saved = robustness.main(["--methods", "baseline", "ebr_substitution", "dropout_adaptive", "ebr", "--dataset", "synthetic",
                              "--epochs", "1", "--seeds", "0", "--train-missing", "0.3", "--no-progress", "--out",
                              str(tmp_path), "--selection", str(tmp_path)])
     assert saved["ebr_lambda"] == 0.7
     rows = saved["runs"]["0.3"]["0"]
     assert set(rows) == {"baseline", "dropout_adaptive", "ebr", "ebr_substitution"}
-    # the substitution scores the ebr model itself: the same complete-data accuracy and validation selection
+    # one EBR fit for both EBR rows, whichever comes first in --methods: two modalities alone, three joint models
+    assert fits == ["UnimodalNet", "UnimodalNet", "AVDigitsNet", "AVDigitsNet", "AVDigitsNet"]
+    assert rows["ebr"].get("fit_shared") and not rows["ebr_substitution"].get("fit_shared")
     assert rows["ebr_substitution"]["acc"] == rows["ebr"]["acc"] and rows["ebr_substitution"]["val_acc"] == rows["ebr"]["val_acc"]
     assert 0.0 <= rows["ebr_substitution"]["auc_missing/all"] <= 1.0
     for key in ("acc", "auc_missing/all", "auc_missing_mean_fill/m0", f"auc_noise/{saved['weakest']}"):
@@ -80,6 +87,14 @@ def test_robustness_runner_trains_with_a_missing_rate_and_sweeps(tmp_path, examp
     assert "| 0.3 | dropout_adaptive |" in table and "area, all missing (mean fill)" in table
     assert (tmp_path / "robustness_synthetic.png").stat().st_size > 1000
     assert not list(tmp_path.glob("**/*.ckpt"))  # model selection's checkpoints stay out of --out
+
+
+def test_robustness_refuses_two_sources_of_ebrs_lambda(tmp_path, examples_path, capsys):
+    import robustness
+
+    with pytest.raises(SystemExit):
+        robustness.main(["--methods", "ebr", "--ebr-lambda", "0.1", "--selection", str(tmp_path)])
+    assert "--ebr-lambda and --selection both set EBR's lambda" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(300)
@@ -157,12 +172,26 @@ def test_collapse_study_calibrates_on_validation_and_runs_with_a_hidden_fusion_l
 
     setting = {"snr": [4.0, 2.5], "classes_seen": [10, 10], "noise_dims": [16, 240]}
     monkeypatch.setattr(collapse_study, "CALIBRATION", [setting])
-    seen = []
-    scores = collapse_study._scores
-    monkeypatch.setattr(collapse_study, "_scores", lambda *a, **k: seen.append(k.get("split")) or scores(*a, **k))
+    scored = []  # the targets every probe of the calibration is scored against
+
+    def probe(train_z, train_y, test_z, test_y, classes, *a):
+        scored.append(test_y.clone())
+        return linear_probe_accuracy(train_z, train_y, test_z, test_y, classes, *a)
+    import _common
+    from lightning_balance.functional import linear_probe_accuracy
+
+    monkeypatch.setattr(collapse_study, "linear_probe_accuracy", probe)
+    monkeypatch.setattr(_common, "linear_probe_accuracy", probe)
     common = ["--seeds", "0", "--epochs", "1", "--no-progress", "--out", str(tmp_path)]
     saved = collapse_study.main(["--stage", "calibrate", *common])
-    assert seen == ["val"] and saved["rows"][0]["setting"] == setting
+    assert saved["rows"][0]["setting"] == setting
+    data = SyntheticCollapseDataModule(num_samples=3000, seed=0, **setting)
+    data.setup()
+    val, test = data.splits["val"]["target"], data.splits["test"]["target"]
+    assert len(scored) == 3 and not torch.equal(val, test)  # m0 and m1 alone, m1 after joint training
+    assert all(torch.equal(y, val) for y in scored)
+    monkeypatch.setattr(collapse_study, "linear_probe_accuracy", linear_probe_accuracy)
+    monkeypatch.setattr(_common, "linear_probe_accuracy", linear_probe_accuracy)
     assert "validation split" in (tmp_path / "calibrate_underlearned.md").read_text()
 
     selection = tmp_path / "select_collapse_synthetic.json"

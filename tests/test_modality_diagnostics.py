@@ -260,8 +260,16 @@ def test_semantic_verdict_needs_the_difference_above_its_tolerance():
     noisy = dict(values, **{"semantic_loss_se/a": 0.2})
     assert "no clear difference (its 95% interval includes 0)" in "\n".join(
         imbalance_verdict(noisy, ["a", "v"], alone_semantic_loss=reference))
-    with pytest.raises(ValueError, match="semantic_tolerance"):
-        ModalityDiagnostics(semantic_tolerance=-1)
+    lower = dict(values, **{"semantic_loss/v": 0.87})  # 0.03 nats lower, clearly, but within the tolerance
+    assert "(-0.030 ± 0.028: no clear difference (within the tolerance 0.05 nats))" in "\n".join(
+        imbalance_verdict(lower, ["a", "v"], alone_semantic_loss=reference))
+    # the callback passes its own tolerance to the verdict
+    report = ModalityDiagnostics(semantic_tolerance=0.01, alone_semantic_loss={"a": [1.1, 0.001]}).format_report(
+        dict(values, samples=100, **{"seconds/total": 0.1}), ["a", "v"], 3)
+    assert "(0.030 ± 0.003: higher than with its own loss" in report
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="semantic_tolerance"):
+            ModalityDiagnostics(semantic_tolerance=bad)
 
 
 def test_verdict_compares_the_semantic_loss_with_the_unimodal_baseline():
@@ -297,7 +305,8 @@ def test_logged_keys_report_plot_and_every_n_epochs(tmp_path):
     assert os.path.exists(diag.plot_path) and os.path.getsize(diag.plot_path) > 1000
     import matplotlib.pyplot as plt
 
-    assert plt.imread(diag.plot_path).shape[1] == 1650  # three panels (16.5 in at 100 dpi): the semantic loss's too
+    height, width = plt.imread(diag.plot_path).shape[:2]
+    assert width / height > 3.6  # three panels (16.5 x 3.8 in), the semantic loss's too; two would be 11 x 3.8
     report = diag.report()
     assert "audio encoder: linear probe" in report and "trained alone" in report and "| fused" in report
     assert "visual encoder: semantic loss by linear evaluation" in report and "with its own loss" in report

@@ -230,7 +230,7 @@ class ModalityDiagnostics(ModalityMonitor):
                              f"got {max_samples!r}.")
         if not is_number(tolerance) or not 0 <= tolerance < 1:
             raise ValueError(f"tolerance must be a number in [0, 1), got {tolerance!r}.")
-        if not is_number(semantic_tolerance) or semantic_tolerance < 0:
+        if not is_number(semantic_tolerance) or not 0 <= semantic_tolerance < math.inf:
             raise ValueError(f"semantic_tolerance must be a non-negative number of nats, got {semantic_tolerance!r}.")
         if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0 or bootstrap == 1:
             raise ValueError(f"bootstrap must be 0 (no standard errors) or an integer >= 2 (e.g. 1000), "

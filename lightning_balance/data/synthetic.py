@@ -40,8 +40,8 @@ __all__ = ["PRESETS", "MultimodalTensorDataset", "SyntheticCollapseDataModule", 
 #:   one (the premise of the collapse paper and of most balancing methods): ``m0`` is strong (snr 4), ``m1`` is
 #:   weaker (snr 2.5) and carries 240 pure-noise dimensions that its encoder has to learn to suppress. Calibrated
 #:   with ``examples/collapse_study.py --stage calibrate`` (docs/results/calibrate_underlearned.md: the largest gap
-#:   of the grid; ``m1``'s linear probe 0.66 trained alone, 0.43 after joint training; ``m0`` alone 0.95, fused
-#:   0.96, against 0.98 when ``m1`` has 16 noise dimensions). The ``dominant`` preset's weak modality is *not*
+#:   of the grid, on validation; ``m1``'s linear probe 0.65 trained alone, 0.44 after joint training; ``m0`` alone
+#:   0.96, fused 0.97, against 0.99 when ``m1`` has 16 noise dimensions). The ``dominant`` preset's weak modality is *not*
 #:   under-learned (its probe is the same alone and joint), because a random encoder already reads it.
 #: * ``"many"``: eight modalities for scaling studies: one easy coarse modality (snr 4, 5 groups)
 #:   and seven weak full-label modalities (snr 1). To sweep M = 2..8 use scalar ``snr`` /
