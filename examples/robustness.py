@@ -224,6 +224,42 @@ def plot(saved: dict, methods: list[str], path: str) -> None:
     plt.close(fig)
 
 
+def render(paths: list[str], methods: list[str], stem: str, command: str) -> dict:
+    """One table and plot from several saved runs of one dataset and split: their runs merged per training missing
+    rate, seed and method (a method saved twice must have the same values: the runs are deterministic)."""
+    merged: dict = {}
+    for path in paths:
+        with open(path) as f:
+            one = json.load(f)
+        for key in ("modalities", "weakest", "split", "rates", "noise"):
+            if merged.setdefault(key, one.get(key)) != one.get(key):
+                raise SystemExit(f"{path}: its {key} {one.get(key)!r} differs from the first file's {merged[key]!r}; "
+                                 f"only runs of one dataset and split merge.")
+        merged.setdefault("sources", []).append({"path": path, "command": one["command"]})
+        for rate, by_seed in one["runs"].items():
+            for seed, rows in by_seed.items():
+                target = merged.setdefault("runs", {}).setdefault(rate, {}).setdefault(seed, {})
+                for method, row in rows.items():
+                    if method in target and target[method]["acc"] != row["acc"]:
+                        raise SystemExit(f"{path}: {method} (train missing {rate}, seed {seed}) differs from an "
+                                         f"earlier file's; merge runs of one protocol only.")
+                    target[method] = row
+    lacking = sorted({m for m in methods if not any(m in rows for by_seed in merged["runs"].values()
+                                                    for rows in by_seed.values())})
+    if lacking:
+        raise SystemExit(f"--methods {lacking} are in none of the files {paths}.")
+    text = table(merged, methods)
+    sources = "; ".join(f"`{s['command']}`" for s in merged["sources"])
+    with open(stem + ".md", "w") as f:
+        f.write(f"`{command}`, from {sources}\n\n{text}\n")
+    print(text)
+    try:
+        plot(merged, methods, stem + ".png")
+    except ImportError:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)", file=sys.stderr)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> dict:
     global DROPOUT_P, EBR_LAMBDA
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,7 +273,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tag", default="", help="added to the output file names (e.g. _ebr)")
     parser.add_argument("--ebr-lambda", type=float, default=None,
                         help=f"EBR's adversarial weight (default: the one chosen in --selection, else {EBR_LAMBDA})")
+    parser.add_argument("--render", nargs="+", metavar="JSON",
+                        help="train nothing: merge saved runs (e.g. the baselines' and EBR's) into one table and plot "
+                             "of --methods, written as robustness_<dataset><tag>.{md,png} in --out")
     args = parser.parse_args(argv)
+    if args.render:
+        return render(args.render, args.methods, os.path.join(args.out, f"robustness_{args.dataset}{args.tag}"),
+                      "python examples/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     if args.ebr_lambda is not None and args.selection:
         parser.error("--ebr-lambda and --selection both set EBR's lambda: pass one.")
     if args.ebr_lambda is not None:

@@ -88,6 +88,29 @@ def test_robustness_runner_trains_with_a_missing_rate_and_sweeps(tmp_path, examp
     assert (tmp_path / "robustness_synthetic.png").stat().st_size > 1000
     assert not list(tmp_path.glob("**/*.ckpt"))  # model selection's checkpoints stay out of --out
 
+    # --render merges saved runs: the EBR rows from one file, the baseline from another
+    first = json.loads((tmp_path / "robustness_synthetic.json").read_text())
+    ebr_only, baseline_only = json.loads(json.dumps(first)), json.loads(json.dumps(first))
+    for rows_by_seed, keep in ((ebr_only, ("ebr", "ebr_substitution")), (baseline_only, ("baseline",))):
+        rows_by_seed["runs"]["0.3"]["0"] = {m: r for m, r in rows_by_seed["runs"]["0.3"]["0"].items() if m in keep}
+    (tmp_path / "a.json").write_text(json.dumps(ebr_only))
+    (tmp_path / "b.json").write_text(json.dumps(baseline_only))
+    merged = robustness.main(["--render", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--dataset", "synthetic",
+                              "--methods", "baseline", "ebr", "ebr_substitution", "--tag", "_merged", "--out",
+                              str(tmp_path)])
+    assert merged["runs"]["0.3"]["0"]["baseline"] == rows["baseline"] and merged["runs"]["0.3"]["0"]["ebr"] == rows["ebr"]
+    text = (tmp_path / "robustness_synthetic_merged.md").read_text()
+    assert "| 0.3 | baseline |" in text and "| 0.3 | ebr_substitution |" in text
+    assert "from `python examples/robustness.py --methods baseline ebr_substitution" in text  # the sources' command
+    baseline_only["runs"]["0.3"]["0"]["baseline"]["acc"] += 0.1  # another protocol's baseline: refused
+    (tmp_path / "c.json").write_text(json.dumps(baseline_only))
+    with pytest.raises(SystemExit, match="differs from an earlier file"):
+        robustness.main(["--render", str(tmp_path / "b.json"), str(tmp_path / "c.json"), "--dataset", "synthetic",
+                         "--methods", "baseline", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"\['umt'\] are in none of the files"):
+        robustness.main(["--render", str(tmp_path / "a.json"), "--dataset", "synthetic", "--methods", "umt",
+                         "--out", str(tmp_path)])
+
 
 def test_robustness_refuses_two_sources_of_ebrs_lambda(tmp_path, examples_path, capsys):
     import robustness
