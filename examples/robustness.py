@@ -231,6 +231,7 @@ def render(paths: list[str], methods: list[str], stem: str, command: str) -> dic
     for path in paths:
         with open(path) as f:
             one = json.load(f)
+        one.setdefault("split", "test")  # files written before the split was saved scored on test
         for key in ("modalities", "weakest", "split", "rates", "noise"):
             if merged.setdefault(key, one.get(key)) != one.get(key):
                 raise SystemExit(f"{path}: its {key} {one.get(key)!r} differs from the first file's {merged[key]!r}; "
