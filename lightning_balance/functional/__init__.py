@@ -32,6 +32,7 @@ from lightning_balance.functional.diagnostics import (
     variance_inflation,
 )
 from lightning_balance.functional.dropout import adaptive_probabilities, drop_modalities, scheduled_factor
+from lightning_balance.functional.opm import opm_drop, opm_drop_probabilities, opm_scale
 from lightning_balance.functional.polysemantic import (
     fusion_polysemanticity,
     layer_ablation_changes,
@@ -87,6 +88,9 @@ __all__ = [
     "effective_rank",
     "fisher_trace_increment",
     "fit_linear_probe",
+    "opm_drop",
+    "opm_drop_probabilities",
+    "opm_scale",
     "floor_weights",
     "gblend_weights",
     "ge_noise_std",
