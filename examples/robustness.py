@@ -163,7 +163,7 @@ def run(dataset: str, seed: int, train_missing: float, methods: list[str], epoch
             model, best = fit(AVDigitsNet(input_dims=dims, num_classes=classes, **model_kwargs), data, callbacks(),
                               epochs, f"{root}/{method}", progress)
             seconds = time.perf_counter() - start
-            if setup == "ebr":
+            if setup == "ebr" and {"ebr", "ebr_substitution"} <= set(methods):  # the other EBR row comes later
                 trained["ebr"] = (copy.deepcopy(model), best, seconds)
         substitute = method == "ebr_substitution"
         if substitute:  # the ranking of the modalities by their bases' similarity, fitted on validation

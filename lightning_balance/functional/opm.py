@@ -51,18 +51,23 @@ def opm_drop_probabilities(scores: Tensor, q_base: float = 0.5, lam: float = 0.5
     return torch.where(lead > 0, q_base * (1.0 + lam * lead), torch.zeros_like(lead)).clamp(0.0, 1.0)
 
 
-def opm_scale(q: Tensor, dims: Sequence[int] | Tensor) -> Tensor:
-    """``1 / (1 − θ)`` with ``θ = Σ d_m q_m / Σ d_m``: the one factor of every kept feature (a 0-d tensor)."""
-    d = torch.as_tensor(dims, dtype=q.dtype, device=q.device)
-    if d.shape != q.shape or (d <= 0).any():
-        raise ValueError(f"dims must give one positive width per modality ({tuple(q.shape)}), got {dims!r}.")
+def opm_scale(q: Tensor, dims: Sequence[int]) -> Tensor:
+    """``1 / (1 − θ)`` with ``θ = Σ d_m q_m / Σ d_m``: the one factor of every kept feature (a 0-d tensor).
+
+    ``θ < 1`` whenever ``q`` comes from :func:`opm_drop_probabilities` (the modality of the lowest score never
+    leads the mean of the others, so its ``q`` is 0). A ``q`` of all ones is refused where that costs no host sync
+    (a CPU tensor)."""
+    widths = [int(d) for d in dims]
+    if len(widths) != q.numel() or min(widths, default=0) <= 0:
+        raise ValueError(f"dims must give one positive width per modality ({q.numel()}), got {dims!r}.")
+    d = torch.tensor(widths, dtype=q.dtype, device=q.device)
     theta = (d * q).sum() / d.sum()
-    if theta >= 1:
+    if q.device.type == "cpu" and theta >= 1:
         raise ValueError(f"every feature would be dropped (theta = {float(theta):g}): lower q_base or lam.")
     return 1.0 / (1.0 - theta)
 
 
-def opm_drop(features: Mapping[str, Tensor], uniform: Tensor, q: Tensor, dims: Sequence[int] | Tensor,
+def opm_drop(features: Mapping[str, Tensor], uniform: Tensor, q: Tensor, dims: Sequence[int],
              present: Optional[Tensor] = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """One dropping step (the official ``execute_drop``, once the batch's ``p_exe`` draw said drop).
 
