@@ -4,6 +4,7 @@ from lightning_balance._distributed import UnsupportedStrategyError
 from lightning_balance.callbacks import (
     AGM,
     OGMGE,
+    OPM,
     GradientBalancingCallback,
     GradientBlending,
     InfoReg,
@@ -42,6 +43,7 @@ __all__ = [
     "LossTerms",
     "AGM",
     "OGMGE",
+    "OPM",
     "ReconstructionLoss",
     "GradientBalancingCallback",
     "GradientBlending",

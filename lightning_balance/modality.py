@@ -486,6 +486,10 @@ class MultimodalMixin(ObjectivesMixin):
                 mask = tap(self, mask, first.shape[0], first.device)
         extras: dict[str, Any] = {}
         adapted, mask = self._adapt_features({m: features[m] for m in spec.names}, mask, extras)
+        for hook in hooks:  # e.g. OPM: drops the leading modality, scored on these features, and rescales
+            tap = getattr(hook, "tap_inputs", None)
+            if tap is not None:
+                adapted, mask = tap(self, adapted, targets, mask)
         ordered = fill_absent(adapted, mask, spec.missing, self._missing_fill())
         extras["present"] = mask  # for hooks that run subset passes (AGM)
         for hook in hooks:
@@ -527,7 +531,10 @@ class MultimodalMixin(ObjectivesMixin):
 
         ``hook.tap_presence(module, present, n, device) -> present`` (optional) runs first and may change
         the presence mask (``{modality: (N,) bool}`` or ``None``; modality dropout removes modalities
-        through it). ``hook.tap_features(module, features, targets, extras) -> features`` (optional) runs before the
+        through it). ``hook.tap_inputs(module, features, targets, present) -> (features, present)`` (optional) runs
+        next, on the fusion's inputs before the fill (after the feature adapters), and may change both (OPM scores
+        the modalities on these features, drops the leading one through the mask and rescales the rest).
+        ``hook.tap_features(module, features, targets, extras) -> features`` (optional) runs before the
         fusion and may wrap the features (e.g. in a gradient tap); ``hook.tap_logits(module, features,
         targets, logits, extras) -> logits`` (optional) runs after it. ``extras`` is a dict stored on the
         step's :class:`ModalityRecord`; while the hooks run, ``extras["present"]`` holds the step's presence

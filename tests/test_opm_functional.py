@@ -66,3 +66,13 @@ def test_bad_shapes_and_parameters_are_named():
         opm_drop({"a": torch.ones(2, 1), "v": torch.ones(2, 1)}, torch.ones(2, 3), torch.zeros(2), [1, 1])
     with pytest.raises(ValueError, match="q_base must be in"):
         opm_drop_probabilities(torch.tensor([1.0, 2.0]), q_base=1.5)
+
+
+def test_rescue_keeps_the_present_modalities_of_a_sample_that_would_lose_all():
+    present = torch.tensor([[True, False], [True, True], [True, True]])
+    uniform = torch.tensor([[0.1, 0.9], [0.1, 0.9], [0.1, 0.1]])
+    q = torch.tensor([0.5, 0.2])
+    _, keep, survivors = opm_drop({"a": torch.ones(3, 2), "v": torch.ones(3, 2)}, uniform, q, [2, 2], present,
+                                  rescue=True)
+    # row 0 had only a, dropped: kept; row 1 kept v; row 2 dropped both: keeps both
+    assert keep.tolist() == [[True, False], [False, True], [True, True]] and survivors.all()

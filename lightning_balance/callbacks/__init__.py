@@ -9,6 +9,7 @@ from lightning_balance.callbacks.inforeg import InfoReg
 from lightning_balance.callbacks.mmpareto import MMPareto
 from lightning_balance.callbacks.monitor import ModalityMonitor
 from lightning_balance.callbacks.ogm_ge import OGMGE
+from lightning_balance.callbacks.opm import OPM
 from lightning_balance.callbacks.pmr import PMR
 
-__all__ = ["AGM", "GradientBalancingCallback", "GradientBlending", "InfoReg", "MMPareto", "ModalityDiagnostics", "ModalityDropout", "ModalityMonitor", "NonFiniteStatisticsError", "OGMGE", "PMR", "StepStatistics"]
+__all__ = ["AGM", "GradientBalancingCallback", "GradientBlending", "InfoReg", "MMPareto", "ModalityDiagnostics", "ModalityDropout", "ModalityMonitor", "NonFiniteStatisticsError", "OGMGE", "OPM", "PMR", "StepStatistics"]

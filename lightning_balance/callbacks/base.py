@@ -454,7 +454,7 @@ class GradientBalancingCallback(Callback, abc.ABC):
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
-        if hasattr(self, "tap_features") or hasattr(self, "tap_logits") or hasattr(self, "tap_presence"):
+        if any(hasattr(self, tap) for tap in ("tap_presence", "tap_inputs", "tap_features", "tap_logits")):
             self._hook_handle = pl_module.register_fuse_hook(self)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

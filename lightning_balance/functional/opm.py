@@ -16,8 +16,10 @@ with probability :math:`1 - q_m`, and every kept feature is scaled by one factor
 
 .. math:: z'_{i,m} = \frac{k_{i,m}\, z_{i,m}}{1 - \theta}, \qquad \theta = \frac{\sum_m d_m q_m}{\sum_m d_m}
 
-(:math:`d_m` the feature widths: the width-weighted mean drop rate, not a per-modality inverted dropout). A sample
-that lost every modality leaves the batch (its loss is not computed). For two modalities :math:`\rho` is the
+(:math:`d_m` the feature widths: the width-weighted mean drop rate, not a per-modality inverted dropout). In the
+official code a sample that lost every modality leaves the batch (its loss is not computed); ``rescue=True`` keeps
+such a sample's present modalities instead. With every modality present this never happens: the modality of the
+lowest score never leads the mean of the others, so its ``q`` is 0 and it is always kept. For two modalities :math:`\rho` is the
 paper's ratio exactly; for ``M > 2`` the mean of the others is ours (the official code has two modalities).
 """
 
@@ -68,7 +70,7 @@ def opm_scale(q: Tensor, dims: Sequence[int]) -> Tensor:
 
 
 def opm_drop(features: Mapping[str, Tensor], uniform: Tensor, q: Tensor, dims: Sequence[int],
-             present: Optional[Tensor] = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+             present: Optional[Tensor] = None, rescue: bool = False) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """One dropping step (the official ``execute_drop``, once the batch's ``p_exe`` draw said drop).
 
     Args:
@@ -79,6 +81,8 @@ def opm_drop(features: Mapping[str, Tensor], uniform: Tensor, q: Tensor, dims: S
         dims: the feature widths ``d_m`` of the rescaling.
         present: optional ``(N, M)`` bool presence: an absent modality is never kept (its features are the fill
             and stay out of the decision of which samples survive).
+        rescue: a sample that would keep none of its present modalities keeps them all (it survives), instead of
+            leaving the batch. Only a sample whose never-dropped modalities are all absent can need it.
 
     Returns:
         ``(features', keep, survivors)``: the dropped and rescaled features of every sample (select
@@ -92,6 +96,9 @@ def opm_drop(features: Mapping[str, Tensor], uniform: Tensor, q: Tensor, dims: S
     keep = uniform >= q.to(uniform.dtype)
     if present is not None:
         keep = keep & present.to(keep.device)
+    if rescue:
+        everything = torch.ones_like(keep) if present is None else present.to(keep.device)
+        keep = torch.where(keep.any(1, keepdim=True), keep, everything)
     scale = opm_scale(q, dims)
     out = {}
     for i, m in enumerate(names):
