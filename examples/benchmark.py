@@ -59,6 +59,7 @@ from _common import (  # noqa: E402
 from lightning_balance import (  # noqa: E402
     AGM,
     OGMGE,
+    OPM,
     PMR,
     GradientBlending,
     InfoReg,
@@ -90,6 +91,8 @@ METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
     "uni_losses_split": lambda: [],
     "mmpareto": lambda: [MMPareto(gamma=2.0)],
     "gblend": lambda: [GradientBlending(every_n_epochs=20)],
+    # the remaining survey methods (issue 14)
+    "opm": lambda: [OPM(q_base=0.5)],
     # loss terms and heads
     "cml": lambda: [],
     "mmcosine": lambda: [],

@@ -33,6 +33,7 @@ from lightning_balance import (  # noqa: E402
     GradientBlending,
     InfoReg,
     MMPareto,
+    OPM,
     ReconstructionLoss,
 )
 from lightning_balance.data import AVDigitsDataModule  # noqa: E402
@@ -48,6 +49,9 @@ SEARCH: dict[str, tuple[str, list[float], Callable[[float], list[pl.Callback]]]]
     "pmr": ("alpha", [0.2, 0.6, 1.0, 2.0], lambda v: [PMR(alpha=v)]),
     "mmpareto": ("gamma", [1.0, 1.5, 2.0], lambda v: [MMPareto(gamma=v)]),
     "gblend": ("every_n_epochs", [5, 10, 20], lambda v: [GradientBlending(every_n_epochs=int(v))]),
+    # OPM: the base drop probability of the leading modality (official script 0.5, config 0.4); lam, p_exe and the
+    # 6-epoch warm-up as published
+    "opm": ("q_base", [0.2, 0.4, 0.5, 0.7], lambda v: [OPM(q_base=v)]),
     # loss terms and heads: the value goes into the model (see MODEL_PARAMETER)
     # CML's rank_weight is the official beta/100 with the official batch-summed ranking term (beta 10: 0.1;
     # the official batch script tries beta 10, 20, 50, 75)
