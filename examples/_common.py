@@ -23,6 +23,7 @@ from lightning_balance import (
     CosineHead,
     CrossModalDistillation,
     ExplicitBasisReallocation,
+    LFMLoss,
     MultimodalMixin,
     ReconstructionLoss,
 )
@@ -139,6 +140,7 @@ def _feature_dims(input_dims: dict[str, int]) -> dict[str, int]:
 # How each benchmark method's joint model and data differ from the baseline's: method -> function of the
 # dataset's input dims returning (model kwargs, datamodule kwargs). Shared by the benchmark runner and the
 # validation search. Loss terms are factories, built only when a model is made (after the seed is set).
+LFM_HORIZON = 40  # chosen on AV-Digits validation (docs/results.md)
 SETUPS: dict[str, Callable[[dict[str, int]], tuple[dict, dict]]] = {
     "uni_losses": lambda dims: ({"aux_heads": True, "unimodal_losses": True}, {}),
     # InfoReg's published objective: the unimodal losses of the split head (no auxiliary heads); alone, as a control
@@ -155,6 +157,10 @@ SETUPS: dict[str, Callable[[dict[str, int]], tuple[dict, dict]]] = {
                                  {}),
     "reconstruction": lambda dims: ({"loss_terms": lambda: [ReconstructionLoss(_feature_dims(dims), dict(dims),
                                                                                weight=0.03)]}, {}),
+    # LFM (issue 14): the official fitted schedule, its 200 epochs stretched over `horizon` epochs (selected); the
+    # learnable schedule with the official constants on the first 8 held-out training samples
+    "lfm": lambda dims: ({"loss_terms": lambda: [LFMLoss(horizon=LFM_HORIZON)]}, {}),
+    "lfm_learnable": lambda dims: ({"loss_terms": lambda: [LFMLoss(schedule="learnable")]}, {"holdout_fraction": 0.1}),
 }
 
 

@@ -92,7 +92,9 @@ METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
     "mmpareto": lambda: [MMPareto(gamma=2.0)],
     "gblend": lambda: [GradientBlending(every_n_epochs=20)],
     # the remaining survey methods (issue 14)
-    "opm": lambda: [OPM(q_base=0.5)],
+    "opm": lambda: [OPM(q_base=0.85)],
+    "lfm": lambda: [],  # loss terms: see _common.SETUPS
+    "lfm_learnable": lambda: [],
     # loss terms and heads
     "cml": lambda: [],
     "mmcosine": lambda: [],
@@ -111,7 +113,8 @@ UMT_WEIGHT = 10.0  # BalanceBenchmark's lambda; not tuned
 
 # every method on main, and the stacked combinations the docs report ("--methods all")
 ALL = ["baseline", "ogm_ge", "ogm", "inforeg", "inforeg_variant", "agm", "pmr", "uni_losses", "uni_losses_split",
-       "mmpareto", "gblend", "cml", "mmcosine", "contrastive", "reconstruction", "umt", "ogm_ge+cml", "ogm_ge+umt", "pmr+cml"]
+       "mmpareto", "gblend", "cml", "mmcosine", "contrastive", "reconstruction", "umt", "ogm_ge+cml", "ogm_ge+umt", "pmr+cml",
+       "opm", "lfm", "lfm_learnable"]
 
 
 def _check_method(name: str) -> str:

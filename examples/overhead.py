@@ -30,6 +30,7 @@ from _common import AVDigitsNet, mlp  # noqa: E402
 from lightning_balance import (  # noqa: E402
     AGM,
     OGMGE,
+    OPM,
     PMR,
     CMLLoss,
     ContrastiveLoss,
@@ -183,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="only the collapse paper's KD and EBR terms (writes overhead_collapse.json)")
     parser.add_argument("--only-dropout", action="store_true",
                         help="only modality dropout against plain training (writes overhead_dropout.json)")
+    parser.add_argument("--only-survey", action="store_true",
+                        help="only the survey methods of issue 14 (OPM, ...) against plain training "
+                             "(writes overhead_survey.json)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
@@ -233,6 +237,14 @@ def main(argv: list[str] | None = None) -> None:
                                                              feature_dim=512), {f"m{i}": 128 for i in range(4)}, 128,
                    dropout)]
 
+    if args.only_survey:  # forward-pass methods: the A arm trains plainly, the B arm with the method (same model, batches)
+        survey = {"OPM p_exe=0.7": lambda: [OPM(start_epoch=0, seed=0, log_metrics=False)],
+                  "OPM p_exe=1": lambda: [OPM(start_epoch=0, p_exe=1.0, seed=0, log_metrics=False)]}
+        four = {f"m{i}": 128 for i in range(4)}
+        setups = [("AV-Digits MLP", lambda: AVDigitsNet(input_dims=av), av, 64, survey),
+                  ("synthetic MLP, M=4", lambda: AVDigitsNet(input_dims=four, hidden=2048, feature_dim=512), four, 128,
+                   survey)]
+
     rows = []
     # loss terms: the same model with and without its terms (A/B within one fit)
     def term_factories(dims: dict[str, int], feature_dim: int) -> dict[str, Callable[[], list]]:
@@ -252,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                 epochs_per_teacher=1 if len(names) > 2 else None)],
                 "EBR": lambda: [ExplicitBasisReallocation(feats, interleave_epochs=None)]}
 
-    for name, dims, hidden, feature_dim, batch in (() if args.only_dropout else (
+    for name, dims, hidden, feature_dim, batch in (() if args.only_dropout or args.only_survey else (
             ("AV-Digits MLP", av, 256, 128, 64), ("synthetic MLP, M=2", {"m0": 128, "m1": 128}, 2048, 512, 128))):
         for term, make in term_factories(dims, feature_dim).items():
             if args.only_collapse and not term.startswith(("KD", "EBR")):
@@ -290,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     rng_ms = 1e3 * statistics.median(draws[1:])
     print(f"\nGaussian draw of 5M float32 elements (torch normal_, this device): {rng_ms:.1f} ms")
     name = ("overhead_terms.json" if args.only_terms else "overhead_dropout.json" if args.only_dropout
+            else "overhead_survey.json" if args.only_survey
             else "overhead_collapse.json" if args.only_collapse else "overhead.json")
     with open(os.path.join(args.out, name), "w") as f:
         json.dump({"command": "python examples/overhead.py " + " ".join(argv or sys.argv[1:]),

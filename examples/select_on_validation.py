@@ -32,6 +32,7 @@ from lightning_balance import (  # noqa: E402
     ContrastiveLoss,
     GradientBlending,
     InfoReg,
+    LFMLoss,
     MMPareto,
     OPM,
     ReconstructionLoss,
@@ -51,7 +52,7 @@ SEARCH: dict[str, tuple[str, list[float], Callable[[float], list[pl.Callback]]]]
     "gblend": ("every_n_epochs", [5, 10, 20], lambda v: [GradientBlending(every_n_epochs=int(v))]),
     # OPM: the base drop probability of the leading modality (official script 0.5, config 0.4); lam, p_exe and the
     # 6-epoch warm-up as published
-    "opm": ("q_base", [0.2, 0.4, 0.5, 0.7], lambda v: [OPM(q_base=v)]),
+    "opm": ("q_base", [0.2, 0.4, 0.5, 0.7, 0.85, 1.0], lambda v: [OPM(q_base=v)]),
     # loss terms and heads: the value goes into the model (see MODEL_PARAMETER)
     # CML's rank_weight is the official beta/100 with the official batch-summed ranking term (beta 10: 0.1;
     # the official batch script tries beta 10, 20, 50, 75)
@@ -59,6 +60,9 @@ SEARCH: dict[str, tuple[str, list[float], Callable[[float], list[pl.Callback]]]]
     "mmcosine": ("scale", [5.0, 10.0, 15.0], lambda v: []),
     "contrastive": ("weight", [0.03, 0.1, 0.3], lambda v: []),
     "reconstruction": ("weight", [0.03, 0.1, 0.3], lambda v: []),
+    # LFM: the epochs over which the official fitted schedule's 200 epochs are stretched (200: the official epoch
+    # index, alpha_cls 0.20 -> 0.40 over a 40-epoch run; 40: the whole fitted trajectory, 0.20 -> 1.0 -> 0.92)
+    "lfm": ("horizon", [40, 80, 200], lambda v: []),
 }
 # methods whose searched value is a model argument: method -> function(value) -> model kwargs overrides
 MODEL_PARAMETER: dict[str, Callable[[float], dict]] = {
@@ -66,6 +70,7 @@ MODEL_PARAMETER: dict[str, Callable[[float], dict]] = {
     "mmcosine": lambda v: {"cosine_scale": v},
     "contrastive": lambda v: {"loss_terms": lambda: [ContrastiveLoss(feature_dims={"audio": 128, "visual": 128}, weight=v)]},
     "reconstruction": lambda v: {"loss_terms": lambda: [ReconstructionLoss({"audio": 128, "visual": 128}, AV_DIMS, weight=v)]},
+    "lfm": lambda v: {"loss_terms": lambda: [LFMLoss(horizon=int(v))]},
 }
 
 

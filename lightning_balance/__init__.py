@@ -19,6 +19,7 @@ from lightning_balance.callbacks import (
 from lightning_balance.heads import CosineHead
 from lightning_balance.losses import (
     CMLLoss,
+    LFMLoss,
     ContrastiveLoss,
     CrossModalDistillation,
     ExplicitBasisReallocation,
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CMLLoss",
+    "LFMLoss",
     "ContrastiveLoss",
     "CosineHead",
     "CrossModalDistillation",

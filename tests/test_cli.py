@@ -2,7 +2,7 @@
 
 import pytest
 
-from lightning_balance import AGM, OGMGE, PMR, GradientBlending, InfoReg, MMPareto, ModalityDiagnostics, ModalityDropout, ModalityMonitor
+from lightning_balance import AGM, OGMGE, OPM, PMR, GradientBlending, LFMLoss, InfoReg, MMPareto, ModalityDiagnostics, ModalityDropout, ModalityMonitor
 from lightning_balance.data import AVDigitsDataModule, SyntheticCollapseDataModule
 
 jsonargparse = pytest.importorskip("jsonargparse", reason="jsonargparse (the `cli` extra) is not installed")
@@ -37,6 +37,8 @@ trainer:
       init_args: {every_n_epochs: 5, alone_probe: {audio: 0.62, visual: 0.9}, max_samples: 512, plot: false}
     - class_path: lightning_balance.ModalityDropout
       init_args: {p: {audio: 0.4, visual: 0.1}, schedule: cosine, warmup_steps: 100, seed: 2}
+    - class_path: lightning_balance.OPM
+      init_args: {q_base: 0.85, p_exe: 0.5, start_epoch: 0, seed: 4}
 model:
   fusion: concat
   lr: 0.05
@@ -60,12 +62,18 @@ model:
     assert (diag.every_n_epochs, diag.alone_probe, diag.max_samples, diag.plot) == (5, {"audio": 0.62, "visual": 0.9}, 512, False)
     drop = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ModalityDropout))
     assert (drop.p, drop.schedule, drop.warmup_steps, drop.seed) == ({"audio": 0.4, "visual": 0.1}, "cosine", 100, 2)
+    opm = next(cb for cb in cli.trainer.callbacks if isinstance(cb, OPM))
+    assert (opm.q_base, opm.p_exe, opm.start_epoch, opm.seed) == (0.85, 0.5, 0, 4)
 
 
 @pytest.mark.parametrize("cls", [AVDigitsDataModule, SyntheticCollapseDataModule, OGMGE, ModalityMonitor, InfoReg, AGM, PMR,
-                                 MMPareto, GradientBlending, ModalityDiagnostics, ModalityDropout])
+                                 MMPareto, GradientBlending, ModalityDiagnostics, ModalityDropout, OPM,
+                                 LFMLoss])
 def test_constructor_signatures_resolve(cls):
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(cls, "x")
     defaults = parser.get_defaults()
     assert "x" in defaults
+    if cls is LFMLoss:  # a loss term: LightningCLI passes it to the model as a class_path entry
+        parsed = parser.parse_object({"x": {"schedule": "learnable", "horizon": 40, "lr_alpha": 1e-3}})
+        assert (parsed.x.schedule, parsed.x.horizon, parsed.x.lr_alpha) == ("learnable", 40, 1e-3)

@@ -148,8 +148,8 @@ class OPM(GradientBalancingCallback):
         generator = shared_generator(self.seed or 0, draw, torch.device("cpu"))
         execute = float(torch.rand(1, generator=generator)) < self.p_exe
         uniform = torch.rand(n * world, k, generator=generator)[rank::world].to(device, non_blocking=True)
-        if not bool(flat[2 * k] > 0):  # no labelled sample in the global batch: nothing to score, nothing dropped
-            q_active = torch.zeros_like(q_active)
+        # no labelled sample in the global batch: nothing to score, nothing dropped (no host sync)
+        q_active = torch.where(flat[2 * k] > 0, q_active, torch.zeros_like(q_active))
         q = torch.zeros(len(names), device=device)
         q[columns] = q_active.to(device)
         self._last = {"q": q_active.detach(), "executed": torch.tensor(float(execute))}

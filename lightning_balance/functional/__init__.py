@@ -32,6 +32,13 @@ from lightning_balance.functional.diagnostics import (
     variance_inflation,
 )
 from lightning_balance.functional.dropout import adaptive_probabilities, drop_modalities, scheduled_factor
+from lightning_balance.functional.lfm import (
+    lfm_alignment,
+    lfm_alpha_step,
+    lfm_divergence,
+    lfm_fitted_alpha,
+    lfm_hypergradient,
+)
 from lightning_balance.functional.opm import opm_drop, opm_drop_probabilities, opm_scale
 from lightning_balance.functional.polysemantic import (
     fusion_polysemanticity,
@@ -88,6 +95,11 @@ __all__ = [
     "effective_rank",
     "fisher_trace_increment",
     "fit_linear_probe",
+    "lfm_alignment",
+    "lfm_alpha_step",
+    "lfm_divergence",
+    "lfm_fitted_alpha",
+    "lfm_hypergradient",
     "opm_drop",
     "opm_drop_probabilities",
     "opm_scale",

@@ -59,6 +59,12 @@ class LossTerm(nn.Module, abc.ABC):
         ``parameter_groups(weight_decay)`` puts them in a group with ``weight_decay=0``."""
         return []
 
+    def task_loss_weight(self, module: MultimodalMixin, epoch: int) -> Optional[float]:
+        """A factor of the user's loss while the term is active (``None``: leave it), for methods whose objective
+        reweights the supervised loss itself (LFM's ``2 α_cls(t)``). Several terms' factors multiply. Read after
+        every active term's :meth:`from_record` of the step."""
+        return None
+
     @abc.abstractmethod
     def from_record(self, module: MultimodalMixin, record: ModalityRecord) -> tuple[Tensor, dict[str, Tensor]]:
         """The term's (unweighted) scalar value for this step, and metrics to log under ``balance/<name>/``."""
@@ -84,7 +90,8 @@ def configure_loss_terms(module: MultimodalMixin, terms: Union[Sequence[LossTerm
 
 
 def add_loss_terms(module: Any, loss: Tensor, record: Optional[ModalityRecord] = None) -> Tensor:
-    """``loss + Σ_k weight_k · term_k(step)`` for the module's active loss terms; logs each term."""
+    """``w · loss + Σ_k weight_k · term_k(step)`` for the module's active loss terms (``w``: the product of their
+    :meth:`LossTerm.task_loss_weight` factors, 1 for most terms); logs each term."""
     terms = getattr(module, "balance_losses", None)
     if terms is None:
         raise ModalityContractError(
@@ -96,14 +103,15 @@ def add_loss_terms(module: Any, loss: Tensor, record: Optional[ModalityRecord] =
         raise ModalityContractError("add_loss_terms() got an empty batch (0 samples): drop empty batches before fusing.")
     trainer = module._trainer
     epoch = trainer.current_epoch if trainer is not None else 0
-    total = loss
+    parts: list[Tensor] = []  # added to the (rescaled) loss in attachment order
+    task_weight = 1.0
     metrics: dict[str, Tensor] = {}
     for name, term in terms.items():
         if not term.active(epoch):
             idle = [p for p in term.parameters() if p.requires_grad]
             if idle and module.training and torch.is_grad_enabled():
                 # keep the graph static: DDP (find_unused_parameters=False) needs every parameter used
-                total = total + 0.0 * torch.stack([p.sum().float() for p in idle]).sum()
+                parts.append(0.0 * torch.stack([p.sum().float() for p in idle]).sum())
             continue
         if record.present is not None and not term.supports_absence:
             raise ModalityContractError(
@@ -112,9 +120,15 @@ def add_loss_terms(module: Any, loss: Tensor, record: Optional[ModalityRecord] =
                 f"samples, or use a term that supports absence (docs/design.md)."
             )
         value, extra = term.from_record(module, record)
-        total = total + term.weight * value
+        parts.append(term.weight * value)
         metrics[f"balance/{name}/loss"] = value.detach()
         metrics.update({f"balance/{name}/{k}": v.detach() for k, v in extra.items()})
+        factor = term.task_loss_weight(module, epoch)
+        if factor is not None:
+            task_weight *= float(factor)
+    total = loss if task_weight == 1.0 else task_weight * loss
+    for part in parts:
+        total = total + part
     if (trainer is not None and metrics and not getattr(trainer, "barebones", False) and module.training
             and _logs_this_step(trainer)):  # pl_module.log costs ~0.5 ms per key on CPU: only on logged steps
         module.log_dict(metrics, on_step=True, on_epoch=False)
