@@ -37,6 +37,7 @@ from lightning_balance import (  # noqa: E402
     CrossModalDistillation,
     ExplicitBasisReallocation,
     InfoReg,
+    LFMLoss,
     MMPareto,
     ModalityDropout,
     ReconstructionLoss,
@@ -264,9 +265,12 @@ def main(argv: list[str] | None = None) -> None:
                                                                 epochs_per_teacher=1 if len(names) > 2 else None)],
                 "EBR": lambda: [ExplicitBasisReallocation(feats, interleave_epochs=None)]}
 
-    for name, dims, hidden, feature_dim, batch in (() if args.only_dropout or args.only_survey else (
+    def survey_terms(dims: dict[str, int], feature_dim: int) -> dict[str, Callable[[], list]]:
+        return {"LFM fitted": lambda: [LFMLoss()]}
+
+    for name, dims, hidden, feature_dim, batch in (() if args.only_dropout else (
             ("AV-Digits MLP", av, 256, 128, 64), ("synthetic MLP, M=2", {"m0": 128, "m1": 128}, 2048, 512, 128))):
-        for term, make in term_factories(dims, feature_dim).items():
+        for term, make in (survey_terms if args.only_survey else term_factories)(dims, feature_dim).items():
             if args.only_collapse and not term.startswith(("KD", "EBR")):
                 continue
             torch.manual_seed(0)
@@ -292,6 +296,23 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['method']} | "
               f"{r['median_ms_without']:.2f} | {r['median_ms_with']:.2f} | {r['ratio']:.3f} |")
+    extra: dict[str, float] = {}
+    if args.only_survey:  # LFM's learnable schedule: one hyper step per epoch (not per step), timed alone
+        for name, dims, hidden, feature_dim in (("AV-Digits MLP", av, 256, 128),
+                                                ("synthetic MLP, M=4", {f"m{i}": 128 for i in range(4)}, 2048, 512)):
+            torch.manual_seed(0)
+            model = AVDigitsNet(input_dims=dims, hidden=hidden, feature_dim=feature_dim)
+            batch = next(iter(fixed_batches(dims, 8, 1)))
+            term = LFMLoss(schedule="learnable")
+            term._holdout = batch  # the held-out batch the term would read from holdout_dataloader()
+            times = []
+            for _ in range(6):
+                t0 = time.perf_counter()
+                term.update_alpha(model, epoch=0)
+                times.append(time.perf_counter() - t0)
+            extra[f"lfm_learnable_update_ms ({name})"] = 1e3 * statistics.median(times[1:])
+            print(f"LFM learnable, one hyper step per epoch ({name}, 8 samples): "
+                  f"{1e3 * statistics.median(times[1:]):.1f} ms", flush=True)
     # The floor under OGM-GE's extra time: drawing one Gaussian number per edited gradient element.
     buffer, generator = torch.empty(5_000_000), torch.Generator().manual_seed(0)
     draws = []
@@ -306,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
             else "overhead_collapse.json" if args.only_collapse else "overhead.json")
     with open(os.path.join(args.out, name), "w") as f:
         json.dump({"command": "python examples/overhead.py " + " ".join(argv or sys.argv[1:]),
-                   "device": "cpu", "threads": torch.get_num_threads(), "normal_5M_ms": rng_ms, "rows": rows},
+                   "device": "cpu", "threads": torch.get_num_threads(), "normal_5M_ms": rng_ms, "rows": rows, **extra},
                   f, indent=1)
 
 
