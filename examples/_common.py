@@ -24,6 +24,7 @@ from lightning_balance import (
     CrossModalDistillation,
     ExplicitBasisReallocation,
     LFMLoss,
+    MBSDLoss,
     MultimodalMixin,
     ReconstructionLoss,
 )
@@ -141,6 +142,7 @@ def _feature_dims(input_dims: dict[str, int]) -> dict[str, int]:
 # dataset's input dims returning (model kwargs, datamodule kwargs). Shared by the benchmark runner and the
 # validation search. Loss terms are factories, built only when a model is made (after the seed is set).
 LFM_HORIZON = 40  # chosen on AV-Digits validation (docs/results.md)
+MBSD_WEIGHT = 1.0  # chosen on AV-Digits validation (docs/results.md)
 SETUPS: dict[str, Callable[[dict[str, int]], tuple[dict, dict]]] = {
     "uni_losses": lambda dims: ({"aux_heads": True, "unimodal_losses": True}, {}),
     # InfoReg's published objective: the unimodal losses of the split head (no auxiliary heads); alone, as a control
@@ -160,6 +162,8 @@ SETUPS: dict[str, Callable[[dict[str, int]], tuple[dict, dict]]] = {
     # LFM (issue 14): the official fitted schedule, its 200 epochs stretched over `horizon` epochs (selected); the
     # learnable schedule with the official constants on the first 8 held-out training samples
     "lfm": lambda dims: ({"loss_terms": lambda: [LFMLoss(horizon=LFM_HORIZON)]}, {}),
+    # MBSD (issue 14): its distillation and unimodal cross-entropies, weight selected
+    "mbsd": lambda dims: ({"loss_terms": lambda: [MBSDLoss(weight=MBSD_WEIGHT)]}, {}),
     "lfm_learnable": lambda dims: ({"loss_terms": lambda: [LFMLoss(schedule="learnable")]}, {"holdout_fraction": 0.1}),
 }
 

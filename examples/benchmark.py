@@ -95,6 +95,7 @@ METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
     "opm": lambda: [OPM(q_base=0.85)],
     "lfm": lambda: [],  # loss terms: see _common.SETUPS
     "lfm_learnable": lambda: [],
+    "mbsd": lambda: [],
     # loss terms and heads
     "cml": lambda: [],
     "mmcosine": lambda: [],
@@ -114,7 +115,7 @@ UMT_WEIGHT = 10.0  # BalanceBenchmark's lambda; not tuned
 # every method on main, and the stacked combinations the docs report ("--methods all")
 ALL = ["baseline", "ogm_ge", "ogm", "inforeg", "inforeg_variant", "agm", "pmr", "uni_losses", "uni_losses_split",
        "mmpareto", "gblend", "cml", "mmcosine", "contrastive", "reconstruction", "umt", "ogm_ge+cml", "ogm_ge+umt", "pmr+cml",
-       "opm", "lfm", "lfm_learnable"]
+       "opm", "lfm", "lfm_learnable", "mbsd"]
 
 
 def _check_method(name: str) -> str:

@@ -33,6 +33,7 @@ from lightning_balance import (  # noqa: E402
     GradientBlending,
     InfoReg,
     LFMLoss,
+    MBSDLoss,
     MMPareto,
     OPM,
     ReconstructionLoss,
@@ -63,6 +64,8 @@ SEARCH: dict[str, tuple[str, list[float], Callable[[float], list[pl.Callback]]]]
     # LFM: the epochs over which the official fitted schedule's 200 epochs are stretched (200: the official epoch
     # index, alpha_cls 0.20 -> 0.40 over a 40-epoch run; 40: the whole fitted trajectory, 0.20 -> 1.0 -> 0.92)
     "lfm": ("horizon", [40, 80, 200], lambda v: []),
+    # MBSD: the term's weight (it has no parameter of its own; BalanceBenchmark adds it with weight 1)
+    "mbsd": ("weight", [0.3, 1.0, 3.0], lambda v: []),
 }
 # methods whose searched value is a model argument: method -> function(value) -> model kwargs overrides
 MODEL_PARAMETER: dict[str, Callable[[float], dict]] = {
@@ -71,6 +74,7 @@ MODEL_PARAMETER: dict[str, Callable[[float], dict]] = {
     "contrastive": lambda v: {"loss_terms": lambda: [ContrastiveLoss(feature_dims={"audio": 128, "visual": 128}, weight=v)]},
     "reconstruction": lambda v: {"loss_terms": lambda: [ReconstructionLoss({"audio": 128, "visual": 128}, AV_DIMS, weight=v)]},
     "lfm": lambda v: {"loss_terms": lambda: [LFMLoss(horizon=int(v))]},
+    "mbsd": lambda v: {"loss_terms": lambda: [MBSDLoss(weight=v)]},
 }
 
 

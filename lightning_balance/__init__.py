@@ -20,6 +20,7 @@ from lightning_balance.heads import CosineHead
 from lightning_balance.losses import (
     CMLLoss,
     LFMLoss,
+    MBSDLoss,
     ContrastiveLoss,
     CrossModalDistillation,
     ExplicitBasisReallocation,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CMLLoss",
     "LFMLoss",
+    "MBSDLoss",
     "ContrastiveLoss",
     "CosineHead",
     "CrossModalDistillation",

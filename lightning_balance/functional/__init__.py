@@ -39,6 +39,7 @@ from lightning_balance.functional.lfm import (
     lfm_fitted_alpha,
     lfm_hypergradient,
 )
+from lightning_balance.functional.mbsd import mbsd_distillation, mbsd_pair_terms
 from lightning_balance.functional.opm import opm_drop, opm_drop_probabilities, opm_scale
 from lightning_balance.functional.polysemantic import (
     fusion_polysemanticity,
@@ -100,6 +101,8 @@ __all__ = [
     "lfm_divergence",
     "lfm_fitted_alpha",
     "lfm_hypergradient",
+    "mbsd_distillation",
+    "mbsd_pair_terms",
     "opm_drop",
     "opm_drop_probabilities",
     "opm_scale",
