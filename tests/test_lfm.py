@@ -65,7 +65,7 @@ def test_three_modalities_average_the_pairs_and_absent_pairs_count_where_both_ar
     torch.testing.assert_close(lfm_alignment([x, y, z]), expected)
     present = torch.tensor([[1, 1, 0], [1, 0, 1], [1, 1, 1], [0, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     rows = lambda i, j: (present[:, i] & present[:, j]).nonzero().flatten()  # noqa: E731
-    pairs = [official_alignment(u[rows(i, j)], v[rows(i, j)]) for (i, u), (j, v) in
+    pairs = [official_alignment(u[rows(i, j)], v[rows(i, j)]) * len(rows(i, j)) / 6 for (i, u), (j, v) in
              (((0, x), (1, y)), ((0, x), (2, z)), ((1, y), (2, z)))]
     torch.testing.assert_close(lfm_alignment([x, y, z], present), sum(pairs) / 3)
 
@@ -128,12 +128,12 @@ class LFMAV(TinyAV):
 
 
 class HoldoutData(pl.LightningDataModule):
-    def __init__(self, batch_size=16, make=loader):
+    def __init__(self, batch_size=16, make=loader, missing=None):
         super().__init__()
-        self.batch_size, self.make = batch_size, make
+        self.batch_size, self.make, self.missing = batch_size, make, missing
 
     def train_dataloader(self):
-        return self.make(batch_size=self.batch_size)
+        return self.make(batch_size=self.batch_size, missing=self.missing)
 
     def holdout_dataloader(self):
         return DataLoader(DictDataset(n=16, seed=7), batch_size=16, shuffle=False)
@@ -227,12 +227,12 @@ def test_ddp_equals_one_process_and_ranks_take_one_alpha(tmp_path):
     ddp_dir.mkdir()
     pl.Trainer(**trainer_kwargs(ddp_dir, callbacks=[SaveAlpha(str(ddp_dir))], devices=2, strategy="ddp_spawn",
                                 use_distributed_sampler=False)).fit(
-        LFMAV(schedule="learnable", lr_alpha=0.5), datamodule=HoldoutData(batch_size=8))
+        LFMAV(schedule="learnable", lr_alpha=0.5), datamodule=HoldoutData(batch_size=8, missing=(0.2, 0.2)))
     rank0, rank1 = torch.load(ddp_dir / "rank0.pt"), torch.load(ddp_dir / "rank1.pt")
     assert torch.equal(rank0["params"], rank1["params"])
     assert torch.equal(torch.load(ddp_dir / "alpha0.pt"), torch.load(ddp_dir / "alpha1.pt"))
     single = LFMAV(schedule="learnable", lr_alpha=0.5)
-    pl.Trainer(**trainer_kwargs(tmp_path)).fit(single, datamodule=HoldoutData())
+    pl.Trainer(**trainer_kwargs(tmp_path)).fit(single, datamodule=HoldoutData(missing=(0.2, 0.2)))
     torch.testing.assert_close(torch.load(ddp_dir / "alpha0.pt"), single.balance_losses["lfm"].alpha_state)
     torch.testing.assert_close(rank0["params"], flat_params(single), rtol=1e-5, atol=1e-6)
 
@@ -262,7 +262,8 @@ def test_absent_modalities_are_matched_only_where_both_are_present(tmp_path):
             record = self.balance_record
             o_a, o_v = split_logits(self, record.features["audio"], record.features["visual"])
             both = batch["present"]["audio"] & batch["present"]["visual"]
-            expected = 2 * (1 - fitted(self.current_epoch)) * official_alignment(o_a[both], o_v[both])
+            expected = (2 * (1 - fitted(self.current_epoch)) * official_alignment(o_a[both], o_v[both])
+                        * int(both.sum()) / len(both))  # summed over the samples with both, divided by N
             seen.append((self.balance_losses["lfm"].from_record(self, record)[0].item(), expected.item()))
             return loss
 

@@ -61,7 +61,8 @@ def test_three_modalities_average_the_pairs_and_counting_masks():
     torch.testing.assert_close(mbsd_distillation(o, y)[0], expected)
     counted = torch.rand(3, 9, generator=g) > 0.3
     rows = lambda i, j: (counted[i] & counted[j]).nonzero().flatten()  # noqa: E731
-    pairs = [pair_loop(o[i][rows(i, j)], o[j][rows(i, j)], y[rows(i, j)]) for i, j in ((0, 1), (0, 2), (1, 2))]
+    pairs = [pair_loop(o[i][rows(i, j)], o[j][rows(i, j)], y[rows(i, j)]) * len(rows(i, j)) / 9
+             for i, j in ((0, 1), (0, 2), (1, 2))]
     torch.testing.assert_close(mbsd_distillation(o, y, counted)[0], sum(pairs) / 3)
 
 
@@ -122,15 +123,15 @@ def test_without_unimodal_losses_only_the_distillation_is_added(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_ddp_equals_one_process(tmp_path):
+def test_ddp_equals_one_process_with_absent_modalities(tmp_path):
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
     pl.Trainer(**trainer_kwargs(ddp_dir, callbacks=[SaveParams(str(ddp_dir))], devices=2, strategy="ddp_spawn",
-                                use_distributed_sampler=False)).fit(MBSDAV(), loader(batch_size=8))
+                                use_distributed_sampler=False)).fit(MBSDAV(), loader(batch_size=8, missing=(0.2, 0.2)))
     rank0, rank1 = torch.load(ddp_dir / "rank0.pt"), torch.load(ddp_dir / "rank1.pt")
     assert torch.equal(rank0["params"], rank1["params"])
     single = MBSDAV()
-    pl.Trainer(**trainer_kwargs(tmp_path)).fit(single, loader())
+    pl.Trainer(**trainer_kwargs(tmp_path)).fit(single, loader(missing=(0.2, 0.2)))
     torch.testing.assert_close(rank0["params"], flat_params(single), rtol=1e-5, atol=1e-6)
 
 
@@ -155,8 +156,10 @@ def test_absent_modalities_and_unlabelled_samples_count_nowhere(tmp_path):
             lab = y != -100
             has_a, has_v = batch["present"]["audio"] & lab, batch["present"]["visual"] & lab
             both = has_a & has_v
-            expected = (F.cross_entropy(oa[has_a], y[has_a]) + F.cross_entropy(ov[has_v], y[has_v])
-                        + pair_loop(oa[both], ov[both], y[both]))
+            n = int(lab.sum())  # every sum over the labelled samples' count (add_unimodal_losses' convention)
+            expected = (F.cross_entropy(oa[has_a], y[has_a], reduction="sum") / n
+                        + F.cross_entropy(ov[has_v], y[has_v], reduction="sum") / n
+                        + pair_loop(oa[both], ov[both], y[both]) * int(both.sum()) / n)
             seen.append((value.item(), expected.item()))
             return F.cross_entropy(logits, y) + value
 

@@ -85,8 +85,9 @@ def lfm_alignment(logits: Sequence[Tensor], present: Optional[Tensor] = None,
 
     Args:
         logits: ``M ≥ 2`` unimodal ``(N, C)`` logit tensors (attached: the loss trains the encoders and the head).
-        present: optional ``(N, M)`` bool: a pair counts on the samples that have both modalities, averaged over
-            them; a pair no sample has adds 0.
+        present: optional ``(N, M)`` bool: a pair sums over the samples that have both modalities, divided by
+            ``N`` (the library's convention, as ``add_unimodal_losses``: a pair present in 30% of the samples weighs
+            30%, and DDP and accumulation equal one process on the whole batch).
         divergence: ``"official"`` or ``"js"`` (:func:`lfm_divergence`).
     """
     if len(logits) < 2:
@@ -103,7 +104,7 @@ def lfm_alignment(logits: Sequence[Tensor], present: Optional[Tensor] = None,
                 total = total + d.mean()
             else:
                 both = (present[:, i] & present[:, j]).to(d.dtype)
-                total = total + (d * both).sum() / both.sum().clamp_min(1.0)
+                total = total + (d * both).sum() / max(n, 1)
             pairs += 1
     return total / pairs
 

@@ -55,15 +55,19 @@ def mbsd_pair_terms(logits_a: Tensor, logits_b: Tensor, targets: Tensor,
 
 
 def mbsd_distillation(logits: Sequence[Tensor], targets: Tensor, counted: Optional[Tensor] = None,
-                      detach_weight: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
-    """MBSD's distillation term: the mean over modality pairs of ``Σ_i w_i (RS_i + KL_i) / N_pair``.
+                      detach_weight: bool = True, denominator: Optional[Tensor] = None
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+    """MBSD's distillation term: the mean over modality pairs of ``Σ_i w_i (RS_i + KL_i) / N``.
 
     Args:
         logits: ``M ≥ 2`` unimodal ``(N, C)`` logits (attached).
         targets: ``(N,)`` class indices; entries outside ``counted`` may be anything.
         counted: optional ``(M, N)`` bool: which samples count for each modality (labelled and present); a pair
-            counts the samples counted for both, and ``N_pair`` is their number. ``None``: every sample counts.
+            sums over the samples counted for both. ``None``: every sample counts.
         detach_weight: see :func:`mbsd_pair_terms`.
+        denominator: ``N``, the number the sums are divided by (default: the batch size). The loss term passes
+            the number of labelled samples, so that a pair present in 30% of them weighs 30% and DDP and
+            accumulation equal one process on the whole batch.
 
     Returns:
         ``(value, metrics)``: the scalar term and detached means of ``w``, ``RS`` and ``KL`` over the counted
@@ -76,6 +80,8 @@ def mbsd_distillation(logits: Sequence[Tensor], targets: Tensor, counted: Option
     if counted is not None and tuple(counted.shape) != (m, n):
         raise ValueError(f"counted must be (M, N) = ({m}, {n}), got {tuple(counted.shape)}.")
     safe = targets.clamp(0, logits[0].shape[-1] - 1) if counted is not None else targets
+    norm = (torch.tensor(float(n), device=logits[0].device) if denominator is None
+            else denominator.float().to(logits[0].device)).clamp_min(1.0)
     value = logits[0].new_zeros((), dtype=torch.float32)
     sums = torch.zeros(3, device=logits[0].device)
     total = torch.zeros((), device=logits[0].device)
@@ -88,7 +94,7 @@ def mbsd_distillation(logits: Sequence[Tensor], targets: Tensor, counted: Option
             else:
                 both = (counted[i] & counted[j]).to(w.dtype)
             count = both.sum()
-            value = value + (both * w * (rs + kl)).sum() / count.clamp_min(1.0)
+            value = value + (both * w * (rs + kl)).sum() / norm
             sums = sums + torch.stack([(both * v).sum() for v in (w, rs, kl)]).detach()
             total = total + count.detach()
             pairs += 1

@@ -57,7 +57,8 @@ class LFMLoss(LossTerm):
       the model's checkpoint (a run resumed mid-epoch continues with them) and under DDP every rank takes rank
       0's value.
 
-    Absent modalities (``fuse(..., present=...)``): a pair of modalities is matched on the samples that have both.
+    Absent modalities (``fuse(..., present=...)``): a pair of modalities is matched on the samples that have both
+    (summed, divided by the batch size: a pair present in 30% of the samples weighs 30%).
     For ``M > 2``, ``D`` is the mean over the modality pairs.
 
     Args:

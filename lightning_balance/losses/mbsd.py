@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,8 +30,10 @@ class MBSDLoss(LossTerm):
     true-class probability) to its weaker one (:func:`~lightning_balance.functional.mbsd_distillation`). Your loss
     (the cross-entropy of the fused logits) plus this term is BalanceBenchmark's ``total_loss``.
 
-    Absent modalities (``fuse(..., present=...)``): a modality's cross-entropy counts the samples that have it, a
-    pair the samples that have both. Samples whose target is the declared ``ignore_index`` count nowhere.
+    Absent modalities (``fuse(..., present=...)``): a modality's cross-entropy sums over the samples that have it,
+    a pair over the samples that have both, each divided by the number of labelled samples (the convention of
+    ``add_unimodal_losses``: a modality present in 30% of the samples weighs 30%, and DDP and accumulation equal
+    one process). Samples whose target is the declared ``ignore_index`` count nowhere.
 
     Args:
         unimodal_losses: add each modality's cross-entropy (part of MBSD's objective). Set ``False`` when your
@@ -57,18 +60,18 @@ class MBSDLoss(LossTerm):
         logits = list(unimodal_logits.values()) if isinstance(unimodal_logits, dict) else list(unimodal_logits)
         return self._value(logits, targets, counted)[0]
 
-    def _value(self, logits: list[Tensor], targets: Tensor, counted: Optional[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        value, metrics = mbsd_distillation(logits, targets, counted, self.detach_weight)
+    def _value(self, logits: list[Tensor], targets: Tensor, counted: Optional[Tensor],
+               labelled: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``labelled``: the number of labelled samples, every sum's denominator (default: the batch size)."""
+        value, metrics = mbsd_distillation(logits, targets, counted, self.detach_weight, labelled)
         metrics["distillation"] = value.detach()
         if self.unimodal_losses:
             safe = targets if counted is None else targets.clamp(0, logits[0].shape[-1] - 1)
+            norm = (torch.tensor(float(len(targets)), device=targets.device) if labelled is None
+                    else labelled.float()).clamp_min(1.0)
             for k, o in enumerate(logits):
                 ce = F.cross_entropy(o.float(), safe, reduction="none")
-                if counted is None:
-                    value = value + ce.mean()
-                else:
-                    mask = counted[k].to(ce.dtype)
-                    value = value + (ce * mask).sum() / mask.sum().clamp_min(1.0)
+                value = value + (ce if counted is None else ce * counted[k].to(ce.dtype)).sum() / norm
         return value, metrics
 
     def from_record(self, module: MultimodalMixin, record: ModalityRecord) -> tuple[Tensor, dict[str, Tensor]]:
@@ -84,7 +87,7 @@ class MBSDLoss(LossTerm):
         counted = record.counted_stack(list(names))  # labelled and present; complete data: the labelled ones
         if counted is None:
             counted = record.valid.unsqueeze(0).expand(len(names), -1)  # type: ignore[union-attr]
-        return self._value(logits, record.valid_targets(), counted)
+        return self._value(logits, record.valid_targets(), counted, record.valid.sum())  # type: ignore[union-attr]
 
     def extra_repr(self) -> str:
         return f"unimodal_losses={self.unimodal_losses}, detach_weight={self.detach_weight}"
