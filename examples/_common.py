@@ -162,6 +162,8 @@ SETUPS: dict[str, Callable[[dict[str, int]], tuple[dict, dict]]] = {
     # LFM (issue 14): the official fitted schedule, its 200 epochs stretched over `horizon` epochs (selected); the
     # learnable schedule with the official constants on the first 8 held-out training samples
     "lfm": lambda dims: ({"loss_terms": lambda: [LFMLoss(horizon=LFM_HORIZON)]}, {}),
+    # AMCo: its objective adds the split head's unimodal losses (on the masked logits)
+    "amco": lambda dims: ({"unimodal_losses": True}, {}),
     # MBSD (issue 14): its distillation and unimodal cross-entropies, weight selected
     "mbsd": lambda dims: ({"loss_terms": lambda: [MBSDLoss(weight=MBSD_WEIGHT)]}, {}),
     "lfm_learnable": lambda dims: ({"loss_terms": lambda: [LFMLoss(schedule="learnable")]}, {"holdout_fraction": 0.1}),

@@ -58,6 +58,7 @@ from _common import (  # noqa: E402
 
 from lightning_balance import (  # noqa: E402
     AGM,
+    AMCo,
     OGMGE,
     OPM,
     PMR,
@@ -93,6 +94,7 @@ METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
     "gblend": lambda: [GradientBlending(every_n_epochs=20)],
     # the remaining survey methods (issue 14)
     "opm": lambda: [OPM(q_base=0.85)],
+    "amco": lambda: [AMCo()],  # the benchmark's sigma 0.5, eps 0.3 (not selected)
     "lfm": lambda: [],  # loss terms: see _common.SETUPS
     "lfm_learnable": lambda: [],
     "mbsd": lambda: [],
@@ -115,7 +117,7 @@ UMT_WEIGHT = 10.0  # BalanceBenchmark's lambda; not tuned
 # every method on main, and the stacked combinations the docs report ("--methods all")
 ALL = ["baseline", "ogm_ge", "ogm", "inforeg", "inforeg_variant", "agm", "pmr", "uni_losses", "uni_losses_split",
        "mmpareto", "gblend", "cml", "mmcosine", "contrastive", "reconstruction", "umt", "ogm_ge+cml", "ogm_ge+umt", "pmr+cml",
-       "opm", "lfm", "lfm_learnable", "mbsd"]
+       "opm", "amco", "lfm", "lfm_learnable", "mbsd"]
 
 
 def _check_method(name: str) -> str:

@@ -29,6 +29,7 @@ from _common import AVDigitsNet, mlp  # noqa: E402
 
 from lightning_balance import (  # noqa: E402
     AGM,
+    AMCo,
     OGMGE,
     OPM,
     PMR,
@@ -38,6 +39,7 @@ from lightning_balance import (  # noqa: E402
     ExplicitBasisReallocation,
     InfoReg,
     LFMLoss,
+    MBSDLoss,
     MMPareto,
     ModalityDropout,
     ReconstructionLoss,
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
                    dropout)]
 
     if args.only_survey:  # forward-pass methods: the A arm trains plainly, the B arm with the method (same model, batches)
-        survey = {"OPM p_exe=0.7": lambda: [OPM(start_epoch=0, seed=0, log_metrics=False)],
+        survey = {"AMCo": lambda: [AMCo(seed=0, log_metrics=False)],
+                  "OPM p_exe=0.7": lambda: [OPM(start_epoch=0, seed=0, log_metrics=False)],
                   "OPM p_exe=1": lambda: [OPM(start_epoch=0, p_exe=1.0, seed=0, log_metrics=False)]}
         four = {f"m{i}": 128 for i in range(4)}
         setups = [("AV-Digits MLP", lambda: AVDigitsNet(input_dims=av), av, 64, survey),
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                 "EBR": lambda: [ExplicitBasisReallocation(feats, interleave_epochs=None)]}
 
     def survey_terms(dims: dict[str, int], feature_dim: int) -> dict[str, Callable[[], list]]:
-        return {"LFM fitted": lambda: [LFMLoss()]}
+        return {"LFM fitted": lambda: [LFMLoss()], "MBSD": lambda: [MBSDLoss()]}
 
     for name, dims, hidden, feature_dim, batch in (() if args.only_dropout else (
             ("AV-Digits MLP", av, 256, 128, 64), ("synthetic MLP, M=2", {"m0": 128, "m1": 128}, 2048, 512, 128))):

@@ -26,6 +26,7 @@ from _common import AV_DIMS, AVDigitsNet, fit, mean_std, setup_for  # noqa: E402
 
 from lightning_balance import (  # noqa: E402
     AGM,
+    AMCo,
     OGMGE,
     PMR,
     CMLLoss,
@@ -53,6 +54,8 @@ SEARCH: dict[str, tuple[str, list[float], Callable[[float], list[pl.Callback]]]]
     "gblend": ("every_n_epochs", [5, 10, 20], lambda v: [GradientBlending(every_n_epochs=int(v))]),
     # OPM: the base drop probability of the leading modality (official script 0.5, config 0.4); lam, p_exe and the
     # 6-epoch warm-up as published
+    # AMCo: the curriculum length (the benchmark's 0.3 masks a flagged modality fully after 3 batches of epoch 1)
+    "amco": ("eps", [0.3, 1.0, 3.0, 10.0], lambda v: [AMCo(eps=v)]),
     "opm": ("q_base", [0.2, 0.4, 0.5, 0.7, 0.85, 1.0], lambda v: [OPM(q_base=v)]),
     # loss terms and heads: the value goes into the model (see MODEL_PARAMETER)
     # CML's rank_weight is the official beta/100 with the official batch-summed ranking term (beta 10: 0.1;

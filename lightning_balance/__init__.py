@@ -3,6 +3,7 @@
 from lightning_balance._distributed import UnsupportedStrategyError
 from lightning_balance.callbacks import (
     AGM,
+    AMCo,
     OGMGE,
     OPM,
     GradientBalancingCallback,
@@ -46,6 +47,7 @@ __all__ = [
     "LossTerm",
     "LossTerms",
     "AGM",
+    "AMCo",
     "OGMGE",
     "OPM",
     "ReconstructionLoss",

@@ -102,7 +102,8 @@ class ObjectivesMixin:
         .. math:: L = w_{fused} L_{fused} + \sum_m w_m \, \mathrm{CE}(o_m, y)
 
         with ``o_m`` the unimodal logits of the step (declared ``unimodal`` mode: split head, masked
-        fusion or auxiliary heads), **attached** to the graph, so each encoder also learns from its
+        fusion or auxiliary heads; or those a fuse hook stored in ``record.extras["unimodal_logits"]``, as AMCo
+        stores its masked ones), **attached** to the graph, so each encoder also learns from its
         own prediction. Weights are :attr:`loss_weights`; samples whose target is the declared
         ``ignore_index`` are left out, as in ``F.cross_entropy``, and a sample that lacks modality ``m``
         adds 0 to ``CE(o_m, y)``, which stays a mean over the labelled samples (so a modality present in
@@ -121,7 +122,9 @@ class ObjectivesMixin:
                 f"{tuple(fused_loss.shape) if isinstance(fused_loss, Tensor) else type(fused_loss).__name__}."
             )
         weights = self.loss_weights
-        logits = self.compute_unimodal_logits(record.features, present=record.present)  # type: ignore[attr-defined]
+        logits = record.extras.get("unimodal_logits")  # a fuse hook's modified unimodal logits (AMCo's masked ones)
+        if logits is None:
+            logits = self.compute_unimodal_logits(record.features, present=record.present)  # type: ignore[attr-defined]
         terms = {"fused": weights["fused"] * fused_loss}
         for m in self.modality_spec.names:  # type: ignore[attr-defined]
             terms[m] = weights[m] * self._cross_entropy(logits[m], targets, record, m)

@@ -536,7 +536,9 @@ class MultimodalMixin(ObjectivesMixin):
         the modalities on these features, drops the leading one through the mask and rescales the rest).
         ``hook.tap_features(module, features, targets, extras) -> features`` (optional) runs before the
         fusion and may wrap the features (e.g. in a gradient tap); ``hook.tap_logits(module, features,
-        targets, logits, extras) -> logits`` (optional) runs after it. ``extras`` is a dict stored on the
+        targets, logits, extras) -> logits`` (optional) runs after it; it may store the step's modified unimodal
+        logits in ``extras["unimodal_logits"]`` (a dict by modality, attached), which ``add_unimodal_losses`` then
+        uses (AMCo's masked ones). ``extras`` is a dict stored on the
         step's :class:`ModalityRecord`; while the hooks run, ``extras["present"]`` holds the step's presence
         mask (``None``: complete), for hooks that run subset passes. Hooks run in registration order; the
         handle removes the hook.

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lightning_balance import AGM, OGMGE, OPM, PMR, GradientBlending, LFMLoss, InfoReg, MMPareto, ModalityDiagnostics, ModalityDropout, ModalityMonitor
+from lightning_balance import AGM, OGMGE, OPM, PMR, AMCo, MBSDLoss, GradientBlending, LFMLoss, InfoReg, MMPareto, ModalityDiagnostics, ModalityDropout, ModalityMonitor
 from lightning_balance.data import AVDigitsDataModule, SyntheticCollapseDataModule
 
 jsonargparse = pytest.importorskip("jsonargparse", reason="jsonargparse (the `cli` extra) is not installed")
@@ -68,7 +68,7 @@ model:
 
 @pytest.mark.parametrize("cls", [AVDigitsDataModule, SyntheticCollapseDataModule, OGMGE, ModalityMonitor, InfoReg, AGM, PMR,
                                  MMPareto, GradientBlending, ModalityDiagnostics, ModalityDropout, OPM,
-                                 LFMLoss])
+                                 AMCo, LFMLoss, MBSDLoss])
 def test_constructor_signatures_resolve(cls):
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(cls, "x")

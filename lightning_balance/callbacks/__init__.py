@@ -1,6 +1,7 @@
 """Lightning callbacks: thin shells around :mod:`lightning_balance.functional`."""
 
 from lightning_balance.callbacks.agm import AGM
+from lightning_balance.callbacks.amco import AMCo
 from lightning_balance.callbacks.base import GradientBalancingCallback, NonFiniteStatisticsError, StepStatistics
 from lightning_balance.callbacks.diagnostics import ModalityDiagnostics
 from lightning_balance.callbacks.dropout import ModalityDropout
@@ -12,4 +13,4 @@ from lightning_balance.callbacks.ogm_ge import OGMGE
 from lightning_balance.callbacks.opm import OPM
 from lightning_balance.callbacks.pmr import PMR
 
-__all__ = ["AGM", "GradientBalancingCallback", "GradientBlending", "InfoReg", "MMPareto", "ModalityDiagnostics", "ModalityDropout", "ModalityMonitor", "NonFiniteStatisticsError", "OGMGE", "OPM", "PMR", "StepStatistics"]
+__all__ = ["AGM", "AMCo", "GradientBalancingCallback", "GradientBlending", "InfoReg", "MMPareto", "ModalityDiagnostics", "ModalityDropout", "ModalityMonitor", "NonFiniteStatisticsError", "OGMGE", "OPM", "PMR", "StepStatistics"]

@@ -666,3 +666,21 @@ class GradientBalancingCallback(Callback, abc.ABC):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.num_edits = int(state_dict.get("num_edits", 0))
+
+
+class ForwardPassMethod(GradientBalancingCallback):
+    """A method that acts only in the forward pass, through fuse hooks (OPM, AMCo): no step statistics, no
+    gradient edit, first in the pipeline; subclasses implement their taps (``tap_inputs``, ``tap_logits``)."""
+
+    edit_order = 0
+    edits_gradients = False
+    fsdp_ok = True
+
+    def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
+        return {}
+
+    def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {}
+
+    def acted(self, result: dict[str, Tensor]) -> bool:
+        return False

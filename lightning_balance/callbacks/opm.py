@@ -12,15 +12,15 @@ from torch import Tensor
 from lightning_balance._distributed import all_reduce_sum, broadcast_seed, shared_generator
 from lightning_balance._errors import ModalityContractError
 from lightning_balance._presence import presence_matrix
-from lightning_balance.callbacks.base import GradientBalancingCallback, is_number
+from lightning_balance.callbacks.base import ForwardPassMethod, is_number
 from lightning_balance.functional.opm import opm_drop, opm_drop_probabilities
 from lightning_balance.functional.scores import modality_scores, present_sums, stack_modalities
-from lightning_balance.modality import ModalityRecord, MultimodalMixin
+from lightning_balance.modality import MultimodalMixin
 
 __all__ = ["OPM"]
 
 
-class OPM(GradientBalancingCallback):
+class OPM(ForwardPassMethod):
     r"""OPM, on-the-fly prediction modulation (Wei, Hu, Du, Wen, "On-the-fly Modulation for Balanced Multimodal
     Learning", T-PAMI 2024): in each training forward pass the features of the modality that currently leads are
     dropped for some samples, so that the fused prediction has to rely more on the others. Validation and test are
@@ -66,9 +66,6 @@ class OPM(GradientBalancingCallback):
     """
 
     method = "opm"
-    edit_order = 0  # edits nothing; first in the pipeline
-    edits_gradients = False  # acts in the forward pass
-    fsdp_ok = True
 
     def __init__(
         self,
@@ -163,16 +160,6 @@ class OPM(GradientBalancingCallback):
         out, keep, _ = opm_drop(features, full, q, dims, matrix if present is not None else None, rescue=True)
         self._last["kept"] = keep.float().mean(0)
         return out, {m: keep[:, i] for i, m in enumerate(names)}
-
-    # ------------------------------------------------------------------ the pipeline: no step statistics
-    def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
-        return {}
-
-    def compute(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {}
-
-    def acted(self, result: dict[str, Tensor]) -> bool:
-        return False
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

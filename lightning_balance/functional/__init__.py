@@ -1,6 +1,12 @@
 """Functional core: each method's math as pure tensor functions (no Lightning import)."""
 
 from lightning_balance.functional.agm import agm_coefficients, agm_scores, shapley_responses, shapley_weights
+from lightning_balance.functional.amco import (
+    amco_class_mask,
+    amco_dependence_mass,
+    amco_mask_logits,
+    amco_mask_ratio,
+)
 from lightning_balance.functional.cml import chain_steps, cml_objective, cml_ranking_penalty, removal_chains
 from lightning_balance.functional.contrastive import symmetric_info_nce
 from lightning_balance.functional.distill import (
@@ -81,6 +87,10 @@ from lightning_balance.functional.scores import present_sums, modality_scores, s
 
 __all__ = [
     "agm_coefficients",
+    "amco_class_mask",
+    "amco_dependence_mass",
+    "amco_mask_logits",
+    "amco_mask_ratio",
     "agm_scores",
     "bootstrap_means",
     "class_feature_sums",
