@@ -58,6 +58,16 @@ def test_divergences_by_hand():
     torch.testing.assert_close(lfm_alignment([x, y]), lfm_alignment([y, x]))
 
 
+def test_underflowing_probabilities_give_finite_gradients():
+    a = torch.tensor([[200.0, 0.0, 0.0]], requires_grad=True)
+    b = torch.tensor([[0.0, 0.0, 200.0]], requires_grad=True)
+    for divergence in ("official", "js"):
+        value = lfm_divergence(a, b, divergence).sum()
+        (ga, gb) = torch.autograd.grad(value, [a, b])
+        assert torch.isfinite(value) and torch.isfinite(ga).all() and torch.isfinite(gb).all()
+    assert lfm_divergence(a, b).item() == pytest.approx(0.5 * 200 - math.log(2), rel=1e-3)
+
+
 def test_three_modalities_average_the_pairs_and_absent_pairs_count_where_both_are_present():
     g = torch.Generator().manual_seed(1)
     x, y, z = (torch.randn(6, 4, generator=g) for _ in range(3))

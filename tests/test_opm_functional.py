@@ -76,3 +76,40 @@ def test_rescue_keeps_the_present_modalities_of_a_sample_that_would_lose_all():
                                   rescue=True)
     # row 0 had only a, dropped: kept; row 1 kept v; row 2 dropped both: keeps both
     assert keep.tolist() == [[True, False], [False, True], [True, True]] and survivors.all()
+
+
+def test_a_rescued_sample_is_neither_dropped_nor_rescaled():
+    # audio leads (q = 0.75), visual never drops; samples 0-1 have only audio, sample 2 both, sample 3 only visual
+    present = torch.tensor([[True, False], [True, False], [True, True], [False, True]])
+    features = {"audio": torch.ones(4, 2), "visual": torch.ones(4, 2)}
+    uniform = torch.zeros(4, 2)  # every audio draw says "drop"
+    q = torch.tensor([0.75, 0.0])
+    out, keep, survivors = opm_drop(features, uniform, q, [2, 2], present, rescue=True)
+    scale = 1 / (1 - 0.75 * 2 / 4)
+    torch.testing.assert_close(out["audio"][:, 0], torch.tensor([1.0, 1.0, 0.0, 0.0]))  # rescued rows unscaled
+    torch.testing.assert_close(out["visual"][:, 0], torch.tensor([0.0, 0.0, scale, scale]))
+    assert survivors.all() and keep[:2, 0].all()
+
+
+def test_a_modality_absent_from_the_whole_batch_makes_no_other_lead(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_balance import OPM
+    from tests.helpers import TinyAV, loader, trainer_kwargs
+
+    assert OPM().start_epoch == 6  # the official warm-up: epochs 0-5 untouched (main.py: warm_up if epoch <= 5)
+    seen = []
+
+    class NoVisual(TinyAV):
+        def training_step(self, batch, batch_idx):
+            batch = dict(batch)
+            n = len(batch["target"])
+            batch["present"] = {"audio": torch.ones(n, dtype=torch.bool), "visual": torch.zeros(n, dtype=torch.bool)}
+            z = self.forward_features(batch)
+            logits = self.fuse(z, batch["target"], present=batch["present"])
+            seen.append(self.balance_record.features["audio"].detach().clone() - z["audio"].detach())
+            return torch.nn.functional.cross_entropy(logits, batch["target"])
+
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[OPM(seed=0, start_epoch=0, p_exe=1.0)], max_epochs=1)).fit(
+        NoVisual(), loader())
+    assert len(seen) == 4 and all(d.abs().max() == 0 for d in seen)  # audio kept, unscaled, in every batch

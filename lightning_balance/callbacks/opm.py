@@ -51,7 +51,8 @@ class OPM(ForwardPassMethod):
     the ratio is against the mean of the others (the official code has two modalities).
 
     Args:
-        q_base: the drop probability of a modality that barely leads (official script 0.5; its config 0.4).
+        q_base: the drop probability of a modality that barely leads (official 0.5: the script's argparse default
+            overrides ``config.py``'s 0.4; BalanceBenchmark uses 0.4).
         lam: :math:`\lambda`, how much a larger lead adds (official 0.5).
         p_exe: probability that a forward pass drops at all (official 0.7).
         seed: of the draws; ``None`` draws one on rank 0 and broadcasts it.
@@ -142,6 +143,10 @@ class OPM(ForwardPassMethod):
                 flat = all_reduce_sum(flat, trainer.strategy)
         k = len(active)
         q_active = opm_drop_probabilities(present_sums(flat[:k], flat[k:2 * k], flat[2 * k]), self.q_base, self.lam)
+        # a modality no labelled sample of the global batch has is not scored: it is neither dropped nor the
+        # reference that makes another lead; with fewer than two scored modalities nothing is dropped
+        scored = flat[k:2 * k] > 0
+        q_active = torch.where(scored & (scored.sum() >= 2), q_active, torch.zeros_like(q_active))
         generator = shared_generator(self.seed or 0, draw, torch.device("cpu"))
         execute = float(torch.rand(1, generator=generator)) < self.p_exe
         uniform = torch.rand(n * world, k, generator=generator)[rank::world].to(device, non_blocking=True)

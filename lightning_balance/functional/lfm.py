@@ -29,6 +29,7 @@ and :math:`\eta_\alpha` halved at every 20th epoch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, Optional
 
@@ -67,11 +68,11 @@ def lfm_divergence(logits_p: Tensor, logits_q: Tensor, divergence: Divergence = 
                          f"{tuple(logits_q.shape)}.")
     log_p = F.log_softmax(logits_p.float(), dim=-1)
     log_q = F.log_softmax(logits_q.float(), dim=-1)
-    m = 0.5 * (log_p.exp() + log_q.exp())
-    log_m = torch.log(m.clamp_min(torch.finfo(m.dtype).tiny))
-    if divergence == "official":  # Σ_c m (log m − log p) and the same with q; xlogy: 0 · log 0 = 0
-        kl_p = (torch.xlogy(m, m) - m * log_p).sum(-1)
-        kl_q = (torch.xlogy(m, m) - m * log_q).sum(-1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)  # log m without underflow (finite gradients too)
+    m = log_m.exp()
+    if divergence == "official":  # Σ_c m (log m − log p) and the same with q
+        kl_p = (m * (log_m - log_p)).sum(-1)
+        kl_q = (m * (log_m - log_q)).sum(-1)
     else:
         kl_p = (log_p.exp() * (log_p - log_m)).sum(-1)
         kl_q = (log_q.exp() * (log_q - log_m)).sum(-1)
@@ -136,7 +137,7 @@ def lfm_hypergradient(total_loss: Tensor, cls_loss: Tensor, params: Sequence[Ten
     if not 0 <= index < len(params):
         raise ValueError(f"index {index} is outside the {len(params)} parameters.")
     theta = torch.autograd.grad(total_loss, params, create_graph=True, allow_unused=True)
-    cls = torch.autograd.grad(cls_loss, params, create_graph=True, allow_unused=True, retain_graph=True)
+    cls = torch.autograd.grad(cls_loss, params, allow_unused=True, retain_graph=True)  # the vector: no graph
     pairs = [(t, c if c is not None else torch.zeros_like(p), p)
              for t, c, p in zip(theta, cls, params) if t is not None and t.requires_grad]
     if not any(p is params[index] for _, _, p in pairs):

@@ -43,7 +43,7 @@ def opm_drop_probabilities(scores: Tensor, q_base: float = 0.5, lam: float = 0.5
 
     Args:
         scores: ``(M,)`` non-negative scores (OGM's, :func:`~lightning_balance.functional.ogm_ratios`), M ≥ 2.
-        q_base: the drop probability of a modality that barely leads (official script 0.5, its config 0.4).
+        q_base: the drop probability of a modality that barely leads (official 0.5: the script's argparse default overrides its config's 0.4).
         lam: how much a larger lead adds (official 0.5).
     """
     if not 0 <= q_base <= 1 or lam < 0:
@@ -81,8 +81,8 @@ def opm_drop(features: Mapping[str, Tensor], uniform: Tensor, q: Tensor, dims: S
         dims: the feature widths ``d_m`` of the rescaling.
         present: optional ``(N, M)`` bool presence: an absent modality is never kept (its features are the fill
             and stay out of the decision of which samples survive).
-        rescue: a sample that would keep none of its present modalities keeps them all (it survives), instead of
-            leaving the batch. Only a sample whose never-dropped modalities are all absent can need it.
+        rescue: a sample that would keep none of its present modalities keeps them all, unscaled (it survives:
+            nothing of it was dropped), instead of leaving the batch. Only a sample whose never-dropped modalities are all absent can need it.
 
     Returns:
         ``(features', keep, survivors)``: the dropped and rescaled features of every sample (select
@@ -96,13 +96,16 @@ def opm_drop(features: Mapping[str, Tensor], uniform: Tensor, q: Tensor, dims: S
     keep = uniform >= q.to(uniform.dtype)
     if present is not None:
         keep = keep & present.to(keep.device)
-    if rescue:
+    scale = opm_scale(q, dims).reshape(1).expand(n)
+    if rescue:  # a rescued sample keeps what it has, unscaled: nothing of it was dropped
         everything = torch.ones_like(keep) if present is None else present.to(keep.device)
-        keep = torch.where(keep.any(1, keepdim=True), keep, everything)
-    scale = opm_scale(q, dims)
+        rescued = ~keep.any(1)
+        keep = torch.where(rescued[:, None], everything, keep)
+        scale = torch.where(rescued.to(scale.device), torch.ones_like(scale), scale)
     out = {}
     for i, m in enumerate(names):
         z = features[m]
-        mask = keep[:, i].reshape(n, *([1] * (z.ndim - 1))).to(z.dtype)
-        out[m] = z * mask * scale.to(z.dtype)
+        shape = (n, *([1] * (z.ndim - 1)))
+        factor = keep[:, i].to(scale.device).to(torch.float32) * scale.float()  # the factor in fp32, then cast once
+        out[m] = z * factor.reshape(shape).to(z.dtype)
     return out, keep, keep.any(1)

@@ -3,6 +3,7 @@ Modality Gap", NeurIPS 2024)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional
 
 import torch
@@ -47,7 +48,8 @@ class LFMLoss(LossTerm):
       (:func:`~lightning_balance.functional.lfm_fitted_alpha`).
     * ``"learnable"`` (``Crema_epoch_learnable.py``): from ``α_align = 0.95``, at the start of every epoch (the
       first training step of the epoch), on a fixed held-out batch (the first ``holdout_samples`` samples of
-      the datamodule's ``holdout_dataloader()``; official: 8 of 16 training samples held out):
+      the datamodule's ``holdout_dataloader()``, encoded by the module's ``encode_batch``; official: 8 of 16
+      training samples held out):
       ``α_align ← clip_{[0.05, 0.95]}(α_align − η_α h)``, ``h`` the mean over the entries of one parameter
       tensor of the Hessian-vector product ``∇²L_tot · ∇L_cls`` (``L_tot = α_cls L_cls + α_align D``, ``L_cls``
       the cross-entropy of the fused logits), ``η_α = lr_alpha`` halved at every 20th epoch
@@ -175,6 +177,12 @@ class LFMLoss(LossTerm):
         batch = next(iter(loader_fn()), None)
         if batch is None:
             raise ModalityContractError("LFMLoss: holdout_dataloader() is empty; it needs at least one batch.")
+        size = _batch_size(batch)
+        if size is not None and size < self.holdout_samples:
+            raise ModalityContractError(
+                f"LFMLoss: the first batch of holdout_dataloader() has {size} samples, fewer than holdout_samples="
+                f"{self.holdout_samples}: use a larger held-out batch size or a smaller holdout_samples."
+            )
         batch = _first_rows(batch, self.holdout_samples)
         self._holdout = trainer.strategy.batch_to_device(batch, trainer.strategy.root_device)
         return self._holdout
@@ -204,6 +212,13 @@ class LFMLoss(LossTerm):
         finally:
             for m, mode in modes.items():
                 m.training = mode
+        if not math.isfinite(h):  # the official clip would turn a NaN into 0.95: keep the weights instead
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"LFMLoss: the hyper-gradient of epoch {epoch} is not finite ({h}); the weights are kept "
+                           f"(alpha_align = {alpha_align:.4g}). Check the held-out batch (labelled samples?).",
+                           category=UserWarning)
+            h = 0.0
         alpha_cls, alpha_align, lr_alpha = lfm_alpha_step(alpha_align, lr_alpha, h, epoch,
                                                           halve_every=self.halve_every)
         trainer = module._trainer  # type: ignore[attr-defined]
@@ -247,6 +262,18 @@ class LFMLoss(LossTerm):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._host = None
+
+
+def _batch_size(batch: Any) -> Optional[int]:
+    """The number of samples of a batch (the first tensor's leading size), ``None`` if it has no tensor."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.ndim else None
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
+    for v in values:
+        size = _batch_size(v)
+        if size is not None:
+            return size
+    return None
 
 
 def _first_rows(batch: Any, n: int) -> Any:
