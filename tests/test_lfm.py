@@ -322,3 +322,13 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ModalityContractError, match="not a parameter"):
         pl.Trainer(**trainer_kwargs(tmp_path)).fit(LFMAV(schedule="learnable", hyper_parameter="nope"),
                                                    datamodule=HoldoutData())
+
+
+def test_the_learned_state_survives_a_dtype_cast_and_loads_from_a_state_dict():
+    term = LFMLoss(schedule="learnable")
+    term._alpha = [0.1, 0.9, 5e-5, 257.0]
+    term.to(torch.bfloat16)  # bf16-true casts every floating buffer; the state is not one
+    assert term.alpha_state.tolist() == [0.1, 0.9, 5e-5, 257.0]
+    other = LFMLoss(schedule="learnable")
+    other.load_state_dict(term.state_dict())
+    assert other.alpha_state.tolist() == [0.1, 0.9, 5e-5, 257.0]

@@ -55,7 +55,7 @@ class LFMLoss(LossTerm):
       the cross-entropy of the fused logits), ``η_α = lr_alpha`` halved at every 20th epoch
       (:func:`~lightning_balance.functional.lfm_hypergradient`). The official code takes the first tensor of
       ``model.parameters()``, its audio encoder's first weight; here the first parameter of the first declared
-      modality's encoder, or the one named by ``hyper_parameter``. ``α`` and ``η_α`` are buffers: they travel in
+      modality's encoder, or the one named by ``hyper_parameter``. ``α`` and ``η_α`` are the term's extra state: they travel in
       the model's checkpoint (a run resumed mid-epoch continues with them) and under DDP every rank takes rank
       0's value.
 
@@ -105,13 +105,11 @@ class LFMLoss(LossTerm):
         self.schedule, self.horizon, self.divergence, self.scale_task = schedule, horizon, divergence, scale_task
         self.lr_alpha_init, self.halve_every, self.holdout_samples = float(lr_alpha), halve_every, holdout_samples
         self.hyper_parameter = hyper_parameter
-        # the learnable schedule's state: [α_cls, α_align, η_α, epoch of the last update (-1: none)]
-        self.register_buffer("alpha_state", torch.tensor(
-            [1.0 - float(alpha_align_init), float(alpha_align_init), float(lr_alpha), -1.0], dtype=torch.float64))
+        # the learnable schedule's state: [α_cls, α_align, η_α, epoch of the last update (-1: none)], Python floats
+        # in the module's extra state (checkpointed with the model; no float64 buffer for a dtype cast to round)
+        self._alpha = [1.0 - float(alpha_align_init), float(alpha_align_init), float(lr_alpha), -1.0]
         self._holdout: Any = None  # the fixed held-out batch, on the device (read once per fit)
         self.last_hypergradient: Optional[float] = None
-        self._host: Optional[list[float]] = None  # host copy of alpha_state (no device sync per step)
-        self._host_version = -1
 
     # ------------------------------------------------------------------ standalone
     def forward(self, unimodal_logits: Any, present: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
@@ -128,11 +126,19 @@ class LFMLoss(LossTerm):
         return state[0], state[1]
 
     def _state(self) -> list[float]:
-        """``alpha_state`` on the host, re-read only after the buffer was written (a load, a DDP broadcast)."""
-        if self._host is None or self.alpha_state._version != self._host_version:
-            self._host = [float(v) for v in self.alpha_state.tolist()]
-            self._host_version = self.alpha_state._version
-        return self._host
+        return self._alpha
+
+    @property
+    def alpha_state(self) -> Tensor:
+        """``[α_cls, α_align, η_α, epoch of the last update]`` as a float64 tensor (a copy)."""
+        return torch.tensor(self._alpha, dtype=torch.float64)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"alpha": list(self._alpha)}
+
+    def set_extra_state(self, state: Any) -> None:
+        if isinstance(state, dict) and "alpha" in state:
+            self._alpha = [float(v) for v in state["alpha"]]
 
     def task_loss_weight(self, module: MultimodalMixin, epoch: int) -> Optional[float]:
         """``2 α_cls(t)``, the factor of the user's loss (``None`` with ``scale_task=False``)."""
@@ -225,8 +231,7 @@ class LFMLoss(LossTerm):
         if trainer is not None and trainer.world_size > 1:  # every rank takes rank 0's step
             alpha_cls, alpha_align, lr_alpha, h = trainer.strategy.broadcast((alpha_cls, alpha_align, lr_alpha, h), src=0)
         self.last_hypergradient = h
-        self.alpha_state.copy_(torch.tensor([alpha_cls, alpha_align, lr_alpha, float(epoch)], dtype=torch.float64))
-        self._host, self._host_version = [alpha_cls, alpha_align, lr_alpha, float(epoch)], self.alpha_state._version
+        self._alpha = [float(alpha_cls), float(alpha_align), float(lr_alpha), float(epoch)]
 
     # ------------------------------------------------------------------ the term
     def from_record(self, module: MultimodalMixin, record: ModalityRecord) -> tuple[Tensor, dict[str, Tensor]]:
@@ -257,11 +262,12 @@ class LFMLoss(LossTerm):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._holdout = None  # a copy (deepcopy, ddp_spawn) reads its own held-out batch
-        self._host = None
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        old = state_dict.pop(prefix + "alpha_state", None)  # checkpoints that kept the state in a buffer
+        if old is not None:
+            self._alpha = [float(v) for v in old.tolist()]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._host = None
 
 
 def _batch_size(batch: Any) -> Optional[int]:
