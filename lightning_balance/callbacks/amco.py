@@ -37,6 +37,10 @@ class AMCo(ForwardPassMethod):
     logits, :math:`d_m = \operatorname{mean}_i \text{mass}_{m,i} > \sigma` (summed over the ranks under DDP: one
     all-reduce of ``M + 1`` numbers per ``fuse`` call); they reset at each epoch.
 
+    The curriculum (``ℓ_t``, the mask stream) advances only on batches inside the method's window (the benchmark
+    advances it on every batch; the same with epoch windows). With several ``fuse`` calls in one batch the last
+    call's mass sets the flags, and every rank must make the same number of calls (each reduces across ranks).
+
     AMCo's objective adds each modality's cross-entropy on its (masked) unimodal logits: return
     ``self.add_unimodal_losses(loss)`` from ``training_step``, which uses the masked logits of the step (it warns
     once when the unimodal losses are missing).
@@ -190,6 +194,6 @@ class AMCo(ForwardPassMethod):
     @property
     def dependent(self) -> dict[str, bool]:
         """The flags for the next batch, by modality (a host copy)."""
-        if self._dependent is None or not self._groups:
-            return {m: False for m in self._groups}
+        if self._dependent is None:
+            return {m: False for m in self._names}
         return dict(zip(self._names, (bool(v) for v in self._dependent.tolist())))

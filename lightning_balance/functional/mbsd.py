@@ -67,7 +67,8 @@ def mbsd_distillation(logits: Sequence[Tensor], targets: Tensor, counted: Option
         detach_weight: see :func:`mbsd_pair_terms`.
         denominator: ``N``, the number the sums are divided by (default: the batch size). The loss term passes
             the number of labelled samples, so that a pair present in 30% of them weighs 30% and DDP and
-            accumulation equal one process on the whole batch.
+            accumulation equal one process on the whole batch (when every rank and micro-batch has the same
+            number of labelled samples).
 
     Returns:
         ``(value, metrics)``: the scalar term and detached means of ``w``, ``RS`` and ``KL`` over the counted

@@ -33,7 +33,7 @@ class MBSDLoss(LossTerm):
     Absent modalities (``fuse(..., present=...)``): a modality's cross-entropy sums over the samples that have it,
     a pair over the samples that have both, each divided by the number of labelled samples (the convention of
     ``add_unimodal_losses``: a modality present in 30% of the samples weighs 30%, and DDP and accumulation equal
-    one process). Samples whose target is the declared ``ignore_index`` count nowhere.
+    one process when every rank and micro-batch has the same number of labelled samples). Samples whose target is the declared ``ignore_index`` count nowhere.
 
     Args:
         unimodal_losses: add each modality's cross-entropy (part of MBSD's objective). Set ``False`` when your
