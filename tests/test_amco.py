@@ -142,3 +142,24 @@ def test_bad_arguments():
     for bad in (dict(sigma=0.0), dict(sigma=1.5), dict(eps=0), dict(seed=-1), dict(seed=True)):
         with pytest.raises(ValueError):
             AMCo(**bad)
+
+
+@pytest.mark.parametrize("forward_method", ["amco", "opm"])
+def test_stacks_with_a_gradient_method_in_either_order(tmp_path, forward_method):
+    from lightning_balance import OGMGE, OPM
+
+    def make():
+        return AMCo(seed=4) if forward_method == "amco" else OPM(seed=4, start_epoch=0)
+
+    results = []
+    for order in ("forward first", "gradient first"):
+        pair = [make(), OGMGE(alpha=0.3, seed=1)]
+        model = TinyAV(aux_losses=True)
+        pl.Trainer(**trainer_kwargs(tmp_path / order, callbacks=pair if order == "forward first" else pair[::-1],
+                                    max_epochs=3)).fit(model, loader())
+        results.append(flat_params(model))
+        assert pair[1].num_edits > 0
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    alone = TinyAV(aux_losses=True)
+    pl.Trainer(**trainer_kwargs(tmp_path / "alone", callbacks=[make()], max_epochs=3)).fit(alone, loader())
+    assert (flat_params(alone) - results[0]).abs().max() > 1e-5  # OGM-GE acted on top of the forward method

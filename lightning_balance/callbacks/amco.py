@@ -102,6 +102,7 @@ class AMCo(ForwardPassMethod):
                 f"use OPM or ModalityDropout, which act on the features."
             )
         self._names = tuple(pl_module.modalities)  # type: ignore[attr-defined]
+        self._eligible = torch.tensor([m in self.active_modalities for m in self._names])  # may be flagged
         if self.seed is None:
             self.seed = broadcast_seed(trainer.strategy)
 
@@ -144,8 +145,7 @@ class AMCo(ForwardPassMethod):
                 flat = all_reduce_sum(flat, trainer.strategy)
             mean = flat[:-1] / flat[-1].clamp_min(1.0)
         self._last_mass = mean
-        eligible = torch.tensor([m in self.active_modalities for m in names], device=logits.device)
-        self._dependent = (mean > self.sigma) & eligible  # the next batch's flags
+        self._dependent = (mean > self.sigma) & self._eligible.to(logits.device)  # the next batch's flags
         return fused
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -164,16 +164,12 @@ class AMCo(ForwardPassMethod):
                            batch_idx: int) -> None:
         if not self.log_metrics or not self._enabled or self._last_mass is None:
             return
-        from lightning_balance.callbacks.base import _logs_this_step, log_balance_metrics
-
-        if not _logs_this_step(trainer):
-            return
         names = pl_module.modalities  # type: ignore[attr-defined]
         metrics = {"balance/amco/ratio": torch.tensor(self._ratio)}
         now = self._now if self._now is not None else torch.zeros(len(names), dtype=torch.bool)
         metrics.update({f"balance/amco/dependent/{m}": now[names.index(m)].float() for m in self.active_modalities})
         metrics.update({f"balance/amco/mass/{m}": self._last_mass[names.index(m)] for m in self.active_modalities})
-        log_balance_metrics(pl_module, metrics, on_step=True, on_epoch=False)
+        self.log_step(trainer, pl_module, metrics)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

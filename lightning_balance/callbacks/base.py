@@ -684,3 +684,8 @@ class ForwardPassMethod(GradientBalancingCallback):
 
     def acted(self, result: dict[str, Tensor]) -> bool:
         return False
+
+    def log_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, Tensor]) -> None:
+        """Log ``metrics`` on the Trainer's logged steps (``log_every_n_steps``) when ``log_metrics`` is set."""
+        if self.log_metrics and _logs_this_step(trainer):
+            log_balance_metrics(pl_module, metrics, on_step=True, on_epoch=False)

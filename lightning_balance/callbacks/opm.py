@@ -170,15 +170,11 @@ class OPM(ForwardPassMethod):
                            batch_idx: int) -> None:
         if not self.log_metrics or self._last is None:
             return
-        from lightning_balance.callbacks.base import _logs_this_step, log_balance_metrics
-
-        if not _logs_this_step(trainer):
-            return
         names = pl_module.modalities  # type: ignore[attr-defined]
         metrics = {f"balance/opm/q/{m}": self._last["q"][i] for i, m in enumerate(self.active_modalities)}
         metrics["balance/opm/executed"] = self._last["executed"]
         metrics.update({f"balance/opm/kept/{m}": self._last["kept"][names.index(m)] for m in self.active_modalities})
-        log_balance_metrics(pl_module, metrics, on_step=True, on_epoch=False)
+        self.log_step(trainer, pl_module, metrics)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)

@@ -183,12 +183,6 @@ class LFMLoss(LossTerm):
         batch = next(iter(loader_fn()), None)
         if batch is None:
             raise ModalityContractError("LFMLoss: holdout_dataloader() is empty; it needs at least one batch.")
-        size = _batch_size(batch)
-        if size is not None and size < self.holdout_samples:
-            raise ModalityContractError(
-                f"LFMLoss: the first batch of holdout_dataloader() has {size} samples, fewer than holdout_samples="
-                f"{self.holdout_samples}: use a larger held-out batch size or a smaller holdout_samples."
-            )
         batch = _first_rows(batch, self.holdout_samples)
         self._holdout = trainer.strategy.batch_to_device(batch, trainer.strategy.root_device)
         return self._holdout
@@ -206,6 +200,12 @@ class LFMLoss(LossTerm):
             device_type = params[index].device.type
             with torch.enable_grad(), torch.autocast(device_type, enabled=False):
                 features, targets, present = module.encoded_batch(batch)
+                if targets.shape[0] < self.holdout_samples:
+                    raise ModalityContractError(
+                        f"LFMLoss: the first batch of holdout_dataloader() has {targets.shape[0]} samples, fewer than "
+                        f"holdout_samples={self.holdout_samples}: use a larger held-out batch size or a smaller "
+                        f"holdout_samples."
+                    )
                 features = {m: z.float() for m, z in features.items()}
                 fused = module.fuse_subset(features, module.modalities, present=present)
                 unimodal = module.compute_unimodal_logits(features, present=present)
@@ -268,18 +268,6 @@ class LFMLoss(LossTerm):
         if old is not None:
             self._alpha = [float(v) for v in old.tolist()]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def _batch_size(batch: Any) -> Optional[int]:
-    """The number of samples of a batch (the first tensor's leading size), ``None`` if it has no tensor."""
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.ndim else None
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
-    for v in values:
-        size = _batch_size(v)
-        if size is not None:
-            return size
-    return None
 
 
 def _first_rows(batch: Any, n: int) -> Any:
