@@ -15,6 +15,7 @@ from lightning_balance.callbacks import (
     ModalityMonitor,
     NonFiniteStatisticsError,
     PMR,
+    Relearning,
     StepStatistics,
 )
 from lightning_balance.heads import CosineHead
@@ -63,6 +64,7 @@ __all__ = [
     "MultimodalMixin",
     "NonFiniteStatisticsError",
     "PMR",
+    "Relearning",
     "StepStatistics",
     "UMTLoss",
     "UnimodalEnsemble",

@@ -12,5 +12,6 @@ from lightning_balance.callbacks.monitor import ModalityMonitor
 from lightning_balance.callbacks.ogm_ge import OGMGE
 from lightning_balance.callbacks.opm import OPM
 from lightning_balance.callbacks.pmr import PMR
+from lightning_balance.callbacks.relearning import Relearning
 
-__all__ = ["AGM", "AMCo", "GradientBalancingCallback", "GradientBlending", "InfoReg", "MMPareto", "ModalityDiagnostics", "ModalityDropout", "ModalityMonitor", "NonFiniteStatisticsError", "OGMGE", "OPM", "PMR", "StepStatistics"]
+__all__ = ["AGM", "AMCo", "GradientBalancingCallback", "GradientBlending", "InfoReg", "MMPareto", "ModalityDiagnostics", "ModalityDropout", "ModalityMonitor", "NonFiniteStatisticsError", "OGMGE", "OPM", "PMR", "Relearning", "StepStatistics"]

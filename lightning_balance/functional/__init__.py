@@ -47,6 +47,13 @@ from lightning_balance.functional.lfm import (
 )
 from lightning_balance.functional.mbsd import mbsd_distillation, mbsd_pair_terms
 from lightning_balance.functional.opm import opm_drop, opm_drop_probabilities, opm_scale
+from lightning_balance.functional.relearning import (
+    cluster_purity,
+    kmeans,
+    minmax_scale,
+    relearning_strength,
+    soft_reinit_,
+)
 from lightning_balance.functional.polysemantic import (
     fusion_polysemanticity,
     layer_ablation_changes,
@@ -116,6 +123,11 @@ __all__ = [
     "opm_drop",
     "opm_drop_probabilities",
     "opm_scale",
+    "cluster_purity",
+    "kmeans",
+    "minmax_scale",
+    "relearning_strength",
+    "soft_reinit_",
     "floor_weights",
     "gblend_weights",
     "ge_noise_std",
