@@ -25,8 +25,10 @@ from lightning_balance import (
     ExplicitBasisReallocation,
     LFMLoss,
     MBSDLoss,
+    MLAFusion,
     MultimodalMixin,
     ReconstructionLoss,
+    SampleValuation,
 )
 from lightning_balance.data import AVDigitsDataModule, SyntheticCollapseDataModule
 from lightning_balance.functional import linear_probe_accuracy
@@ -56,7 +58,8 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
     def __init__(self, input_dims: Optional[dict[str, int]] = None, hidden: int = 256, feature_dim: int = 128,
                  num_classes: int = 10, lr: float = 0.02, momentum: float = 0.9, aux_heads: bool = False,
                  unimodal_losses: bool = False, cosine_scale: Optional[float] = None,
-                 loss_terms: Optional[list] = None, missing: str = "zeros", fusion_hidden: int = 0) -> None:
+                 loss_terms: Optional[list] = None, missing: str = "zeros", fusion_hidden: int = 0,
+                 mla: bool = False, mla_projection: bool = True) -> None:
         super().__init__()
         input_dims = input_dims or {"audio": 40, "visual": 64}
         self.save_hyperparameters(ignore=["loss_terms"])
@@ -69,6 +72,10 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
             self.head = HiddenFusion(feature_dim * len(input_dims), fusion_hidden, num_classes)
             self.configure_modalities({m: self.encoders[m] for m in input_dims}, fusion=self.head,
                                       **self._fill(missing, input_dims))
+        elif mla:  # MLA: one head shared by the modalities, one optimizer step per modality, entropy fusion
+            self.head = MLAFusion(nn.Linear(feature_dim, num_classes), projection=mla_projection)
+            self.configure_modalities({m: self.encoders[m] for m in input_dims}, fusion=self.head)
+            self.automatic_optimization = False
         elif cosine_scale is not None:  # MMCosine: the cosine head replaces the linear one
             self.head = CosineHead([feature_dim] * len(input_dims), num_classes, scale=cosine_scale)
             self.configure_modalities({m: self.encoders[m] for m in input_dims}, fusion=self.head)
@@ -96,6 +103,8 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
         return self.features(batch), batch["target"], batch.get("present")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.hparams.get("mla"):
+            return self.head.training_step(self, self.features(batch), batch["target"], present=batch.get("present"))
         inputs = {m: batch[m] for m in self.modalities}
         if "index" in batch:  # each sample's position in the training split (CRD's memory)
             inputs["index"] = batch["index"]
@@ -143,6 +152,7 @@ def _feature_dims(input_dims: dict[str, int]) -> dict[str, int]:
 # validation search. Loss terms are factories, built only when a model is made (after the seed is set).
 LFM_HORIZON = 40  # chosen on AV-Digits validation (docs/results.md)
 MBSD_WEIGHT = 1.0  # chosen on AV-Digits validation (docs/results.md)
+MLA_PROJECTION = True  # the paper's head-gradient projection (on/off chosen on AV-Digits validation, docs/results.md)
 SETUPS: dict[str, Callable[[dict[str, int]], tuple[dict, dict]]] = {
     "uni_losses": lambda dims: ({"aux_heads": True, "unimodal_losses": True}, {}),
     # InfoReg's published objective: the unimodal losses of the split head (no auxiliary heads); alone, as a control
@@ -167,6 +177,13 @@ SETUPS: dict[str, Callable[[dict[str, int]], tuple[dict, dict]]] = {
     # MBSD (issue 14): its distillation and unimodal cross-entropies, weight selected
     "mbsd": lambda dims: ({"loss_terms": lambda: [MBSDLoss(weight=MBSD_WEIGHT)]}, {}),
     "lfm_learnable": lambda dims: ({"loss_terms": lambda: [LFMLoss(schedule="learnable")]}, {"holdout_fraction": 0.1}),
+    # Diagnosing & Re-learning (issue 14): diagnoses on a held-out tenth of the training data
+    "relearning": lambda dims: ({}, {"holdout_fraction": 0.1}),
+    # modality valuation (issue 14): the training split served through a ValuationDataset
+    "valuation": lambda dims: ({}, {"valuation": True}),
+    "valuation_modality": lambda dims: ({}, {"valuation": True}),
+    # MLA (issue 14): the shared head, alternating unimodal steps and the entropy fusion replace the concat head
+    "mla": lambda dims: ({"mla": True, "mla_projection": MLA_PROJECTION}, {}),
 }
 
 
@@ -252,10 +269,12 @@ def fit(model: pl.LightningModule, data: pl.LightningDataModule, callbacks: Sequ
     Returns the model and its best validation accuracy (selection never looks at test data).
     """
     checkpoint = ModelCheckpoint(dirpath=root, monitor="val_acc", mode="max", save_top_k=1, filename="best")
+    # modality valuation grows the training set between epochs: its loader is rebuilt every epoch
+    reload = 1 if any(isinstance(c, SampleValuation) for c in callbacks) else 0
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, default_root_dir=root,
         callbacks=[*callbacks, checkpoint], enable_progress_bar=progress, enable_model_summary=False,
-        num_sanity_val_steps=0, deterministic=True,
+        num_sanity_val_steps=0, deterministic=True, reload_dataloaders_every_n_epochs=reload,
     )
     trainer.fit(model, datamodule=data)
     state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)["state_dict"]

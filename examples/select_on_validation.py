@@ -29,6 +29,8 @@ from lightning_balance import (  # noqa: E402
     AMCo,
     OGMGE,
     PMR,
+    Relearning,
+    SampleValuation,
     CMLLoss,
     ContrastiveLoss,
     GradientBlending,
@@ -57,6 +59,14 @@ SEARCH: dict[str, tuple[str, list[float], Callable[[float], list[pl.Callback]]]]
     # AMCo: the curriculum length (the benchmark's 0.3 masks a flagged modality fully after 3 batches of epoch 1)
     "amco": ("eps", [0.3, 1.0, 3.0, 10.0], lambda v: [AMCo(eps=v)]),
     "opm": ("q_base", [0.2, 0.4, 0.5, 0.7, 0.85, 1.0], lambda v: [OPM(q_base=v)]),
+    # Re-learning: lambda in alpha = tanh(lambda * |purity gap|) (official 3), on the benchmark's schedule (10, 20, 30)
+    # modality valuation: the first epoch trained on re-sampled data (official warm-up 5 of 60 epochs); the
+    # modality-level rule's alpha (official 1, BalanceBenchmark 0.5)
+    "valuation": ("start_epoch", [1, 3, 5, 10], lambda v: [SampleValuation(start_epoch=int(v))]),
+    "valuation_modality": ("alpha", [0.5, 1.0, 2.0],
+                           lambda v: [SampleValuation(level="modality", start_epoch=3, alpha=v)]),
+    "relearning": ("strength", [1.0, 3.0, 10.0],
+                   lambda v: [Relearning(strength=v, every_n_epochs=10, max_reinits=3)]),
     # loss terms and heads: the value goes into the model (see MODEL_PARAMETER)
     # CML's rank_weight is the official beta/100 with the official batch-summed ranking term (beta 10: 0.1;
     # the official batch script tries beta 10, 20, 50, 75)
@@ -69,6 +79,8 @@ SEARCH: dict[str, tuple[str, list[float], Callable[[float], list[pl.Callback]]]]
     "lfm": ("horizon", [40, 80, 200], lambda v: []),
     # MBSD: the term's weight (it has no parameter of its own; BalanceBenchmark adds it with weight 1)
     "mbsd": ("weight", [0.3, 1.0, 3.0], lambda v: []),
+    # MLA: the paper's head-gradient projection on (1) or off (0, the released code, whose projection never runs)
+    "mla": ("projection", [0.0, 1.0], lambda v: []),
 }
 # methods whose searched value is a model argument: method -> function(value) -> model kwargs overrides
 MODEL_PARAMETER: dict[str, Callable[[float], dict]] = {
@@ -78,6 +90,7 @@ MODEL_PARAMETER: dict[str, Callable[[float], dict]] = {
     "reconstruction": lambda v: {"loss_terms": lambda: [ReconstructionLoss({"audio": 128, "visual": 128}, AV_DIMS, weight=v)]},
     "lfm": lambda v: {"loss_terms": lambda: [LFMLoss(horizon=int(v))]},
     "mbsd": lambda v: {"loss_terms": lambda: [MBSDLoss(weight=v)]},
+    "mla": lambda v: {"mla": True, "mla_projection": bool(v)},
 }
 
 

@@ -16,9 +16,11 @@ from lightning_balance.callbacks import (
     NonFiniteStatisticsError,
     PMR,
     Relearning,
+    SampleValuation,
     StepStatistics,
 )
 from lightning_balance.heads import CosineHead
+from lightning_balance.mla import MLAFusion
 from lightning_balance.losses import (
     CMLLoss,
     LFMLoss,
@@ -43,6 +45,7 @@ __all__ = [
     "MBSDLoss",
     "ContrastiveLoss",
     "CosineHead",
+    "MLAFusion",
     "CrossModalDistillation",
     "ExplicitBasisReallocation",
     "LossTerm",
@@ -65,6 +68,7 @@ __all__ = [
     "NonFiniteStatisticsError",
     "PMR",
     "Relearning",
+    "SampleValuation",
     "StepStatistics",
     "UMTLoss",
     "UnimodalEnsemble",

@@ -4,6 +4,7 @@ random streams that are identical on every rank."""
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -164,3 +165,42 @@ def _gather_padded(local: Tensor) -> tuple[list[Tensor], list[int]]:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return parts, sizes
+
+
+def mean_gradients(params: list[torch.nn.Parameter], scalars: Tensor, strategy: Any) -> Tensor:
+    """Turn each parameter's gradient **sum** into the mean over the labelled samples of all ranks.
+
+    ``scalars`` is ``(loss sum, labelled count, ...)`` of this rank (any further numbers ride along, e.g. an
+    "active" flag or feature sums), returned summed over ranks; the gradients are divided by the summed count. Under DDP the gradients, a mask of the parameters that have one, and the scalars travel in one
+    flattened all-reduce (one per gradient dtype if the model mixes float types): every rank then holds
+    the gradient of the global batch, so the branch copies take identical steps.
+    """
+    n = scalars.numel()
+    if strategy.world_size > 1:
+        device = strategy.root_device
+        present = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64, device=device)
+        extra = torch.cat([scalars.to(device=device, dtype=torch.float64), present])
+        dtypes = list(dict.fromkeys(p.dtype for p in params))
+        host = next((d for d in dtypes if d in (torch.float32, torch.float64)), None)
+        for dtype in dtypes:
+            members = [p for p in params if p.dtype == dtype]
+            parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in members]
+            if dtype == host:
+                parts.append(extra.to(dtype))
+            flat = all_reduce_sum(torch.cat(parts), strategy)
+            offset = 0
+            for p in members:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+            if dtype == host:
+                extra = flat[offset:].double()
+        if host is None:
+            extra = all_reduce_sum(extra, strategy)
+        scalars = extra[:n]
+        for p, has in zip(params, extra[n:].tolist()):
+            if not has:  # no rank has a gradient for it: left out of the step, as on one process
+                p.grad = None
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_div_(grads, max(float(scalars[1]), 1.0))
+    return scalars

@@ -2,7 +2,24 @@
 
 import pytest
 
-from lightning_balance import AGM, OGMGE, OPM, PMR, AMCo, MBSDLoss, GradientBlending, LFMLoss, InfoReg, MMPareto, ModalityDiagnostics, ModalityDropout, ModalityMonitor
+from lightning_balance import (
+    AGM,
+    OGMGE,
+    OPM,
+    PMR,
+    AMCo,
+    GradientBlending,
+    InfoReg,
+    LFMLoss,
+    MBSDLoss,
+    MLAFusion,
+    MMPareto,
+    ModalityDiagnostics,
+    ModalityDropout,
+    ModalityMonitor,
+    Relearning,
+    SampleValuation,
+)
 from lightning_balance.data import AVDigitsDataModule, SyntheticCollapseDataModule
 
 jsonargparse = pytest.importorskip("jsonargparse", reason="jsonargparse (the `cli` extra) is not installed")
@@ -39,6 +56,10 @@ trainer:
       init_args: {p: {audio: 0.4, visual: 0.1}, schedule: cosine, warmup_steps: 100, seed: 2}
     - class_path: lightning_balance.OPM
       init_args: {q_base: 0.85, p_exe: 0.5, start_epoch: 0, seed: 4}
+    - class_path: lightning_balance.Relearning
+      init_args: {strength: 2.0, every_n_epochs: 10, max_reinits: 2, max_samples: 1000}
+    - class_path: lightning_balance.SampleValuation
+      init_args: {level: modality, start_epoch: 3, alpha: 0.5, func: tanh}
 model:
   fusion: concat
   lr: 0.05
@@ -64,11 +85,15 @@ model:
     assert (drop.p, drop.schedule, drop.warmup_steps, drop.seed) == ({"audio": 0.4, "visual": 0.1}, "cosine", 100, 2)
     opm = next(cb for cb in cli.trainer.callbacks if isinstance(cb, OPM))
     assert (opm.q_base, opm.p_exe, opm.start_epoch, opm.seed) == (0.85, 0.5, 0, 4)
+    relearn = next(cb for cb in cli.trainer.callbacks if isinstance(cb, Relearning))
+    assert (relearn.strength, relearn.every_n_epochs, relearn.max_reinits, relearn.max_samples) == (2.0, 10, 2, 1000)
+    value = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SampleValuation))
+    assert (value.level, value.start_epoch, value.alpha, value.func) == ("modality", 3, 0.5, "tanh")
 
 
 @pytest.mark.parametrize("cls", [AVDigitsDataModule, SyntheticCollapseDataModule, OGMGE, ModalityMonitor, InfoReg, AGM, PMR,
                                  MMPareto, GradientBlending, ModalityDiagnostics, ModalityDropout, OPM,
-                                 AMCo, LFMLoss, MBSDLoss])
+                                 AMCo, LFMLoss, MBSDLoss, Relearning, SampleValuation, MLAFusion])
 def test_constructor_signatures_resolve(cls):
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(cls, "x")

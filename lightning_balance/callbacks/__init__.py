@@ -13,5 +13,6 @@ from lightning_balance.callbacks.ogm_ge import OGMGE
 from lightning_balance.callbacks.opm import OPM
 from lightning_balance.callbacks.pmr import PMR
 from lightning_balance.callbacks.relearning import Relearning
+from lightning_balance.callbacks.valuation import SampleValuation
 
-__all__ = ["AGM", "AMCo", "GradientBalancingCallback", "GradientBlending", "InfoReg", "MMPareto", "ModalityDiagnostics", "ModalityDropout", "ModalityMonitor", "NonFiniteStatisticsError", "OGMGE", "OPM", "PMR", "Relearning", "StepStatistics"]
+__all__ = ["AGM", "AMCo", "GradientBalancingCallback", "GradientBlending", "InfoReg", "MMPareto", "ModalityDiagnostics", "ModalityDropout", "ModalityMonitor", "NonFiniteStatisticsError", "OGMGE", "OPM", "PMR", "Relearning", "SampleValuation", "StepStatistics"]

@@ -24,8 +24,9 @@ unscaled gradients, the result equals single-process training with the global ba
 from __future__ import annotations
 
 import abc
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Literal, Optional
 
 import lightning.pytorch as pl
@@ -120,6 +121,40 @@ def separate_loader(loader: Any) -> Any:
                                        sampler=loader.sampler, **common)
 
 
+def require_contract(pl_module: Any, owner: str) -> tuple[str, ...]:
+    """The module's declared modalities; a clear error if it does not implement the modality contract."""
+    if not isinstance(pl_module, MultimodalMixin):
+        raise ModalityContractError(
+            f"{owner} needs the modality contract: make {type(pl_module).__name__} inherit "
+            f"`lightning_balance.MultimodalMixin` (before LightningModule) and call "
+            f"`self.configure_modalities(...)` in __init__."
+        )
+    return pl_module.modalities  # raises a clear error if not declared
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no gradient for a callback's own pass; afterwards every submodule gets back the mode it had
+    (a submodule the user keeps in eval, a frozen BatchNorm, stays in eval), as Lightning's evaluation loop does."""
+    modes = {name: m.training for name, m in module.named_modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for name, m in module.named_modules():
+            if name in modes:
+                m.training = modes[name]
+
+
+@contextlib.contextmanager
+def precision_forward(trainer: pl.Trainer) -> Iterator[None]:
+    """The Trainer's precision for a forward pass a callback makes itself (autocast under ``16-mixed`` /
+    ``bf16-mixed``; nothing to do under true precisions, whose inputs :func:`training_batches` converts)."""
+    with trainer.precision_plugin.forward_context():
+        yield
+
+
 def training_batches(trainer: pl.Trainer, loader: Any, limit: Optional[int] = None):
     """The first ``limit`` batches of ``loader`` (all if ``None``), moved to the device, for callbacks that make
     their own pass over training data (PMR's prototypes, Gradient-Blending's estimates). torch's RNG is
@@ -130,7 +165,8 @@ def training_batches(trainer: pl.Trainer, loader: Any, limit: Optional[int] = No
         for i, batch in enumerate(separate_loader(loader)):
             if limit is not None and i >= limit:
                 break
-            yield trainer.strategy.batch_to_device(batch, trainer.strategy.root_device)
+            batch = trainer.strategy.batch_to_device(batch, trainer.strategy.root_device)
+            yield trainer.precision_plugin.convert_input(batch)  # bf16-true / 64-true: the inputs' dtype
 
 
 def loss_scales(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[float, float]:
@@ -420,13 +456,7 @@ class GradientBalancingCallback(Callback, abc.ABC):
         if stage != "fit":
             return
         name = type(self).__name__
-        if not isinstance(pl_module, MultimodalMixin):
-            raise ModalityContractError(
-                f"{name} needs the modality contract: make {type(pl_module).__name__} inherit "
-                f"`lightning_balance.MultimodalMixin` (before LightningModule) and call "
-                f"`self.configure_modalities(...)` in __init__."
-            )
-        declared = pl_module.modalities  # raises a clear error if not declared
+        declared = require_contract(pl_module, name)
         chosen = self.modalities if self.modalities is not None else declared
         unknown = [m for m in chosen if m not in declared]
         if unknown:

@@ -18,9 +18,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_balance._distributed import all_reduce_sum, check_strategy
-from lightning_balance.callbacks.base import forked_rng, log_balance_metrics, separate_loader
+from lightning_balance._distributed import mean_gradients as _mean_gradients
+from lightning_balance.callbacks.base import forked_rng, log_balance_metrics, separate_loader, require_contract
 from lightning_balance.functional.gblend import floor_weights, gblend_weights
-from lightning_balance.modality import ModalityContractError, MultimodalMixin
+from lightning_balance.modality import ModalityContractError
 
 __all__ = ["GradientBlending"]
 
@@ -117,11 +118,7 @@ class GradientBlending(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not isinstance(pl_module, MultimodalMixin):
-            raise ModalityContractError(
-                f"GradientBlending needs the modality contract: make {type(pl_module).__name__} inherit "
-                f"`lightning_balance.MultimodalMixin` and declare its modalities."
-            )
+        require_contract(pl_module, "GradientBlending")
         heads = 1 + len(pl_module.modalities)  # raises a clear error if not declared
         if self.min_weight * heads >= 1.0:
             raise ValueError(f"min_weight={self.min_weight} leaves nothing to blend for {heads} heads: "
@@ -339,44 +336,6 @@ def _batches(trainer: pl.Trainer, loader: Iterable, limit: Optional[int]) -> Ite
     inside one fork, so successive branch epochs draw fresh shuffles."""
     for batch in (loader if limit is None else islice(loader, limit)):
         yield trainer.strategy.batch_to_device(batch, trainer.strategy.root_device)
-
-
-def _mean_gradients(params: list[torch.nn.Parameter], scalars: Tensor, strategy: Any) -> Tensor:
-    """Turn each parameter's gradient **sum** into the mean over the labelled samples of all ranks.
-
-    ``scalars`` is ``(loss sum, labelled count, active)`` of this rank's window, returned summed over
-    ranks. Under DDP the gradients, a mask of the parameters that have one, and the scalars travel in one
-    flattened all-reduce (one per gradient dtype if the model mixes float types): every rank then holds
-    the gradient of the global batch, so the branch copies take identical steps.
-    """
-    if strategy.world_size > 1:
-        device = strategy.root_device
-        present = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64, device=device)
-        extra = torch.cat([scalars.to(device=device, dtype=torch.float64), present])
-        dtypes = list(dict.fromkeys(p.dtype for p in params))
-        host = next((d for d in dtypes if d in (torch.float32, torch.float64)), None)
-        for dtype in dtypes:
-            members = [p for p in params if p.dtype == dtype]
-            parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in members]
-            if dtype == host:
-                parts.append(extra.to(dtype))
-            flat = all_reduce_sum(torch.cat(parts), strategy)
-            offset = 0
-            for p in members:
-                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-                offset += p.numel()
-            if dtype == host:
-                extra = flat[offset:].double()
-        if host is None:
-            extra = all_reduce_sum(extra, strategy)
-        scalars = extra[:3]
-        for p, has in zip(params, extra[3:].tolist()):
-            if not has:  # no rank has a gradient for it: left out of the step, as on one process
-                p.grad = None
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        torch._foreach_div_(grads, max(float(scalars[1]), 1.0))
-    return scalars
 
 
 def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:

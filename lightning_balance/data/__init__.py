@@ -8,6 +8,7 @@
 * :class:`MultimodalTensorDataset`: dict-of-tensors dataset giving dict batches.
 * :class:`BalancedBatchSampler`: batches balanced over classes and presence patterns (DDP-ready).
 * :class:`ResumableDataLoader`: a DataLoader that Lightning resumes inside an epoch.
+* :class:`ValuationDataset`: a training dataset grown by one-modality copies (modality valuation).
 """
 
 from lightning_balance.data._dataset import MultimodalTensorDataset, mask_modalities
@@ -15,6 +16,7 @@ from lightning_balance.data.balanced import BalancedBatchSampler
 from lightning_balance.data.resumable import ResumableDataLoader
 from lightning_balance.data.av_digits import AVDigitsDataModule, make_av_digits
 from lightning_balance.data.synthetic import PRESETS, SyntheticCollapseDataModule, make_synthetic_collapse
+from lightning_balance.data.valuation import ValuationDataset
 
 __all__ = [
     "PRESETS",
@@ -24,6 +26,7 @@ __all__ = [
     "ResumableDataLoader",
     "mask_modalities",
     "SyntheticCollapseDataModule",
+    "ValuationDataset",
     "make_av_digits",
     "make_synthetic_collapse",
 ]

@@ -186,6 +186,9 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
         missing_splits: the splits that ``missing_rate`` applies to; or a mapping split -> rate (a float or a
             mapping modality -> rate) for a different rate per split, e.g. ``{"train": 0.3, "test": {"audio":
             0.5}}`` (then ``missing_rate`` must stay 0; the splits left out are complete).
+        valuation: serve the training split through a :class:`~lightning_balance.data.ValuationDataset`, which
+            :class:`~lightning_balance.SampleValuation` grows by copies that keep one modality (use it with
+            ``Trainer(reload_dataloaders_every_n_epochs=1)``).
     """
 
     modalities: tuple[str, ...] = ()
@@ -194,9 +197,10 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
 
     def __init__(self, batch_size: int = 64, seed: int = 0, num_workers: int = 0, drop_last: bool = False,
                  holdout_fraction: float = 0.0, missing_rate: float | Mapping[str, float] = 0.0,
-                 missing_splits: tuple[str, ...] | list[str] | Mapping[str, float | Mapping[str, float]] = SPLIT_NAMES
-                 ) -> None:
+                 missing_splits: tuple[str, ...] | list[str] | Mapping[str, float | Mapping[str, float]] = SPLIT_NAMES,
+                 valuation: bool = False) -> None:
         super().__init__()
+        self.valuation = _check_bool("valuation", valuation)
 
         def checked(rate: Any, what: str) -> float | dict[str, float]:
             rates = list(rate.values()) if isinstance(rate, Mapping) else [rate]
@@ -255,6 +259,10 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
             for split in self.splits.values():  # each sample's position in its split (CRD's memory index)
                 split["index"] = torch.arange(len(split["target"]))
             self.datasets = {name: MultimodalTensorDataset(split) for name, split in self.splits.items()}
+            if self.valuation:
+                from lightning_balance.data.valuation import ValuationDataset
+
+                self.datasets["train"] = ValuationDataset(self.datasets["train"], self.modalities)  # type: ignore[assignment]
 
     def _dataset(self, split: str) -> MultimodalTensorDataset:
         if split not in self.datasets:

@@ -259,6 +259,8 @@ class AVDigitsDataModule(_SplitDataModule):
             generalisation during training (``holdout_dataloader()``); 0 for none.
         missing_rate, missing_splits: per-sample absent modalities (MUSE-style independent masking; the
             batches then carry ``"present"``); see :class:`~lightning_balance.data._dataset._SplitDataModule`.
+        valuation: serve the training split through a :class:`~lightning_balance.data.ValuationDataset`
+            (for :class:`~lightning_balance.SampleValuation`).
 
     Attributes:
         modalities: ``("audio", "visual")``.
@@ -280,9 +282,11 @@ class AVDigitsDataModule(_SplitDataModule):
         holdout_fraction: float = 0.0,
         missing_rate: float | dict[str, float] = 0.0,
         missing_splits: tuple[str, ...] | dict[str, float | dict[str, float]] = ("train", "val", "test"),
+        valuation: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, seed=seed, num_workers=num_workers, drop_last=drop_last,
-                         holdout_fraction=holdout_fraction, missing_rate=missing_rate, missing_splits=missing_splits)
+                         holdout_fraction=holdout_fraction, missing_rate=missing_rate, missing_splits=missing_splits,
+                         valuation=valuation)
         self.remove_components = _check_int(
             "remove_components",
             remove_components,

@@ -47,6 +47,14 @@ from lightning_balance.functional.lfm import (
 )
 from lightning_balance.functional.mbsd import mbsd_distillation, mbsd_pair_terms
 from lightning_balance.functional.opm import opm_drop, opm_drop_probabilities, opm_scale
+from lightning_balance.functional.mla import (
+    mla_alpha,
+    mla_entropy_weights,
+    mla_fuse_logits,
+    mla_project_gradient,
+    mla_update_projector,
+)
+from lightning_balance.functional.valuation import modality_level_copies, sample_level_copies, sample_shapley_values
 from lightning_balance.functional.relearning import (
     cluster_purity,
     kmeans,
@@ -128,6 +136,14 @@ __all__ = [
     "minmax_scale",
     "relearning_strength",
     "soft_reinit_",
+    "modality_level_copies",
+    "mla_alpha",
+    "mla_entropy_weights",
+    "mla_fuse_logits",
+    "mla_project_gradient",
+    "mla_update_projector",
+    "sample_level_copies",
+    "sample_shapley_values",
     "floor_weights",
     "gblend_weights",
     "ge_noise_std",
