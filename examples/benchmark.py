@@ -105,7 +105,9 @@ METHODS: dict[str, Callable[[], list[pl.Callback]]] = {
     # modality valuation: the official warm-up (5 of 60 epochs) scaled to the 40 epochs is 3; selected on validation
     "valuation": lambda: [SampleValuation(start_epoch=VALUATION_START)],
     "valuation_modality": lambda: [SampleValuation(level="modality", start_epoch=3, alpha=VALUATION_ALPHA)],
-    "mla": lambda: [],  # a model change: see _common.SETUPS
+    "mla": lambda: [],  # a model change: see _common.SETUPS (projection off: selected on validation)
+    "mla_projected": lambda: [],  # the same with the paper's head-gradient projection
+    "reconboost": lambda: [],  # a model change: see _common.SETUPS
     # loss terms and heads
     "cml": lambda: [],
     "mmcosine": lambda: [],
@@ -129,7 +131,7 @@ VALUATION_ALPHA = 1.0  # the official modality-level alpha; chosen on AV-Digits 
 ALL = ["baseline", "ogm_ge", "ogm", "inforeg", "inforeg_variant", "agm", "pmr", "uni_losses", "uni_losses_split",
        "mmpareto", "gblend", "cml", "mmcosine", "contrastive", "reconstruction", "umt", "ogm_ge+cml", "ogm_ge+umt", "pmr+cml",
        "opm", "amco", "lfm", "lfm_learnable", "mbsd", "relearning", "valuation",
-       "valuation_modality", "mla"]
+       "valuation_modality", "mla", "mla_projected", "reconboost"]
 
 
 def _check_method(name: str) -> str:

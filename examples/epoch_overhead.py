@@ -102,9 +102,36 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"| {r['model']} | {r['method']} | {r['first_epoch_ms']:.0f} | {r['later_epoch_ms']:.0f} | "
               f"{r['work_ms']:.0f} | {r['work_ratio']:.2f} | {r['epoch_ratio']:.2f} |")
+    # The methods that own their training step (MLA: one optimizer step per modality; ReconBoost: one learner or the
+    # ensemble per step): A/B alternating epochs in one process, the plain model and the method's model on the same
+    # data, median epoch time of each over the alternations after the first.
+    ab = []
+    for name, kwargs in (("MLA (2 modality steps per batch)", {"mla": True}),
+                         ("ReconBoost (a phase-1 epoch: one learner, the others without gradient)", {"reconboost_stage": 1})):
+        torch.manual_seed(0)
+        data = AVDigitsDataModule(seed=0)
+        models = {"plain": AVDigitsNet(input_dims={"audio": 40, "visual": 64}),
+                  "method": AVDigitsNet(input_dims={"audio": 40, "visual": 64}, **kwargs)}
+        times: dict[str, list[float]] = {"plain": [], "method": []}
+        for _ in range(args.epochs + 1):
+            for arm, model in models.items():
+                trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+                t0 = time.perf_counter()
+                trainer.fit(model, datamodule=data)
+                times[arm].append(time.perf_counter() - t0)
+        plain, method = statistics.median(times["plain"][1:]), statistics.median(times["method"][1:])
+        ab.append({"model": "AV-Digits MLP", "method": name, "plain_epoch_ms": 1e3 * plain,
+                   "method_epoch_ms": 1e3 * method, "ratio": method / plain})
+        print(f"{name}: plain epoch {1e3 * plain:.0f} ms, with the method {1e3 * method:.0f} ms, ratio "
+              f"{method / plain:.2f}", flush=True)
+    print("\n| model | method | plain epoch (ms) | epoch with the method (ms) | ratio |\n|---|---|---|---|---|")
+    for r in ab:
+        print(f"| {r['model']} | {r['method']} | {r['plain_epoch_ms']:.0f} | {r['method_epoch_ms']:.0f} | "
+              f"{r['ratio']:.2f} |")
     with open(os.path.join(args.out, "overhead_epoch_level.json"), "w") as f:
         json.dump({"command": "python examples/epoch_overhead.py " + " ".join(argv or sys.argv[1:]), "device": "cpu",
-                   "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+                   "threads": torch.get_num_threads(), "rows": rows, "alternating_epochs": ab}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,8 @@ SEARCH: dict[str, tuple[str, list[float], Callable[[float], list[pl.Callback]]]]
     "mbsd": ("weight", [0.3, 1.0, 3.0], lambda v: []),
     # MLA: the paper's head-gradient projection on (1) or off (0, the released code, whose projection never runs)
     "mla": ("projection", [0.0, 1.0], lambda v: []),
+    # ReconBoost: the epochs of each phase of a stage (official 4 + 4 of up to 1000 stages; 40 epochs here)
+    "reconboost": ("epochs_per_stage", [1, 2, 4], lambda v: []),
 }
 # methods whose searched value is a model argument: method -> function(value) -> model kwargs overrides
 MODEL_PARAMETER: dict[str, Callable[[float], dict]] = {
@@ -91,6 +93,7 @@ MODEL_PARAMETER: dict[str, Callable[[float], dict]] = {
     "lfm": lambda v: {"loss_terms": lambda: [LFMLoss(horizon=int(v))]},
     "mbsd": lambda v: {"loss_terms": lambda: [MBSDLoss(weight=v)]},
     "mla": lambda v: {"mla": True, "mla_projection": bool(v)},
+    "reconboost": lambda v: {"reconboost_stage": int(v)},
 }
 
 

@@ -21,6 +21,7 @@ from lightning_balance.callbacks import (
 )
 from lightning_balance.heads import CosineHead
 from lightning_balance.mla import MLAFusion
+from lightning_balance.reconboost import ReconBoostFusion
 from lightning_balance.losses import (
     CMLLoss,
     LFMLoss,
@@ -46,6 +47,7 @@ __all__ = [
     "ContrastiveLoss",
     "CosineHead",
     "MLAFusion",
+    "ReconBoostFusion",
     "CrossModalDistillation",
     "ExplicitBasisReallocation",
     "LossTerm",

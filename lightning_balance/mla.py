@@ -12,7 +12,6 @@ The math is in :mod:`lightning_balance.functional.mla`.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional, Union
 
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 
 from lightning_balance._distributed import mean_gradients
 from lightning_balance._errors import ModalityContractError
+from lightning_balance._manual import check_manual, no_sync, pool, step_optimizer
 from lightning_balance.functional.mla import (
     mla_alpha,
     mla_entropy_weights,
@@ -31,10 +31,6 @@ from lightning_balance.functional.mla import (
 )
 
 __all__ = ["MLAFusion"]
-
-
-def _pool(z: Tensor) -> Tensor:
-    return z if z.ndim <= 2 else z.mean(dim=tuple(range(1, z.ndim - 1)))
 
 
 class MLAFusion(nn.Module):
@@ -101,7 +97,7 @@ class MLAFusion(nn.Module):
     # ------------------------------------------------------------------ inference: the contract's fusion
     def unimodal_logits(self, *features: Tensor) -> Tensor:
         """``(M, N, C)``: the shared head on each modality's (pooled) features."""
-        return torch.stack([self.head(_pool(z)) for z in features])
+        return torch.stack([self.head(pool(z)) for z in features])
 
     def forward(self, *features: Tensor, present: Optional[Tensor] = None) -> Tensor:
         logits = self.unimodal_logits(*features)
@@ -131,10 +127,9 @@ class MLAFusion(nn.Module):
         the feature mean travel in one all-reduce per modality step (the DDP hooks are bypassed), so the replicas
         stay identical. A modality no sample of the global batch has takes no step.
         """
-        self._check(module)
+        optimizer = check_manual(module, self, "MLAFusion")
         trainer = module.trainer
         strategy = trainer.strategy
-        optimizer = module.optimizers()
         names = list(module.modalities)
         feats, mask = module.fusion_inputs(features, present)
         ignore_index = module.modality_spec.ignore_index
@@ -145,10 +140,9 @@ class MLAFusion(nn.Module):
         alpha = mla_alpha(max(batch_idx, 0), int(num_batches) if num_batches != float("inf") else max(batch_idx, 1))
         params = [p for p in module.parameters() if p.requires_grad]
         weight = self.head.weight
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
         losses: dict[str, Tensor] = {}
         for m in names:
-            z = _pool(feats[m])
+            z = pool(feats[m])
             if z.shape[-1] != self.head.in_features:
                 raise ModalityContractError(
                     f"MLAFusion: modality {m!r} has features of width {z.shape[-1]}, the shared head takes "
@@ -157,7 +151,7 @@ class MLAFusion(nn.Module):
             keep = labelled if mask is None else labelled & mask[m]
             ce = F.cross_entropy(self.head(z).float(), safe_targets, reduction="none")
             loss_sum = (ce * keep.to(ce.dtype)).sum()
-            with _no_sync(strategy):
+            with no_sync(strategy):
                 module.manual_backward(loss_sum)
             feature_sum = (z.detach().double() * keep[:, None].double()).sum(0)
             scalars = torch.cat([loss_sum.detach().double().reshape(1), keep.sum().double().reshape(1), feature_sum])
@@ -170,11 +164,7 @@ class MLAFusion(nn.Module):
             if self.projection and self.updates > 0 and weight.grad is not None:
                 new_projector = mla_update_projector(self.projector.to(weight.device), scalars[2:] / count, alpha)
                 weight.grad = mla_project_gradient(weight.grad, new_projector)
-            scale_before = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
-            optimizer.step()
-            skipped = scale_before is not None and scaler.get_scale() < scale_before  # fp16 overflow: backed off
-            optimizer.zero_grad()
-            if not skipped:
+            if not step_optimizer(trainer, optimizer):  # not an fp16 overflow step
                 if new_projector is not None:
                     self.projector = new_projector.detach().cpu()
                 self.updates += 1
@@ -184,22 +174,6 @@ class MLAFusion(nn.Module):
                 module.log(f"balance/mla/loss/{m}", value.float(), on_step=True, on_epoch=False)
         return torch.stack(list(losses.values())).mean().float() if losses else targets.new_zeros((), dtype=torch.float)
 
-    def _check(self, module: Any) -> None:
-        if module.automatic_optimization:
-            raise ModalityContractError(
-                "MLAFusion.training_step takes one optimizer step per modality: set `self.automatic_optimization = "
-                "False` in the module's __init__ (gradient accumulation is then not available: MLA's steps are "
-                "per modality)."
-            )
-        spec = module.modality_spec
-        if spec.fusion_path is None or module.get_submodule(spec.fusion_path) is not self:
-            raise ModalityContractError("MLAFusion.training_step: declare this MLAFusion as the module's fusion, "
-                                        "configure_modalities(..., fusion=self.fusion).")
-        optimizers = module.optimizers()
-        if isinstance(optimizers, Sequence):
-            raise ModalityContractError("MLAFusion.training_step steps one optimizer; configure_optimizers returned "
-                                        f"{len(optimizers)}.")
-
     # ------------------------------------------------------------------ checkpointing
     def get_extra_state(self) -> Any:
         return {"projector": self.projector.detach().cpu().clone(), "updates": int(self.updates)}
@@ -207,15 +181,3 @@ class MLAFusion(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         self.projector = state["projector"].double().cpu()
         self.updates = int(state["updates"])
-
-
-@contextlib.contextmanager
-def _no_sync(strategy: Any):
-    """Skip DDP's own gradient all-reduce for this backward (MLA reduces the step's gradients itself, with its
-    scalars, in one collective); nothing outside DDP."""
-    model = getattr(strategy, "model", None)
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        with model.no_sync():
-            yield
-    else:
-        yield

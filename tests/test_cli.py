@@ -13,6 +13,7 @@ from lightning_balance import (
     LFMLoss,
     MBSDLoss,
     MLAFusion,
+    ReconBoostFusion,
     MMPareto,
     ModalityDiagnostics,
     ModalityDropout,
@@ -93,7 +94,8 @@ model:
 
 @pytest.mark.parametrize("cls", [AVDigitsDataModule, SyntheticCollapseDataModule, OGMGE, ModalityMonitor, InfoReg, AGM, PMR,
                                  MMPareto, GradientBlending, ModalityDiagnostics, ModalityDropout, OPM,
-                                 AMCo, LFMLoss, MBSDLoss, Relearning, SampleValuation, MLAFusion])
+                                 AMCo, LFMLoss, MBSDLoss, Relearning, SampleValuation, MLAFusion,
+                                 ReconBoostFusion])
 def test_constructor_signatures_resolve(cls):
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(cls, "x")

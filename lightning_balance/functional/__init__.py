@@ -54,6 +54,7 @@ from lightning_balance.functional.mla import (
     mla_project_gradient,
     mla_update_projector,
 )
+from lightning_balance.functional.reconboost import alignment_loss, boosting_loss, reconboost_schedule
 from lightning_balance.functional.valuation import modality_level_copies, sample_level_copies, sample_shapley_values
 from lightning_balance.functional.relearning import (
     cluster_purity,
@@ -137,6 +138,9 @@ __all__ = [
     "relearning_strength",
     "soft_reinit_",
     "modality_level_copies",
+    "alignment_loss",
+    "boosting_loss",
+    "reconboost_schedule",
     "mla_alpha",
     "mla_entropy_weights",
     "mla_fuse_logits",
