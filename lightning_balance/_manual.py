@@ -7,11 +7,23 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_balance._distributed import check_strategy
 from lightning_balance._errors import ModalityContractError
 
-__all__ = ["check_manual", "no_sync", "pool", "step_optimizer"]
+__all__ = ["check_manual", "no_sync", "pool", "present_only", "step_optimizer", "sync_buffers"]
+
+
+def present_only(z: Tensor, present: Any) -> Tensor:
+    """``z`` with the rows of absent samples set to 0 (``torch.where``: whatever stood there, NaN included, reaches
+    neither the loss nor its gradient); ``present`` an ``(N,)`` bool or ``None``."""
+    if present is None:
+        return z
+    return torch.where(present.reshape(-1, *([1] * (z.ndim - 1))), z, torch.zeros((), dtype=z.dtype, device=z.device))
 
 
 def pool(z: Tensor) -> Tensor:
@@ -31,6 +43,21 @@ def no_sync(strategy: Any) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def explained_backward(owner: str) -> Iterator[None]:
+    """Re-raise autograd's in-place error of a second backward with what it means here."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "modified by an inplace operation" not in str(err):
+            raise
+        raise ModalityContractError(
+            f"{owner} steps the optimizer between backward passes of one batch, so a parameter used by several "
+            f"modalities' features (a shared stem, a shared projection, a feature adapter) changes under the next "
+            f"backward. Give each modality its own layers up to its features (a projection inside each encoder)."
+        ) from err
+
+
 def step_optimizer(trainer: Any, optimizer: Any) -> bool:
     """``optimizer.step()`` then ``zero_grad()``; returns whether the step was skipped (fp16: the GradScaler found
     an overflow and backed its scale off; identical on every rank, whose gradients are all-reduced)."""
@@ -41,8 +68,28 @@ def step_optimizer(trainer: Any, optimizer: Any) -> bool:
     return before is not None and scaler.get_scale() < before
 
 
+def sync_buffers(strategy: Any, module: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, as DDP's ``broadcast_buffers`` does before each
+    forward under automatic optimization (under manual optimization with several backward passes DDP skips it)."""
+    if strategy.world_size > 1 and dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def check_manual(module: Any, fusion: nn.Module, owner: str) -> Any:
-    """The module's one optimizer; clear errors unless it trains manually with ``fusion`` as its declared fusion."""
+    """The module's one optimizer; clear errors unless it trains manually with ``fusion`` as its declared fusion,
+    under a single device or DDP (the gradients are reduced by the method)."""
+    trainer = module.trainer
+    if getattr(fusion, "_manual_checked", None) != id(trainer):  # once per fit
+        check_strategy(trainer.strategy, owner)
+        if getattr(trainer.strategy, "_ddp_kwargs", {}).get("static_graph"):
+            raise ModalityContractError(f"{owner} takes several backward passes per step and reduces their gradients "
+                                        f"itself: use DDP without static_graph=True.")
+        if trainer.lr_scheduler_configs:
+            rank_zero_warn(f"{owner}: under manual optimization Lightning does not step learning-rate schedulers; "
+                           f"step them yourself, e.g. `self.lr_schedulers().step()` in on_train_epoch_end.",
+                           category=UserWarning)
+        fusion._manual_checked = id(trainer)  # type: ignore[attr-defined]
     if module.automatic_optimization:
         raise ModalityContractError(
             f"{owner}.training_step takes its own optimizer steps: set `self.automatic_optimization = False` in the "

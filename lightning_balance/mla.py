@@ -21,7 +21,15 @@ from torch import Tensor, nn
 
 from lightning_balance._distributed import mean_gradients
 from lightning_balance._errors import ModalityContractError
-from lightning_balance._manual import check_manual, no_sync, pool, step_optimizer
+from lightning_balance._manual import (
+    check_manual,
+    explained_backward,
+    no_sync,
+    pool,
+    present_only,
+    step_optimizer,
+    sync_buffers,
+)
 from lightning_balance.functional.mla import (
     mla_alpha,
     mla_entropy_weights,
@@ -95,12 +103,14 @@ class MLAFusion(nn.Module):
         self.updates = 0  # optimizer steps taken so far (the first is not projected)
 
     # ------------------------------------------------------------------ inference: the contract's fusion
-    def unimodal_logits(self, *features: Tensor) -> Tensor:
-        """``(M, N, C)``: the shared head on each modality's (pooled) features."""
-        return torch.stack([self.head(pool(z)) for z in features])
+    def unimodal_logits(self, *features: Tensor, present: Optional[Tensor] = None) -> Tensor:
+        """``(M, N, C)``: the shared head on each modality's (pooled) features (an absent sample's features count
+        as zeros, whatever stands there)."""
+        return torch.stack([self.head(present_only(pool(z), None if present is None else present[:, k]))
+                            for k, z in enumerate(features)])
 
     def forward(self, *features: Tensor, present: Optional[Tensor] = None) -> Tensor:
-        logits = self.unimodal_logits(*features)
+        logits = self.unimodal_logits(*features, present=present)
         if self.weights == "entropy":
             lam = mla_entropy_weights(logits, present)
         else:
@@ -113,7 +123,8 @@ class MLAFusion(nn.Module):
         fused = mla_fuse_logits(logits, lam)
         if present is not None:  # a sample with no modality left: the head's bias (finite, as the contract asks)
             empty = ~present.bool().any(1)
-            fused = torch.where(empty[:, None], self.head.bias.to(fused.dtype).expand_as(fused), fused)
+            bias = self.head.bias if self.head.bias is not None else torch.zeros_like(fused[0])
+            fused = torch.where(empty[:, None], bias.to(fused.dtype).expand_as(fused), fused)
         return fused
 
     # ------------------------------------------------------------------ training
@@ -130,6 +141,7 @@ class MLAFusion(nn.Module):
         optimizer = check_manual(module, self, "MLAFusion")
         trainer = module.trainer
         strategy = trainer.strategy
+        sync_buffers(strategy, module)
         names = list(module.modalities)
         feats, mask = module.fusion_inputs(features, present)
         ignore_index = module.modality_spec.ignore_index
@@ -146,12 +158,14 @@ class MLAFusion(nn.Module):
             if z.shape[-1] != self.head.in_features:
                 raise ModalityContractError(
                     f"MLAFusion: modality {m!r} has features of width {z.shape[-1]}, the shared head takes "
-                    f"{self.head.in_features}: every encoder must output the head's width (add a projection layer)."
+                    f"{self.head.in_features}: every encoder must output the head's width (end each encoder with "
+                    f"its own projection to {self.head.in_features})."
                 )
             keep = labelled if mask is None else labelled & mask[m]
+            z = present_only(z, keep)  # an absent or unlabelled row reaches neither the loss nor the feature mean
             ce = F.cross_entropy(self.head(z).float(), safe_targets, reduction="none")
-            loss_sum = (ce * keep.to(ce.dtype)).sum()
-            with no_sync(strategy):
+            loss_sum = torch.where(keep, ce, torch.zeros_like(ce)).sum()
+            with no_sync(strategy), explained_backward("MLAFusion"):
                 module.manual_backward(loss_sum)
             feature_sum = (z.detach().double() * keep[:, None].double()).sum(0)
             scalars = torch.cat([loss_sum.detach().double().reshape(1), keep.sum().double().reshape(1), feature_sum])

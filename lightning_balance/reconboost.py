@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_balance._distributed import mean_gradients
-from lightning_balance._manual import check_manual, no_sync, pool, step_optimizer
+from lightning_balance._manual import (
+    check_manual,
+    explained_backward,
+    no_sync,
+    pool,
+    present_only,
+    step_optimizer,
+    sync_buffers,
+)
 from lightning_balance.functional.reconboost import alignment_loss, boosting_loss, reconboost_schedule
 
 __all__ = ["ReconBoostFusion"]
@@ -94,9 +102,8 @@ class ReconBoostFusion(nn.Module):
         members = range(len(features)) if self.added is None else self.added
         total: Optional[Tensor] = None
         for k in members:
-            out = self.head(pool(features[k]))
-            if present is not None:
-                out = out * present[:, k : k + 1].to(out.dtype)
+            has = None if present is None else present[:, k].bool()
+            out = present_only(self.head(present_only(pool(features[k]), has)), has)
             total = out if total is None else total + out
         if total is None:  # nothing added yet (before the first stage): the head on zeros
             total = self.head(torch.zeros_like(pool(features[0]))) * 0
@@ -122,6 +129,7 @@ class ReconBoostFusion(nn.Module):
         optimizer = check_manual(module, self, "ReconBoostFusion")
         trainer = module.trainer
         strategy = trainer.strategy
+        sync_buffers(strategy, module)
         names = list(module.modalities)
         m_count = len(names)
         stage, phase, k, first = reconboost_schedule(trainer.current_epoch, self.epochs_per_stage,
@@ -134,7 +142,7 @@ class ReconBoostFusion(nn.Module):
         n = targets.shape[0]
         has = {m: (mask[m] if mask is not None else torch.ones(n, dtype=torch.bool, device=targets.device))
                for m in names}
-        z = {m: pool(feats[m]) for m in names}
+        z = {m: present_only(pool(feats[m]), has[m]) for m in names}  # absent rows: zeros, whatever stood there
         members = self.members_at(stage, phase, m_count)
         if phase == 1:
             m = names[k]
@@ -144,7 +152,7 @@ class ReconBoostFusion(nn.Module):
                 other_sum = None
                 has_other = torch.zeros(n, dtype=torch.bool, device=targets.device)
                 for j in others:
-                    out = self.head(z[names[j]]) * has[names[j]][:, None].to(logits.dtype)
+                    out = present_only(self.head(z[names[j]]), has[names[j]])
                     other_sum = out if other_sum is None else other_sum + out
                     has_other |= has[names[j]]
                 ensemble = None if other_sum is None else self.boost_rate * other_sum
@@ -156,7 +164,7 @@ class ReconBoostFusion(nn.Module):
                     with torch.no_grad():
                         prev_logits = self.head(z[prev])
                     align = alignment_loss(logits, prev_logits, self.alignment_gradient)
-                    per_sample = per_sample + self.alpha * align * has[prev].to(align.dtype)
+                    per_sample = per_sample + self.alpha * torch.where(has[prev], align, torch.zeros_like(align))
         else:
             in_ensemble = torch.zeros(n, dtype=torch.bool, device=targets.device)
             for j in members:
@@ -164,13 +172,13 @@ class ReconBoostFusion(nn.Module):
             keep = labelled & in_ensemble
             total = None
             for j in members:
-                out = self.head(z[names[j]]) * has[names[j]][:, None].to(z[names[j]].dtype)
+                out = present_only(self.head(z[names[j]]), has[names[j]])
                 total = out if total is None else total + out
             fused = self.boost_rate * total
             per_sample = F.cross_entropy(fused.float(), safe, reduction="none")
-        loss_sum = (per_sample * keep.to(per_sample.dtype)).sum()
+        loss_sum = torch.where(keep, per_sample, torch.zeros_like(per_sample)).sum()
         params = [p for p in module.parameters() if p.requires_grad]
-        with no_sync(strategy):
+        with no_sync(strategy), explained_backward("ReconBoostFusion"):
             module.manual_backward(loss_sum)
         scalars = mean_gradients(params, torch.stack([loss_sum.detach().double(), keep.sum().double()]), strategy)
         count = float(scalars[1])

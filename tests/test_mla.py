@@ -259,3 +259,96 @@ def test_bad_input_names_the_fix(tmp_path):
     with pytest.raises(Exception, match="accumulat"):
         pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, accumulate_grad_batches=2)).fit(MLANet(), loader())
 
+
+
+class MidRunOverflow(pl.Callback):
+    """At batch 2 of epoch 0, raises the scaler's scale to 2^60: the next steps overflow while updates > 0. Records
+    the projector, the update count and the parameters around that batch."""
+
+    def __init__(self) -> None:
+        self.seen: dict = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx == 2:
+            trainer.precision_plugin.scaler.update(new_scale=2.0 ** 60)
+            self.seen["before"] = (pl_module.fusion.projector.clone(), pl_module.fusion.updates,
+                                   flat_params(pl_module))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx == 2:
+            self.seen["after"] = (pl_module.fusion.projector.clone(), pl_module.fusion.updates,
+                                  flat_params(pl_module), trainer.precision_plugin.scaler.get_scale())
+
+
+def test_fp16_overflow_mid_run_leaves_the_projector_alone(tmp_path):
+    cb = MidRunOverflow()
+    model = MLANet()
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, plugins=[fp16_plugin(2.0 ** 8)], callbacks=[cb])).fit(
+        model, loader())
+    p0, u0, w0 = cb.seen["before"]
+    p1, u1, w1, scale = cb.seen["after"]
+    assert u0 == 4 and scale == 2.0 ** 44  # both modality steps of the batch overflowed (2^60 → 2^52 → 2^44)
+    assert u1 == u0 and torch.equal(p1, p0) and torch.equal(w1, w0)
+    assert model.fusion.updates == u0 and torch.isfinite(flat_params(model)).all()  # batch 3 overflows too (2^44)
+
+
+class BNNet(MLANet):
+    def __init__(self, seed: int = 0):
+        super().__init__(seed=seed)
+        self.audio_encoder = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh())
+        self.configure_modalities({"audio": self.audio_encoder, "visual": self.visual_encoder}, fusion=self.fusion)
+
+
+class SaveBuffers(SaveParams):
+    def on_train_end(self, trainer, pl_module):
+        torch.save(torch.cat([b.float().reshape(-1) for b in pl_module.buffers()]),
+                   f"{self.directory}/buffers{trainer.global_rank}.pt")
+
+
+def test_ddp_keeps_batchnorm_buffers_identical(tmp_path):
+    pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[SaveBuffers(str(tmp_path))], max_epochs=1, devices=2,
+                                strategy="ddp_spawn", use_distributed_sampler=False)).fit(BNNet(), loader(batch_size=8))
+    assert torch.equal(torch.load(tmp_path / "buffers0.pt"), torch.load(tmp_path / "buffers1.pt"))
+
+
+def test_garbage_in_absent_rows_reaches_nothing(tmp_path):
+    class NaNAbsent(MLANet):
+        def features(self, batch):
+            feats = super().features(batch)
+            if "present" in batch:
+                feats = {m: torch.where(batch["present"][m][:, None], z, torch.full_like(z, float("nan")))
+                         for m, z in feats.items()}
+            return feats
+
+    model = NaNAbsent()
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1)).fit(model, loader(missing=(0.3, 0.2)))
+    assert torch.isfinite(flat_params(model)).all() and torch.isfinite(model.fusion.projector).all()
+    batch = next(iter(loader(missing=(0.3, 0.2))))
+    assert torch.isfinite(model.fuse(model.features(batch), present=batch["present"])).all()
+
+
+def test_a_head_without_bias_the_scheduler_warning_and_shared_layers(tmp_path):
+    no_bias = MLAFusion(nn.Linear(8, 4, bias=False))
+    out = no_bias(torch.randn(3, 8), torch.randn(3, 8), present=torch.tensor([[True, True], [False, False],
+                                                                                [True, False]]))
+    assert torch.equal(out[1], torch.zeros(4))
+
+    class Scheduled(MLANet):
+        def configure_optimizers(self):
+            opt = super().configure_optimizers()
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1)]
+
+    with pytest.warns(UserWarning, match="does not step learning-rate schedulers"):
+        pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1)).fit(Scheduled(), loader())
+
+    class Shared(MLANet):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(8, 8)
+
+        def features(self, batch):
+            feats = super().features(batch)
+            return {m: self.stem(z) for m, z in feats.items()}
+
+    with pytest.raises(ModalityContractError, match="its own layers"):
+        pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1)).fit(Shared(), loader())
