@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_balance._distributed import mean_gradients
+from lightning_balance._errors import ModalityContractError
 from lightning_balance._manual import (
     check_manual,
     explained_backward,
@@ -93,7 +94,8 @@ class ReconBoostFusion(nn.Module):
         self.alignment_gradient = bool(alignment_gradient)
         self.epochs_per_stage, self.correct_epochs = epochs_per_stage, correct_epochs
         self.pretrained = bool(pretrained)
-        self.added: Optional[list[int]] = None  # indices of the learners in the ensemble (None: all; extra state)
+        # indices of the learners in the ensemble (None: all; extra state); none before the first stage unless pretrained
+        self.added: Optional[list[int]] = None if self.pretrained else []
 
     # ------------------------------------------------------------------ inference: the contract's fusion
     def forward(self, *features: Tensor, present: Optional[Tensor] = None) -> Tensor:
@@ -143,6 +145,10 @@ class ReconBoostFusion(nn.Module):
         has = {m: (mask[m] if mask is not None else torch.ones(n, dtype=torch.bool, device=targets.device))
                for m in names}
         z = {m: present_only(pool(feats[m]), has[m]) for m in names}  # absent rows: zeros, whatever stood there
+        widths = {m: v.shape[-1] for m, v in z.items()}
+        if len(set(widths.values())) > 1:
+            raise ModalityContractError(f"ReconBoostFusion: the learners share one head, so every modality's features "
+                                        f"need the same width; got {widths} (end each encoder with its own projection).")
         members = self.members_at(stage, phase, m_count)
         if phase == 1:
             m = names[k]
@@ -192,6 +198,8 @@ class ReconBoostFusion(nn.Module):
         if module._trainer is not None:
             module.log("balance/reconboost/loss", loss, on_step=True, on_epoch=False)
             module.log("balance/reconboost/stage", float(stage), on_step=True, on_epoch=False)
+            module.log("balance/reconboost/phase", float(phase), on_step=True, on_epoch=False)
+            module.log("balance/reconboost/modality", float(k), on_step=True, on_epoch=False)
             module.log("balance/reconboost/boost_rate", self.boost_rate.detach().float(), on_step=True, on_epoch=False)
         return loss
 

@@ -68,7 +68,7 @@ class BoostNet(MultimodalMixin, pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
-def official_loop(model, epochs, e1, e2, alignment_gradient, missing=None):
+def official_loop(model, epochs, e1, e2, alignment_gradient, missing=None, pretrained=False):
     """train.py restated (no pretraining, two modalities, fixed alternation audio, visual, ...): phase 1 with a fresh
     SGD over the learner (its encoder and the shared head), the boosting loss against the other added learners
     (c0, a constant, when there are none: q = 1), plus α·MSE of the softmaxes against the previous learner from
@@ -77,7 +77,7 @@ def official_loop(model, epochs, e1, e2, alignment_gradient, missing=None):
     head, eta = model.fusion.head, model.fusion.boost_rate
     enc = {"audio": model.audio_encoder, "visual": model.visual_encoder}
     data = list(loader(64, 16, missing=missing))
-    added: list[str] = []
+    added: list[str] = ["audio", "visual"] if pretrained else []
     epoch = 0
     stage = 0
     while epoch < epochs:
@@ -109,7 +109,9 @@ def official_loop(model, epochs, e1, e2, alignment_gradient, missing=None):
                 if stage > 0:
                     pre = head(enc[prev](x[prev])).detach().softmax(1)
                     cur = out_obj.softmax(1) if alignment_gradient else out_obj.detach().softmax(1)
-                    loss = loss + 0.5 * F.mse_loss(cur[keep], pre[keep])
+                    # MSELoss over the batch; with absent modalities, zero where the previous one is absent
+                    ga = ((cur - pre) ** 2).mean(1) * pres[prev]
+                    loss = loss + 0.5 * ga[keep].mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -166,12 +168,58 @@ def test_the_ensemble_grows_and_predicts_with_the_added_learners(tmp_path):
     torch.testing.assert_close(model.fuse_subset(feats, ["visual"]), eta * model.fusion.head(feats["visual"]))
 
 
-def test_absent_samples_leave_the_learner_they_lack(tmp_path):
-    model = BoostNet(e1=1, e2=1)
-    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2)).fit(model, loader(missing=(0.3, 0.2)))
-    reference = BoostNet(e1=1, e2=1)
-    official_loop(reference, epochs=2, e1=1, e2=1, alignment_gradient=False, missing=(0.3, 0.2))
+@pytest.mark.parametrize("alignment_gradient", [False, True])
+def test_absent_samples_leave_the_learner_they_lack(tmp_path, alignment_gradient):
+    """Three stages (the ensemble of others and the alignment term in play), NaN standing in absent inputs."""
+    class NaNAbsent(BoostNet):
+        def features(self, batch):
+            feats = super().features(batch)
+            return {m: torch.where(batch["present"][m][:, None], z, torch.full_like(z, float("nan")))
+                    for m, z in feats.items()}
+
+    model = NaNAbsent(e1=1, e2=1, alignment_gradient=alignment_gradient)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=6)).fit(model, loader(missing=(0.3, 0.2)))
+    reference = BoostNet(e1=1, e2=1, alignment_gradient=alignment_gradient)
+    official_loop(reference, epochs=6, e1=1, e2=1, alignment_gradient=alignment_gradient, missing=(0.3, 0.2))
     torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_pretrained_learners_are_in_the_ensemble_from_the_start(tmp_path):
+    model = BoostNet(e1=1, e2=1, pretrained=True, alignment_gradient=True)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=4)).fit(model, loader())
+    reference = BoostNet(e1=1, e2=1, pretrained=True, alignment_gradient=True)
+    official_loop(reference, epochs=4, e1=1, e2=1, alignment_gradient=True, pretrained=True)
+    torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_unlabelled_samples_count_nowhere_and_the_ensemble_is_checkpointed(tmp_path):
+    class Unlabelled(BoostNet):
+        def training_step(self, batch, batch_idx):
+            y = batch["target"].clone()
+            y[::4] = -100  # the contract's ignore_index
+            return self.fusion.training_step(self, self.features(batch), y)
+
+    class Removed(BoostNet):
+        def training_step(self, batch, batch_idx):
+            keep = torch.arange(len(batch["target"])) % 4 != 0
+            batch = {k: v[keep] for k, v in batch.items()}
+            return self.fusion.training_step(self, self.features(batch), batch["target"])
+
+    a, b = Unlabelled(alignment_gradient=True), Removed(alignment_gradient=True)
+    for model in (a, b):
+        pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3)).fit(model, loader())
+    torch.testing.assert_close(flat_params(a), flat_params(b), rtol=1e-5, atol=1e-6)
+    fresh = BoostNet()
+    fresh.load_state_dict(BoostNet().state_dict())
+    assert fresh.fusion.added == []
+    state = a.state_dict()
+    fresh.load_state_dict(state)
+    assert fresh.fusion.added is None and a.fusion.added is None  # both learners added, restored from the state
+    partial = BoostNet()
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1)).fit(partial, loader())
+    restored = BoostNet()
+    restored.load_state_dict(partial.state_dict())
+    assert restored.fusion.added == partial.fusion.added == [0]
 
 
 def test_ddp_equals_one_process_and_ranks_agree(tmp_path):
@@ -249,3 +297,26 @@ def test_bad_input_names_the_fix(tmp_path):
 
     with pytest.raises(ModalityContractError, match="automatic_optimization = False"):
         pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1)).fit(Automatic(), loader())
+
+
+def test_fp16_overflow_mid_run_skips_the_step(tmp_path):
+    from tests.helpers import fp16_plugin
+
+    seen = {}
+
+    class Overflow(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 1:
+                trainer.precision_plugin.scaler.update(new_scale=2.0 ** 60)
+                seen["before"] = flat_params(pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 1:
+                seen["after"] = (flat_params(pl_module), trainer.precision_plugin.scaler.get_scale())
+
+    model = BoostNet(alignment_gradient=True)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3, plugins=[fp16_plugin(2.0 ** 8)], callbacks=[Overflow()])).fit(
+        model, loader())
+    after, scale = seen["after"]
+    assert scale == 2.0 ** 52 and torch.equal(after, seen["before"])  # the overflowed step changed nothing
+    assert torch.isfinite(flat_params(model)).all() and (flat_params(model) - after).abs().max() > 1e-4
