@@ -45,22 +45,26 @@ class Timed(pl.Callback):
     def on_fit_start(self, trainer, pl_module):
         self.inner.on_fit_start(trainer, pl_module)
 
-    def on_train_epoch_start(self, trainer, pl_module):
+    def _timed(self, hook, *args) -> None:
+        done = len(getattr(self.inner, "history", []))
+        t0 = time.perf_counter()
+        getattr(self.inner, hook)(*args)
+        if len(getattr(self.inner, "history", [])) > done:
+            self.work_s.append(time.perf_counter() - t0)
+
+    def on_train_epoch_start(self, trainer, pl_module):  # Re-learning's re-init runs here (after the last epoch)
+        self._timed("on_train_epoch_start", trainer, pl_module)
         self._start = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.inner.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._timed("on_train_batch_start", trainer, pl_module, batch, batch_idx)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.inner.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    def on_train_epoch_end(self, trainer, pl_module):
+    def on_train_epoch_end(self, trainer, pl_module):  # the valuation runs here
         self.epoch_s.append(time.perf_counter() - self._start)
-        done = len(getattr(self.inner, "history", []))
-        t0 = time.perf_counter()
-        self.inner.on_train_epoch_end(trainer, pl_module)
-        if len(getattr(self.inner, "history", [])) > done:
-            self.work_s.append(time.perf_counter() - t0)
+        self._timed("on_train_epoch_end", trainer, pl_module)
 
     def state_dict(self):
         return self.inner.state_dict()
