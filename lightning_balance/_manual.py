@@ -70,10 +70,20 @@ def step_optimizer(trainer: Any, optimizer: Any) -> bool:
 
 def sync_buffers(strategy: Any, module: nn.Module) -> None:
     """Rank 0's buffers (BatchNorm running statistics) on every rank, as DDP's ``broadcast_buffers`` does before each
-    forward under automatic optimization (under manual optimization with several backward passes DDP skips it)."""
-    if strategy.world_size > 1 and dist.is_available() and dist.is_initialized():
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src=0)
+    forward under automatic optimization (under manual optimization with several backward passes DDP skips it):
+    one broadcast per buffer dtype, the buffers flattened together."""
+    if strategy.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for buffer in module.buffers():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for b in buffers:  # through .data: the forward that just ran saved these for backward (BatchNorm)
+            b.data.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def check_manual(module: Any, fusion: nn.Module, owner: str) -> Any:

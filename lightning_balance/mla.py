@@ -180,7 +180,7 @@ class MLAFusion(nn.Module):
                 weight.grad = mla_project_gradient(weight.grad, new_projector)
             if not step_optimizer(trainer, optimizer):  # not an fp16 overflow step
                 if new_projector is not None:
-                    self.projector = new_projector.detach().cpu()
+                    self.projector = new_projector.detach()  # stays on the device; the checkpoint gets a CPU copy
                 self.updates += 1
             losses[m] = scalars[0] / count
         for m, value in losses.items():

@@ -219,8 +219,7 @@ class SampleValuation(pl.Callback):
         loader = trainer.train_dataloader
         strategy = trainer.strategy
         rank, world = strategy.global_rank, strategy.world_size
-        mine = list(range(rank, dataset.num_base, world))  # this rank's share: samples r, r + W, ...
-        view = _BaseView(dataset)
+        mine = list(range(rank, dataset.num_base, world))  # this rank's share of the samples themselves (no copies)
         batch_size = getattr(loader, "batch_size", None) or 64
         collate = getattr(loader, "collate_fn", None)
         workers = {k: getattr(loader, k) for k in ("num_workers", "pin_memory", "worker_init_fn")
@@ -229,7 +228,7 @@ class SampleValuation(pl.Callback):
         ignore_index = pl_module.modality_spec.ignore_index
         rows = []
         with evaluating(pl_module):
-            for batch in DataLoader(Subset(view, mine), batch_size=batch_size, shuffle=False, **workers,
+            for batch in DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, **workers,
                                     **({"collate_fn": collate} if collate is not None else {})):
                 batch = strategy.batch_to_device(batch, strategy.root_device)
                 batch = trainer.precision_plugin.convert_input(batch)
@@ -258,19 +257,6 @@ class SampleValuation(pl.Callback):
         self.keep = state_dict["keep"].long().cpu()
         self.contributions = state_dict.get("contributions")
         self.history = [dict(e) for e in state_dict.get("history", [])]
-
-
-class _BaseView(torch.utils.data.Dataset):
-    """The ValuationDataset's own samples (no copies), with their presence as the wrapper gives it."""
-
-    def __init__(self, dataset: ValuationDataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return self.dataset.num_base
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[index]
 
 
 def _has_absent(batch: Any) -> bool:
