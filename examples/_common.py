@@ -26,6 +26,7 @@ from lightning_balance import (
     LFMLoss,
     MBSDLoss,
     MLAFusion,
+    MMTM,
     MultimodalMixin,
     ReconBoostFusion,
     ReconstructionLoss,
@@ -51,6 +52,17 @@ class HiddenFusion(nn.Module):
         return self.out(self.act(self.hidden(torch.cat(features, dim=-1))))
 
 
+class BranchMean(nn.Module):
+    """Greedy's prediction: one linear head per branch, the average of their logits."""
+
+    def __init__(self, names: Sequence[str], feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict({m: nn.Linear(feature_dim, num_classes) for m in names})
+
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(z) for head, z in zip(self.heads.values(), features)]).mean(0)
+
+
 class AVDigitsNet(MultimodalMixin, pl.LightningModule):
     """The calibration model of the benchmark protocol: one MLP encoder per modality, concat fusion,
     a linear head (or, with ``fusion_hidden``, a :class:`HiddenFusion`); SGD with momentum. The mixin is the only
@@ -60,7 +72,7 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
                  num_classes: int = 10, lr: float = 0.02, momentum: float = 0.9, aux_heads: bool = False,
                  unimodal_losses: bool = False, cosine_scale: Optional[float] = None,
                  loss_terms: Optional[list] = None, missing: str = "zeros", fusion_hidden: int = 0,
-                 mla: bool = False, mla_projection: bool = True, reconboost_stage: int = 0) -> None:
+                 mla: bool = False, mla_projection: bool = True, reconboost_stage: int = 0, mmtm: bool = False) -> None:
         super().__init__()
         input_dims = input_dims or {"audio": 40, "visual": 64}
         self.save_hyperparameters(ignore=["loss_terms"])
@@ -73,6 +85,11 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
             self.head = HiddenFusion(feature_dim * len(input_dims), fusion_hidden, num_classes)
             self.configure_modalities({m: self.encoders[m] for m in input_dims}, fusion=self.head,
                                       **self._fill(missing, input_dims))
+        elif mmtm:  # Greedy's architecture: MMTMs after both hidden layers of the encoders, a head per branch
+            self.mmtm_layers = nn.ModuleList([MMTM({m: hidden for m in input_dims}), MMTM({m: feature_dim for m in input_dims})])
+            self.head = BranchMean(list(input_dims), feature_dim, num_classes)
+            self.configure_modalities({m: self.encoders[m] for m in input_dims}, fusion=self.head,
+                                      unimodal="heads", unimodal_heads=dict(self.head.heads.items()))
         elif reconboost_stage:  # ReconBoost: learners through a shared MLP head, stages of E1 + E1 epochs
             self.head = ReconBoostFusion(nn.Sequential(nn.Linear(feature_dim, 256), nn.ReLU(), nn.Linear(256, num_classes)),
                                          epochs_per_stage=reconboost_stage, correct_epochs=reconboost_stage)
@@ -102,6 +119,13 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
         return {"missing": missing}
 
     def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.hparams.get("mmtm"):  # the encoders' two layers, each followed by an MMTM across the branches
+            names, present = list(self.modalities), batch.get("present")
+            x = [batch[m] for m in names]
+            for layer, mmtm in enumerate(self.mmtm_layers):
+                x = [self.encoders[m][2 * layer + 1](self.encoders[m][2 * layer](z)) for m, z in zip(names, x)]
+                x = list(mmtm(*x, present=present))
+            return dict(zip(names, x))
         return {m: self.encoders[m](batch[m]) for m in self.modalities}
 
     def encode_batch(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, Any]:
@@ -114,8 +138,15 @@ class AVDigitsNet(MultimodalMixin, pl.LightningModule):
         inputs = {m: batch[m] for m in self.modalities}
         if "index" in batch:  # each sample's position in the training split (CRD's memory)
             inputs["index"] = batch["index"]
-        logits = self.fuse(self.features(batch), batch["target"], inputs=inputs, present=batch.get("present"))
-        loss = F.cross_entropy(logits, batch["target"])
+        features = self.features(batch)
+        logits = self.fuse(features, batch["target"], inputs=inputs, present=batch.get("present"))
+        if self.hparams.get("mmtm"):  # Greedy's objective: the sum of the branches' cross-entropies
+            present = batch.get("present")
+            loss = sum(F.cross_entropy(self.head.heads[m](z), batch["target"] if present is None or m not in present
+                                       else batch["target"].masked_fill(~present[m], -100))
+                       for m, z in features.items())
+        else:
+            loss = F.cross_entropy(logits, batch["target"])
         self.log("train_loss", loss, prog_bar=True)
         if getattr(self, "balance_losses", None) is not None and not getattr(self, "skip_loss_terms", False):
             loss = self.add_loss_terms(loss)
@@ -194,6 +225,10 @@ SETUPS: dict[str, Callable[[dict[str, int]], tuple[dict, dict]]] = {
     "mla_projected": lambda dims: ({"mla": True, "mla_projection": True}, {}),  # the paper's projection, for comparison
     # ReconBoost (issue 14): E1 = E2 epochs per stage (official 4 + 4), selected
     "reconboost": lambda dims: ({"reconboost_stage": RECONBOOST_STAGE}, {}),
+# Greedy (issue 14): its intermediate fusion (MMTMs between the encoders' layers, a head per branch, the sum of
+    # the branches' losses), trained plainly ("mmtm") and with the Greedy callback ("greedy")
+    "mmtm": lambda dims: ({"mmtm": True}, {}),
+    "greedy": lambda dims: ({"mmtm": True}, {}),
 }
 
 
@@ -312,6 +347,12 @@ def evaluate_joint(model: AVDigitsNet, data: AVDigitsDataModule) -> dict[str, fl
     for m in model.modalities:
         out[f"acc_{m}"] = _acc_f1(uni[m], test["target"], c)[0]
         out[f"probe_{m}"] = linear_probe_accuracy(train_feats[m], train["target"], encoded[m], test["target"], c)
+        if model.hparams.get("mmtm"):  # absent in the MMTMs too (its average squeeze), not only at the fusion
+            n = test["target"].shape[0]
+            lacking = {k: torch.full((n,), k != m, dtype=torch.bool) for k in model.modalities}
+            without = model.features({**test, "present": lacking})
+            out[f"acc_without_{m}"] = _acc_f1(model.fuse_without(without, m), test["target"], c)[0]
+            continue
         out[f"acc_without_{m}"] = _acc_f1(model.fuse_without(feats, m), test["target"], c)[0]
     return out
 

@@ -37,6 +37,7 @@ from lightning_balance import (  # noqa: E402
     ContrastiveLoss,
     CrossModalDistillation,
     ExplicitBasisReallocation,
+    Greedy,
     InfoReg,
     LFMLoss,
     MBSDLoss,
@@ -79,6 +80,9 @@ class ConvNet(AVDigitsNet):
 class Alternating(pl.Callback):
     """Runs the wrapped callbacks on odd steps only (B) and times every step: A B A B ... in one fit.
 
+    On a B step the wrapped callbacks join ``trainer.callbacks`` (put this probe first in the list), so Lightning
+    calls their hooks itself and the library's stacked-method pipeline, which looks for its members there, runs
+    them; on an A step they leave it again (their forward taps switched off). Fit-level hooks are forwarded.
     A step is timed from ``on_train_batch_start`` to ``on_train_batch_end``: forward, backward, the
     callbacks' hooks and the optimizer step (data loading excluded).
     """
@@ -88,6 +92,9 @@ class Alternating(pl.Callback):
         self.times: dict[str, list[float]] = {"A": [], "B": []}
         self._t0, self._arm = 0.0, "A"
 
+    def _outside(self, trainer) -> list[pl.Callback]:
+        return [cb for cb in self.inner if not any(cb is other for other in trainer.callbacks)]
+
     def setup(self, trainer, pl_module, stage):
         for cb in self.inner:
             cb.setup(trainer, pl_module, stage)
@@ -96,33 +103,30 @@ class Alternating(pl.Callback):
         for cb in self.inner:
             cb.on_fit_start(trainer, pl_module)
 
-    def on_train_epoch_start(self, trainer, pl_module):  # epoch-level work (snapshots, prototypes): not timed
+    def on_train_start(self, trainer, pl_module):
         for cb in self.inner:
+            cb.on_train_start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer, pl_module):  # epoch-level work (snapshots, prototypes): not timed
+        for cb in self._outside(trainer):
             cb.on_train_epoch_start(trainer, pl_module)
 
     def teardown(self, trainer, pl_module, stage):
         for cb in self.inner:
+            if any(cb is other for other in trainer.callbacks):
+                trainer.callbacks.remove(cb)
             cb.teardown(trainer, pl_module, stage)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._arm = "B" if batch_idx % 2 else "A"
-        if self._arm == "B":
-            for cb in self.inner:
-                cb.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self._arm == "B":  # in place: Lightning is iterating this very list, and calls their hook next
+            trainer.callbacks.extend(self._outside(trainer))
         else:
-            for cb in self.inner:  # step A: the methods' forward taps stay out of the graph
+            for cb in self.inner:  # step A: out of the list, and the methods' forward taps stay out of the graph
+                if any(cb is other for other in trainer.callbacks):
+                    trainer.callbacks.remove(cb)
                 cb._enabled = False
         self._t0 = time.perf_counter()
-
-    def on_before_backward(self, trainer, pl_module, loss):
-        if self._arm == "B":
-            for cb in self.inner:
-                cb.on_before_backward(trainer, pl_module, loss)
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if self._arm == "B":
-            for cb in self.inner:
-                cb.on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         elapsed = time.perf_counter() - self._t0
@@ -188,8 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-dropout", action="store_true",
                         help="only modality dropout against plain training (writes overhead_dropout.json)")
     parser.add_argument("--only-survey", action="store_true",
-                        help="only the survey methods of issue 14 (OPM, ...) against plain training "
+                        help="only the survey methods of issue 14 (OPM, AMCo, LFM, MBSD) against plain training "
                              "(writes overhead_survey.json)")
+    parser.add_argument("--only-greedy", action="store_true",
+                        help="only Greedy on its MMTM model against that model trained plainly (writes overhead_greedy.json)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
@@ -249,6 +255,14 @@ def main(argv: list[str] | None = None) -> None:
                   ("synthetic MLP, M=4", lambda: AVDigitsNet(input_dims=four, hidden=2048, feature_dim=512), four, 128,
                    survey)]
 
+    if args.only_greedy:  # Greedy: its MMTM model trained plainly (A) and with the callback (B); the MMTMs are the
+        # model's own cost, not the method's
+        greedy = {"Greedy": lambda: [Greedy(start_epoch=0, log_metrics=False, branch_heads="unimodal_heads")]}
+        four = {f"m{i}": 128 for i in range(4)}
+        setups = [("AV-Digits MLP + MMTM", lambda: AVDigitsNet(input_dims=av, mmtm=True), av, 64, greedy),
+                  ("synthetic MLP + MMTM, M=4", lambda: AVDigitsNet(input_dims=four, hidden=2048, feature_dim=512,
+                                                                    mmtm=True), four, 128, greedy)]
+
     rows = []
     # loss terms: the same model with and without its terms (A/B within one fit)
     def term_factories(dims: dict[str, int], feature_dim: int) -> dict[str, Callable[[], list]]:
@@ -271,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     def survey_terms(dims: dict[str, int], feature_dim: int) -> dict[str, Callable[[], list]]:
         return {"LFM fitted": lambda: [LFMLoss()], "MBSD": lambda: [MBSDLoss()]}
 
-    for name, dims, hidden, feature_dim, batch in (() if args.only_dropout else (
+    for name, dims, hidden, feature_dim, batch in (() if args.only_dropout or args.only_greedy else (
             ("AV-Digits MLP", av, 256, 128, 64), ("synthetic MLP, M=2", {"m0": 128, "m1": 128}, 2048, 512, 128))):
         for term, make in (survey_terms if args.only_survey else term_factories)(dims, feature_dim).items():
             if args.only_collapse and not term.startswith(("KD", "EBR")):
@@ -326,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     rng_ms = 1e3 * statistics.median(draws[1:])
     print(f"\nGaussian draw of 5M float32 elements (torch normal_, this device): {rng_ms:.1f} ms")
     name = ("overhead_terms.json" if args.only_terms else "overhead_dropout.json" if args.only_dropout
-            else "overhead_survey.json" if args.only_survey
+            else "overhead_survey.json" if args.only_survey else "overhead_greedy.json" if args.only_greedy
             else "overhead_collapse.json" if args.only_collapse else "overhead.json")
     with open(os.path.join(args.out, name), "w") as f:
         json.dump({"command": "python examples/overhead.py " + " ".join(argv or sys.argv[1:]),

@@ -34,6 +34,7 @@ from lightning_balance import (  # noqa: E402
     CMLLoss,
     ContrastiveLoss,
     GradientBlending,
+    Greedy,
     InfoReg,
     LFMLoss,
     MBSDLoss,
@@ -83,6 +84,8 @@ SEARCH: dict[str, tuple[str, list[float], Callable[[float], list[pl.Callback]]]]
     "mla": ("projection", [0.0, 1.0], lambda v: []),
     # ReconBoost: the epochs of each phase of a stage (official 4 + 4 of up to 1000 stages; 40 epochs here)
     "reconboost": ("epochs_per_stage", [1, 2, 4], lambda v: []),
+    # Greedy: the BDR gap that starts a re-balancing window (official 0.01, BalanceBenchmark 0.001), on its MMTM model
+    "greedy": ("epsilon", [0.001, 0.01, 0.1], lambda v: [Greedy(epsilon=v, branch_heads="unimodal_heads")]),
 }
 # methods whose searched value is a model argument: method -> function(value) -> model kwargs overrides
 MODEL_PARAMETER: dict[str, Callable[[float], dict]] = {

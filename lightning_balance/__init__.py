@@ -8,6 +8,7 @@ from lightning_balance.callbacks import (
     OPM,
     GradientBalancingCallback,
     GradientBlending,
+    Greedy,
     InfoReg,
     MMPareto,
     ModalityDiagnostics,
@@ -21,6 +22,7 @@ from lightning_balance.callbacks import (
 )
 from lightning_balance.heads import CosineHead
 from lightning_balance.mla import MLAFusion
+from lightning_balance.mmtm import MMTM, cross_modal_off, recording_statistics
 from lightning_balance.reconboost import ReconBoostFusion
 from lightning_balance.losses import (
     CMLLoss,
@@ -59,6 +61,10 @@ __all__ = [
     "ReconstructionLoss",
     "GradientBalancingCallback",
     "GradientBlending",
+    "Greedy",
+    "MMTM",
+    "cross_modal_off",
+    "recording_statistics",
     "InfoReg",
     "MMPareto",
     "ModalityContractError",

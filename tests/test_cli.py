@@ -8,7 +8,9 @@ from lightning_balance import (
     OPM,
     PMR,
     AMCo,
+    MMTM,
     GradientBlending,
+    Greedy,
     InfoReg,
     LFMLoss,
     MBSDLoss,
@@ -61,6 +63,8 @@ trainer:
       init_args: {strength: 2.0, every_n_epochs: 10, max_reinits: 2, max_samples: 1000}
     - class_path: lightning_balance.SampleValuation
       init_args: {level: modality, start_epoch: 3, alpha: 0.5, func: tanh}
+    - class_path: lightning_balance.Greedy
+      init_args: {epsilon: 0.05, window: 3, start_epoch: 1, mode: random, seed: 7}
 model:
   fusion: concat
   lr: 0.05
@@ -90,12 +94,14 @@ model:
     assert (relearn.strength, relearn.every_n_epochs, relearn.max_reinits, relearn.max_samples) == (2.0, 10, 2, 1000)
     value = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SampleValuation))
     assert (value.level, value.start_epoch, value.alpha, value.func) == ("modality", 3, 0.5, "tanh")
+    greedy = next(cb for cb in cli.trainer.callbacks if isinstance(cb, Greedy))
+    assert (greedy.epsilon, greedy.window, greedy.start_epoch, greedy.mode, greedy.seed) == (0.05, 3, 1, "random", 7)
 
 
 @pytest.mark.parametrize("cls", [AVDigitsDataModule, SyntheticCollapseDataModule, OGMGE, ModalityMonitor, InfoReg, AGM, PMR,
                                  MMPareto, GradientBlending, ModalityDiagnostics, ModalityDropout, OPM,
                                  AMCo, LFMLoss, MBSDLoss, Relearning, SampleValuation, MLAFusion,
-                                 ReconBoostFusion])
+                                 ReconBoostFusion, Greedy, MMTM])
 def test_constructor_signatures_resolve(cls):
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(cls, "x")

@@ -17,7 +17,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def examples_path(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))
     yield
-    for name in ("benchmark", "diagnose", "robustness", "rank_vs_beta", "collapse_study", "_common"):
+    for name in ("benchmark", "diagnose", "robustness", "rank_vs_beta", "collapse_study", "overhead", "_common"):
         sys.modules.pop(name, None)
 
 
@@ -228,3 +228,21 @@ def test_collapse_study_calibrates_on_validation_and_runs_with_a_hidden_fusion_l
     assert all(isinstance(layer, torch.nn.ReLU) for layer in layers) and len(layers) == len(rows)
     assert all(0 <= r["polysemantic_fraction"] <= 1 and 0 <= r["polysemantic"] <= 1 for r in rows.values())
     assert "polysemantic neurons" in (tmp_path / "collapse_synthetic_hidden16.md").read_text()
+
+
+def test_overhead_probe_runs_the_methods_on_the_b_steps_only(examples_path):
+    """The A/B probe must let the library's pipeline find the wrapped callbacks (it looks for them in
+    trainer.callbacks): OGM-GE edits every B step and no A step, Greedy re-balances on its MMTM model."""
+    import overhead
+    from _common import AVDigitsNet
+
+    from lightning_balance import OGMGE, Greedy
+
+    dims = {"audio": 40, "visual": 64}
+    cb = OGMGE(alpha=0.3, seed=0, log_metrics=False)
+    res = overhead.measure(AVDigitsNet(input_dims=dims), overhead.fixed_batches(dims, 16, 12), lambda: [cb], warmup=2)
+    assert cb.num_edits == 6 and res["timed_steps"] == 5 and res["ratio"] > 0
+    greedy = Greedy(start_epoch=0, log_metrics=False, branch_heads="unimodal_heads")
+    overhead.measure(AVDigitsNet(input_dims=dims, mmtm=True), overhead.fixed_batches(dims, 16, 12), lambda: [greedy],
+                     warmup=2)
+    assert torch.isfinite(greedy._state.bdr).all() and (greedy._state.bypass > 0).all()

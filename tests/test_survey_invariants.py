@@ -93,3 +93,28 @@ def test_forward_methods_under_fp16_overflow(tmp_path, method):
     torch.testing.assert_close(flat_params(net), flat_params(reference), rtol=0, atol=0)
     assert states_equal(cbs[0].state_dict(), ref_cbs[0].state_dict(), rtol=0, atol=0)  # draws, flags, counters
     assert (flat_params(net) - flat_params(ForwardOnly())).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["relearning", "valuation"])
+def test_epoch_level_methods_stack_with_ogm_ge_in_either_order(tmp_path, method):
+    """Re-learning's re-initialisation and valuation's re-sampling run between epochs, OGM-GE edits every step:
+    the two list orders give the same training, and both methods act (OGM-GE edits, the epoch method re-inits or
+    adds copies)."""
+    from lightning_balance import Relearning, SampleValuation
+    from tests import test_relearning, test_valuation
+
+    def run(first_epoch_method: bool, directory):
+        epoch_cb = (Relearning(every_n_epochs=1, max_reinits=2) if method == "relearning"
+                    else SampleValuation(start_epoch=1))
+        cbs = [epoch_cb, OGMGE(alpha=0.5, seed=0)]
+        data = test_relearning.Data() if method == "relearning" else test_valuation.Data()
+        model = TinyAV(lr=0.2)
+        pl.Trainer(**trainer_kwargs(directory, max_epochs=3, reload_dataloaders_every_n_epochs=1,
+                                    callbacks=cbs if first_epoch_method else cbs[::-1])).fit(model, datamodule=data)
+        return model, cbs
+
+    model, cbs = run(True, tmp_path / "a")
+    other, other_cbs = run(False, tmp_path / "b")
+    torch.testing.assert_close(flat_params(model), flat_params(other), rtol=0, atol=0)
+    assert cbs[1].num_edits > 0 and len(cbs[0].history) >= 1
+    assert cbs[0].history == other_cbs[0].history

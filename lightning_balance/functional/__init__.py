@@ -47,6 +47,11 @@ from lightning_balance.functional.lfm import (
 )
 from lightning_balance.functional.mbsd import mbsd_distillation, mbsd_pair_terms
 from lightning_balance.functional.opm import opm_drop, opm_drop_probabilities, opm_scale
+from lightning_balance.functional.greedy import (
+    conditional_utilization_rate,
+    greedy_update,
+    speed_ratio,
+)
 from lightning_balance.functional.mla import (
     mla_alpha,
     mla_entropy_weights,
@@ -141,6 +146,9 @@ __all__ = [
     "alignment_loss",
     "boosting_loss",
     "reconboost_schedule",
+    "conditional_utilization_rate",
+    "greedy_update",
+    "speed_ratio",
     "mla_alpha",
     "mla_entropy_weights",
     "mla_fuse_logits",
