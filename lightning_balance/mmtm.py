@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from lightning_balance._errors import ModalityContractError
 from lightning_balance._presence import normalise_presence, presence_matrix
-from lightning_balance.functional.greedy import accumulation_dtype, broadcast_gate, squeeze
+from lightning_balance._dtypes import accumulation_dtype
+from lightning_balance.functional.greedy import broadcast_gate, squeeze
 
 __all__ = ["MMTM", "cross_modal_off", "recording_statistics"]
 

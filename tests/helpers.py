@@ -283,3 +283,28 @@ def fp16_plugin(init_scale: float) -> Any:
 
     return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale,
                                                                           backoff_factor=2.0**-8))
+
+
+class OverflowAt(pl.Callback):
+    """Forces an fp16 overflow at ``(epoch, batch_idx)``: the GradScaler's scale jumps to 2^60 before that batch.
+    ``snapshot(pl_module)`` is taken just before and just after it (``before``, ``after``), with the scale after."""
+
+    def __init__(self, snapshot: Any, epoch: int = 1, batch_idx: int = 1) -> None:
+        self.snapshot, self.epoch, self.batch_idx = snapshot, epoch, batch_idx
+        self.before: Any = None
+        self.after: Any = None
+        self.scale_after: Optional[float] = None
+
+    def _here(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        return trainer.current_epoch == self.epoch and batch_idx == self.batch_idx
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._here(trainer, batch_idx):
+            trainer.precision_plugin.scaler.update(new_scale=2.0 ** 60)
+            self.before = self.snapshot(pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._here(trainer, batch_idx):
+            self.after = self.snapshot(pl_module)
+            self.scale_after = trainer.precision_plugin.scaler.get_scale()

@@ -17,8 +17,8 @@ from torch import nn
 from lightning_balance import MMTM, OGMGE, Greedy, MultimodalMixin, cross_modal_off
 from lightning_balance._errors import ModalityContractError
 from lightning_balance.functional.greedy import conditional_utilization_rate, squeeze
-from tests.helpers import SaveParams, flat_params, fp16_plugin, loader, resume_inside_an_epoch, resumable_loader, \
-    states_equal, trainer_kwargs
+from tests.helpers import OverflowAt, SaveParams, flat_params, fp16_plugin, loader, resume_inside_an_epoch, \
+    resumable_loader, states_equal, trainer_kwargs
 
 
 class MeanFusion(nn.Module):
@@ -301,27 +301,15 @@ def test_resume_inside_an_epoch_and_inside_a_window(tmp_path, step):
 
 
 def test_fp16_overflow_step_changes_nothing(tmp_path):
-    seen = {}
-
-    class Overflow(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.current_epoch == 1 and batch_idx == 1:
-                trainer.precision_plugin.scaler.update(new_scale=2.0 ** 60)
-                seen["before"] = (flat_params(pl_module), greedy.state_dict(), pl_module.mmtm1.get_extra_state())
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.current_epoch == 1 and batch_idx == 1:
-                seen["after"] = (flat_params(pl_module), greedy.state_dict(), pl_module.mmtm1.get_extra_state(),
-                                 trainer.precision_plugin.scaler.get_scale())
-
     greedy = Greedy(epsilon=0.01, window=2, start_epoch=0)
+    overflow = OverflowAt(lambda m: (flat_params(m), greedy.state_dict(), m.mmtm1.get_extra_state()))
     model = GreedyNet()
     pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3, plugins=[fp16_plugin(2.0 ** 8)],
-                                callbacks=[greedy, Overflow()])).fit(model, loader())
-    params, state, extra, scale = seen["after"]
-    assert scale == 2.0 ** 52 and greedy.num_skipped >= 1
-    assert torch.equal(params, seen["before"][0])
-    assert states_equal(state, seen["before"][1], rtol=0, atol=0) and states_equal(extra, seen["before"][2], 0, 0)
+                                callbacks=[greedy, overflow])).fit(model, loader())
+    (params, state, extra), before = overflow.after, overflow.before
+    assert overflow.scale_after == 2.0 ** 52 and greedy.num_skipped >= 1
+    assert torch.equal(params, before[0])
+    assert states_equal(state, before[1], rtol=0, atol=0) and states_equal(extra, before[2], 0, 0)
     assert torch.isfinite(flat_params(model)).all() and greedy.windows >= 1
     assert torch.isfinite(greedy._state.bypass).all() and torch.isfinite(greedy._state.main).all()
 

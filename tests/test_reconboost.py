@@ -300,23 +300,11 @@ def test_bad_input_names_the_fix(tmp_path):
 
 
 def test_fp16_overflow_mid_run_skips_the_step(tmp_path):
-    from tests.helpers import fp16_plugin
+    from tests.helpers import OverflowAt, fp16_plugin
 
-    seen = {}
-
-    class Overflow(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.current_epoch == 1 and batch_idx == 1:
-                trainer.precision_plugin.scaler.update(new_scale=2.0 ** 60)
-                seen["before"] = flat_params(pl_module)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.current_epoch == 1 and batch_idx == 1:
-                seen["after"] = (flat_params(pl_module), trainer.precision_plugin.scaler.get_scale())
-
+    overflow = OverflowAt(flat_params)
     model = BoostNet(alignment_gradient=True)
-    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3, plugins=[fp16_plugin(2.0 ** 8)], callbacks=[Overflow()])).fit(
+    pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3, plugins=[fp16_plugin(2.0 ** 8)], callbacks=[overflow])).fit(
         model, loader())
-    after, scale = seen["after"]
-    assert scale == 2.0 ** 52 and torch.equal(after, seen["before"])  # the overflowed step changed nothing
-    assert torch.isfinite(flat_params(model)).all() and (flat_params(model) - after).abs().max() > 1e-4
+    assert overflow.scale_after == 2.0 ** 52 and torch.equal(overflow.after, overflow.before)  # the step changed nothing
+    assert torch.isfinite(flat_params(model)).all() and (flat_params(model) - overflow.after).abs().max() > 1e-4

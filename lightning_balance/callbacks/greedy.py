@@ -126,9 +126,9 @@ class Greedy(GradientBalancingCallback):
         self._trainer: Optional[pl.Trainer] = None
         self._state: Optional[GreedyState] = None
         self._loaded: Optional[dict[str, Any]] = None
-        self._mmtms: list[tuple[MMTM, list[int]]] = []  # each MMTM and, per active modality, its position in it
+        self._mmtms: list[MMTM] = []
         self._bypass: list[list[nn.Parameter]] = []
-        self._lookup: dict[int, Optional[Tensor]] = {}
+        self._lookup: list[Tensor] = []  # per MMTM: active modality index -> its map's position (last entry: -1)
         self._main: list[list[nn.Parameter]] = []
 
     # ------------------------------------------------------------------ setup
@@ -161,7 +161,7 @@ class Greedy(GradientBalancingCallback):
                     f"exactly the balanced modalities. Name the MMTM's channels by the modalities declared in "
                     f"configure_modalities (e.g. MMTM({{{', '.join(repr(m) + ': C' for m in names)}}})), or, if "
                     f"its names are declared modalities, pass Greedy(modalities=[...]) with them.")
-            self._mmtms.append((mmtm, [mmtm.names.index(m) for m in names]))
+            self._mmtms.append(mmtm)
         in_mmtm = {id(p) for mmtm in mmtms for p in mmtm.parameters()}
         self._main, self._bypass = [], []
         extra = self._branch_heads(pl_module, names)
@@ -174,16 +174,16 @@ class Greedy(GradientBalancingCallback):
             self._main.append(main)
         for k in range(len(names)):
             byp: list[nn.Parameter] = []
-            for mmtm, pos in self._mmtms:
-                byp += list(mmtm.squeeze.parameters()) + list(mmtm.excite[pos[k]].parameters())
+            for mmtm in self._mmtms:
+                assert mmtm.names is not None
+                byp += list(mmtm.squeeze.parameters()) + list(mmtm.excite[mmtm.names.index(names[k])].parameters())
             self._bypass.append([p for p in byp if p.requires_grad])
             if not self._bypass[-1]:
                 raise ModalityContractError(
                     f"Greedy: the MMTMs have no trainable parameters on modality {names[k]!r}'s bypass (its gate layers "
                     f"and the squeeze layers are frozen), so its conditional learning speed is undefined. Unfreeze "
                     f"them, or train without Greedy.")
-        self._lookup = {id(mmtm): None for mmtm, _ in self._mmtms}
-        for mmtm, _ in self._mmtms:
+        for mmtm in self._mmtms:
             mmtm.managed = True
         if self.mode == "random" and self.seed is None:
             self.seed = broadcast_seed(trainer.strategy)
@@ -192,8 +192,8 @@ class Greedy(GradientBalancingCallback):
         out: dict[str, list[nn.Parameter]] = {}
         heads = self.branch_heads
         if heads == "unimodal_heads":
-            spec = pl_module._lb_spec  # type: ignore[attr-defined]
-            if spec is None or not spec.unimodal_head_paths:
+            spec = pl_module.modality_spec  # type: ignore[attr-defined]
+            if not spec.unimodal_head_paths:
                 raise ModalityContractError(
                     "Greedy(branch_heads='unimodal_heads') needs unimodal heads declared in configure_modalities("
                     "unimodal='heads', unimodal_heads={...}); or pass branch_heads={'modality': 'path.to.module'}.")
@@ -222,7 +222,7 @@ class Greedy(GradientBalancingCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         if stage == "fit":
-            for mmtm, _ in self._mmtms:
+            for mmtm in self._mmtms:
                 mmtm.managed = False
                 mmtm.caring = torch.full((), -1, dtype=torch.long, device=mmtm.caring.device)  # normal after the fit
                 mmtm._pending = None
@@ -250,9 +250,11 @@ class Greedy(GradientBalancingCallback):
         else:
             self.draws = 0
             self._windows = torch.zeros((), dtype=torch.long, device=device)
-        for mmtm, _ in self._mmtms:
+        self._lookup = [torch.tensor([m.names.index(n) for n in self.active_modalities] + [-1], device=device)
+                        for m in self._mmtms]  # type: ignore[union-attr]
+        for mmtm in self._mmtms:
             mmtm._pending = None
-            mmtm.set_caring(self._caring_in(mmtm))
+        self._apply_caring()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
@@ -264,21 +266,16 @@ class Greedy(GradientBalancingCallback):
                 f"gap {float(bdr.max() - bdr.min()):.4g}). Lower epsilon (the official value is 0.01) if the "
                 f"modalities should be re-balanced, or read balance/greedy/d_bdr.", category=UserWarning)
 
-    def _caring_in(self, mmtm: MMTM) -> Tensor:
-        """The cared-for modality as the index of its feature map in ``mmtm`` (-1 none)."""
+    def _apply_caring(self) -> None:
+        """Give every MMTM the cared-for modality, as the index of its feature map there (-1 none)."""
         assert self._state is not None
-        lookup = self._lookup.get(id(mmtm))
-        if lookup is None or lookup.device != self._state.caring.device:
-            assert mmtm.names is not None
-            lookup = torch.tensor([mmtm.names.index(m) for m in self.active_modalities] + [-1],
-                                  device=self._state.caring.device)
-            self._lookup[id(mmtm)] = lookup
-        return lookup[self._state.caring]  # caring = -1 picks the last entry, -1
+        for mmtm, lookup in zip(self._mmtms, self._lookup):
+            mmtm.set_caring(lookup[self._state.caring])  # caring = -1 picks the last entry, -1
 
     # ------------------------------------------------------------------ the pipeline
     def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        for i, (mmtm, _) in enumerate(self._mmtms):
+        for i, mmtm in enumerate(self._mmtms):
             for j, t in enumerate(mmtm.pending_statistics()):
                 out[f"mmtm{i:02d}/{j:02d}"] = t
         return out
@@ -288,14 +285,14 @@ class Greedy(GradientBalancingCallback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        for mmtm, _ in self._mmtms:  # a forward outside a step (or a step without backward) counts in no average
+        for mmtm in self._mmtms:  # a forward outside a step (or a step without backward) counts in no average
             mmtm._pending = None
 
     @torch.no_grad()
     def commit_step(self, groups: dict[str, list[nn.Parameter]], result: dict[str, Tensor], device: torch.device,
                     active: bool) -> None:
         assert self._state is not None
-        for i, (mmtm, _) in enumerate(self._mmtms):
+        for i, mmtm in enumerate(self._mmtms):
             mmtm.fold([result[f"mmtm{i:02d}/{j:02d}"] for j in range(2 * len(mmtm.widths) + 1)])
         bypass = torch.stack([speed_ratio(ps, [p.grad for p in ps if p.grad is not None]) for ps in self._bypass])
         main = torch.stack([speed_ratio(ps, [p.grad for p in ps if p.grad is not None]) for ps in self._main])
@@ -311,8 +308,7 @@ class Greedy(GradientBalancingCallback):
                 self.draws += 1
             self._state = state._replace(caring=caring, curating=caring >= 0)
         self._windows = self._windows + (~before & self._state.curating).long()
-        for mmtm, _ in self._mmtms:
-            mmtm.set_caring(self._caring_in(mmtm))
+        self._apply_caring()
         trainer = self._trainer
         if self.log_metrics and trainer is not None and _logs_this_step(trainer):
             self._log(trainer)

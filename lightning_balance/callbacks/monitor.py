@@ -17,13 +17,10 @@ from lightning_balance._record import ModalityRecord
 from lightning_balance.callbacks.base import log_balance_metrics
 from lightning_balance.functional.ogm import ogm_ratios
 from lightning_balance.functional.scores import present_sums, modality_scores, stack_modalities
+from lightning_balance._dtypes import accumulation_dtype as _sum_dtype
 from lightning_balance.modality import ModalityContractError, MultimodalMixin
 
 __all__ = ["ModalityMonitor"]
-
-
-def _sum_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
 def sampler_layout(trainer: pl.Trainer, dataloader_idx: int) -> Optional[tuple[int, int, int]]:

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_balance._dtypes import accumulation_dtype
+
 __all__ = ["GreedyState", "broadcast_gate", "conditional_utilization_rate", "greedy_update", "speed_ratio",
            "squeeze"]
 
@@ -46,11 +48,6 @@ def broadcast_gate(gate: Tensor, like: Tensor, channel_dim: int = 1) -> Tensor:
     return gate.reshape(shape)
 
 
-def accumulation_dtype(device: torch.device) -> torch.dtype:
-    """float64 for the cumulative statistics, float32 where the device has no float64 (MPS)."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 def speed_ratio(params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
     r""":math:`\sum_p \|\nabla p\|^2 / \sum_p \|p\|^2` (0-dim, float64; float32 on MPS), from the parameters and
     their gradients (the official ``compute_BDR`` sums squared norms over a group, then divides). One
@@ -75,7 +72,12 @@ class GreedyState(NamedTuple):
     curating: Tensor  #: () bool, inside a re-balancing window
     window_step: Tensor  #: () int64, steps taken in the current window
     caring: Tensor  #: () int64, the modality whose cross-modal gate is replaced by its running average, -1 none
-    bdr: Tensor  #: (M,) float64, log10(bypass / main) as last computed
+
+    @property
+    def bdr(self) -> Tensor:
+        """(M,) :math:`\\log_{10}(M^{byp}_m / M^{main}_m)` (NaN before the first step); the sums do not change inside a
+        window, so this is also the value the window was opened on."""
+        return torch.log10(self.bypass / self.main)
 
 
 def initial_state(m: int, device: torch.device) -> GreedyState:
@@ -83,8 +85,7 @@ def initial_state(m: int, device: torch.device) -> GreedyState:
     f64 = accumulation_dtype(device)
     return GreedyState(torch.zeros(m, dtype=f64, device=device), torch.zeros(m, dtype=f64, device=device),
                        torch.zeros((), dtype=torch.bool, device=device), torch.zeros((), dtype=torch.long, device=device),
-                       torch.full((), -1, dtype=torch.long, device=device),
-                       torch.full((m,), float("nan"), dtype=f64, device=device))
+                       torch.full((), -1, dtype=torch.long, device=device))
 
 
 def greedy_update(state: GreedyState, bypass_ratio: Tensor, main_ratio: Tensor, epsilon: float, window: int,
@@ -103,10 +104,10 @@ def greedy_update(state: GreedyState, bypass_ratio: Tensor, main_ratio: Tensor, 
     update = ~state.curating | (not unlocked)
     bypass = torch.where(update, state.bypass + bypass_ratio.to(state.bypass.dtype), state.bypass)
     main = torch.where(update, state.main + main_ratio.to(state.main.dtype), state.main)
-    bdr = torch.where(update, torch.log10(bypass / main), state.bdr)
+    bdr = torch.log10(bypass / main)
     if not unlocked:
         return GreedyState(bypass, main, torch.zeros_like(state.curating), torch.zeros_like(state.window_step),
-                           torch.full_like(state.caring, -1), bdr)
+                           torch.full_like(state.caring, -1))
     spread = bdr.max() - bdr.min()
     enter = ~state.curating & (spread > epsilon)
     window_step = torch.where(state.curating, state.window_step + 1, torch.zeros_like(state.window_step))
@@ -114,7 +115,7 @@ def greedy_update(state: GreedyState, bypass_ratio: Tensor, main_ratio: Tensor, 
     curating = (state.curating & ~leave) | enter
     caring = torch.where(enter, torch.argmax(torch.nan_to_num(bdr, nan=-torch.inf)), state.caring)
     caring = torch.where(curating, caring, torch.full_like(caring, -1))
-    return GreedyState(bypass, main, curating, window_step, caring, bdr)
+    return GreedyState(bypass, main, curating, window_step, caring)
 
 
 def conditional_utilization_rate(accuracy_joint: Tensor, accuracy_alone: Tensor) -> Tensor:
