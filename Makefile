@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # Elsewhere, without a GPU, use the CPU wheels: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint typecheck docs check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,19 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_balance examples tests
 
+# the package is typed (py.typed): mypy must stay clean on it
+typecheck: $(STAMP)
+	$(PY) -m mypy lightning_balance
+
+# the documentation site (mkdocs-material + mkdocstrings API reference); --strict: any warning fails the build
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+# everything CI checks
+check: test lint typecheck docs
+
 bench: $(STAMP)
 	$(PY) examples/overhead.py
 
 clean:
-	rm -rf $(VENV) results lightning_logs .pytest_cache
+	rm -rf $(VENV) results lightning_logs .pytest_cache site

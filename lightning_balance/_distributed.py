@@ -73,10 +73,10 @@ def all_reduce_sum(tensor: Tensor, strategy: Strategy) -> Tensor:
     Lightning's ``strategy.reduce`` adds a barrier before the all-reduce; a plain all-reduce already
     synchronises, so the barrier is skipped here.
     """
-    if strategy.world_size > 1 and dist.is_available() and dist.is_initialized():
+    if strategy.world_size > 1 and dist.is_available() and dist.is_initialized():  # type: ignore[attr-defined]
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
-    if strategy.world_size > 1:
+    if strategy.world_size > 1:  # type: ignore[attr-defined]
         return strategy.reduce(tensor, reduce_op="sum")
     return tensor
 
@@ -89,7 +89,7 @@ def gather_samples(local: Tensor, strategy: Strategy, interleave: bool = False, 
     drops the samples that such a sampler repeats to give every rank the same count. Otherwise the ranks'
     rows are concatenated in rank order.
     """
-    world = strategy.world_size
+    world = strategy.world_size  # type: ignore[attr-defined]
     if world == 1 or not (dist.is_available() and dist.is_initialized()):
         return local if total is None else local[:total]
     parts, sizes = _gather_padded(local)

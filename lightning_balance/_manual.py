@@ -65,7 +65,7 @@ def step_optimizer(trainer: Any, optimizer: Any) -> bool:
     before = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
     optimizer.step()
     optimizer.zero_grad()
-    return before is not None and scaler.get_scale() < before
+    return before is not None and scaler is not None and scaler.get_scale() < before
 
 
 def sync_buffers(strategy: Any, module: nn.Module) -> None:
@@ -99,7 +99,7 @@ def check_manual(module: Any, fusion: nn.Module, owner: str) -> Any:
             rank_zero_warn(f"{owner}: under manual optimization Lightning does not step learning-rate schedulers; "
                            f"step them yourself, e.g. `self.lr_schedulers().step()` in on_train_epoch_end.",
                            category=UserWarning)
-        fusion._manual_checked = id(trainer)  # type: ignore[attr-defined]
+        fusion._manual_checked = id(trainer)  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors/modules
     if module.automatic_optimization:
         raise ModalityContractError(
             f"{owner}.training_step takes its own optimizer steps: set `self.automatic_optimization = False` in the "

@@ -7,13 +7,16 @@ Split from :mod:`lightning_balance.modality` (which declares modalities and reco
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_balance._record import ModalityRecord
+
+if TYPE_CHECKING:
+    from lightning_balance.modality import MultimodalMixin
 
 __all__ = ["ObjectivesMixin"]
 
@@ -158,7 +161,7 @@ class ObjectivesMixin:
         name → term); ``training_step`` then returns ``self.add_loss_terms(loss)``."""
         from lightning_balance.losses.base import configure_loss_terms
 
-        configure_loss_terms(self, terms)
+        configure_loss_terms(cast("MultimodalMixin", self), terms)
 
     def add_loss_terms(self, loss: Tensor, record: Optional[ModalityRecord] = None) -> Tensor:
         """``loss`` plus every active attached loss term (weighted); each is logged under ``balance/<name>/``."""

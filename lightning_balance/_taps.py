@@ -34,13 +34,13 @@ class GradientTap:
 
 class _MixGradients(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tap: GradientTap, output: Tensor, *others: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, tap: GradientTap, output: Tensor, *others: Tensor) -> Tensor:
         ctx.tap = tap
         ctx.count = len(others)
         return output.view_as(output)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         coefficients = ctx.tap.coefficients
         if coefficients is None:
             return (None, grad) + (None,) * ctx.count
@@ -50,12 +50,12 @@ class _MixGradients(torch.autograd.Function):
 
 class _AddGradient(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tap: GradientTap, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, tap: GradientTap, x: Tensor) -> Tensor:
         ctx.tap = tap
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         extra = ctx.tap.extra
         if extra is None:
             return None, grad

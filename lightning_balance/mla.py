@@ -91,7 +91,8 @@ class MLAFusion(nn.Module):
             raise ValueError(f"MLAFusion's shared head must be an nn.Linear(d, num_classes) (its weight gradient is "
                              f"projected), got {type(head).__name__}.")
         fixed = not isinstance(weights, str)
-        if not (weights == "entropy" or (fixed and isinstance(weights, Sequence) and len(weights) >= 2
+        if not (weights == "entropy" or (isinstance(weights, Sequence) and not isinstance(weights, str)
+                                         and len(weights) >= 2
                                          and all(isinstance(v, (int, float)) and v >= 0 for v in weights)
                                          and sum(weights) > 0)):
             raise ValueError(f"weights must be 'entropy' or one weight >= 0 per modality in declared order (e.g. "

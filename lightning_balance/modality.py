@@ -53,7 +53,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,12 @@ from lightning_balance._presence import (
     subset_presence,
 )
 from lightning_balance._record import ModalityRecord, autocast_state, batch_token
+
+if TYPE_CHECKING:
+    # the mixin is always mixed into a LightningModule: type-check it as one (a plain object at runtime)
+    from lightning.pytorch import LightningModule as _ModuleBase
+else:
+    _ModuleBase = object
 
 __all__ = ["ModalityRecord", "MultimodalMixin", "ModalityContractError", "UnimodalMode", "MissingFill"]
 
@@ -140,7 +146,7 @@ def _resolve(root: nn.Module, spec: Union[nn.Module, str], what: str) -> str:
     )
 
 
-class MultimodalMixin(ObjectivesMixin):
+class MultimodalMixin(ObjectivesMixin, _ModuleBase):
     """Mixin for a LightningModule: declares modalities, records each step for the balancing methods.
 
     Put it before ``LightningModule`` in the bases, call :meth:`configure_modalities` at the end of
@@ -440,7 +446,7 @@ class MultimodalMixin(ObjectivesMixin):
                 an earlier batch would silently pair this step's loss with another batch's features).
         """
         record = self._lb_record
-        token = batch_token(self._trainer)  # type: ignore[attr-defined]
+        token = batch_token(self._trainer)
         if record is None or (token is not None and record.batch != token):
             raise ModalityContractError(
                 f"{who} needs this step's record: call self.fuse(features, targets) in this step before it."
@@ -478,7 +484,7 @@ class MultimodalMixin(ObjectivesMixin):
                 self._lb_presence_checks += 1
             check_some_present(mask)
         hooks = []
-        if self._lb_hooks and self.training and torch.is_grad_enabled():  # type: ignore[attr-defined]
+        if self._lb_hooks and self.training and torch.is_grad_enabled():
             hooks = sorted(self._lb_hooks.values(), key=lambda h: getattr(h, "fuse_order", 0))
         for hook in hooks:  # e.g. modality dropout: removes modalities from samples through the mask
             tap = getattr(hook, "tap_presence", None)
@@ -504,13 +510,13 @@ class MultimodalMixin(ObjectivesMixin):
                 logits = tap(self, ordered, targets, logits, extras)
         extras.pop("present")  # on the record as record.present
         self._lb_calls += 1
-        token = batch_token(self._trainer)  # type: ignore[attr-defined]
+        token = batch_token(self._trainer)
         record = ModalityRecord(
             index=self._lb_calls,
             features=ordered,
             logits=logits,
             targets=targets,
-            training=bool(self.training),  # type: ignore[attr-defined]
+            training=bool(self.training),
             _owner=self,
             _autocast=autocast_state(logits.device.type),
             extras=extras,
@@ -603,7 +609,7 @@ class MultimodalMixin(ObjectivesMixin):
         """The declared fusion / head modules (empty when the fusion is an overridden ``fuse_features``)."""
         spec = self.modality_spec
         paths = [p for p in (spec.head_path, spec.fusion_path) if p is not None]
-        return [self.get_submodule(p) for p in paths]  # type: ignore[attr-defined]
+        return [self.get_submodule(p) for p in paths]
 
     def fuse_features(self, features: Mapping[str, Tensor], present: Optional[Tensor] = None) -> Tensor:
         """Map per-modality features to fused logits. Override for a fusion that is not a module.
@@ -648,7 +654,7 @@ class MultimodalMixin(ObjectivesMixin):
             return {m: self.fuse_subset(features, (m,), present=mask) for m in spec.names}
         features = fill_absent(features, mask, spec.missing, self._missing_fill())
         if spec.unimodal == "split":
-            head = self.get_submodule(spec.head_path)  # type: ignore[arg-type]
+            head = cast(nn.Linear, self.get_submodule(spec.head_path))  # type: ignore[arg-type]
             widths = [features[m].shape[-1] for m in spec.names]
             _check_head_width(head, dict(zip(spec.names, widths)), spec.head_path)  # type: ignore[arg-type]
             weights = torch.split(head.weight, widths, dim=1)
@@ -779,7 +785,7 @@ class MultimodalMixin(ObjectivesMixin):
     def _named_params(self, paths: Sequence[str]):
         seen: set[int] = set()
         for path in paths:
-            for name, p in self.get_submodule(path).named_parameters():  # type: ignore[attr-defined]
+            for name, p in self.get_submodule(path).named_parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
                     yield (f"{path}.{name}", p)
@@ -790,7 +796,7 @@ class MultimodalMixin(ObjectivesMixin):
 
     def __getstate__(self) -> dict[str, Any]:
         # the record holds live tensors and autograd graphs: never pickle it (ddp_spawn, deepcopy)
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)  # type: ignore[misc]
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
         state = dict(state)
         state["_lb_record"] = None
         state["_lb_batch_records"] = None

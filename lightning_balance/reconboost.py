@@ -85,9 +85,9 @@ class ReconBoostFusion(nn.Module):
         for name, value in (("epochs_per_stage", epochs_per_stage), ("correct_epochs", correct_epochs)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "epochs_per_stage" else 0):
                 raise ValueError(f"{name} must be an int >= {1 if name == 'epochs_per_stage' else 0}, got {value!r}.")
-        for name, value in (("weight1", weight1), ("weight2", weight2), ("alpha", alpha), ("boost_rate", boost_rate)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
+        for name, number in (("weight1", weight1), ("weight2", weight2), ("alpha", alpha), ("boost_rate", boost_rate)):
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {number!r}.")
         self.head = head
         self.boost_rate = nn.Parameter(torch.tensor(float(boost_rate)))
         self.weight1, self.weight2, self.alpha = float(weight1), float(weight2), float(alpha)
@@ -180,6 +180,7 @@ class ReconBoostFusion(nn.Module):
             for j in members:
                 out = present_only(self.head(z[names[j]]), has[names[j]])
                 total = out if total is None else total + out
+            assert total is not None  # phase 2: the ensemble has at least this stage's learner
             fused = self.boost_rate * total
             per_sample = F.cross_entropy(fused.float(), safe, reduction="none")
         loss_sum = torch.where(keep, per_sample, torch.zeros_like(per_sample)).sum()

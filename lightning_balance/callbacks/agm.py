@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, cast
 
 import lightning.pytorch as pl
 import torch
@@ -34,7 +34,7 @@ def _classifier_weights(pl_module: Any) -> list[nn.Parameter]:
         return [pl_module.get_submodule(spec.head_path).weight]
     linears = [mod for f in pl_module.fusion_modules() for mod in f.modules() if isinstance(mod, nn.Linear)]
     if linears:
-        return [linears[-1].weight]
+        return [cast(nn.Parameter, linears[-1].weight)]  # torch types a module's weight as a Tensor
     return [p for p in pl_module.shared_parameters() if p.ndim >= 2]
 
 _MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase, nn.AlphaDropout)
@@ -87,8 +87,9 @@ class AGM(GradientBalancingCallback):
         clamp: upper clamp of ``r̄ − r`` (official CREMA-D code 10; ``None``: no clamp).
         clip: threshold and max-norm of the clip rule (official 1.0; ``None`` disables it).
         accumulation: ``"raise"`` or ``"per_micro_batch"`` (see above).
-        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length, nonfinite,
-            allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback` (the official
+        nonfinite, allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback`.
+        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length: see
+            :class:`GradientBalancingCallback` (the official
             CREMA-D code modulates its 1-based epochs 0..20, i.e. the first 20 epochs: ``start_epoch=0,
             end_epoch=19`` here; default: no end).
 
@@ -170,7 +171,8 @@ class AGM(GradientBalancingCallback):
         self._head_weights = _classifier_weights(pl_module)
         # the masked passes run in eval mode (as the official padded passes): every dropout/norm layer outside
         # the encoders (the fusion, also an overridden fuse_features' layers); none: no mode switch at all
-        in_encoders = {id(mod) for m in pl_module.modalities for enc in pl_module.modality_encoders(m)  # type: ignore[attr-defined]
+        module = cast(MultimodalMixin, pl_module)
+        in_encoders = {id(mod) for m in module.modalities for enc in module.modality_encoders(m)
                        for mod in enc.modules()}
         self._eval_modules = [mod for mod in pl_module.modules()
                               if isinstance(mod, _MODE_DEPENDENT) and id(mod) not in in_encoders]

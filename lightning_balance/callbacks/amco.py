@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import lightning.pytorch as pl
 import torch
@@ -93,7 +93,7 @@ class AMCo(ForwardPassMethod):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        spec = pl_module.modality_spec  # type: ignore[attr-defined]
+        spec = cast(MultimodalMixin, pl_module).modality_spec  # super().setup checked the contract
         if spec.unimodal != "split":
             raise ModalityContractError(
                 f"AMCo masks a modality's share of the fused logits, which exists only when the fused logits are the "
@@ -101,7 +101,7 @@ class AMCo(ForwardPassMethod):
                 f"unimodal='split'. {type(pl_module).__name__} declares unimodal={spec.unimodal!r}. For other fusions "
                 f"use OPM or ModalityDropout, which act on the features."
             )
-        self._names = tuple(pl_module.modalities)  # type: ignore[attr-defined]
+        self._names = tuple(cast(MultimodalMixin, pl_module).modalities)
         self._eligible = torch.tensor([m in self.active_modalities for m in self._names])  # may be flagged
         if self.seed is None:
             self.seed = broadcast_seed(trainer.strategy)
@@ -150,7 +150,7 @@ class AMCo(ForwardPassMethod):
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         super().on_before_backward(trainer, pl_module, loss)
-        record = pl_module.balance_record  # type: ignore[attr-defined]
+        record = cast(MultimodalMixin, pl_module).balance_record
         if (self._enabled and not self._warned and record is not None and record.training
                 and "objective" not in record.extras):
             from lightning.pytorch.utilities import rank_zero_warn
@@ -164,7 +164,7 @@ class AMCo(ForwardPassMethod):
                            batch_idx: int) -> None:
         if not self.log_metrics or not self._enabled or self._last_mass is None:
             return
-        names = pl_module.modalities  # type: ignore[attr-defined]
+        names = cast(MultimodalMixin, pl_module).modalities
         metrics = {"balance/amco/ratio": torch.tensor(self._ratio)}
         now = self._now if self._now is not None else torch.zeros(len(names), dtype=torch.bool)
         metrics.update({f"balance/amco/dependent/{m}": now[names.index(m)].float() for m in self.active_modalities})

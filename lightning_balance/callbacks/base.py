@@ -27,7 +27,7 @@ import abc
 import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, TypeGuard, Union, cast
 
 import lightning.pytorch as pl
 import torch
@@ -74,7 +74,7 @@ class StepStatistics:
     def reduce(self, strategy: pl.strategies.Strategy) -> dict[str, Tensor]:
         """Sum every state over ranks with one all-reduce, return them, and reset."""
         names = sorted(self._values)  # identical order on every rank
-        if strategy.world_size == 1:  # nothing to reduce: no flattening copy
+        if strategy.world_size == 1:  # type: ignore[attr-defined]  # nothing to reduce: no flattening copy
             out, self._values = self._values, {}
             return out
         flat = torch.cat([self._values[n].reshape(-1) for n in names])
@@ -92,7 +92,7 @@ class StepStatistics:
         self._values = {}
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[Union[int, float]]:
     """A real number, not a bool (for argument validation)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -114,7 +114,7 @@ def separate_loader(loader: Any) -> Any:
     batches; the copy loads in the main process instead. Other loaders are returned as they are."""
     if not isinstance(loader, torch.utils.data.DataLoader) or not getattr(loader, "persistent_workers", False):
         return loader
-    common = dict(collate_fn=loader.collate_fn, num_workers=0, pin_memory=loader.pin_memory)
+    common: dict[str, Any] = dict(collate_fn=loader.collate_fn, num_workers=0, pin_memory=loader.pin_memory)
     if loader.batch_sampler is not None:
         return torch.utils.data.DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, **common)
     return torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last,
@@ -229,7 +229,7 @@ def optimizer_step_skipped(trainer: pl.Trainer, optimizer: torch.optim.Optimizer
 def reduce_jointly(stats: Sequence[StepStatistics], strategy: pl.strategies.Strategy) -> list[dict[str, Tensor]]:
     """Reduce the pending statistics of several callbacks with **one** all-reduce (stacked methods share
     the step's single collective); returns each one's reduced states, in order, and resets them."""
-    if len(stats) == 1 or strategy.world_size == 1:
+    if len(stats) == 1 or strategy.world_size == 1:  # type: ignore[attr-defined]
         return [s.reduce(strategy) for s in stats]
     merged = StepStatistics()
     merged.copy = False
@@ -239,8 +239,8 @@ def reduce_jointly(stats: Sequence[StepStatistics], strategy: pl.strategies.Stra
     flat = merged.reduce(strategy)
     out: list[dict[str, Tensor]] = [{} for _ in stats]
     for key, value in flat.items():
-        i, name = key.split("/", 1)
-        out[int(i)][name] = value
+        position, name = key.split("/", 1)
+        out[int(position)][name] = value
     return out
 
 
@@ -298,7 +298,7 @@ class GradientBalancingCallback(Callback, abc.ABC):
     #: collect, compute and commit also on steps outside the active window (for statistics the official
     #: method keeps over the whole run: AGM's running means, InfoReg's Fisher trace); ``edit`` and the
     #: gradient taps stay inside the window
-    observe_outside_window: ClassVar[bool] = False
+    observe_outside_window: bool = False
     #: the method was designed and published with SGD: warn when it is paired with an adaptive optimizer
     designed_for_sgd: ClassVar[bool] = False
     #: the method's statistics count a modality only where it is present (``fuse(..., present=...)``);
@@ -473,7 +473,7 @@ class GradientBalancingCallback(Callback, abc.ABC):
         check_strategy(trainer.strategy, name, allow_untested=self.allow_untested_strategy, fsdp_ok=self.fsdp_ok)
         self._groups = {}
         for m in chosen:
-            params = self.select_parameters(pl_module, m)
+            params = self.select_parameters(cast(MultimodalMixin, pl_module), m)  # require_contract checked it
             if not params and self.edits_gradients:
                 raise ModalityContractError(self._empty_group_message(m))
             self._groups[m] = params
@@ -485,7 +485,7 @@ class GradientBalancingCallback(Callback, abc.ABC):
             self._hook_handle.remove()
             self._hook_handle = None
         if any(hasattr(self, tap) for tap in ("tap_presence", "tap_inputs", "tap_features", "tap_logits")):
-            self._hook_handle = pl_module.register_fuse_hook(self)
+            self._hook_handle = cast(MultimodalMixin, pl_module).register_fuse_hook(self)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._hook_handle is not None:
@@ -551,29 +551,29 @@ class GradientBalancingCallback(Callback, abc.ABC):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._maybe_begin_epoch(trainer, pl_module)  # a mid-epoch resume or a new block of epoch_length steps
-        self._index_at_batch_start = pl_module.record_count  # type: ignore[attr-defined]
+        self._index_at_batch_start = cast(MultimodalMixin, pl_module).record_count
         self._result = None
         self._enabled = self.is_active(trainer)
 
     # ------------------------------------------------------------------ the pipeline of stacked methods
     @staticmethod
     def _pipeline(trainer: pl.Trainer) -> list[GradientBalancingCallback]:
-        peers = [cb for cb in trainer.callbacks if isinstance(cb, GradientBalancingCallback)]
+        peers = [cb for cb in trainer.callbacks if isinstance(cb, GradientBalancingCallback)]  # type: ignore[attr-defined]
         order = {id(cb): i for i, cb in enumerate(peers)}
         return sorted(peers, key=lambda cb: (cb.edit_order, order[id(cb)]))
 
     def _leads(self, trainer: pl.Trainer) -> bool:
-        for cb in trainer.callbacks:  # Lightning calls callbacks in list order: the first one runs the pipeline
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]  # Lightning calls callbacks in list order: the first one runs the pipeline
             if isinstance(cb, GradientBalancingCallback):
                 return cb is self
         return False
 
     def _new_records(self, pl_module: pl.LightningModule) -> list[ModalityRecord]:
         since = max(self._index_at_batch_start, self._consumed_index)
-        if pl_module.record_count <= since:  # type: ignore[attr-defined]
+        if cast(MultimodalMixin, pl_module).record_count <= since:
             if self._consumed_index > self._index_at_batch_start:
                 return []  # a second backward on records already counted (manual optimisation)
-        records = pl_module.records_since(  # type: ignore[attr-defined]
+        records = cast(MultimodalMixin, pl_module).records_since(
             since, type(self).__name__, need_targets=self.needs_targets
         )
         if not all(r.training for r in records):

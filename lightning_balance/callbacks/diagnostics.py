@@ -8,7 +8,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union, cast
 
 import lightning.pytorch as pl
 import torch
@@ -33,6 +33,9 @@ from lightning_balance.functional.diagnostics import (
     imbalance_verdict,
     lowest_precision,
 )
+
+if TYPE_CHECKING:
+    from lightning_balance.modality import MultimodalMixin
 
 __all__ = ["ModalityDiagnostics"]
 
@@ -221,9 +224,9 @@ class ModalityDiagnostics(ModalityMonitor):
                                  f"got {robustness_rates!r}.")
             robustness_rates = tuple(float(r) for r in rates)
         self.robustness_rates = robustness_rates
-        for name, value, low in (("every_n_epochs", every_n_epochs, 1), ("probe_folds", probe_folds, 2)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        for name, count, low in (("every_n_epochs", every_n_epochs, 1), ("probe_folds", probe_folds, 2)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {count!r}.")
         if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
                                         or max_samples < 2 * probe_folds):
             raise ValueError(f"max_samples must be None or an integer >= 2 * probe_folds = {2 * probe_folds}, "
@@ -292,7 +295,7 @@ class ModalityDiagnostics(ModalityMonitor):
                     f"the attribute path of a layer inside the fusion, as in named_modules().") from None
         for reference in (self.alone_probe, self.alone_semantic_loss):
             for m in reference or ():
-                pl_module.check_modality(m)  # type: ignore[attr-defined]
+                cast("MultimodalMixin", pl_module).check_modality(m)
 
     # ------------------------------------------------------------------ when
     def _diagnose_now(self, trainer: pl.Trainer, stage: str) -> bool:
@@ -357,7 +360,7 @@ class ModalityDiagnostics(ModalityMonitor):
             return
         n = record.batch_size
         targets = record.valid_targets()
-        vectors = {m: pl_module.pool_features(m, z.detach()).reshape(n, -1) for m, z in record.features.items()}  # type: ignore[attr-defined]
+        vectors = {m: cast("MultimodalMixin", pl_module).pool_features(m, z.detach()).reshape(n, -1) for m, z in record.features.items()}
         for m, z in record.features.items():
             known = self._precisions.get(m)
             self._precisions[m] = lowest_precision([z.dtype] if known is None else [known, z.dtype]) or torch.float64
@@ -391,16 +394,16 @@ class ModalityDiagnostics(ModalityMonitor):
         positions = key.to(torch.int64)
         out = []
         for which in (*names, "all") if self.robustness_rates else ():
-            for rate in self.robustness_rates:
+            for rate in self.robustness_rates or ():
                 mask = sweep_presence(positions, names, rate, which, self.seed, record.present)
                 with record.autocast():
-                    logits = pl_module.fuse_subset(features, names, present=mask)  # type: ignore[attr-defined]
+                    logits = cast("MultimodalMixin", pl_module).fuse_subset(features, names, present=mask)
                 out.append((logits.argmax(-1) == targets).double())
         for i, m in enumerate(names if self.noise_rates else ()):
-            for rate in self.noise_rates:
+            for rate in self.noise_rates or ():
                 noisy = {**features, m: position_noise(features[m], positions, rate, 1000 + i, self.seed)}
                 with record.autocast():
-                    logits = pl_module.fuse_subset(noisy, names, present=record.present)  # type: ignore[attr-defined]
+                    logits = cast("MultimodalMixin", pl_module).fuse_subset(noisy, names, present=record.present)
                 out.append((logits.argmax(-1) == targets).double())
         return out
 
@@ -423,7 +426,7 @@ class ModalityDiagnostics(ModalityMonitor):
         # every rank learns the row layout (also a rank that stored nothing) in the monitor's one all-reduce
         if self._store is None:
             return super()._extra_sums(pl_module, device, dtype)
-        m = len(pl_module.modalities)  # type: ignore[attr-defined]
+        m = len(cast("MultimodalMixin", pl_module).modalities)
         if self._shape is None:
             return torch.zeros(2 + m + (self.polysemantic_layer is not None), device=device, dtype=dtype)
         classes, widths = self._shape
@@ -434,7 +437,7 @@ class ModalityDiagnostics(ModalityMonitor):
         """Every rank's stored rows, on every rank, in sample order ``(loader, sample, view)``; ``None`` when no
         rank stored a labelled sample. ``layout``: the reduced ``[ranks with rows, classes, widths...]``."""
         assert self._store is not None
-        names = list(pl_module.modalities)  # type: ignore[attr-defined]
+        names = list(cast("MultimodalMixin", pl_module).modalities)
         m = len(names)
         ranks = float(layout[0])
         if ranks == 0:
@@ -490,7 +493,7 @@ class ModalityDiagnostics(ModalityMonitor):
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, samples: dict[str, Any],
                  clock: float, where: str) -> None:
-        names = list(pl_module.modalities)  # type: ignore[attr-defined]
+        names = list(cast("MultimodalMixin", pl_module).modalities)
         gather_seconds = time.perf_counter() - clock
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -518,8 +521,7 @@ class ModalityDiagnostics(ModalityMonitor):
                     values[f"robust_noise/{m}/{rate:g}"] = acc
                 values[f"robust_noise_auc/{m}"] = curve_area(rates, curve)
         if self.polysemantic_layer is not None and samples["polysemantic"].shape[0]:
-            m = len(names)
-            attributions = samples["polysemantic"].mean(0).reshape(m, -1).T  # (K, M)
+            attributions = samples["polysemantic"].mean(0).reshape(len(names), -1).T  # (K, M)
             summary = polysemanticity_summary(polysemanticity_scores(attributions), self.polysemantic_threshold)
             values.update({f"polysemantic/{k}": v for k, v in summary.items()})
         values["seconds/gather"] = gather_seconds
@@ -664,7 +666,7 @@ class ModalityDiagnostics(ModalityMonitor):
             axes = dict(zip(panels, axes[0]))
             for i, m in enumerate(names if self.noise_rates else ()):
                 ax = axes["noise"]
-                curve = [last.get(f"robust_noise/{m}/{r:g}", math.nan) for r in self.noise_rates]
+                curve = [last.get(f"robust_noise/{m}/{r:g}", math.nan) for r in self.noise_rates or ()]
                 ax.plot(self.noise_rates, curve, "s-", color=f"C{i}",
                         label=f"noise on {m} (area {last.get(f'robust_noise_auc/{m}', math.nan):.3f})")
                 ax.set(title=f"fused accuracy vs feature noise (epoch {int(last['epoch'])})",
@@ -673,8 +675,9 @@ class ModalityDiagnostics(ModalityMonitor):
                 ax.legend(fontsize=8)
             ax = axes.get("missing")
             for i, which in enumerate((*names, "all") if self.robustness_rates else ()):
-                curve = [last.get(f"robust/{which}/{r:g}", math.nan) for r in self.robustness_rates]
+                curve = [last.get(f"robust/{which}/{r:g}", math.nan) for r in self.robustness_rates or ()]
                 label = f"{which} missing" if which != "all" else "all, independently"
+                assert ax is not None
                 ax.plot(self.robustness_rates, curve, "o-", color=f"C{i}" if which != "all" else "k",
                         label=f"{label} (area {last.get(f'robust_auc/{which}', math.nan):.3f})")
             if ax is not None:

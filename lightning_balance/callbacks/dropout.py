@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import lightning.pytorch as pl
 import torch
@@ -186,6 +186,7 @@ class ModalityDropout(GradientBalancingCallback):
     def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
         if self.schedule != "adaptive" or record.targets is None:
             return {}
+        assert record.valid is not None  # the record has targets
         names = self.active_modalities
         counted = record.counted_stack(names)
         logits = stack_modalities(record.unimodal_logits(), names)
@@ -222,7 +223,7 @@ class ModalityDropout(GradientBalancingCallback):
             return
         metrics = {f"balance/dropout/p/{m}": self._p_now[i] for i, m in enumerate(self.active_modalities)}
         if self._kept is not None:
-            names = pl_module.modalities  # type: ignore[attr-defined]
+            names = cast(MultimodalMixin, pl_module).modalities
             metrics.update({f"balance/dropout/kept/{m}": self._kept[names.index(m)] for m in self.active_modalities})
         log_balance_metrics(pl_module, metrics, on_step=True, on_epoch=False)
 

@@ -8,7 +8,7 @@ import inspect
 import math
 from collections.abc import Iterable, Iterator
 from itertools import islice
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import lightning.pytorch as pl
 import torch
@@ -21,7 +21,7 @@ from lightning_balance._distributed import all_reduce_sum, check_strategy
 from lightning_balance._distributed import mean_gradients as _mean_gradients
 from lightning_balance.callbacks.base import forked_rng, log_balance_metrics, separate_loader, require_contract
 from lightning_balance.functional.gblend import floor_weights, gblend_weights
-from lightning_balance.modality import ModalityContractError
+from lightning_balance.modality import ModalityContractError, MultimodalMixin
 
 __all__ = ["GradientBlending"]
 
@@ -97,9 +97,9 @@ class GradientBlending(Callback):
         for name, value, low in (("every_n_epochs", every_n_epochs, 1), ("start_epoch", start_epoch, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
-        for name, value in (("estimate_epochs", estimate_epochs), ("max_batches", max_batches)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be None or an int >= 1, got {value!r}.")
+        for name, bound in (("estimate_epochs", estimate_epochs), ("max_batches", max_batches)):
+            if bound is not None and (not isinstance(bound, int) or isinstance(bound, bool) or bound < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {bound!r}.")
         if isinstance(min_weight, bool) or not isinstance(min_weight, (int, float)) or not 0.0 <= min_weight < 1 / 3:
             raise ValueError(f"min_weight must be a number in [0, 1/K) for K heads (fused + modalities, at least 3), "
                              f"got {min_weight!r}.")
@@ -119,12 +119,13 @@ class GradientBlending(Callback):
         if stage != "fit":
             return
         require_contract(pl_module, "GradientBlending")
-        heads = 1 + len(pl_module.modalities)  # raises a clear error if not declared
+        heads = 1 + len(cast(MultimodalMixin, pl_module).modalities)  # raises a clear error if not declared
         if self.min_weight * heads >= 1.0:
             raise ValueError(f"min_weight={self.min_weight} leaves nothing to blend for {heads} heads: "
                              f"use min_weight < 1/{heads} = {1.0 / heads:.4g}.")
         check_strategy(trainer.strategy, "GradientBlending", allow_untested=self.allow_untested_strategy)
-        holdout = getattr(trainer.datamodule, "holdout_dataloader", None) if trainer.datamodule is not None else None
+        holdout = (getattr(trainer.datamodule, "holdout_dataloader", None)  # type: ignore[attr-defined]
+                   if trainer.datamodule is not None else None)  # type: ignore[attr-defined]
         if holdout is None:
             raise ModalityContractError(
                 "GradientBlending measures generalisation on a held-out part of the training data: use a datamodule "
@@ -134,12 +135,12 @@ class GradientBlending(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.weights is not None:  # resumed: the estimate in force continues
-            pl_module.loss_weights = self.weights  # type: ignore[attr-defined]
+            cast(MultimodalMixin, pl_module).loss_weights = self.weights
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if self._checked:
             return
-        record = pl_module.balance_record  # type: ignore[attr-defined]
+        record = cast(MultimodalMixin, pl_module).balance_record
         if record is None or "objective" not in record.extras:
             raise ModalityContractError(
                 "GradientBlending sets the weights of the unimodal auxiliary objectives: return "
@@ -170,13 +171,13 @@ class GradientBlending(Callback):
         epoch = trainer.current_epoch
         if not self._due(epoch):
             return
-        heads = ["fused", *pl_module.modalities]  # type: ignore[attr-defined]
+        heads = ["fused", *pl_module.modalities]
         with forked_rng(trainer.strategy.root_device):
             losses = self._estimate(trainer, pl_module, heads)
         raw, delta_g, delta_o = gblend_weights(*losses)
         weights = floor_weights(raw, self.min_weight)
         self.weights = {h: float(w) for h, w in zip(heads, weights)}
-        pl_module.loss_weights = self.weights  # type: ignore[attr-defined]
+        pl_module.loss_weights = self.weights
         self.history.append({"epoch": epoch, **{f"weight/{h}": self.weights[h] for h in heads},
                              **{f"delta_g/{h}": float(v) for h, v in zip(heads, delta_g)},
                              **{f"delta_o/{h}": float(v) for h, v in zip(heads, delta_o)}})
@@ -212,7 +213,7 @@ class GradientBlending(Callback):
     def _estimate(self, trainer: pl.Trainer, pl_module: Any, heads: list[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(L^T before, L^V before, L^T after, L^V after)``, each ``(K,)``, identical on every rank."""
         train_loader = separate_loader(trainer.train_dataloader)  # not the Trainer's live iterator
-        holdout_loader = trainer.datamodule.holdout_dataloader()
+        holdout_loader = trainer.datamodule.holdout_dataloader()  # type: ignore[attr-defined]
         ignore_index = pl_module.modality_spec.ignore_index
         limit = self.max_batches
         if limit is None and math.isfinite(trainer.num_training_batches):
@@ -271,7 +272,7 @@ class GradientBlending(Callback):
             batches = _batches(trainer, loader, limit)
             while True:
                 window = list(islice(batches, accumulate))
-                if not window and strategy.world_size == 1:
+                if not window and strategy.world_size == 1:  # type: ignore[attr-defined]
                     break
                 active = [False]
 
@@ -301,7 +302,7 @@ class GradientBlending(Callback):
                         else:
                             torch.nn.utils.clip_grad_norm_(owned, clip_val)
                     if needs_closure:
-                        o.step(closure)
+                        o.step(closure)  # type: ignore[arg-type]  # torch types a closure as returning a float
                     else:
                         o.step()
         for o in optimizers:

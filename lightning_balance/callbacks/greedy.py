@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, cast
 
 import lightning.pytorch as pl
 import torch
@@ -148,7 +148,7 @@ class Greedy(GradientBalancingCallback):
         self._mmtms = []
         for mmtm in mmtms:
             if mmtm.names is None:  # a sequence of widths: the declared order of the balanced modalities
-                declared = [m for m in pl_module.modalities if m in names]  # type: ignore[attr-defined]
+                declared = [m for m in cast(MultimodalMixin, pl_module).modalities if m in names]
                 if len(mmtm.widths) != len(declared):
                     raise ModalityContractError(
                         f"An MMTM connects {len(mmtm.widths)} feature maps and Greedy balances {len(names)} modalities "
@@ -192,7 +192,7 @@ class Greedy(GradientBalancingCallback):
         out: dict[str, list[nn.Parameter]] = {}
         heads = self.branch_heads
         if heads == "unimodal_heads":
-            spec = pl_module.modality_spec  # type: ignore[attr-defined]
+            spec = cast(MultimodalMixin, pl_module).modality_spec
             if not spec.unimodal_head_paths:
                 raise ModalityContractError(
                     "Greedy(branch_heads='unimodal_heads') needs unimodal heads declared in configure_modalities("
@@ -250,8 +250,9 @@ class Greedy(GradientBalancingCallback):
         else:
             self.draws = 0
             self._windows = torch.zeros((), dtype=torch.long, device=device)
-        self._lookup = [torch.tensor([m.names.index(n) for n in self.active_modalities] + [-1], device=device)
-                        for m in self._mmtms]  # type: ignore[union-attr]
+        self._lookup = [torch.tensor([cast(tuple[str, ...], m.names).index(n)  # named in setup
+                                      for n in self.active_modalities] + [-1], device=device)
+                        for m in self._mmtms]
         for mmtm in self._mmtms:
             mmtm._pending = None
         self._apply_caring()

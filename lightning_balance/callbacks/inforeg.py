@@ -4,7 +4,7 @@ Information Acquisition", CVPR 2025)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, cast
 
 import lightning.pytorch as pl
 import torch
@@ -81,8 +81,9 @@ class InfoReg(GradientBalancingCallback):
         score: ``"sum"`` (official: batch sums, so ``tanh`` of their difference saturates and
             ``β ≈ c·e`` whenever one modality leads) or ``"mean"``.
         unimodal_losses: require the unimodal losses in the objective (the published recipe).
-        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length, nonfinite,
-            allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback` (the official
+        nonfinite, allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback`.
+        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length: see
+            :class:`GradientBalancingCallback` (the official
             code regulates in every epoch). With ``epoch_length``, the trace history, the snapshot and
             the window are per block of that many optimizer steps.
 
@@ -286,6 +287,7 @@ class InfoReg(GradientBalancingCallback):
         names = self.active_modalities
         logits = stack_modalities(record.unimodal_logits(), names)
         counted = record.counted_stack(names)  # None: complete record
+        assert record.targets is not None and record.valid is not None  # needs_targets: the records have targets
         scores = modality_scores(logits, record.targets, record.valid if counted is None else counted)
         return {"scores": scores, "count": record.modality_counts(names),
                 "total": record.valid.sum().float().reshape(1)}
@@ -334,7 +336,7 @@ class InfoReg(GradientBalancingCallback):
                 continue
             pairs = [(p, self._snap_by_id[id(p)]) for p in groups[m] if p.grad is not None]
             if pairs:
-                grads = [p.grad for p, _ in pairs]
+                grads = cast(list[Tensor], [p.grad for p, _ in pairs])  # not None: filtered above
                 diffs = torch._foreach_sub([p.detach() for p, _ in pairs], [s for _, s in pairs])
                 torch._foreach_add_(grads, diffs, alpha=beta)
 

@@ -4,7 +4,7 @@ Assistance", ICML 2024)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, cast
 
 import lightning.pytorch as pl
 import torch
@@ -72,8 +72,9 @@ class MMPareto(GradientBalancingCallback):
 
     Args:
         gamma: amplification γ (official 1.5).
-        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length, nonfinite,
-            allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback`.
+        nonfinite, allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback`.
+        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length: see
+            :class:`GradientBalancingCallback`.
 
     Logged: ``balance/mmpareto/cos/<m>``, ``balance/mmpareto/w_mm/<m>``, ``balance/mmpareto/conflict/<m>``
     (this step, 0 or 1), ``balance/mmpareto/stationary/<m>`` (0 or 1) and ``balance/mmpareto/conflict_rate/<m>`` (share of the edited steps so far with
@@ -176,7 +177,7 @@ class MMPareto(GradientBalancingCallback):
                 "MMPareto needs the unimodal losses of the step: return "
                 "`self.add_unimodal_losses(fused_loss)` from training_step (after self.fuse(features, targets))."
             )
-        trainer = pl_module.trainer  # type: ignore[attr-defined]
+        trainer = pl_module.trainer
         accumulate, amp = loss_scales(trainer, pl_module)
         # one backward for all modalities: L_k reaches no encoder but k's (split head, auxiliary heads and
         # masked fusion all give o_k from z_k alone), so d(sum_k L_k)/d(theta_u) = d(L_u)/d(theta_u)
@@ -218,7 +219,7 @@ class MMPareto(GradientBalancingCallback):
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            totals = [p.grad for p in params]  # g_mm + g_u, averaged over ranks by DDP
+            totals = cast(list[Tensor], [p.grad for p in params])  # g_mm + g_u, averaged over ranks by DDP (set above)
             g_uni = [result[f"grad/{m}/{j:05d}"].to(device=device, dtype=p.dtype) for j, p in enumerate(params)]
             # <g_mm, g_u>, |g_mm|^2 and |g_u|^2 from <g, g_u>, |g|^2, |g_u|^2 (g = g_mm + g_u), without
             # materialising g_mm: the common no-conflict step is then a single in-place scale
@@ -266,11 +267,13 @@ class MMPareto(GradientBalancingCallback):
             return
         metrics = {}
         for i, m in enumerate(self.active_modalities):
-            if cos_all[i] is None:
+            cos, w_mm = cos_all[i], w_all[i]
+            if cos is None:
                 continue
-            metrics[f"balance/{self.method}/cos/{m}"] = cos_all[i]
-            metrics[f"balance/{self.method}/w_mm/{m}"] = w_all[i]
-            metrics[f"balance/{self.method}/conflict/{m}"] = (cos_all[i] <= 0).float()
+            assert w_mm is not None  # appended with cos
+            metrics[f"balance/{self.method}/cos/{m}"] = cos
+            metrics[f"balance/{self.method}/w_mm/{m}"] = w_mm
+            metrics[f"balance/{self.method}/conflict/{m}"] = (cos <= 0).float()
             metrics[f"balance/{self.method}/stationary/{m}"] = torch.tensor(self._last_stationary[i])
             metrics[f"balance/{self.method}/conflict_rate/{m}"] = self.conflicts[i] / self.merged[i].clamp_min(1)  # type: ignore[index]
         log_balance_metrics(module, metrics, on_step=True, on_epoch=False)

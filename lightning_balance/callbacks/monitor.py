@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import lightning.pytorch as pl
 import torch
@@ -125,7 +125,7 @@ class ModalityMonitor(Callback):
     @torch.no_grad()
     def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int,
                    stage: str) -> None:
-        records = pl_module.records_since(self._index_at_batch_start, type(self).__name__, f"{stage}_step")  # type: ignore[attr-defined]
+        records = cast(MultimodalMixin, pl_module).records_since(self._index_at_batch_start, type(self).__name__, f"{stage}_step")
         if trainer.sanity_checking:
             return
         try:
@@ -135,13 +135,14 @@ class ModalityMonitor(Callback):
         start = self._positions.get(dataloader_idx, 0)
         self._positions[dataloader_idx] = start + size
         layout = self._layout(trainer, dataloader_idx)
-        names = pl_module.modalities  # type: ignore[attr-defined]
+        names = cast(MultimodalMixin, pl_module).modalities
         for view, record in enumerate(records):
             n = record.batch_size
             if n == 0:
                 continue
             positions = start + torch.arange(n, device=record.logits.device)
             real = None if layout is None else positions * layout[0] + layout[1] < layout[2]
+            assert record.valid is not None  # records_since checked that the records have targets
             keep = record.valid if real is None else record.valid & real
             preds = self._predictions(pl_module, record, names)
             self._record_end(pl_module, record, names, preds, keep, real, positions, view, dataloader_idx, layout)
@@ -153,7 +154,7 @@ class ModalityMonitor(Callback):
         for mask in self._subset_masks(names):
             present = [m for b, m in enumerate(names) if mask >> b & 1]
             with record.autocast():
-                logits = pl_module.fuse_subset(features, present, present=record.present)  # type: ignore[attr-defined]
+                logits = cast(MultimodalMixin, pl_module).fuse_subset(features, present, present=record.present)
             preds[mask] = logits.argmax(-1)
         return preds
 
@@ -193,7 +194,7 @@ class ModalityMonitor(Callback):
         :meth:`_extra_sums` (``None`` in the sanity check)."""
         if trainer.sanity_checking:
             return None
-        names = pl_module.modalities  # type: ignore[attr-defined]
+        names = cast(MultimodalMixin, pl_module).modalities
         m = len(names)
         device = pl_module.device
         dtype = _sum_dtype(device)
@@ -251,7 +252,7 @@ class ModalityMonitor(Callback):
         self._epoch_start()
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._index_at_batch_start = pl_module.record_count  # type: ignore[attr-defined]
+        self._index_at_batch_start = cast(MultimodalMixin, pl_module).record_count
 
     on_test_batch_start = on_validation_batch_start
 

@@ -4,7 +4,7 @@ Gradient Modulation", CVPR 2022)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, cast
 
 import lightning.pytorch as pl
 import torch
@@ -29,12 +29,12 @@ ParamRule = Literal["auto", "conv", "weights", "all"]
 def _conv_kernels(pl_module: MultimodalMixin, modality: str) -> list[nn.Parameter]:
     """The weights of the convolution modules (``Conv1d/2d/3d`` and transposed) of ``modality``'s encoders."""
     seen: set[int] = set()
-    out = []
+    out: list[nn.Parameter] = []
     for encoder in pl_module.modality_encoders(modality):
         for mod in encoder.modules():
             if isinstance(mod, nn.modules.conv._ConvNd) and id(mod.weight) not in seen:
                 seen.add(id(mod.weight))
-                out.append(mod.weight)
+                out.append(cast(nn.Parameter, mod.weight))  # torch types a module's weight as a Tensor
     return out
 
 
@@ -133,7 +133,7 @@ class OGMGE(GradientBalancingCallback):
             bad = {k: v for k, v in params.items() if not isinstance(k, str) or v not in rules}
             if bad or not params:
                 raise ValueError(f"params must map modality names to one of {list(rules)}, got {dict(params)!r}.")
-            params = {str(k): str(v) for k, v in params.items()}
+            params = {str(k): cast(ParamRule, str(v)) for k, v in params.items()}
         elif params not in rules:
             raise ValueError(f"params must be one of {list(rules)} or a mapping modality -> rule, got {params!r}.")
         if not (isinstance(eps, (int, float)) and eps > 0):
@@ -191,6 +191,7 @@ class OGMGE(GradientBalancingCallback):
         names = self.active_modalities
         stacked = stack_modalities(logits, names)
         counted = record.counted_stack(names)  # None: complete record, every modality counts every valid sample
+        assert record.targets is not None and record.valid is not None  # needs_targets: the records have targets
         scores = modality_scores(stacked, record.targets, record.valid if counted is None else counted)
         return {"scores": scores, "count": record.modality_counts(names),
                 "total": record.valid.sum().float().reshape(1)}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import lightning.pytorch as pl
 import torch
@@ -170,7 +170,7 @@ class OPM(ForwardPassMethod):
                            batch_idx: int) -> None:
         if not self.log_metrics or self._last is None:
             return
-        names = pl_module.modalities  # type: ignore[attr-defined]
+        names = cast(MultimodalMixin, pl_module).modalities
         metrics = {f"balance/opm/q/{m}": self._last["q"][i] for i, m in enumerate(self.active_modalities)}
         metrics["balance/opm/executed"] = self._last["executed"]
         metrics.update({f"balance/opm/kept/{m}": self._last["kept"][names.index(m)] for m in self.active_modalities})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, cast
 
 import lightning.pytorch as pl
 import torch
@@ -79,8 +79,9 @@ class PMR(GradientBalancingCallback):
         fraction: share of the epoch's training batches used by ``prototypes="pass"`` (official 0.1: the first
             ``len(loader) // 10`` batches, at least one).
         accumulation: ``"raise"`` or ``"per_micro_batch"``.
-        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length, nonfinite,
-            allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback` (official
+        nonfinite, allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback`.
+        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length: see
+            :class:`GradientBalancingCallback` (official
             modulation epochs 0–100). With ``epoch_length``, prototypes are recomputed every
             ``epoch_length`` optimizer steps and ``entropy_epochs`` counts those blocks: for training by steps.
 
@@ -215,8 +216,8 @@ class PMR(GradientBalancingCallback):
         try:
             with torch.no_grad():
                 for batch in training_batches(trainer, loader, limit):
-                    features, targets, present = pl_module.encoded_batch(batch)  # type: ignore[attr-defined]
-                    valid = targets != pl_module.modality_spec.ignore_index  # type: ignore[attr-defined]
+                    features, targets, present = cast(MultimodalMixin, pl_module).encoded_batch(batch)
+                    valid = targets != cast(MultimodalMixin, pl_module).modality_spec.ignore_index
                     self._add_class_sums(sums, pl_module, features, torch.where(valid, targets, 0), valid,
                                          present=present)
         finally:
@@ -255,8 +256,9 @@ class PMR(GradientBalancingCallback):
     def collect(self, pl_module: MultimodalMixin, record: ModalityRecord) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         valid, targets = record.valid, record.valid_targets()
+        assert valid is not None  # needs_targets: the records have targets
         if self.prototypes == "steps":
-            self._add_class_sums(out, pl_module, record.features, targets, valid,  # type: ignore[arg-type]
+            self._add_class_sums(out, pl_module, record.features, targets, valid,
                                  classes=record.logits.shape[-1], present=record.present)
         if self.centroids:
             scores, kept = [], {}
@@ -266,7 +268,9 @@ class PMR(GradientBalancingCallback):
                     logits = prototype_logits(pl_module.pool_features(m, z), self.centroids[m], self.seen[m])
                     kept[m] = (z, logits)
                     with torch.no_grad():
-                        known = self.seen[m].to(logits.device)[targets] & record.counted(m)
+                        counted = record.counted(m)
+                        assert counted is not None  # the record has targets
+                        known = self.seen[m].to(logits.device)[targets] & counted
                         p = torch.softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
                         scores.append(torch.where(known, p, torch.zeros_like(p)).sum())
             record.extras["pmr_logits"] = kept
@@ -304,6 +308,7 @@ class PMR(GradientBalancingCallback):
                 continue
             z, logits = record.extras["pmr_logits"][m]
             valid = record.counted(m)  # labelled samples that have the modality
+            assert valid is not None and record.valid is not None  # needs_targets: the records have targets
             with torch.enable_grad():
                 known = self.seen[m].to(z.device)[targets] & valid
                 # a mean over the labelled samples, like CE(ignore_index=...); a sample that lacks the modality

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import lightning.pytorch as pl
 import torch
@@ -39,6 +39,7 @@ from lightning_balance.functional.relearning import (
     relearning_strength,
     soft_reinit_,
 )
+from lightning_balance.modality import MultimodalMixin
 
 __all__ = ["Relearning"]
 
@@ -100,9 +101,9 @@ class Relearning(pl.Callback):
                             ("max_iter", max_iter)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-        for name, value in (("num_classes", num_classes), ("max_samples", max_samples)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
-                raise ValueError(f"{name} must be None or an int >= 2, got {value!r}.")
+        for name, bound in (("num_classes", num_classes), ("max_samples", max_samples)):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound < 2):
+                raise ValueError(f"{name} must be None or an int >= 2, got {bound!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}.")
         if clusterer is not None and not callable(clusterer):
@@ -123,7 +124,7 @@ class Relearning(pl.Callback):
             return
         require_contract(pl_module, "Relearning")
         check_strategy(trainer.strategy, "Relearning", allow_untested=self.allow_untested_strategy)
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
         if datamodule is None or not callable(getattr(datamodule, "holdout_dataloader", None)):
             raise ModalityContractError(
                 "Relearning diagnoses each modality on a held-out part of the training data (never validation or "
@@ -134,9 +135,10 @@ class Relearning(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # θ⁰: the parameters when training starts; a checkpoint's θ⁰ and history when its state was loaded. A
         # callback reused for another fit starts afresh.
+        module = cast(MultimodalMixin, pl_module)  # setup checked the contract
         if not self._loaded:
-            self.initial = {m: [p.detach().cpu().clone() for p in pl_module.modality_parameters(m)]  # type: ignore[attr-defined]
-                            for m in pl_module.modalities}  # type: ignore[attr-defined]
+            self.initial = {m: [p.detach().cpu().clone() for p in module.modality_parameters(m)]
+                            for m in module.modalities}
             self.history = []
             if trainer.current_epoch > 0:
                 rank_zero_warn(
@@ -147,8 +149,8 @@ class Relearning(pl.Callback):
         self._first_epoch = trainer.current_epoch if not self._loaded else 0
         self._loaded = False
         assert self.initial is not None
-        for m in pl_module.modalities:  # type: ignore[attr-defined]
-            params = pl_module.modality_parameters(m)  # type: ignore[attr-defined]
+        for m in module.modalities:
+            params = module.modality_parameters(m)
             saved = self.initial.get(m, [])
             if len(saved) != len(params) or any(s.shape != p.shape for s, p in zip(saved, params)):
                 raise ModalityContractError(
@@ -181,7 +183,8 @@ class Relearning(pl.Callback):
     def _relearn(self, trainer: pl.Trainer, pl_module: Any, epoch: int) -> None:
         modalities = list(pl_module.modalities)
         train = self._features(trainer, pl_module, trainer.train_dataloader, gather=True)
-        holdout = self._features(trainer, pl_module, trainer.datamodule.holdout_dataloader(), gather=False)
+        holdout = self._features(trainer, pl_module, trainer.datamodule.holdout_dataloader(),  # type: ignore[attr-defined]
+                                 gather=False)
         entry: dict[str, Any] = {"epoch": epoch}
         alphas = torch.zeros(len(modalities), dtype=torch.float64)
         for i, m in enumerate(modalities):
@@ -192,7 +195,7 @@ class Relearning(pl.Callback):
             alphas[i] = relearning_strength(p_train, p_holdout, self.strength)
             entry.update({f"purity_train/{m}": p_train, f"purity_holdout/{m}": p_holdout,
                           f"gap/{m}": abs(p_train - p_holdout)})
-        if trainer.strategy.world_size > 1:  # rank 0's strengths everywhere: the ranks' parameters stay identical
+        if trainer.strategy.world_size > 1:  # type: ignore[attr-defined]  # rank 0's strengths everywhere: the ranks' parameters stay identical
             alphas = trainer.strategy.broadcast(alphas, src=0)
         for i, m in enumerate(modalities):
             alpha = float(alphas[i])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, cast
 
 import lightning.pytorch as pl
 import torch
@@ -104,13 +104,14 @@ class SampleValuation(pl.Callback):
         if stage != "fit":
             return
         require_contract(pl_module, "SampleValuation")
-        if self.level == "modality" and len(pl_module.modalities) != 2:
+        module = cast(MultimodalMixin, pl_module)  # require_contract checked it
+        if self.level == "modality" and len(module.modalities) != 2:
             raise ModalityContractError(
                 f"SampleValuation(level='modality') compares two modalities (the official rule); the module has "
-                f"{len(pl_module.modalities)}: use level='sample', which values any number."
+                f"{len(module.modalities)}: use level='sample', which values any number."
             )
         check_strategy(trainer.strategy, "SampleValuation", allow_untested=self.allow_untested_strategy)
-        if type(pl_module).encode_batch is MultimodalMixin.encode_batch:
+        if type(module).encode_batch is MultimodalMixin.encode_batch:
             raise ModalityContractError(
                 f"SampleValuation values every training sample in its own pass: implement "
                 f"{type(pl_module).__name__}.encode_batch(batch) -> (features, targets[, present])."
@@ -122,7 +123,7 @@ class SampleValuation(pl.Callback):
         self.contributions = None
         self.history = []
         self._last_loader = None
-        if trainer.reload_dataloaders_every_n_epochs != 1:
+        if trainer.reload_dataloaders_every_n_epochs != 1:  # type: ignore[attr-defined]
             raise ModalityContractError(
                 "SampleValuation changes the length of the training dataset between epochs, so the Trainer must "
                 "rebuild the training loader every epoch: pass Trainer(reload_dataloaders_every_n_epochs=1)."
@@ -131,7 +132,7 @@ class SampleValuation(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._dataset = _find_dataset(trainer)
         self._verified = False
-        missing = sorted(set(pl_module.modalities) - set(self._dataset.modalities))  # type: ignore[attr-defined]
+        missing = sorted(set(cast(MultimodalMixin, pl_module).modalities) - set(self._dataset.modalities))
         if missing:
             raise ModalityContractError(f"SampleValuation: the ValuationDataset's modalities "
                                         f"{list(self._dataset.modalities)} lack the module's {missing}.")
@@ -159,7 +160,7 @@ class SampleValuation(pl.Callback):
                            batch_idx: int) -> None:
         if self._verified or not self.base_index.numel() or not _has_absent(batch):
             return
-        record = pl_module.balance_record  # type: ignore[attr-defined]
+        record = cast(MultimodalMixin, pl_module).balance_record
         if record is not None and record.present is not None:
             self._verified = True  # the module passes the mask on: nothing more to check in this fit
         elif record is not None:
@@ -174,7 +175,7 @@ class SampleValuation(pl.Callback):
             return
         with forked_rng(trainer.strategy.root_device):
             phi, present, labelled = self._value(trainer, pl_module)
-        names = list(pl_module.modalities)  # type: ignore[attr-defined]
+        names = list(cast(MultimodalMixin, pl_module).modalities)
         n = phi.shape[0]
         if self.level == "sample":
             copies = sample_level_copies(phi)
@@ -218,7 +219,7 @@ class SampleValuation(pl.Callback):
         assert dataset is not None
         loader = trainer.train_dataloader
         strategy = trainer.strategy
-        rank, world = strategy.global_rank, strategy.world_size
+        rank, world = strategy.global_rank, strategy.world_size  # type: ignore[attr-defined]
         mine = list(range(rank, dataset.num_base, world))  # this rank's share of the samples themselves (no copies)
         batch_size = getattr(loader, "batch_size", None) or 64
         collate = getattr(loader, "collate_fn", None)
@@ -279,7 +280,7 @@ def _find_dataset(trainer: pl.Trainer) -> ValuationDataset:
         elif isinstance(value, DataLoader) and isinstance(value.dataset, ValuationDataset):
             found.append(value.dataset)
 
-    datamodule = trainer.datamodule
+    datamodule = trainer.datamodule  # type: ignore[attr-defined]
     if datamodule is not None:
         for value in vars(datamodule).values():
             visit(value)

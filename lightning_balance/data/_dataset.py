@@ -16,8 +16,8 @@ from __future__ import annotations
 import abc
 
 import numbers
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping, Sized
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -145,7 +145,7 @@ class _EpochSeededRandomSampler(RandomSampler):
     """
 
     def __init__(self, data_source: Dataset, seed: int) -> None:
-        super().__init__(data_source, generator=torch.Generator())
+        super().__init__(cast(Sized, data_source), generator=torch.Generator())
         self.seed = int(seed)
         self.epoch = 0
 
@@ -204,7 +204,7 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
 
         def checked(rate: Any, what: str) -> float | dict[str, float]:
             rates = list(rate.values()) if isinstance(rate, Mapping) else [rate]
-            if not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 <= r < 1 for r in rates):
+            if not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 <= cast(float, r) < 1 for r in rates):
                 raise ValueError(f"{what} must be in [0, 1) (or a mapping modality -> rate), got {rate!r}.")
             return {k: float(v) for k, v in rate.items()} if isinstance(rate, Mapping) else float(rate)
 
@@ -256,8 +256,8 @@ class _SplitDataModule(pl.LightningDataModule, abc.ABC):
                 cut = max(1, round(self.holdout_fraction * n))
                 self.splits["holdout"] = {k: v[order[:cut]] for k, v in train.items()}
                 self.splits["train"] = {k: v[order[cut:]] for k, v in train.items()}
-            for split in self.splits.values():  # each sample's position in its split (CRD's memory index)
-                split["index"] = torch.arange(len(split["target"]))
+            for tensors in self.splits.values():  # each sample's position in its split (CRD's memory index)
+                tensors["index"] = torch.arange(len(tensors["target"]))
             self.datasets = {name: MultimodalTensorDataset(split) for name, split in self.splits.items()}
             if self.valuation:
                 from lightning_balance.data.valuation import ValuationDataset

@@ -37,7 +37,7 @@ class ResumableDataLoader(DataLoader):
         self._yielded = 0
         self._skip = 0
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # torch types it as its private _BaseDataLoaderIter
         skip, self._skip = self._skip, 0
         self._yielded = skip
         drop = skip

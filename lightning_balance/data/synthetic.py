@@ -146,7 +146,7 @@ def make_synthetic_collapse(
     num_modalities: int = 2,
     signal_dims: int | list[int] = 16,
     noise_dims: int | list[int] = 16,
-    snr: float | list[float] = (4.0, 1.0),
+    snr: float | Sequence[float] = (4.0, 1.0),
     classes_seen: int | list[int] | None = None,
     seed: int = 0,
     val_fraction: float = 0.15,

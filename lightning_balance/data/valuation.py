@@ -44,7 +44,7 @@ class ValuationDataset(Dataset):
 
     @property
     def num_base(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset)
 
     def set_extras(self, base_index: Optional[torch.Tensor], keep: Optional[torch.Tensor]) -> None:
         """Replace the extra copies: copy ``j`` is sample ``base_index[j]`` keeping only modality ``keep[j]``."""

@@ -412,32 +412,37 @@ def diagnostics_from_correctness(
     all_finite = all(finite.values())
     fused = torch.cat([flat[m] for m in names], dim=1) if all_finite else None
     keys = [*names, "fused"]
-    matrices = {**flat, "fused": fused}
+    matrices: dict[str, Optional[Tensor]] = {**flat, "fused": fused}
     for key in keys:
-        z = matrices[key]
-        ok = z is not None and (key == "fused" or finite[key])
-        er = _run(errors, f"the effective rank of {key!r}", lambda: effective_rank(z), math.nan) if ok else math.nan
+        zk = matrices[key]
+        ok = zk is not None and (key == "fused" or finite[key])
+        if not ok or zk is None:
+            for name in ("erank", "erank_norm", "nrank", *(("cka",) if key != "fused" else ())):
+                out[f"{name}/{key}"] = math.nan
+            continue
+        vec: Tensor = zk
+        er = _run(errors, f"the effective rank of {key!r}", lambda: effective_rank(vec), math.nan)
         out[f"erank/{key}"] = er
-        out[f"erank_norm/{key}"] = er / max(1, min(z.shape)) if ok else math.nan
+        out[f"erank_norm/{key}"] = er / max(1, min(zk.shape))
         precision = (lowest_precision(list(precisions.values())) if key == "fused" else precisions.get(key)) \
             if precisions else None
         out[f"nrank/{key}"] = (float(_run(errors, f"the numerical rank of {key!r}",
-                                          lambda: numerical_rank(z, precision=precision), math.nan))
-                               if ok else math.nan)
+                                          lambda: numerical_rank(vec, precision=precision), math.nan)))
         if key != "fused":
-            out[f"cka/{key}"] = (_run(errors, f"the CKA of {key!r}", lambda: linear_cka(fused, z), math.nan)
-                                 if ok and all_finite else math.nan)
+            whole = fused
+            out[f"cka/{key}"] = (_run(errors, f"the CKA of {key!r}", lambda: linear_cka(whole, vec), math.nan)
+                                 if whole is not None else math.nan)
     out["seconds/rank_cka"] = time.perf_counter() - clock
     if vif:
         clock = time.perf_counter()
         for key in keys:
-            z = matrices[key]
-            ok = z is not None and (key == "fused" or finite[key])
-            factors = (_run(errors, f"the VIF of {key!r}", lambda: variance_inflation(z, name=repr(key)), None)
-                       if ok else None)
+            zk = matrices[key]
+            ok = zk is not None and (key == "fused" or finite[key])
+            factors = (_run(errors, f"the VIF of {key!r}", lambda: variance_inflation(zk, name=repr(key)), None)
+                       if ok and zk is not None else None)
             usable = factors is not None and factors.numel() > 0
-            out[f"vif_mean/{key}"] = float(factors.mean()) if usable else math.nan
-            out[f"vif_max/{key}"] = float(factors.max()) if usable else math.nan
+            out[f"vif_mean/{key}"] = float(factors.mean()) if factors is not None and usable else math.nan
+            out[f"vif_max/{key}"] = float(factors.max()) if factors is not None and usable else math.nan
         out["seconds/vif"] = time.perf_counter() - clock
     if probe:
         if targets is None or num_classes is None:
@@ -714,7 +719,8 @@ def diagnostics_table(values: Mapping[str, float], modalities: Sequence[str],
         return f"{val:.3f}"
 
     def cell(key: str, m: str) -> str:
-        err = None
+        err: Optional[float] = None
+        val: Optional[float]
         if key == "alone":
             ref = (alone_probe or {}).get(m)
             if ref is None:

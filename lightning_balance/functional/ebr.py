@@ -29,12 +29,12 @@ __all__ = ["reverse_gradient", "modality_discrimination_loss", "basis_similarity
 
 class _Reverse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
         ctx.scale = scale
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         return -ctx.scale * grad, None
 
 

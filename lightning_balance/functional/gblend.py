@@ -22,7 +22,8 @@ def gblend_weights(train_before: Tensor, holdout_before: Tensor, train_after: Te
     ends with a weight of about ``eps / Σ_k w_k``, see :func:`floor_weights` for an opt-in floor).
 
     Args:
-        ``(K,)`` losses of the K heads (fused and unimodal) before and after.
+        train_before, holdout_before, train_after, holdout_after: ``(K,)`` losses of the K heads (fused and
+            unimodal) before and after.
 
     Returns:
         ``(weights, delta_g, delta_o)``, each ``(K,)``.

@@ -52,7 +52,7 @@ def pareto_stationary(dot: Tensor, sq_mm: Tensor, sq_uni: Tensor, w_mm: Tensor, 
 
 
 def pareto_merge(g_mm: Sequence[Tensor], g_uni: Sequence[Tensor], w_mm: Tensor, w_uni: Tensor,
-                 gamma: float, uniform_norms: Tensor | None = None) -> list[Tensor]:
+                 gamma: float, uniform_norms: Tensor | None = None) -> Sequence[Tensor]:
     r"""The merged gradient of one encoder, per parameter tensor ``p``:
 
     :math:`\hat g_p = 2(w_{mm} g_{mm,p} + w_u g_{u,p})`,

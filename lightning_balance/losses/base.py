@@ -86,7 +86,7 @@ def configure_loss_terms(module: MultimodalMixin, terms: Union[Sequence[LossTerm
     bad = [k for k, t in named.items() if not isinstance(t, LossTerm)]
     if bad:
         raise ModalityContractError(f"loss terms must be LossTerm modules; {bad} are not.")
-    module.balance_losses = nn.ModuleDict(named)  # type: ignore[attr-defined]
+    module.balance_losses = nn.ModuleDict(named)
 
 
 def add_loss_terms(module: Any, loss: Tensor, record: Optional[ModalityRecord] = None) -> Tensor:

@@ -73,6 +73,7 @@ class CMLLoss(LossTerm):
     """
 
     name = "cml"
+    rng_state: Tensor  # a buffer (registered in __init__)
 
     def __init__(self, rank_weight: float = 0.1, subset_weight: float = 1.0, margin: float = 0.0,
                  gate: Gate = "larger_correct", both_wrong: bool = True,
@@ -111,7 +112,7 @@ class CMLLoss(LossTerm):
             self._rng_version = self.rng_state._version
         return generator
 
-    def forward(self, chain_logits: Tensor, targets: Tensor, valid: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+    def forward(self, chain_logits: Tensor, targets: Tensor, valid: Optional[Tensor] = None) -> Tensor:
         """The term's value on ``(M, N, C)`` chain logits (``[0]`` on all modalities); ``valid``: optional
         ``(N,)`` mask of the samples to count."""
         return self._objective(chain_logits, targets, valid)[0]
@@ -152,12 +153,13 @@ class CMLLoss(LossTerm):
             raise ModalityContractError("CMLLoss needs at least two modalities.")
         chains = self.chain_logits(module, record)
         valid = record.valid
+        assert valid is not None  # the record has targets
         steps = None
         if record.present is not None:
             steps = chain_steps(torch.stack([record.present[k] for k in module.modalities], 1))
         value, penalty = cml_objective(chains, record.valid_targets(), self.rank_weight, self.subset_weight,
                                        self.margin, self.gate, self.both_wrong, self.reduction, valid, steps)
-        count = valid.sum().clamp_min(1)  # type: ignore[union-attr]
+        count = valid.sum().clamp_min(1)
         return value, {"penalty": penalty.sum() / count, "violations": ((penalty > 0) & valid).sum() / count}
 
     def extra_repr(self) -> str:

@@ -100,7 +100,7 @@ class ContrastiveLoss(LossTerm):
             )
         return dict(vectors)
 
-    def forward(self, vectors: dict[str, Tensor], present: Optional[dict[str, Tensor]] = None) -> Tensor:  # type: ignore[override]
+    def forward(self, vectors: dict[str, Tensor], present: Optional[dict[str, Tensor]] = None) -> Tensor:
         """The mean over modality pairs of the symmetric InfoNCE of the global batch; with ``present``
         (modality → ``(N,)`` bool), each pair over the samples that have both modalities (an absent
         modality's features are the fill: no positive, and no negative either), and the mean over the pairs

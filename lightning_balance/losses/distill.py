@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union, cast
 
 import lightning.pytorch as pl
 import torch
@@ -103,6 +103,10 @@ class CrossModalDistillation(LossTerm):
     """
 
     name = "distill"
+    steps: Tensor  # buffers (registered in __init__; the memories, normalisers and labels with method="crd")
+    memory_student: Tensor
+    normalisers: Tensor
+    labels: Tensor
 
     def __init__(self, student: str, teacher: Union[str, Sequence[str]], feature_dims: dict[str, int],
                  method: Literal["crd", "infonce"] = "crd", num_samples: Optional[int] = None, feat_dim: int = 128,
@@ -149,6 +153,7 @@ class CrossModalDistillation(LossTerm):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self._index_checks = 0  # fuse calls distilled: the negatives' stream
         if method == "crd":
+            assert num_samples is not None  # checked above
             g = torch.Generator().manual_seed(seed)
             self.register_buffer("memory_student", crd_memory_init(num_samples, feat_dim, g))
             for t in teachers:
@@ -172,7 +177,7 @@ class CrossModalDistillation(LossTerm):
     # ------------------------------------------------------------------ the loss
     def forward(self, student: Tensor, teacher: Tensor, teacher_name: Optional[str] = None,
                 index: Optional[Tensor] = None, targets: Optional[Tensor] = None,
-                keep: Optional[Tensor] = None, update: bool = True) -> Tensor:  # type: ignore[override]
+                keep: Optional[Tensor] = None, update: bool = True) -> Tensor:
         """The loss of one batch: ``student``, ``teacher`` ``(B, D)`` vectors (the teacher is detached here);
         ``index`` ``(B,)`` dataset indices (``crd``); ``targets`` (``negatives="other_class"``); ``keep`` ``(B,)``
         the samples that count; ``update``: move the memories (training)."""
@@ -180,7 +185,7 @@ class CrossModalDistillation(LossTerm):
         if name not in self.embed_teachers:
             raise ModalityContractError(f"CrossModalDistillation has no teacher {name!r}; its teachers are {self.teachers}.")
         for what, x, embed in (("student " + repr(self.student), student, self.embed_student),
-                               ("teacher " + repr(name), teacher, self.embed_teachers[name])):
+                               ("teacher " + repr(name), teacher, cast(_Embed, self.embed_teachers[name]))):
             width = embed.linear.in_features
             if x.ndim != 2 or x.shape[1] != width:
                 raise ModalityContractError(
@@ -200,6 +205,7 @@ class CrossModalDistillation(LossTerm):
             index = index.reshape(-1).to(device=s.device, dtype=torch.long)
             if index.shape[0] != n:
                 raise ModalityContractError(f"CrossModalDistillation: {index.shape[0]} indices for {n} samples.")
+            assert self.num_samples is not None  # method="crd" requires it
             checked = index.device.type == "cpu" or self._index_checks < 16  # a host sync: the first 16 on accelerators
             self._index_checks += index.device.type != "cpu"
             if checked and bool(((index < 0) | (index >= self.num_samples)).any()):
@@ -241,6 +247,7 @@ class CrossModalDistillation(LossTerm):
 
     def _crd(self, s: Tensor, t: Tensor, name: str, index: Tensor, targets: Tensor, update: bool) -> Tensor:
         n_data = self.num_samples
+        assert n_data is not None  # method="crd" requires it
         k = self.teachers.index(name)
         # the rows in dataset-index order: the negatives drawn for a sample do not depend on where it sits in the
         # batch, so the rank-by-rank global batch of DDP draws what one process draws (the loss is a sum over rows)
@@ -271,10 +278,11 @@ class CrossModalDistillation(LossTerm):
     def from_record(self, module: MultimodalMixin, record: ModalityRecord) -> tuple[Tensor, dict[str, Tensor]]:
         for m in (self.student, *self.teachers):
             module.check_modality(m)
-        trainer = module._trainer  # type: ignore[attr-defined]
+        trainer = module._trainer
         name = self.teacher_at(trainer.current_epoch if trainer is not None else 0)
         vectors = record.vectors(detach=False)
-        keep = record.valid if record.present is None else record.valid & record.present[self.student] & record.present[name]
+        keep = (record.valid if record.present is None
+                else cast(Tensor, record.valid) & record.present[self.student] & record.present[name])
         index = None if record.inputs is None else record.inputs.get(self.index_key)
         targets = record.targets if record.targets is not None else None
         update = bool(record.training and torch.is_grad_enabled())
@@ -289,6 +297,8 @@ class CrossModalDistillation(LossTerm):
 
 class _DistillStudent(_UnimodalModel):
     """The student encoder with a linear head, trained on ``γ · CE + term`` against a frozen teacher encoder."""
+
+    pool: Callable[[str, Tensor], Tensor]  # always given here: the module's pool_features
 
     def __init__(self, student: nn.Module, teacher: nn.Module, width: int, num_classes: int, names: tuple[str, str],
                  term: CrossModalDistillation, classification_weight: float, lr: float, momentum: float,
@@ -352,7 +362,7 @@ def distill_encoder(module: MultimodalMixin, student: str, teacher: str, datamod
     if reinitialise:
         for sub in encoder.modules():
             if hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
+                sub.reset_parameters()  # type: ignore[operator]
     teacher_net = copy.deepcopy(module.modality_encoders(teacher)[0]).requires_grad_(False)
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()

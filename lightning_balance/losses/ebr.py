@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -75,6 +75,8 @@ class ExplicitBasisReallocation(LossTerm):
     """
 
     name = "ebr"
+    similarity: Tensor  # buffers (registered in __init__)
+    order: Tensor
 
     def __init__(self, feature_dims: dict[str, int], basis_dim: int = 512, hidden_dim: int = 1024,
                  adversarial_weight: float = 0.01, interleave_epochs: Optional[int] = 10, substitute: bool = False,
@@ -114,8 +116,8 @@ class ExplicitBasisReallocation(LossTerm):
         if set(features) != set(self.names):
             raise ModalityContractError(f"ExplicitBasisReallocation has heads for {self.names}, the module fuses "
                                         f"{sorted(features)}; give feature_dims for exactly the declared modalities.")
-        wrong = {m: (z.shape[-1], self.encoders[m][0].in_features) for m, z in features.items()
-                 if z.shape[-1] != self.encoders[m][0].in_features}
+        wrong = {m: (z.shape[-1], self.encoders[m][0].in_features) for m, z in features.items()  # type: ignore[index]
+                 if z.shape[-1] != self.encoders[m][0].in_features}  # type: ignore[index]
         if wrong:
             raise ModalityContractError(f"ExplicitBasisReallocation: feature widths (got, feature_dims) differ for {wrong}.")
         if present is not None:  # the heads never see an absent sample's placeholder (NaN included)
@@ -145,7 +147,7 @@ class ExplicitBasisReallocation(LossTerm):
         return (max(0, epoch - self.start_epoch) // self.interleave_epochs) % 2 == 1
 
     def forward(self, bases: dict[str, Tensor], present: Optional[dict[str, Tensor]] = None,
-                valid: Optional[Tensor] = None, pool: Any = None) -> Tensor:  # type: ignore[override]
+                valid: Optional[Tensor] = None, pool: Any = None) -> Tensor:
         """``L_md`` of the reversed, pooled bases (the discriminator's loss; the encoders get ``−λ`` of its gradient);
         ``pool(modality, g)``: one vector per sample (the module's ``pool_features``; default: the mean of tokens)."""
         logits = {}
@@ -159,9 +161,9 @@ class ExplicitBasisReallocation(LossTerm):
         if bases is None:
             raise ModalityContractError("ExplicitBasisReallocation found no bases on the step's record: attach it "
                                         "with configure_loss_terms before fusing.")
-        trainer = module._trainer  # type: ignore[attr-defined]
+        trainer = module._trainer
         epoch = trainer.current_epoch if trainer is not None else 0
-        idle = 0.0 * sum(p.sum() for p in self.discriminator.parameters())  # in the graph every step (DDP)
+        idle = cast(Tensor, 0.0 * sum(p.sum() for p in self.discriminator.parameters()))  # in the graph every step (DDP)
         if not self.adversarial(epoch):
             return idle, {"adversarial": torch.tensor(0.0)}
         return (self.forward(bases, record.present, record.valid, module.pool_features) + idle,

@@ -112,7 +112,7 @@ class LFMLoss(LossTerm):
         self.last_hypergradient: Optional[float] = None
 
     # ------------------------------------------------------------------ standalone
-    def forward(self, unimodal_logits: Any, present: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+    def forward(self, unimodal_logits: Any, present: Optional[Tensor] = None) -> Tensor:
         """``D`` on a list (or mapping) of ``(N, C)`` unimodal logits; ``present``: optional ``(N, M)`` bool."""
         logits = list(unimodal_logits.values()) if isinstance(unimodal_logits, dict) else list(unimodal_logits)
         return lfm_alignment(logits, present, self.divergence)
@@ -155,7 +155,7 @@ class LFMLoss(LossTerm):
                     f"hyper_parameter='<name in named_parameters()>'."
                 )
         else:
-            named = dict(module.named_parameters())  # type: ignore[attr-defined]
+            named = dict(module.named_parameters())
             if self.hyper_parameter not in named:
                 raise ModalityContractError(
                     f"LFMLoss: hyper_parameter={self.hyper_parameter!r} is not a parameter of "
@@ -171,7 +171,7 @@ class LFMLoss(LossTerm):
     def _holdout_batch(self, module: MultimodalMixin) -> Any:
         if self._holdout is not None:
             return self._holdout
-        trainer = module._trainer  # type: ignore[attr-defined]
+        trainer = module._trainer
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         loader_fn = getattr(datamodule, "holdout_dataloader", None)
         if loader_fn is None:
@@ -184,6 +184,7 @@ class LFMLoss(LossTerm):
         if batch is None:
             raise ModalityContractError("LFMLoss: holdout_dataloader() is empty; it needs at least one batch.")
         batch = _first_rows(batch, self.holdout_samples)
+        assert trainer is not None  # its datamodule gave the loader
         self._holdout = trainer.strategy.batch_to_device(batch, trainer.strategy.root_device)
         return self._holdout
 
@@ -191,10 +192,10 @@ class LFMLoss(LossTerm):
         """The learnable schedule's once-per-epoch step on the held-out batch (official ``getAlpha_Learnable``),
         in eval mode (no dropout noise, no batch-norm statistics update), float32, outside autocast."""
         batch = self._holdout_batch(module)
-        params = [p for p in module.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        params = [p for p in module.parameters() if p.requires_grad]
         index = self._hyper_param_index(module, params)
-        modes = {m: m.training for m in module.modules()}  # type: ignore[attr-defined]
-        module.eval()  # type: ignore[attr-defined]
+        modes = {m: m.training for m in module.modules()}
+        module.eval()
         alpha_cls, alpha_align, lr_alpha, _ = self._state()
         try:
             device_type = params[index].device.type
@@ -227,7 +228,7 @@ class LFMLoss(LossTerm):
             h = 0.0
         alpha_cls, alpha_align, lr_alpha = lfm_alpha_step(alpha_align, lr_alpha, h, epoch,
                                                           halve_every=self.halve_every)
-        trainer = module._trainer  # type: ignore[attr-defined]
+        trainer = module._trainer
         if trainer is not None and trainer.world_size > 1:  # every rank takes rank 0's step
             alpha_cls, alpha_align, lr_alpha, h = trainer.strategy.broadcast((alpha_cls, alpha_align, lr_alpha, h), src=0)
         self.last_hypergradient = h
@@ -238,7 +239,7 @@ class LFMLoss(LossTerm):
         names = module.modalities
         if len(names) < 2:
             raise ModalityContractError("LFMLoss matches modalities: it needs at least two.")
-        trainer = module._trainer  # type: ignore[attr-defined]
+        trainer = module._trainer
         epoch = trainer.current_epoch if trainer is not None else 0
         if (self.schedule == "learnable" and record.training and torch.is_grad_enabled()
                 and self._state()[3] < epoch):

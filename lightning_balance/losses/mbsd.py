@@ -55,7 +55,7 @@ class MBSDLoss(LossTerm):
                 raise ValueError(f"{n} must be True or False, got {v!r}.")
         self.unimodal_losses, self.detach_weight = unimodal_losses, detach_weight
 
-    def forward(self, unimodal_logits: Any, targets: Tensor, counted: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+    def forward(self, unimodal_logits: Any, targets: Tensor, counted: Optional[Tensor] = None) -> Tensor:
         """The term on a list (or mapping) of ``(N, C)`` unimodal logits; ``counted``: optional ``(M, N)`` bool."""
         logits = list(unimodal_logits.values()) if isinstance(unimodal_logits, dict) else list(unimodal_logits)
         return self._value(logits, targets, counted)[0]

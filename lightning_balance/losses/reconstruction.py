@@ -81,7 +81,7 @@ class ReconstructionLoss(LossTerm):
         if unknown:
             raise ValueError(f"modality_weights names modalities that are not reconstructed: {sorted(unknown)}.")
 
-    def forward(self, vectors: dict[str, Tensor], inputs: dict[str, Tensor],  # type: ignore[override]
+    def forward(self, vectors: dict[str, Tensor], inputs: dict[str, Tensor],
                 present: Optional[dict[str, Tensor]] = None) -> tuple[Tensor, dict[str, Tensor]]:
         """``(L, {m: MSE_m})`` from ``(N, D)`` vectors and the inputs; with ``present`` (modality → ``(N,)``
         bool), a sample that lacks modality ``m`` adds 0 to ``MSE_m`` (an absent input is not a target), which

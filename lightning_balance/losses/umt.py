@@ -65,7 +65,7 @@ class UMTLoss(LossTerm):
         self.teachers.eval()  # teachers stay in eval mode
         return self
 
-    def forward(self, features: Mapping[str, Tensor], inputs: Mapping[str, Tensor],  # type: ignore[override]
+    def forward(self, features: Mapping[str, Tensor], inputs: Mapping[str, Tensor],
                 present: Optional[Mapping[str, Tensor]] = None) -> tuple[Tensor, dict[str, Tensor]]:
         """``(L, {m: MSE_m})``; with ``present`` (modality → ``(N,)`` bool) a sample that lacks the modality adds
         0 (the teacher of an absent input has nothing to teach) to a mean over the batch."""
@@ -193,7 +193,8 @@ def fit_unimodal_teachers(module: MultimodalMixin, datamodule: pl.LightningDataM
     Returns ``(teachers, models)``: the trained encoders (for :class:`UMTLoss`) and the full unimodal
     models (encoder + head, for :class:`UnimodalEnsemble`).
     """
-    teachers, models = {}, {}
+    teachers: dict[str, nn.Module] = {}
+    models: dict[str, nn.Module] = {}
     for m in module.modalities:
         encoders = module.modality_encoders(m)
         if len(encoders) != 1:
@@ -201,7 +202,7 @@ def fit_unimodal_teachers(module: MultimodalMixin, datamodule: pl.LightningDataM
         encoder = copy.deepcopy(encoders[0])
         for sub in encoder.modules():
             if hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
+                sub.reset_parameters()  # type: ignore[operator]
         datamodule.setup("fit")
         sample = next(iter(datamodule.train_dataloader()))
         with torch.no_grad():
