@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# the story in a minute: diagnose the baseline, apply what the diagnosis recommends, verify (results/demo.png)
 demo: $(STAMP)
-	$(PY) examples/benchmark.py
+	$(PY) examples/demo.py
 
+# one thread per process: as fast for these tiny models, and immune to OpenMP oversubscription on 2 shared cores
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_balance examples tests

@@ -7,7 +7,8 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -34,6 +35,7 @@ from lightning_balance import (
 )
 from lightning_balance.data import AVDigitsDataModule, SyntheticCollapseDataModule
 from lightning_balance.functional import linear_probe_accuracy
+from lightning_balance.progress import RunProgress, quiet
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -180,6 +182,14 @@ def make_data(dataset: str, seed: int, **kwargs: Any) -> pl.LightningDataModule:
     return data
 
 
+def modality_count(dataset: str) -> int:
+    """The number of modalities of :func:`make_data`'s ``dataset``, without building its splits (run counts)."""
+    if dataset == "av_digits":
+        return len(AVDigitsDataModule(seed=0).feature_dims)
+    preset = "dominant" if dataset == "synthetic" else dataset
+    return len(SyntheticCollapseDataModule(preset=preset, num_samples=3000, seed=0).feature_dims)
+
+
 def _feature_dims(input_dims: dict[str, int]) -> dict[str, int]:
     return {m: 128 for m in input_dims}  # AVDigitsNet's feature_dim
 
@@ -307,12 +317,36 @@ class UnimodalNet(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
 
 
+_RUNS: Optional[RunProgress] = None  # the job's RunProgress while training_runs() is open: every fit() reports to it
+
+
+@contextmanager
+def training_runs(total: int, enabled: bool = True) -> Iterator[RunProgress]:
+    """A script's training: Lightning's per-fit noise silenced (:func:`lightning_balance.progress.quiet`) and one
+    :class:`~lightning_balance.progress.RunProgress` of ``total`` fits on stderr, to which every :func:`fit` inside
+    reports (a line per finished fit: fits done of total, its best validation accuracy, elapsed, time left; a
+    summary at the end). ``enabled=False`` (``--no-progress``): no such lines."""
+    global _RUNS
+    previous = _RUNS
+    with quiet(), RunProgress(total, enabled=enabled) as runs:
+        _RUNS = runs
+        try:
+            yield runs
+        finally:
+            _RUNS = previous
+
+
 def fit(model: pl.LightningModule, data: pl.LightningDataModule, callbacks: Sequence[pl.Callback], epochs: int,
-        root: str, progress: bool = True) -> tuple[pl.LightningModule, float]:
+        root: str, progress: bool = False, label: Optional[str] = None) -> tuple[pl.LightningModule, float]:
     """Train, then restore the weights of the epoch with the best validation accuracy.
 
-    Returns the model and its best validation accuracy (selection never looks at test data).
+    Returns the model and its best validation accuracy (selection never looks at test data). ``progress``:
+    Lightning's progress bar inside the fit. Inside :func:`training_runs` the fit is one run of the job's
+    progress display, named ``label`` (default: the last part of ``root``).
     """
+    runs = _RUNS
+    if runs is not None:
+        runs.start(label or os.path.basename(os.path.normpath(root)))
     checkpoint = ModelCheckpoint(dirpath=root, monitor="val_acc", mode="max", save_top_k=1, filename="best")
     # modality valuation grows the training set between epochs: its loader is rebuilt every epoch
     reload = 1 if any(isinstance(c, SampleValuation) for c in callbacks) else 0
@@ -324,7 +358,10 @@ def fit(model: pl.LightningModule, data: pl.LightningDataModule, callbacks: Sequ
     trainer.fit(model, datamodule=data)
     state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict(state)
-    return model.eval(), float(checkpoint.best_model_score)
+    best = float(checkpoint.best_model_score)
+    if runs is not None:
+        runs.done(result_text=f"best val acc {best:.3f}")
+    return model.eval(), best
 
 
 def _acc_f1(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> tuple[float, float]:
@@ -417,16 +454,26 @@ def median_range(values: Sequence[float]) -> str:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, selection_default: str = "none") -> None:
-    """The arguments every study script takes: ``--seeds``, ``--epochs``, ``--out``, ``--no-progress`` and
-    ``--selection`` (a ``select_collapse_<dataset>.json`` file of ``collapse_study.py --stage select``, or the
-    folder that holds them; ``selection_default`` says in the help what the script does without it)."""
+    """The arguments every study script takes: ``--seeds``, ``--epochs``, ``--out``, ``--progress`` /
+    ``--no-progress`` (:func:`add_progress_arguments`) and ``--selection`` (a ``select_collapse_<dataset>.json`` file
+    of ``collapse_study.py --stage select``, or the folder that holds them; ``selection_default`` says in the help
+    what the script does without it)."""
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", default="results", help="folder for the JSON, markdown and PNG files")
-    parser.add_argument("--no-progress", action="store_true")
+    add_progress_arguments(parser)
     parser.add_argument("--selection", default=None,
                         help="the parameters chosen on validation: a select_collapse_<dataset>.json file of "
                              f"examples/collapse_study.py --stage select, or its folder (default: {selection_default})")
+
+
+def add_progress_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--progress`` (Lightning's progress bar inside each fit; off by default) and ``--no-progress`` (no progress
+    output at all: neither the bar nor the job's line per finished fit)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--progress", action="store_true", help="show Lightning's progress bar inside each fit")
+    group.add_argument("--no-progress", action="store_true",
+                       help="no progress output (neither the line per finished fit nor Lightning's bar)")
 
 
 def chosen_parameters(selection: str, dataset: str) -> dict[str, float]:

@@ -6,7 +6,7 @@ accuracy before it is scored on test. Writes per dataset a JSON file (every valu
 markdown table (mean ± std over seeds) and two PNGs (test metrics per method; validation accuracy per
 modality over epochs).
 
-    python examples/benchmark.py                                      # the demo: baseline vs OGM-GE, 1 seed
+    python examples/benchmark.py                                      # baseline vs OGM-GE, 1 seed
     python examples/benchmark.py --methods all --seeds 0 1 2 3 4      # every method, as in docs/results.md
     python examples/benchmark.py --datasets synthetic --methods baseline mmpareto pmr+cml --seeds 0 1 2
     python examples/benchmark.py --update --methods cml --seeds 0 1 2 3 4 --out docs/results  # re-run rows only
@@ -21,6 +21,10 @@ loss terms one model. Columns: fused test accuracy, each encoder's linear-probe 
 training split, scored on test), test accuracy with each modality missing (its features zeroed), the best
 validation accuracy, and the cost: median training-step time and whole-fit time, each divided by the
 baseline's in the same seed and process.
+
+Output: Lightning's per-fit banners are silenced, and one line per finished fit goes to stderr (fits done of
+total, its best validation accuracy, elapsed time, time left); ``--progress`` adds Lightning's progress bar inside
+each fit, ``--no-progress`` drops the lines.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 
 import lightning.pytorch as pl
@@ -45,6 +48,7 @@ from _common import (  # noqa: E402
     AVDigitsNet,
     collapse_terms,
     UnimodalNet,
+    add_progress_arguments,
     evaluate_ensemble,
     evaluate_joint,
     evaluate_ume,
@@ -53,7 +57,9 @@ from _common import (  # noqa: E402
     make_data,
     mean_std,
     median_range,
+    modality_count,
     setup_for,
+    training_runs,
 )
 
 from lightning_balance import (  # noqa: E402
@@ -177,7 +183,7 @@ def run_seed(dataset: str, seed: int, methods: list[str], epochs: int, root: str
         for modality, dim in dims.items():
             pl.seed_everything(seed, verbose=False)
             model, val = fit(UnimodalNet(modality, dim, num_classes=num_classes), data, [], epochs,
-                             f"{root}/{modality}", progress)
+                             f"{root}/{modality}", progress, label=f"{dataset} seed {seed} {modality} alone")
             results[f"{modality} alone"] = {**evaluate_unimodal(model, data), "val_acc": val}
             alone[modality] = model
         results["unimodal ensemble (product)"] = evaluate_ensemble(list(alone.values()), data)
@@ -205,7 +211,8 @@ def run_seed(dataset: str, seed: int, methods: list[str], epochs: int, root: str
         callbacks = [cb for part in parts for cb in METHODS[part]()]
         start = time.perf_counter()
         model, val = fit(AVDigitsNet(input_dims=dims, num_classes=num_classes, **model_kwargs), method_data,
-                         [*callbacks, watch, timer], epochs, f"{root}/{method}", progress)
+                         [*callbacks, watch, timer], epochs, f"{root}/{method}", progress,
+                         label=f"{dataset} seed {seed} {method}")
         fit_seconds = time.perf_counter() - start
         results[method] = {**evaluate_joint(model, data), "val_acc": val, "step_ms": 1e3 * statistics.median(timer.times),
                            "fit_s": fit_seconds}
@@ -382,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[dict[str, fl
     parser.add_argument("--out", default="results", help="folder for the JSON, markdown and PNG files")
     parser.add_argument("--tag", default="", help="added to the output file names")
     parser.add_argument("--no-references", action="store_true", help="skip the unimodal references")
-    parser.add_argument("--no-progress", action="store_true")
+    add_progress_arguments(parser)
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only redraw the table and plots of saved runs")
     parser.add_argument("--update", action="store_true",
                         help="re-run only --methods and merge their rows into the saved benchmark_<dataset>.json of --out")
@@ -403,8 +410,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[dict[str, fl
         methods.remove("baseline")
         methods.insert(0, "baseline")
 
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     os.makedirs(args.out, exist_ok=True)
     command = "python examples/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -415,43 +420,50 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[dict[str, fl
                 saved = json.load(f)
             write_outputs(saved, os.path.splitext(path)[0])
         return {}
-    for dataset in args.datasets:
-        names = [m for m in methods if all(dataset in ONLY_ON.get(p, (dataset,)) for p in m.split("+"))]
-        if "all" not in args.methods and names != methods:
-            parser.error(f"{sorted(set(methods) - set(names))} cannot run on {dataset}: "
-                         f"{ {p: ONLY_ON[p] for p in ONLY_ON} } lists the datasets of one-dataset methods.")
-        stem = os.path.join(args.out, f"benchmark_{dataset}{'_' + args.tag if args.tag else ''}")
-        if args.update:  # before any training: the saved file must exist and match this run
-            if not os.path.exists(f"{stem}.json"):
-                parser.error(f"--update merges into {stem}.json, which does not exist.")
-            with open(f"{stem}.json") as f:
-                saved = json.load(f)
-            if (saved["seeds"], saved["epochs"]) != (args.seeds, args.epochs):
-                parser.error(f"--update: {stem}.json has seeds {saved['seeds']} and {saved['epochs']} epochs; "
-                             f"re-run with the same.")
-        start = time.time()
-        per_seed: dict[str, list[dict[str, float]]] = {}
-        curves = []
-        with tempfile.TemporaryDirectory() as root:
-            for seed in args.seeds:
-                results, seed_curves = run_seed(dataset, seed, names, args.epochs, f"{root}/{seed}",
-                                                not args.no_progress, not args.no_references)
-                for name, values in results.items():
-                    per_seed.setdefault(name, []).append({"seed": seed, **values})
-                curves.append(seed_curves)
-                print(f"[{dataset}] seed {seed} done ({time.time() - start:.0f} s)", flush=True)
-        seconds = time.time() - start
-        fresh = {"command": command, "dataset": dataset, "epochs": args.epochs, "seeds": args.seeds,
-                 "seconds": seconds, "threads": torch.get_num_threads(), "methods": names,
-                 "results": per_seed, "curves": curves}
-        if args.update:
-            check = [(a["acc"], b["acc"]) for a, b in zip(saved["results"]["baseline"], per_seed["baseline"])]
-            same = all(abs(a - b) < 1e-6 for a, b in check)
-            print(f"[{dataset}] baseline re-run {'reproduces' if same else 'DIFFERS FROM'} the saved baseline "
-                  f"(test acc per seed, saved vs now: {check})", flush=True)
-            fresh = merge_update(saved, fresh, updated, command, seconds, drop=args.drop)
-        write_outputs(fresh, stem)
-        everything[dataset] = per_seed
+    def runnable(dataset: str) -> list[str]:
+        return [m for m in methods if all(dataset in ONLY_ON.get(p, (dataset,)) for p in m.split("+"))]
+
+    # one progress line per fit of the whole job: per dataset and seed, each modality alone and each method
+    total = sum(len(args.seeds) * (len(runnable(d)) + (0 if args.no_references else modality_count(d)))
+                for d in args.datasets)
+    with training_runs(total, enabled=not args.no_progress):
+        for dataset in args.datasets:
+            names = runnable(dataset)
+            if "all" not in args.methods and names != methods:
+                parser.error(f"{sorted(set(methods) - set(names))} cannot run on {dataset}: "
+                             f"{ {p: ONLY_ON[p] for p in ONLY_ON} } lists the datasets of one-dataset methods.")
+            stem = os.path.join(args.out, f"benchmark_{dataset}{'_' + args.tag if args.tag else ''}")
+            if args.update:  # before any training: the saved file must exist and match this run
+                if not os.path.exists(f"{stem}.json"):
+                    parser.error(f"--update merges into {stem}.json, which does not exist.")
+                with open(f"{stem}.json") as f:
+                    saved = json.load(f)
+                if (saved["seeds"], saved["epochs"]) != (args.seeds, args.epochs):
+                    parser.error(f"--update: {stem}.json has seeds {saved['seeds']} and {saved['epochs']} epochs; "
+                                 f"re-run with the same.")
+            start = time.time()
+            per_seed: dict[str, list[dict[str, float]]] = {}
+            curves = []
+            with tempfile.TemporaryDirectory() as root:
+                for seed in args.seeds:
+                    results, seed_curves = run_seed(dataset, seed, names, args.epochs, f"{root}/{seed}",
+                                                    args.progress, not args.no_references)
+                    for name, values in results.items():
+                        per_seed.setdefault(name, []).append({"seed": seed, **values})
+                    curves.append(seed_curves)
+                    print(f"[{dataset}] seed {seed} done ({time.time() - start:.0f} s)", flush=True)
+            seconds = time.time() - start
+            fresh = {"command": command, "dataset": dataset, "epochs": args.epochs, "seeds": args.seeds,
+                     "seconds": seconds, "threads": torch.get_num_threads(), "methods": names,
+                     "results": per_seed, "curves": curves}
+            if args.update:
+                check = [(a["acc"], b["acc"]) for a, b in zip(saved["results"]["baseline"], per_seed["baseline"])]
+                same = all(abs(a - b) < 1e-6 for a, b in check)
+                print(f"[{dataset}] baseline re-run {'reproduces' if same else 'DIFFERS FROM'} the saved baseline "
+                      f"(test acc per seed, saved vs now: {check})", flush=True)
+                fresh = merge_update(saved, fresh, updated, command, seconds, drop=args.drop)
+            write_outputs(fresh, stem)
+            everything[dataset] = per_seed
     return everything
 
 

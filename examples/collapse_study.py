@@ -43,7 +43,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 
 import lightning.pytorch as pl
 import torch
@@ -61,6 +60,8 @@ from _common import (  # noqa: E402
     fit,
     make_data,
     mean_std,
+    modality_count,
+    training_runs,
 )
 
 from lightning_balance.data import SyntheticCollapseDataModule  # noqa: E402
@@ -101,12 +102,13 @@ def calibrate(seeds: list[int], epochs: int, root: str, progress: bool) -> dict:
             out = {}
             for m, d in dims.items():
                 pl.seed_everything(seed, verbose=False)
-                model, _ = fit(UnimodalNet(m, d, num_classes=data.num_classes), data, [], epochs, f"{root}/c{i}{m}", progress)
+                model, _ = fit(UnimodalNet(m, d, num_classes=data.num_classes), data, [], epochs, f"{root}/c{i}{m}", progress,
+                               label=f"calibration {i + 1} seed {seed} {m} alone")
                 r = evaluate_unimodal(model, data, split="val")  # the preset is chosen on validation
                 out[f"alone_acc_{m}"], out[f"alone_probe_{m}"] = r["acc"], r[f"probe_{m}"]
             pl.seed_everything(seed, verbose=False)
             joint, _ = fit(AVDigitsNet(input_dims=dims, num_classes=data.num_classes), data, [], epochs,
-                           f"{root}/c{i}joint", progress)
+                           f"{root}/c{i}joint", progress, label=f"calibration {i + 1} seed {seed} joint")
             out.update(_scores(joint, data, "m1", split="val"))
             per_seed.append(out)
         rows.append({"setting": setting, "seeds": per_seed})
@@ -171,20 +173,23 @@ def references(dataset: str, seed: int, epochs: int, root: str, progress: bool):
     alone, val = {}, {}
     for m, d in data.feature_dims.items():
         pl.seed_everything(seed, verbose=False)
-        alone[m], val[m] = fit(UnimodalNet(m, d, num_classes=data.num_classes), data, [], epochs, f"{root}/{m}", progress)
+        alone[m], val[m] = fit(UnimodalNet(m, d, num_classes=data.num_classes), data, [], epochs, f"{root}/{m}", progress,
+                               label=f"{dataset} seed {seed} {m} alone")
     return data, alone, sorted(val, key=val.get)
 
 
 def train(method: str, data, weakest_first: list[str], seed: int, epochs: int, root: str, progress: bool,
-          value: float | None = None, fusion_hidden: int = 0):
+          value: float | None = None, fusion_hidden: int = 0, dataset: str = ""):
     """The joint model of ``method`` (``value``: its searched parameter; ``fusion_hidden``: the width of a hidden
-    fusion layer, 0 for the linear head), restored to its best-validation epoch."""
+    fusion layer, 0 for the linear head), restored to its best-validation epoch (``dataset``: its name in the
+    progress line)."""
     kwargs = {GRIDS[method][0]: value} if value is not None else {}
     pl.seed_everything(seed, verbose=False)
     terms = collapse_terms(method, data, weakest_first, **kwargs)
     model = AVDigitsNet(input_dims=dict(data.feature_dims), num_classes=data.num_classes, loss_terms=terms or None,
                         fusion_hidden=fusion_hidden)
-    return fit(model, data, [], epochs, f"{root}/{method}_{value}", progress)
+    label = f"{dataset + ' ' if dataset else ''}seed {seed} {method}{'' if value is None else f' {value:g}'}"
+    return fit(model, data, [], epochs, f"{root}/{method}_{value}", progress, label=label)
 
 
 def select(datasets: list[str], seeds: list[int], epochs: int, root: str, progress: bool,
@@ -199,10 +204,10 @@ def select(datasets: list[str], seeds: list[int], epochs: int, root: str, progre
             data, _, weakest_first = references(dataset, seed, epochs, root, progress)
             if baseline:
                 out[dataset]["baseline"]["-"].append(
-                    train("baseline", data, weakest_first, seed, epochs, root, progress)[1])
+                    train("baseline", data, weakest_first, seed, epochs, root, progress, dataset=dataset)[1])
             for method, (_, grid) in grids.items():
                 for v in grid:
-                    _, best = train(method, data, weakest_first, seed, epochs, root, progress, v)
+                    _, best = train(method, data, weakest_first, seed, epochs, root, progress, v, dataset=dataset)
                     out[dataset][method][f"{v:g}"].append(best)
                     print(f"select {dataset} seed {seed} {method} {v:g}: val {best:.4f}", flush=True)
         out[dataset]["chosen"] = choose(out[dataset])
@@ -229,7 +234,8 @@ def run(dataset: str, seed: int, chosen: dict[str, float], epochs: int, root: st
                  "methods": {}}
     for method in METHODS:
         start = time.perf_counter()
-        model, best = train(method, data, weakest_first, seed, epochs, root, progress, chosen.get(method), fusion_hidden)
+        model, best = train(method, data, weakest_first, seed, epochs, root, progress, chosen.get(method), fusion_hidden,
+                            dataset=dataset)
         seconds = time.perf_counter() - start
         out["methods"][method] = {**_scores(model, data, weak), "val_acc": best, "fit_s": seconds}
         if method == "ebr":
@@ -272,7 +278,8 @@ def semantic(dataset: str, seed: int, chosen: dict[str, float], epochs: int, eve
             model.loss_weights = {"fused": 1.0, **{m: float(m == weak) for m in data.feature_dims}}
         diag = ModalityDiagnostics(every_n_epochs=every, vif=False, bootstrap=0, verbose=False, plot=False,
                                    alone_semantic_loss=reference if run_name == "baseline" else None)
-        fit(model, data, [diag], epochs, f"{root}/semantic_{run_name}", progress)
+        fit(model, data, [diag], epochs, f"{root}/semantic_{run_name}", progress,
+            label=f"{dataset} seed {seed} {run_name}")
         out["curves"][run_name] = [(row["epoch"], row[f"semantic_loss/{weak}"], row[f"probe/{weak}"])
                                    for row in diag.diagnostics_history]
         if run_name == "unimodal baseline":
@@ -370,11 +377,26 @@ def main(argv: list[str] | None = None) -> dict:
     if args.fusion_hidden and args.stage != "run":
         parser.error("--fusion-hidden is an option of --stage run (calibration, selection and the semantic stage use "
                      "the linear head).")
-    warnings.filterwarnings("ignore")
     os.makedirs(args.out, exist_ok=True)
     command = "python examples/collapse_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     root = tempfile.mkdtemp(prefix="collapse_")
-    progress = not args.no_progress
+    with training_runs(fit_count(args), enabled=not args.no_progress):  # quiet fits, one line per finished fit
+        return stage(args, command, root, args.progress)
+
+
+def fit_count(args: argparse.Namespace) -> int:
+    """The number of fits of the stage of ``args`` (for the progress line)."""
+    seeds = len(args.seeds)
+    if args.stage == "calibrate":  # each modality alone and the joint baseline, per setting and seed
+        return seeds * sum(len(setting["snr"]) + 1 for setting in CALIBRATION)
+    per_dataset = {"select": (sum(len(EXTENDED[m]) for m in EXTENDED) if args.extend
+                              else 1 + sum(len(grid) for _, grid in GRIDS.values())),
+                   "run": len(METHODS), "semantic": len(SEMANTIC_RUNS)}[args.stage]
+    return seeds * sum(modality_count(d) + per_dataset for d in args.datasets)  # + the modalities alone
+
+
+def stage(args: argparse.Namespace, command: str, root: str, progress: bool) -> dict:
+    """Run the stage of ``args`` and write its files (``progress``: Lightning's bar inside each fit)."""
     start = time.perf_counter()
     if args.stage == "calibrate":
         saved = {"command": command, "epochs": args.epochs, "seeds": args.seeds,

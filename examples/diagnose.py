@@ -22,13 +22,12 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 
 import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AVDigitsNet, UnimodalNet, fit, make_data, mean_std  # noqa: E402
+from _common import AVDigitsNet, UnimodalNet, fit, make_data, mean_std, modality_count, training_runs  # noqa: E402
 
 from lightning_balance import ModalityDiagnostics  # noqa: E402
 from lightning_balance.functional import (  # noqa: E402
@@ -65,19 +64,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     os.makedirs(args.out, exist_ok=True)
     rows = []
     start = time.time()
-    with tempfile.TemporaryDirectory() as root:
+    total = len(args.seeds) * (modality_count(args.dataset) + 1)  # each modality alone and the joint model
+    with tempfile.TemporaryDirectory() as root, training_runs(total):  # quiet fits, one line per finished fit
         for seed in args.seeds:
             data = make_data(args.dataset, seed)
             alone = {}
             for m, dim in data.feature_dims.items():
                 pl.seed_everything(seed, verbose=False)
                 alone[m], _ = fit(UnimodalNet(m, dim, num_classes=data.num_classes), data, [], args.epochs,
-                                  f"{root}/{seed}-{m}", progress=False)
+                                  f"{root}/{seed}-{m}", progress=False, label=f"seed {seed} {m} alone")
             val = data.splits["val"]
             with torch.no_grad():  # the monitor's reference: each encoder trained alone, probed like the monitor does,
                 alone_val = {}     # with its binomial standard error
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                                           plot_dir=args.out)
             pl.seed_everything(seed, verbose=False)
             joint, _ = fit(AVDigitsNet(input_dims=dict(data.feature_dims), num_classes=data.num_classes), data,
-                           [monitor], args.epochs, f"{root}/{seed}-joint", progress=False)
+                           [monitor], args.epochs, f"{root}/{seed}-joint", progress=False, label=f"seed {seed} joint")
             if first and monitor.plot_path:
                 os.replace(monitor.plot_path, os.path.join(args.out, f"diagnostics_{args.dataset}_baseline.png"))
             rows.append({"seed": seed, **diagnose(joint, alone, data),

@@ -18,16 +18,16 @@ import os
 import statistics
 import sys
 import time
-import warnings
 
 import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AVDigitsNet  # noqa: E402
+from _common import AVDigitsNet, training_runs  # noqa: E402
 
 from lightning_balance import Relearning, SampleValuation  # noqa: E402
 from lightning_balance.data import AVDigitsDataModule  # noqa: E402
+from lightning_balance.progress import RunProgress  # noqa: E402
 
 
 class Timed(pl.Callback):
@@ -70,22 +70,37 @@ class Timed(pl.Callback):
         return self.inner.state_dict()
 
 
+AB_METHODS = (("MLA (2 modality steps per batch)", {"mla": True}),
+              ("ReconBoost (a phase-1 epoch: one learner, the others without gradient)", {"reconboost_stage": 1}))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     os.makedirs(args.out, exist_ok=True)
+    methods = epoch_methods(args.epochs)
+    with training_runs(len(methods) + len(AB_METHODS)) as runs:  # quiet fits, one progress line per method
+        measure_all(args, methods, runs, "python examples/epoch_overhead.py " + " ".join(argv or sys.argv[1:]))
+
+
+def epoch_methods(epochs: int) -> dict:
+    """The epoch-level methods: name -> (callback factory, datamodule kwargs)."""
+    return {"Relearning (diagnosis + re-init)": (lambda: Relearning(every_n_epochs=1, max_reinits=epochs,
+                                                                    log_metrics=False), {"holdout_fraction": 0.1}),
+            "SampleValuation (valuation pass)": (lambda: SampleValuation(start_epoch=1, log_metrics=False),
+                                                 {"valuation": True}),
+            "SampleValuation, modality level": (lambda: SampleValuation(level="modality", start_epoch=1,
+                                                                        log_metrics=False), {"valuation": True})}
+
+
+def measure_all(args: argparse.Namespace, methods: dict, runs: RunProgress, command: str) -> None:
+    """Measure every method (a ``runs`` line each), print the tables and write the JSON (with ``command``)."""
     rows = []
-    methods = {"Relearning (diagnosis + re-init)": (lambda: Relearning(every_n_epochs=1, max_reinits=args.epochs,
-                                                                       log_metrics=False), {"holdout_fraction": 0.1}),
-               "SampleValuation (valuation pass)": (lambda: SampleValuation(start_epoch=1, log_metrics=False),
-                                                    {"valuation": True}),
-               "SampleValuation, modality level": (lambda: SampleValuation(level="modality", start_epoch=1,
-                                                                           log_metrics=False), {"valuation": True})}
     for name, (make, data_kwargs) in methods.items():
+        runs.start(name)
         torch.manual_seed(0)
         data = AVDigitsDataModule(seed=0, **data_kwargs)
         timed = Timed(make())
@@ -101,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                      "epoch_ratio": later / first, "train_samples": len(data.splits["train"]["target"])})
         print(f"{name}: first epoch {1e3 * first:.0f} ms, later epochs {1e3 * later:.0f} ms, epoch-end work "
               f"{1e3 * work:.0f} ms", flush=True)
+        runs.done(result_text=f"work ÷ first epoch {work / first:.2f}")
     print("\n| model | method | first epoch (ms) | later epochs (ms) | epoch-end work (ms) | work ÷ first epoch | "
           "later ÷ first epoch |\n|---|---|---|---|---|---|---|")
     for r in rows:
@@ -110,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     # ensemble per step): A/B alternating epochs in one process, the plain model and the method's model on the same
     # data, median epoch time of each over the alternations after the first.
     ab = []
-    for name, kwargs in (("MLA (2 modality steps per batch)", {"mla": True}),
-                         ("ReconBoost (a phase-1 epoch: one learner, the others without gradient)", {"reconboost_stage": 1})):
+    for name, kwargs in AB_METHODS:
+        runs.start(name)
         torch.manual_seed(0)
         data = AVDigitsDataModule(seed=0)
         models = {"plain": AVDigitsNet(input_dims={"audio": 40, "visual": 64}),
@@ -129,12 +145,13 @@ def main(argv: list[str] | None = None) -> None:
                    "method_epoch_ms": 1e3 * method, "ratio": method / plain})
         print(f"{name}: plain epoch {1e3 * plain:.0f} ms, with the method {1e3 * method:.0f} ms, ratio "
               f"{method / plain:.2f}", flush=True)
+        runs.done(result_text=f"ratio {method / plain:.2f}")
     print("\n| model | method | plain epoch (ms) | epoch with the method (ms) | ratio |\n|---|---|---|---|---|")
     for r in ab:
         print(f"| {r['model']} | {r['method']} | {r['plain_epoch_ms']:.0f} | {r['method_epoch_ms']:.0f} | "
               f"{r['ratio']:.2f} |")
     with open(os.path.join(args.out, "overhead_epoch_level.json"), "w") as f:
-        json.dump({"command": "python examples/epoch_overhead.py " + " ".join(argv or sys.argv[1:]), "device": "cpu",
+        json.dump({"command": command, "device": "cpu",
                    "threads": torch.get_num_threads(), "rows": rows, "alternating_epochs": ab}, f, indent=1)
 
 

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AVDigitsNet, mlp  # noqa: E402
+from _common import AVDigitsNet, mlp, training_runs  # noqa: E402
 
 from lightning_balance import (  # noqa: E402
     AGM,
@@ -197,7 +197,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-greedy", action="store_true",
                         help="only Greedy on its MMTM model against that model trained plainly (writes overhead_greedy.json)")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     os.makedirs(args.out, exist_ok=True)
 
@@ -285,11 +284,18 @@ def main(argv: list[str] | None = None) -> None:
     def survey_terms(dims: dict[str, int], feature_dim: int) -> dict[str, Callable[[], list]]:
         return {"LFM fitted": lambda: [LFMLoss()], "MBSD": lambda: [MBSDLoss()]}
 
-    for name, dims, hidden, feature_dim, batch in (() if args.only_dropout or args.only_greedy else (
-            ("AV-Digits MLP", av, 256, 128, 64), ("synthetic MLP, M=2", {"m0": 128, "m1": 128}, 2048, 512, 128))):
-        for term, make in (survey_terms if args.only_survey else term_factories)(dims, feature_dim).items():
-            if args.only_collapse and not term.startswith(("KD", "EBR")):
-                continue
+    # the loss-term measurements (model, dims, hidden, feature dim, batch, term, factory), then the callbacks'
+    term_jobs = [(name, dims, hidden, feature_dim, batch, term, make)
+                 for name, dims, hidden, feature_dim, batch in (() if args.only_dropout or args.only_greedy else (
+                     ("AV-Digits MLP", av, 256, 128, 64), ("synthetic MLP, M=2", {"m0": 128, "m1": 128}, 2048, 512, 128)))
+                 for term, make in (survey_terms if args.only_survey else term_factories)(dims, feature_dim).items()
+                 if not (args.only_collapse and not term.startswith(("KD", "EBR")))]
+    setups = [] if args.only_terms or args.only_collapse else setups
+    with training_runs(len(term_jobs) + sum(len(methods) for *_, methods in setups)) as runs:  # quiet, a line each
+        # the probes train on fixed batches only, by design (the models' validation_step is not timed)
+        warnings.filterwarnings("ignore", "You defined a `validation_step` but have no `val_dataloader`")
+        for name, dims, hidden, feature_dim, batch, term, make in term_jobs:
+            runs.start(f"{name} · {term}")
             torch.manual_seed(0)
             model = AVDigitsNet(input_dims=dims, hidden=hidden, feature_dim=feature_dim, loss_terms=make())
             res = measure_terms(model, fixed_batches(dims, batch, args.steps), warmup=10)
@@ -297,17 +303,20 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"model": name, "params": params, "batch": batch, "method": f"{term} (loss term)", **res})
             print(f"{name:22s} {params / 1e6:5.2f}M  {term:18s} {res['median_ms_without']:8.2f} ms -> "
                   f"{res['median_ms_with']:8.2f} ms  ratio {res['ratio']:.3f}", flush=True)
+            runs.done(result_text=f"ratio {res['ratio']:.3f}")
 
-    for name, factory, dims, batch, methods in ([] if args.only_terms or args.only_collapse else setups):
-        torch.manual_seed(0)
-        model = factory()
-        params = sum(p.numel() for p in model.parameters())
-        data = fixed_batches(dims, batch, args.steps)
-        for method, make in methods.items():
-            res = measure(model, data, make, warmup=10)
-            rows.append({"model": name, "params": params, "batch": batch, "method": method, **res})
-            print(f"{name:22s} {params / 1e6:5.2f}M  {method:18s} {res['median_ms_without']:8.2f} ms -> "
-                  f"{res['median_ms_with']:8.2f} ms  ratio {res['ratio']:.3f}", flush=True)
+        for name, factory, dims, batch, methods in setups:
+            torch.manual_seed(0)
+            model = factory()
+            params = sum(p.numel() for p in model.parameters())
+            data = fixed_batches(dims, batch, args.steps)
+            for method, make in methods.items():
+                runs.start(f"{name} · {method}")
+                res = measure(model, data, make, warmup=10)
+                rows.append({"model": name, "params": params, "batch": batch, "method": method, **res})
+                print(f"{name:22s} {params / 1e6:5.2f}M  {method:18s} {res['median_ms_without']:8.2f} ms -> "
+                      f"{res['median_ms_with']:8.2f} ms  ratio {res['ratio']:.3f}", flush=True)
+                runs.done(result_text=f"ratio {res['ratio']:.3f}")
 
     print("\n| model | parameters | batch | method | step without (ms) | step with (ms) | ratio |\n|---|---|---|---|---|---|---|")
     for r in rows:

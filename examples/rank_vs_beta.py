@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 
 import lightning.pytorch as pl
 import torch
@@ -40,6 +39,8 @@ from _common import (  # noqa: E402
     fit,
     make_data,
     mean_std,
+    modality_count,
+    training_runs,
 )
 
 from lightning_balance.functional import effective_rank, numerical_rank  # noqa: E402
@@ -71,7 +72,8 @@ def run(dataset: str, seed: int, methods: list[str], betas: list[float], epochs:
     alone, val = {}, {}
     for m, d in dims.items():
         pl.seed_everything(seed, verbose=False)
-        alone[m], val[m] = fit(UnimodalNet(m, d, num_classes=data.num_classes), data, [], epochs, f"{root}/{m}", progress)
+        alone[m], val[m] = fit(UnimodalNet(m, d, num_classes=data.num_classes), data, [], epochs, f"{root}/{m}", progress,
+                               label=f"seed {seed} {m} alone")
     weakest_first = sorted(dims, key=lambda m: val[m])
     weak = weakest_first[0]
     with torch.no_grad():
@@ -85,7 +87,8 @@ def run(dataset: str, seed: int, methods: list[str], betas: list[float], epochs:
                                 loss_terms=collapse_terms(method, data, weakest_first, **_chosen(method, chosen))
                                 or None)
             model.loss_weights = {"fused": 1.0, **{m: (float(beta) if m == weak else 0.0) for m in dims}}
-            model, _ = fit(model, data, [], epochs, f"{root}/{method}_{beta:g}", progress)
+            model, _ = fit(model, data, [], epochs, f"{root}/{method}_{beta:g}", progress,
+                           label=f"seed {seed} {method} beta {beta:g}")
             out["runs"][f"{method}/{beta:g}"] = fused_ranks(model, data)
     return out
 
@@ -144,11 +147,12 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = {}
     chosen = chosen_parameters(args.selection, args.dataset) if args.selection else None
     root = tempfile.mkdtemp(prefix="rank_vs_beta_")  # the checkpoints of model selection stay out of --out
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    # quiet fits, one progress line per finished fit: per seed, each modality alone and each method at each beta
+    total = len(args.seeds) * (modality_count(args.dataset) + len(args.methods) * len(args.betas))
+    with training_runs(total, enabled=not args.no_progress):
         for seed in args.seeds:
             seeds[str(seed)] = run(args.dataset, seed, args.methods, args.betas, args.epochs,
-                                   os.path.join(root, str(seed)), not args.no_progress, chosen)
+                                   os.path.join(root, str(seed)), args.progress, chosen)
             print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
     weak = {r["weak"] for r in seeds.values()}
     saved = {"command": "python examples/rank_vs_beta.py " + " ".join(argv if argv is not None else sys.argv[1:]),

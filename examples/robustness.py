@@ -30,7 +30,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 
 import lightning.pytorch as pl
@@ -47,7 +46,9 @@ from _common import (  # noqa: E402
     fit,
     make_data,
     mean_std,
+    modality_count,
     setup_for,
+    training_runs,
 )
 
 from lightning_balance import MMPareto, ModalityDropout, UMTLoss  # noqa: E402
@@ -140,7 +141,8 @@ def run(dataset: str, seed: int, train_missing: float, methods: list[str], epoch
     alone, val = {}, {}
     for m, d in dims.items():
         pl.seed_everything(seed, verbose=False)
-        alone[m], val[m] = fit(UnimodalNet(m, d, num_classes=classes), data, [], epochs, f"{root}/{m}", progress)
+        alone[m], val[m] = fit(UnimodalNet(m, d, num_classes=classes), data, [], epochs, f"{root}/{m}", progress,
+                               label=f"missing {train_missing:g} seed {seed} {m} alone")
     weakest = min(val, key=val.get)
     results: dict[str, dict[str, float]] = {}
     trained: dict[str, tuple] = {}  # ebr and ebr_substitution score one EBR model (in either list order)
@@ -161,7 +163,7 @@ def run(dataset: str, seed: int, train_missing: float, methods: list[str], epoch
                                                             adversarial_weight=EBR_LAMBDA)
             start = time.perf_counter()
             model, best = fit(AVDigitsNet(input_dims=dims, num_classes=classes, **model_kwargs), data, callbacks(),
-                              epochs, f"{root}/{method}", progress)
+                              epochs, f"{root}/{method}", progress, label=f"missing {train_missing:g} seed {seed} {method}")
             seconds = time.perf_counter() - start
             if setup == "ebr" and {"ebr", "ebr_substitution"} <= set(methods):  # the other EBR row comes later
                 trained["ebr"] = (copy.deepcopy(model), best, seconds)
@@ -174,6 +176,19 @@ def run(dataset: str, seed: int, train_missing: float, methods: list[str], epoch
         results[method] = {**sweeps(model, data, weakest, split, substitute), "val_acc": best, "fit_s": seconds,
                            **({"fit_shared": True} if shared else {})}
     return results
+
+
+def joint_fits(methods: list[str]) -> int:
+    """The joint models :func:`run` trains for ``methods``: one each, except that ``ebr`` and ``ebr_substitution``
+    share one EBR fit when both are asked for."""
+    shared, count = {"ebr", "ebr_substitution"} <= set(methods), 0
+    trained_ebr = False
+    for method in methods:
+        if METHODS[method][0] == "ebr" and trained_ebr:
+            continue
+        count += 1
+        trained_ebr = trained_ebr or (METHODS[method][0] == "ebr" and shared)
+    return count
 
 
 def table(saved: dict, methods: list[str]) -> str:
@@ -289,20 +304,22 @@ def main(argv: list[str] | None = None) -> dict:
         EBR_LAMBDA = chosen_parameters(args.selection, args.dataset)["ebr"]
     if args.dropout_p is not None:
         DROPOUT_P = args.dropout_p
-    warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     saved: dict = {"command": "python examples/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                    "rates": RATES, "noise": NOISE, "runs": {}}
     root = tempfile.mkdtemp(prefix="robustness_")  # the checkpoints of model selection stay out of --out
-    for rate in args.train_missing:
-        saved["runs"][f"{rate:g}"] = {}
-        for seed in args.seeds:
-            results = run(args.dataset, seed, rate, args.methods, args.epochs, root, not args.no_progress, args.split)
-            saved["runs"][f"{rate:g}"][str(seed)] = results
-            print(f"train missing {rate:g}, seed {seed}: " + ", ".join(
-                f"{m} {r['acc']:.3f}/{r['auc_missing/all']:.3f}" for m, r in results.items()), flush=True)
+    # quiet fits, one progress line per finished fit: per rate and seed, each modality alone and the joint models
+    total = len(args.train_missing) * len(args.seeds) * (modality_count(args.dataset) + joint_fits(args.methods))
+    with training_runs(total, enabled=not args.no_progress):
+        for rate in args.train_missing:
+            saved["runs"][f"{rate:g}"] = {}
+            for seed in args.seeds:
+                results = run(args.dataset, seed, rate, args.methods, args.epochs, root, args.progress, args.split)
+                saved["runs"][f"{rate:g}"][str(seed)] = results
+                print(f"train missing {rate:g}, seed {seed}: " + ", ".join(
+                    f"{m} {r['acc']:.3f}/{r['auc_missing/all']:.3f}" for m, r in results.items()), flush=True)
     data = make_data(args.dataset, 0)
     saved["modalities"] = list(data.modalities)
     first = next(iter(next(iter(saved["runs"].values())).values()))

@@ -15,14 +15,13 @@ import json
 import os
 import sys
 import tempfile
-import warnings
 from collections.abc import Callable
 
 import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AV_DIMS, AVDigitsNet, fit, mean_std, setup_for  # noqa: E402
+from _common import AV_DIMS, AVDigitsNet, fit, mean_std, setup_for, training_runs  # noqa: E402
 
 from lightning_balance import (  # noqa: E402
     AGM,
@@ -111,12 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     name, grid_values, factory = SEARCH[args.method]
     values = args.values or grid_values
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
     torch.set_num_threads(2)
     os.makedirs(args.out, exist_ok=True)
     grid: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as root:
+    total = len(args.seeds) * ((0 if args.no_baseline else 1) + len(values))
+    with tempfile.TemporaryDirectory() as root, training_runs(total):  # quiet fits, one line per finished fit
         _, data_kwargs = setup_for(args.method)
         for seed in args.seeds:
             plain_data = AVDigitsDataModule(seed=seed)
@@ -127,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
                 overrides = MODEL_PARAMETER[args.method](value) if args.method in MODEL_PARAMETER and value is not None else {}
                 model = AVDigitsNet() if value is None else AVDigitsNet(**setup_for(args.method, **overrides)[0])
                 data = plain_data if value is None else method_data
-                _, val = fit(model, data, callbacks, args.epochs, f"{root}/{seed}-{value}", progress=False)
+                setting = "baseline" if value is None else f"{name}={value:g}"
+                _, val = fit(model, data, callbacks, args.epochs, f"{root}/{seed}-{value}", progress=False,
+                             label=f"seed {seed} {setting}")
                 grid.setdefault("baseline" if value is None else f"{name}={value:g}", []).append(val)
                 print(f"seed {seed} {name} {value}: best val acc {val:.4f}", flush=True)
     print(f"\n{args.method}\n\n| setting | best val acc (mean ± std) |\n|---|---|")

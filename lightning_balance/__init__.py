@@ -20,6 +20,8 @@ from lightning_balance.callbacks import (
     SampleValuation,
     StepStatistics,
 )
+from lightning_balance.compare import METHODS, Comparison, Method, compare_methods, fit_method, step_time_ratio
+from lightning_balance.diagnosis import DiagnosisReport, diagnose, plot_probes
 from lightning_balance.heads import CosineHead
 from lightning_balance.mla import MLAFusion
 from lightning_balance.mmtm import MMTM, cross_modal_off, recording_statistics
@@ -39,10 +41,25 @@ from lightning_balance.losses import (
     distill_encoder,
 )
 from lightning_balance.modality import ModalityContractError, ModalityRecord, MultimodalMixin
+from lightning_balance.progress import RunProgress, quiet
+from lightning_balance.references import AloneReferences, fit_alone
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHODS",
+    "AloneReferences",
+    "Comparison",
+    "DiagnosisReport",
+    "Method",
+    "RunProgress",
+    "compare_methods",
+    "diagnose",
+    "fit_alone",
+    "fit_method",
+    "plot_probes",
+    "quiet",
+    "step_time_ratio",
     "CMLLoss",
     "LFMLoss",
     "MBSDLoss",

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from einops import rearrange
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -99,9 +100,9 @@ def gather_samples(local: Tensor, strategy: Strategy, interleave: bool = False, 
             raise RuntimeError(f"Cannot interleave rank row counts {sizes}: an interleaving sampler gives every "
                                f"rank the same count up to one.")
         # row i of rank r is sample i*W + r; ranks with one row fewer leave a hole at the end
-        out = torch.stack(parts, dim=1).reshape(width * world, *local.shape[1:])
-        valid = (torch.arange(width)[:, None] < torch.tensor(sizes)[None, :]).reshape(-1).to(local.device)
-        out = out[valid]
+        out = rearrange(parts, "rank row ... -> (row rank) ...")
+        valid = rearrange(torch.arange(width)[None, :] < torch.tensor(sizes)[:, None], "rank row -> (row rank)")
+        out = out[valid.to(local.device)]
     else:
         out = torch.cat([p[:n] for p, n in zip(parts, sizes)])
     return out if total is None else out[:total]

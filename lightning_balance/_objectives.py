@@ -169,6 +169,28 @@ class ObjectivesMixin:
 
         return add_loss_terms(self, loss, record)
 
+    #: whether :meth:`balanced_loss` adds the unimodal losses (:meth:`add_unimodal_losses`); off by default, switched
+    #: on by a configuration or by :func:`~lightning_balance.compare_methods` for the methods that train with them.
+    balance_unimodal_losses: bool = False
+
+    def balanced_loss(self, loss: Tensor, record: Optional[ModalityRecord] = None) -> Tensor:
+        """``loss`` with every objective that balancing attached to this module: the loss terms of
+        :meth:`configure_loss_terms`, if any (:meth:`add_loss_terms`), then, when :attr:`balance_unimodal_losses` is
+        on, the unimodal losses (:meth:`add_unimodal_losses`). Without either it returns ``loss`` unchanged.
+
+        Return it from ``training_step`` (``return self.balanced_loss(loss)``) and one model serves every method,
+        callbacks and objectives alike: a configuration, or :func:`~lightning_balance.compare_methods`, switches the
+        objectives on without another change to the model.
+        """
+        self._lb_balanced_loss_called = True  # compare_methods checks that training_step returns it
+        if getattr(self, "_lb_skip_objectives", False):  # the "without" steps of step_time_ratio's A/B timing
+            return loss
+        if getattr(self, "balance_losses", None) is not None:
+            loss = self.add_loss_terms(loss, record)
+        if self.balance_unimodal_losses:
+            loss = self.add_unimodal_losses(loss, record)
+        return loss
+
     def parameter_groups(self, weight_decay: float, **group_options: Any) -> list[dict[str, Any]]:
         """The module's parameters as two optimizer groups: ``weight_decay`` on every parameter but those
         the attached loss terms exclude (a contrastive term's learnable temperature, as the CLIP recipe

@@ -214,7 +214,8 @@ class MultimodalMixin(ObjectivesMixin, _ModuleBase):
         if len(pairs) < 2:
             raise ModalityContractError(
                 f"configure_modalities needs at least two modalities to balance, got {len(pairs)}: "
-                f"{[p[0] for p in pairs]}."
+                f"{[p[0] for p in pairs]}. To train one modality alone (the reference of the diagnosis), "
+                f"declare them all on the joint model and call lightning_balance.fit_alone(model, datamodule)."
             )
         names: list[str] = []
         encoder_paths: dict[str, tuple[str, ...]] = {}

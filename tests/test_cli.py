@@ -110,3 +110,68 @@ def test_constructor_signatures_resolve(cls):
     if cls is LFMLoss:  # a loss term: LightningCLI passes it to the model as a class_path entry
         parsed = parser.parse_object({"x": {"schedule": "learnable", "horizon": 40, "lr_alpha": 1e-3}})
         assert (parsed.x.schedule, parsed.x.horizon, parsed.x.lr_alpha) == ("learnable", 40, 1e-3)
+
+
+# The gradient callbacks take GradientBalancingCallback's common arguments (window, epoch_length, nonfinite, ...)
+# through ``**kwargs``: jsonargparse follows ``super().__init__(**kwargs)`` to the base class, so LightningCLI YAML
+# sets them, types them and rejects a misspelt one. Per callback: (common argument, own argument, defaults of
+# common arguments that the callback sets itself).
+_GRADIENT_CALLBACKS = {
+    OGMGE: ({"start_step": 5}, {"alpha": 0.3}, {"end_epoch": 50}),
+    InfoReg: ({"epoch_length": 20}, {"threshold": 0.1}, {}),
+    AGM: ({"nonfinite": "skip"}, {"clamp": 5.0}, {}),
+    PMR: ({"end_step": 100}, {"fraction": 0.2}, {}),
+    MMPareto: ({"modalities": ["audio", "visual"]}, {"gamma": 1.2}, {}),
+    Greedy: ({"allow_untested_strategy": True}, {"window": 3}, {"start_epoch": 1}),
+    AMCo: ({"start_epoch": 2}, {"sigma": 0.4}, {}),
+    ModalityDropout: ({"end_epoch": 9}, {"p": 0.2}, {}),
+    OPM: ({"log_metrics": False}, {"lam": 0.3}, {"start_epoch": 6}),
+}
+
+
+def _callbacks_config(tmp_path, entries):
+    import yaml
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "max_epochs": 1, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False,
+                    "callbacks": [{"class_path": f"lightning_balance.{cls.__name__}", "init_args": args}
+                                  for cls, args in entries]},
+        "model": {"fusion": "concat"},
+    }))
+    return config
+
+
+def test_lightning_cli_sets_common_arguments_of_gradient_callbacks(tmp_path, monkeypatch):
+    from lightning.pytorch.cli import LightningCLI
+
+    from tests.helpers import TinyAV
+
+    config = _callbacks_config(tmp_path, [(cls, {**common, **own}) for cls, (common, own, _) in _GRADIENT_CALLBACKS.items()])
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    cli = LightningCLI(TinyAV, args=["--config", str(config)], run=False, save_config_callback=None,
+                       seed_everything_default=0)
+    for cls, (common, own, defaults) in _GRADIENT_CALLBACKS.items():
+        cb = next(c for c in cli.trainer.callbacks if type(c) is cls)
+        expected = {**common, **own, **defaults}
+        if "modalities" in expected:
+            expected["modalities"] = tuple(expected["modalities"])
+        assert {k: getattr(cb, k) for k in expected} == expected, cls.__name__
+
+
+@pytest.mark.parametrize("cls", list(_GRADIENT_CALLBACKS), ids=lambda c: c.__name__)
+def test_lightning_cli_rejects_misspelt_common_argument(cls, tmp_path, monkeypatch):
+    from lightning.pytorch.cli import LightningCLI
+
+    from tests.helpers import TinyAV
+
+    config = _callbacks_config(tmp_path, [(cls, {"start_epok": 1})])
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    with pytest.raises(jsonargparse.ArgumentError, match="start_epok"):
+        LightningCLI(TinyAV, args=["--config", str(config)], run=False, save_config_callback=None,
+                     seed_everything_default=0, parser_kwargs={"exit_on_error": False})
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)  # a common argument keeps the base class's type
+    parser.add_class_arguments(cls, "x")
+    with pytest.raises(jsonargparse.ArgumentError, match="end_step"):
+        parser.parse_object({"x": {"end_step": "soon"}})

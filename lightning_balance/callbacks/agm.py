@@ -4,7 +4,6 @@ Gradient Modulation", ICCV 2023)."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from typing import Any, Literal, Optional, cast
 
 import lightning.pytorch as pl
@@ -87,11 +86,9 @@ class AGM(GradientBalancingCallback):
         clamp: upper clamp of ``r̄ − r`` (official CREMA-D code 10; ``None``: no clamp).
         clip: threshold and max-norm of the clip rule (official 1.0; ``None`` disables it).
         accumulation: ``"raise"`` or ``"per_micro_batch"`` (see above).
-        nonfinite, allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback`.
-        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length: see
-            :class:`GradientBalancingCallback` (the official
-            CREMA-D code modulates its 1-based epochs 0..20, i.e. the first 20 epochs: ``start_epoch=0,
-            end_epoch=19`` here; default: no end).
+
+    Other arguments: see :class:`GradientBalancingCallback` (the official CREMA-D code modulates its 1-based
+    epochs 0..20, i.e. the first 20 epochs: ``start_epoch=0, end_epoch=19`` here; default: no end).
 
     Logged: ``balance/agm/{kappa,score,ratio,target_ratio}/<m>``; ``kappa`` is the applied coefficient (1 outside
     the window, where the running means still advance).
@@ -115,27 +112,9 @@ class AGM(GradientBalancingCallback):
         clamp: Optional[float] = 10.0,
         clip: Optional[float] = 1.0,
         accumulation: Literal["raise", "per_micro_batch"] = "raise",
-        modalities: Optional[Sequence[str]] = None,
-        start_epoch: int = 0,
-        end_epoch: Optional[int] = None,
-        nonfinite: Literal["raise", "skip"] = "raise",
-        allow_untested_strategy: bool = False,
-        log_metrics: bool = True,
-        start_step: int = 0,
-        end_step: Optional[int] = None,
-        epoch_length: Optional[int] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            modalities=modalities,
-            start_epoch=start_epoch,
-            end_epoch=end_epoch,
-            nonfinite=nonfinite,
-            allow_untested_strategy=allow_untested_strategy,
-            log_metrics=log_metrics,
-            start_step=start_step,
-            end_step=end_step,
-            epoch_length=epoch_length,
-        )
+        super().__init__(**kwargs)
         for name, value in (("alpha", alpha), ("clamp", clamp), ("clip", clip)):
             if value is None and name != "alpha":
                 continue

@@ -44,7 +44,8 @@ _ORDERS = ("auto", "interleaved", "rank")
 
 def _check_alone_probe(alone_probe: Any, name: str = "alone_probe") -> dict[str, Union[float, tuple[float, float]]]:
     """``{modality: value}`` or ``{modality: (value, standard error)}``, checked; numbers stay numbers. Values are
-    accuracies in [0, 1] for ``alone_probe``, non-negative losses for ``alone_semantic_loss``."""
+    accuracies in [0, 1] for ``alone_probe`` and ``alone_accuracy``, non-negative losses for
+    ``alone_semantic_loss``."""
     loss = name == "alone_semantic_loss"
 
     def valid(v: float) -> bool:
@@ -65,8 +66,17 @@ def _check_alone_probe(alone_probe: Any, name: str = "alone_probe") -> dict[str,
     if loss:
         raise ValueError(f"alone_semantic_loss must map modality names to non-negative losses, or to [loss, standard "
                          f"error] pairs (e.g. {{'audio': [1.21, 0.03]}}), got {alone_probe!r}.")
-    raise ValueError(f"alone_probe must map modality names to accuracies in [0, 1], or to [accuracy, standard error] "
+    raise ValueError(f"{name} must map modality names to accuracies in [0, 1], or to [accuracy, standard error] "
                      f"pairs (e.g. {{'audio': [0.62, 0.02]}}), got {alone_probe!r}.")
+
+
+def _check_accuracy(value: Any, name: str) -> Union[float, tuple[float, float]]:
+    """One accuracy in [0, 1], or ``[accuracy, standard error]`` with the SE in [0, 1), checked."""
+    try:
+        return _check_alone_probe({"_": value}, name)["_"]
+    except ValueError:
+        raise ValueError(f"{name} must be an accuracy in [0, 1], or an [accuracy, standard error] pair "
+                         f"(e.g. [0.938, 0.007]), got {value!r}.") from None
 
 
 class ModalityDiagnostics(ModalityMonitor):
@@ -119,8 +129,9 @@ class ModalityDiagnostics(ModalityMonitor):
 
     After each diagnosis a table (values with their 95% intervals) and the verdict
     (:func:`~lightning_balance.functional.imbalance_verdict`: which modality dominates, which is ignored,
-    whether an encoder is under-learned compared with training it alone, each reported only when its
-    interval excludes 0) are printed on rank 0 (``verbose``), kept in :attr:`reports`, and a PNG of
+    whether an encoder is under-learned compared with training it alone, how the fused model compares with
+    the best modality alone and the unimodal ensemble, each reported only when its interval excludes 0, and a
+    last line "Next step: ...") are printed on rank 0 (``verbose``), kept in :attr:`reports`, and a PNG of
     per-modality accuracy, probe and contribution over epochs is written to ``plot_dir`` (default
     ``<log_dir>/balance``) and sent to W&B as an image when a ``WandbLogger`` is attached. A measurement that
     cannot be made (non-finite features, fewer samples than the probe's folds need, a failing
@@ -184,6 +195,13 @@ class ModalityDiagnostics(ModalityMonitor):
             error]``. Drawn as a dotted line in the plot's semantic-loss panel.
         semantic_tolerance: the smallest semantic-loss difference (nats) that the verdict calls higher or lower
             than ``alone_semantic_loss`` (besides its 95% interval excluding 0).
+        alone_accuracy: accuracy of each modality's model trained alone **on the same samples** (the validation
+            data this callback diagnoses), an accuracy or ``[accuracy, standard error]``
+            (``lightning_balance.fit_alone`` trains these models). The verdict compares the fused accuracy with the
+            best of them (clearly above, clearly below or level with) and the table shows them as "alone acc".
+        ensemble_accuracy: accuracy on the same samples of the unimodal ensemble of those models (the product of
+            their probabilities), an accuracy or ``[accuracy, standard error]``. With it the verdict can tell
+            whether balancing has anything to gain (its last line, "Next step: ...").
     """
 
     diagnostics_prefix = "balance/diagnostics"
@@ -198,7 +216,9 @@ class ModalityDiagnostics(ModalityMonitor):
                  noise_rates: Optional[Sequence[float]] = None, polysemantic_layer: Optional[str] = None,
                  polysemantic_threshold: float = 0.5,
                  alone_semantic_loss: Optional[dict[str, Union[float, tuple[float, float]]]] = None,
-                 semantic_tolerance: float = 0.05) -> None:
+                 semantic_tolerance: float = 0.05,
+                 alone_accuracy: Optional[dict[str, Union[float, tuple[float, float]]]] = None,
+                 ensemble_accuracy: Optional[Union[float, tuple[float, float]]] = None) -> None:
         super().__init__(missing=missing, prefix=prefix)
         for name, value in (("robustness_rates", robustness_rates), ("noise_rates", noise_rates)):
             if value is not None and (isinstance(value, (str, bytes)) or not hasattr(value, "__iter__")):
@@ -246,6 +266,10 @@ class ModalityDiagnostics(ModalityMonitor):
             alone_probe = _check_alone_probe(alone_probe)
         if alone_semantic_loss is not None:
             alone_semantic_loss = _check_alone_probe(alone_semantic_loss, "alone_semantic_loss")
+        if alone_accuracy is not None:
+            alone_accuracy = _check_alone_probe(alone_accuracy, "alone_accuracy")
+        if ensemble_accuracy is not None:
+            ensemble_accuracy = _check_accuracy(ensemble_accuracy, "ensemble_accuracy")
         if plot:
             try:
                 import matplotlib  # noqa: F401
@@ -258,6 +282,8 @@ class ModalityDiagnostics(ModalityMonitor):
         self.max_samples = max_samples
         self.alone_probe = alone_probe
         self.alone_semantic_loss = alone_semantic_loss
+        self.alone_accuracy = alone_accuracy
+        self.ensemble_accuracy = ensemble_accuracy
         self.tolerance = float(tolerance)
         self.semantic_tolerance = float(semantic_tolerance)
         self.bootstrap = bootstrap
@@ -293,7 +319,7 @@ class ModalityDiagnostics(ModalityMonitor):
                     f"ModalityDiagnostics(polysemantic_layer={self.polysemantic_layer!r}): {type(pl_module).__name__} has "
                     f"no such submodule{' (did you mean ' + ', '.join(map(repr, close)) + '?)' if close else ''}; give "
                     f"the attribute path of a layer inside the fusion, as in named_modules().") from None
-        for reference in (self.alone_probe, self.alone_semantic_loss):
+        for reference in (self.alone_probe, self.alone_semantic_loss, self.alone_accuracy):
             for m in reference or ():
                 cast("MultimodalMixin", pl_module).check_modality(m)
 
@@ -564,8 +590,9 @@ class ModalityDiagnostics(ModalityMonitor):
                 f"{values['seconds/total']:.2f} s)")
         verdict = imbalance_verdict(values, modalities, self.alone_probe, self.tolerance,
                                     alone_semantic_loss=self.alone_semantic_loss,
-                                    semantic_tolerance=self.semantic_tolerance)
-        table = diagnostics_table(values, modalities, self.alone_probe)
+                                    semantic_tolerance=self.semantic_tolerance, alone_accuracy=self.alone_accuracy,
+                                    ensemble_accuracy=self.ensemble_accuracy)
+        table = diagnostics_table(values, modalities, self.alone_probe, alone_accuracy=self.alone_accuracy)
         lines = [head, table, *("  " + line for line in verdict)]
         if self.robustness_rates:
             rates = ", ".join(f"{r:g}" for r in self.robustness_rates)

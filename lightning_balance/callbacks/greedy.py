@@ -67,9 +67,9 @@ class Greedy(GradientBalancingCallback):
             elsewhere in the contract (typically its classifier inside the fusion: ``{"audio": "head.heads.audio"}``);
             counted in the main path, as the official branch includes its ``fc``. ``"unimodal_heads"``: the unimodal
             heads declared in ``configure_modalities(unimodal="heads", unimodal_heads=...)``.
-        modalities: the modalities the MMTMs connect (default all declared; each MMTM must connect exactly these).
-        end_epoch, start_step, end_step, epoch_length, nonfinite, allow_untested_strategy, log_metrics: see
-            :class:`~lightning_balance.GradientBalancingCallback`.
+
+    Other arguments: see :class:`~lightning_balance.GradientBalancingCallback` (``modalities``: the modalities the
+    MMTMs connect, default all declared; each MMTM must connect exactly these).
 
     Logged: ``balance/greedy/d_bdr`` (:math:`\mathrm{BDR}_0 - \mathrm{BDR}_1`; the max-min spread for ``M > 2``),
     ``balance/greedy/bdr/<m>``, ``balance/greedy/rebalancing`` (1 inside a window), ``balance/greedy/caring`` (the
@@ -90,18 +90,9 @@ class Greedy(GradientBalancingCallback):
         mode: Literal["guided", "random"] = "guided",
         seed: Optional[int] = None,
         branch_heads: Union[Mapping[str, str], Literal["unimodal_heads"], None] = None,
-        modalities: Optional[Sequence[str]] = None,
-        end_epoch: Optional[int] = None,
-        start_step: int = 0,
-        end_step: Optional[int] = None,
-        epoch_length: Optional[int] = None,
-        nonfinite: Literal["raise", "skip"] = "raise",
-        allow_untested_strategy: bool = False,
-        log_metrics: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(modalities=modalities, start_epoch=start_epoch, end_epoch=end_epoch, start_step=start_step,
-                         end_step=end_step, epoch_length=epoch_length, nonfinite=nonfinite,
-                         allow_untested_strategy=allow_untested_strategy, log_metrics=log_metrics)
+        super().__init__(start_epoch=start_epoch, **kwargs)
         if not (is_number(epsilon) and epsilon >= 0.0):
             raise ValueError(f"epsilon must be a number >= 0 (the BDR gap that starts re-balancing), got {epsilon!r}.")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:

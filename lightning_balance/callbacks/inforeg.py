@@ -81,11 +81,10 @@ class InfoReg(GradientBalancingCallback):
         score: ``"sum"`` (official: batch sums, so ``tanh`` of their difference saturates and
             ``β ≈ c·e`` whenever one modality leads) or ``"mean"``.
         unimodal_losses: require the unimodal losses in the objective (the published recipe).
-        nonfinite, allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback`.
-        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length: see
-            :class:`GradientBalancingCallback` (the official
-            code regulates in every epoch). With ``epoch_length``, the trace history, the snapshot and
-            the window are per block of that many optimizer steps.
+
+    Other arguments: see :class:`GradientBalancingCallback` (the official code regulates in every epoch: the
+    default window). With ``epoch_length``, the trace history, the snapshot and the window are per block of that
+    many optimizer steps.
 
     Logged: ``balance/inforeg/confidence/<m>`` and ``balance/inforeg/beta/<m>`` per logged step;
     ``balance/inforeg/trace/<m>``, ``balance/inforeg/window_k/<m>`` and ``balance/inforeg/window_open/<m>``
@@ -124,27 +123,9 @@ class InfoReg(GradientBalancingCallback):
         window_from: str = "first",
         score: Literal["sum", "mean"] = "sum",
         unimodal_losses: bool = True,
-        modalities: Optional[Sequence[str]] = None,
-        start_epoch: int = 0,
-        end_epoch: Optional[int] = None,
-        nonfinite: Literal["raise", "skip"] = "raise",
-        allow_untested_strategy: bool = False,
-        log_metrics: bool = True,
-        start_step: int = 0,
-        end_step: Optional[int] = None,
-        epoch_length: Optional[int] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            modalities=modalities,
-            start_epoch=start_epoch,
-            end_epoch=end_epoch,
-            nonfinite=nonfinite,
-            allow_untested_strategy=allow_untested_strategy,
-            log_metrics=log_metrics,
-            start_step=start_step,
-            end_step=end_step,
-            epoch_length=epoch_length,
-        )
+        super().__init__(**kwargs)
         if isinstance(strength, Mapping):
             bad = {k: v for k, v in strength.items() if not is_number(v) or v < 0}
             if bad or not strength:

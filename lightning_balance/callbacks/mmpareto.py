@@ -3,8 +3,7 @@ Assistance", ICML 2024)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal, Optional, cast
+from typing import Any, Optional, cast
 
 import lightning.pytorch as pl
 import torch
@@ -72,9 +71,8 @@ class MMPareto(GradientBalancingCallback):
 
     Args:
         gamma: amplification γ (official 1.5).
-        nonfinite, allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback`.
-        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length: see
-            :class:`GradientBalancingCallback`.
+
+    Other arguments: see :class:`GradientBalancingCallback`.
 
     Logged: ``balance/mmpareto/cos/<m>``, ``balance/mmpareto/w_mm/<m>``, ``balance/mmpareto/conflict/<m>``
     (this step, 0 or 1), ``balance/mmpareto/stationary/<m>`` (0 or 1) and ``balance/mmpareto/conflict_rate/<m>`` (share of the edited steps so far with
@@ -100,27 +98,9 @@ class MMPareto(GradientBalancingCallback):
     def __init__(
         self,
         gamma: float = 1.5,
-        modalities: Optional[Sequence[str]] = None,
-        start_epoch: int = 0,
-        end_epoch: Optional[int] = None,
-        nonfinite: Literal["raise", "skip"] = "raise",
-        allow_untested_strategy: bool = False,
-        log_metrics: bool = True,
-        start_step: int = 0,
-        end_step: Optional[int] = None,
-        epoch_length: Optional[int] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            modalities=modalities,
-            start_epoch=start_epoch,
-            end_epoch=end_epoch,
-            nonfinite=nonfinite,
-            allow_untested_strategy=allow_untested_strategy,
-            log_metrics=log_metrics,
-            start_step=start_step,
-            end_step=end_step,
-            epoch_length=epoch_length,
-        )
+        super().__init__(**kwargs)
         if not is_number(gamma) or gamma <= 0:
             raise ValueError(f"gamma must be a number > 0, got {gamma!r}.")
         self.gamma = float(gamma)

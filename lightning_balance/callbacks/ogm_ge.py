@@ -3,7 +3,7 @@ Gradient Modulation", CVPR 2022)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal, Optional, Union, cast
 
 import lightning.pytorch as pl
@@ -73,13 +73,13 @@ class OGMGE(GradientBalancingCallback):
             or a mapping modality → one of these, to choose per modality (e.g. a Conv1d audio encoder and an
             MLP visual encoder: ``{"audio": "conv", "visual": "weights"}``). Biases and normalisation
             parameters are edited only with ``"all"``.
-        modalities: modalities to balance (default: all declared).
-        start_epoch: first epoch with modulation (official default 0).
-        end_epoch: last epoch with modulation, inclusive (official default 50); ``None`` for no end.
+        end_epoch: last epoch with modulation, inclusive (official default 50, so this default differs from the
+            base class's ``None``); ``None`` for no end.
         eps: lower clamp of the scores.
         seed: seed of the noise stream; ``None`` draws one on rank 0 from torch's global RNG (so
             ``seed_everything`` makes runs reproducible) and broadcasts it.
-        nonfinite, allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback`.
+
+    Other arguments: see :class:`GradientBalancingCallback` (the default ``start_epoch=0`` is the official one).
 
     Logged on the steps that reach the loggers (the Trainer's ``log_every_n_steps``):
     ``balance/ogm/confidence/<m>`` (mean true-class probability ``s_m / N``), ``balance/ogm/ratio/<m>``
@@ -103,29 +103,12 @@ class OGMGE(GradientBalancingCallback):
         alpha: float = 0.1,
         noise: bool = True,
         params: Union[ParamRule, Mapping[str, ParamRule]] = "auto",
-        modalities: Optional[Sequence[str]] = None,
-        start_epoch: int = 0,
         end_epoch: Optional[int] = 50,
         eps: float = 1e-8,
         seed: Optional[int] = None,
-        nonfinite: Literal["raise", "skip"] = "raise",
-        allow_untested_strategy: bool = False,
-        log_metrics: bool = True,
-        start_step: int = 0,
-        end_step: Optional[int] = None,
-        epoch_length: Optional[int] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            modalities=modalities,
-            start_epoch=start_epoch,
-            end_epoch=end_epoch,
-            nonfinite=nonfinite,
-            allow_untested_strategy=allow_untested_strategy,
-            log_metrics=log_metrics,
-            start_step=start_step,
-            end_step=end_step,
-            epoch_length=epoch_length,
-        )
+        super().__init__(end_epoch=end_epoch, **kwargs)
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0:
             raise ValueError(f"alpha must be a number >= 0, got {alpha!r}.")
         rules = ("auto", *_PARAM_RULES)

@@ -4,7 +4,6 @@ Learning", CVPR 2023)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any, Literal, Optional, cast
 
 import lightning.pytorch as pl
@@ -79,11 +78,10 @@ class PMR(GradientBalancingCallback):
         fraction: share of the epoch's training batches used by ``prototypes="pass"`` (official 0.1: the first
             ``len(loader) // 10`` batches, at least one).
         accumulation: ``"raise"`` or ``"per_micro_batch"``.
-        nonfinite, allow_untested_strategy, log_metrics: see :class:`GradientBalancingCallback`.
-        modalities, start_epoch, end_epoch, start_step, end_step, epoch_length: see
-            :class:`GradientBalancingCallback` (official
-            modulation epochs 0–100). With ``epoch_length``, prototypes are recomputed every
-            ``epoch_length`` optimizer steps and ``entropy_epochs`` counts those blocks: for training by steps.
+
+    Other arguments: see :class:`GradientBalancingCallback` (official modulation epochs 0–100). With
+    ``epoch_length``, prototypes are recomputed every ``epoch_length`` optimizer steps and ``entropy_epochs``
+    counts those blocks: for training by steps.
 
     Logged: ``balance/pmr/{score,pce_weight,entropy_weight}/<m>`` (score: mean prototype probability of
     the true class).
@@ -108,27 +106,9 @@ class PMR(GradientBalancingCallback):
         prototypes: Literal["pass", "steps"] = "pass",
         fraction: float = 0.1,
         accumulation: Literal["raise", "per_micro_batch"] = "raise",
-        modalities: Optional[Sequence[str]] = None,
-        start_epoch: int = 0,
-        end_epoch: Optional[int] = None,
-        nonfinite: Literal["raise", "skip"] = "raise",
-        allow_untested_strategy: bool = False,
-        log_metrics: bool = True,
-        start_step: int = 0,
-        end_step: Optional[int] = None,
-        epoch_length: Optional[int] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            modalities=modalities,
-            start_epoch=start_epoch,
-            end_epoch=end_epoch,
-            nonfinite=nonfinite,
-            allow_untested_strategy=allow_untested_strategy,
-            log_metrics=log_metrics,
-            start_step=start_step,
-            end_step=end_step,
-            epoch_length=epoch_length,
-        )
+        super().__init__(**kwargs)
         for name, value in (("alpha", alpha), ("entropy_weight", entropy_weight)):
             if not is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}.")

@@ -577,25 +577,65 @@ def _reference(value: Reference) -> tuple[float, float]:
     return float(mean), float(se)
 
 
+# The project's own evidence behind the verdict's "Next step:" line. Source: docs/which_method.md (§1 and §2; the
+# numbers are fused test accuracies of docs/results.md, means over 5 seeds, small MLPs on CPU). Measurements on two
+# benchmarks, quoted as such, not a promise for another model or data set.
+_EVIDENCE: dict[str, dict[str, float]] = {
+    # AV-Digits: the audio encoder is under-learned by joint training (probe 0.47 vs 0.62 trained alone)
+    "av_digits": {"baseline": 0.924, "ensemble": 0.938, "unimodal_losses_split_head": 0.946, "cml": 0.951,
+                  "lfm": 0.962, "umt": 0.942},
+    # synthetic: no encoder under-learned and the joint model level with the unimodal ensemble; no method moved
+    # fused accuracy beyond the seed spread
+    "synthetic": {"baseline": 0.692, "ensemble": 0.687},
+}
+
+#: a contribution or standard error this close to 0 is 0 (floating-point residue of a difference of accuracies)
+_ZERO = 1e-12
+
+
+#: the kinds of the verdict's next step (:func:`next_step`), in the order the verdict checks them
+NEXT_STEPS = ("train", "ensemble", "own_signal", "ensemble_or_own_signal", "nothing", "need_ensemble",
+              "need_references")
+
+
+def next_step(values: Mapping[str, float], modalities: Sequence[str], *args: Any, **kwargs: Any) -> tuple[str, str]:
+    """The verdict's suggested next step as ``(kind, text)``: the arguments of :func:`imbalance_verdict`; ``kind`` is
+    one of :data:`NEXT_STEPS` (``"train"``: not above chance yet; ``"ensemble"``: the fused model is clearly below
+    the best modality alone; ``"own_signal"``: an encoder is under-learned, or an informative modality ignored;
+    ``"ensemble_or_own_signal"``: the ensemble beats the fused model, no encoder clearly under-learned;
+    ``"nothing"``: probably nothing to gain; ``"need_ensemble"`` / ``"need_references"``: a reference is missing),
+    ``text`` its line without the ``"Next step: "`` prefix."""
+    lines, kind = _verdict(values, modalities, *args, **kwargs)
+    return kind, lines[-1][len("Next step: "):]
+
+
 def imbalance_verdict(values: Mapping[str, float], modalities: Sequence[str],
                       alone_probe: Optional[Mapping[str, Reference]] = None, tolerance: float = 0.02,
                       z: float = Z95, alone_semantic_loss: Optional[Mapping[str, Reference]] = None,
-                      semantic_tolerance: float = 0.05) -> list[str]:
+                      semantic_tolerance: float = 0.05, *, alone_accuracy: Optional[Mapping[str, Reference]] = None,
+                      ensemble_accuracy: Optional[Reference] = None) -> list[str]:
     r"""A short verdict a person can act on, from :func:`collapse_diagnostics` values, that reports a finding
-    only when it is clearly larger than the noise of the samples it was measured on.
+    only when it is clearly larger than the noise of the samples it was measured on, and ends with one line
+    ``"Next step: ..."``: what to try, from the project's own evidence (docs/which_method.md), with the
+    interval of the finding it rests on.
 
     With ``I(x) = [x − z·SE, x + z·SE]`` the 95% normal interval (``z`` = 1.96) of a quantity and its standard
-    error (``*_se`` keys; missing or NaN ones count as 0, and a last line says so):
+    error (``*_se`` keys; missing or NaN ones count as 0, and a line says so):
 
+    * **chance**: a first line warns when the fused accuracy's interval reaches down to the accuracy of always
+      predicting the most frequent class (``acc_majority``): the model has not learned the task, so the
+      dominance, ignored and contribution lines (they would describe noise) are left out, and the next step is
+      to train it.
     * **dominates**: the modality with the largest contribution dominates when ``I(contribution_lead)``, the
       interval of its lead over the second largest (from the bootstrap replicates of the difference), excludes
-      0; otherwise "no modality clearly dominates".
+      0; otherwise "no modality clearly dominates". When every contribution and its SE are 0 (the fused accuracy
+      equals the accuracy with every modality removed: the predictions do not depend on the inputs) a line says
+      so instead, and the next step is to train; a non-finite contribution is reported as undefined, with no
+      dominance line.
     * **ignored**: ``m`` is ignored when the upper ends of ``I(contribution/m)`` and ``I(drop/m)`` (the accuracy
       lost without ``m``) are both ``≤ tolerance``: even the largest contribution compatible with the samples
       is negligible. A contribution whose interval includes 0 but reaches above ``tolerance`` is reported as
       not distinguishable from 0.
-    * **chance**: a first line warns when the fused accuracy's interval reaches down to the accuracy of always
-      predicting the most frequent class (``acc_majority``): then the other lines describe an untrained model.
     * **under-learned**: for each modality in ``alone_probe`` (an accuracy, or ``(accuracy, SE)`` e.g. the
       ``probe_se`` of the trained-alone run), the gap ``alone − probe`` with
       :math:`SE = \sqrt{SE_{probe}^2 + SE_{alone}^2}` (independent samples; a bare number has SE 0, i.e. it is
@@ -607,9 +647,37 @@ def imbalance_verdict(values: Mapping[str, float], modalities: Sequence[str],
       same encoder trained with its own unimodal loss), the excess ``joint − alone`` with its interval; "higher"
       (or "lower") than with its own loss only when that interval excludes 0 **and** the excess is larger than
       ``semantic_tolerance`` nats in size; otherwise no clear difference, with the reason.
+    * **against training alone**: ``alone_accuracy`` (each modality's model trained alone: its accuracy on the
+      same samples, an accuracy or ``(accuracy, SE)``) and ``ensemble_accuracy`` (the unimodal ensemble of those
+      models, the product of their probabilities, on the same samples) are compared with ``acc_fused``: the
+      best modality alone (named) and the ensemble each get the gap ``fused − reference`` with
+      :math:`SE = \sqrt{SE_{fused}^2 + SE_{ref}^2}`. That formula treats the two accuracies as measured on
+      independent samples; on the same samples their errors are positively correlated, so the true SE of the gap
+      is smaller and the interval is conservative (a gap it calls clear is clear). "clearly above" (or "clearly
+      below") when ``I(gap)`` excludes 0 **and** ``|gap| > tolerance``; otherwise "level with (no clear
+      difference)", with the reason.
+
+    The next step, first that applies: not clearly above chance (or every contribution 0) → train further;
+    fused clearly below the best modality alone → the unimodal ensemble or ``UMTLoss``
+    (:func:`~lightning_balance.losses.choose_ume_or_umt` chooses on validation) before balancing; an encoder
+    under-learned, or a modality ignored although alone it is clearly above ``acc_majority`` → its own learning
+    signal (unimodal losses; ``CMLLoss`` when modalities can be missing at test); fused clearly below the ensemble
+    → ``UMTLoss`` or unimodal losses (weaker evidence); level with or above the ensemble → probably nothing to
+    gain from balancing; without these references the verdict says it cannot tell (train the references with
+    ``lightning_balance.fit_alone``).
     """
+    return _verdict(values, modalities, alone_probe, tolerance, z, alone_semantic_loss, semantic_tolerance,
+                    alone_accuracy=alone_accuracy, ensemble_accuracy=ensemble_accuracy)[0]
+
+
+def _verdict(values: Mapping[str, float], modalities: Sequence[str],
+                      alone_probe: Optional[Mapping[str, Reference]] = None, tolerance: float = 0.02,
+                      z: float = Z95, alone_semantic_loss: Optional[Mapping[str, Reference]] = None,
+                      semantic_tolerance: float = 0.05, *, alone_accuracy: Optional[Mapping[str, Reference]] = None,
+                      ensemble_accuracy: Optional[Reference] = None) -> tuple[list[str], str]:
+    """:func:`imbalance_verdict`'s lines and the kind of its next step (:data:`NEXT_STEPS`)."""
     names = list(modalities)
-    phi = {m: values[f"contribution/{m}"] for m in names}
+    phi = {m: float(values.get(f"contribution/{m}", math.nan)) for m in names}
     missing_se: list[str] = []
 
     def se(key: str) -> float:
@@ -622,52 +690,85 @@ def imbalance_verdict(values: Mapping[str, float], modalities: Sequence[str],
     def pm(x: float, err: float) -> str:
         return f"{x:.3f} ± {z * err:.3f}" if err > 0 else f"{x:.3f}"
 
+    def signed(x: float, err: float) -> str:
+        return f"{x:+.3f} ± {z * err:.3f}" if err > 0 else f"{x:+.3f}"
+
+    def listing(items: Sequence[str]) -> str:
+        return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
     lines = []
+    acc = float(values.get("acc_fused", math.nan))
     majority = values.get("acc_majority")
-    if majority is not None and math.isfinite(majority):
-        acc, acc_err = values["acc_fused"], se("acc_fused_se")
-        if acc - z * acc_err <= majority:
-            lines.append(f"The fused model is not clearly above chance yet (accuracy {pm(acc, acc_err)} vs {majority:.3f} "
-                         f"for always predicting the most frequent class): what follows describes a model that has "
-                         f"not learned the task, not an imbalance.")
-    if len(names) > 1:
-        ranked = sorted(names, key=phi.__getitem__, reverse=True)
-        lead, second = ranked[0], ranked[1]
-        diff = values.get("contribution_lead", phi[lead] - phi[second])
-        diff_se = se("contribution_lead_se")
-        contrib = {m: pm(phi[m], se(f"contribution_se/{m}")) for m in names}
-        if diff - z * diff_se > 0:
-            others = ", ".join(f"{m} {contrib[m]}" for m in names if m != lead)
-            ratio = values.get("contribution_ratio", math.inf)
-            ratio_text = f"ratio {ratio:.1f}" if math.isfinite(ratio) else "ratio unbounded"
-            lines.append(f"{lead} dominates: Shapley contribution to accuracy {contrib[lead]} vs {others} "
-                         f"({ratio_text}; lead {pm(diff, diff_se)}).")
-        else:
+    chance_known = majority is not None and math.isfinite(majority)
+    references = bool(alone_accuracy) or ensemble_accuracy is not None
+    acc_err = se("acc_fused_se") if chance_known or references else 0.0
+    untrained = False
+    if majority is not None and chance_known and acc - z * acc_err <= majority:
+        untrained = True
+        lines.append(f"The fused model is not clearly above chance yet (accuracy {pm(acc, acc_err)} vs {majority:.3f} "
+                     f"for always predicting the most frequent class): it has not learned the task, so its modality "
+                     f"contributions would describe noise and are left out.")
+    finite = [m for m in names if math.isfinite(phi[m])]
+    zero = False
+    ignored: list[str] = []
+    if not untrained:
+        contrib = {m: pm(phi[m], se(f"contribution_se/{m}")) for m in finite}
+        zero = len(finite) == len(names) and all(
+            abs(phi[m]) <= _ZERO and abs(se(f"contribution_se/{m}")) <= _ZERO for m in names)
+        if len(finite) < len(names):
+            undefined = [m for m in names if m not in finite]
+            of = f"contribution of {undefined[0]} is" if len(undefined) == 1 else f"contributions of {listing(undefined)} are"
+            lines.append(f"The Shapley {of} undefined (not finite): which modality dominates cannot be read from "
+                         f"these values.")
+        elif zero:
             listed = ", ".join(f"{m} {contrib[m]}" for m in names)
-            lines.append(f"No modality clearly dominates: Shapley contributions to accuracy {listed}; the lead of "
-                         f"{lead} over {second}, {pm(diff, diff_se)}, is not clearly above 0 (its 95% interval "
-                         f"includes 0).")
-    for m in names:
-        phi_se = se(f"contribution_se/{m}")
-        drop = values.get(f"drop/{m}", values["acc_fused"] - values[f"acc_without/{m}"])
-        drop_se = se(f"drop_se/{m}")
-        if phi[m] + z * phi_se <= tolerance and drop + z * drop_se <= tolerance:
-            lines.append(f"{m} is IGNORED: contribution {pm(phi[m], phi_se)}, accuracy without it drops only "
-                         f"{pm(drop, drop_se)}.")
-        elif phi[m] - z * phi_se <= 0 < phi[m] + z * phi_se:
-            lines.append(f"{m}: contribution {pm(phi[m], phi_se)} is not distinguishable from 0 with these samples, "
-                         f"nor shown to be below the tolerance {tolerance:g}; more samples would tell.")
+            lines.append(f"Every Shapley contribution is 0 ({listed}): the fused accuracy equals the accuracy with "
+                         f"every modality removed, so the predictions do not depend on the inputs; no modality "
+                         f"dominates or is singled out as ignored.")
+        elif len(names) > 1:
+            ranked = sorted(names, key=phi.__getitem__, reverse=True)
+            lead, second = ranked[0], ranked[1]
+            diff = float(values.get("contribution_lead", math.nan))
+            if not math.isfinite(diff):
+                diff = phi[lead] - phi[second]
+            diff_se = se("contribution_lead_se")
+            if diff - z * diff_se > 0 and diff > _ZERO:
+                others = ", ".join(f"{m} {contrib[m]}" for m in names if m != lead)
+                ratio = values.get("contribution_ratio", math.inf)
+                ratio_text = f"ratio {ratio:.1f}" if math.isfinite(ratio) else "ratio unbounded"
+                lines.append(f"{lead} dominates: Shapley contribution to accuracy {contrib[lead]} vs {others} "
+                             f"({ratio_text}; lead {pm(diff, diff_se)}).")
+            else:
+                listed = ", ".join(f"{m} {contrib[m]}" for m in names)
+                lines.append(f"No modality clearly dominates: Shapley contributions to accuracy {listed}; the lead of "
+                             f"{lead} over {second}, {pm(diff, diff_se)}, is not clearly above 0 (its 95% interval "
+                             f"includes 0).")
+        for m in finite if not zero else ():
+            phi_se = se(f"contribution_se/{m}")
+            drop = values.get(f"drop/{m}", acc - values.get(f"acc_without/{m}", math.nan))
+            drop_se = se(f"drop_se/{m}")
+            if phi[m] + z * phi_se <= tolerance and drop + z * drop_se <= tolerance:
+                ignored.append(m)
+                lines.append(f"{m} is IGNORED: contribution {pm(phi[m], phi_se)}, accuracy without it drops only "
+                             f"{pm(drop, drop_se)}.")
+            elif phi[m] - z * phi_se <= 0 < phi[m] + z * phi_se:
+                lines.append(f"{m}: contribution {pm(phi[m], phi_se)} is not distinguishable from 0 with these "
+                             f"samples, nor shown to be below the tolerance {tolerance:g}; more samples would tell.")
+    under: list[tuple[str, float, float]] = []
+    checked: set[str] = set()
     for m in names:
         if f"probe/{m}" not in values or not math.isfinite(values[f"probe/{m}"]):
             continue
         probe = values[f"probe/{m}"]
         probe_se = se(f"probe_se/{m}")
         if alone_probe and m in alone_probe:
+            checked.add(m)
             ref, ref_se = _reference(alone_probe[m])
             gap = ref - probe
             gap_se = math.sqrt(probe_se**2 + ref_se**2)
             low, high = gap - z * gap_se, gap + z * gap_se
             if low > 0 and gap > tolerance:
+                under.append((m, gap, gap_se))
                 state = f"UNDER-LEARNED by joint training ({pm(gap, gap_se)} below)"
             elif high <= tolerance:
                 state = "learned as well as alone"
@@ -695,20 +796,119 @@ def imbalance_verdict(values: Mapping[str, float], modalities: Sequence[str],
                     state = f"no clear difference ({why})"
                 text += f" vs {pm(ref, ref_se)} with its own loss ({pm(excess, excess_se)}: {state})"
             lines.append(text + ".")
+
+    def compare(ref: float, ref_se: float) -> tuple[str, float, float, str]:
+        """``(state, gap, SE, text)`` of ``fused − ref``; state "above", "below" or "level"."""
+        gap, gap_se = acc - ref, math.sqrt(acc_err**2 + ref_se**2)
+        low, high = gap - z * gap_se, gap + z * gap_se
+        if low > 0 and gap > tolerance:
+            return "above", gap, gap_se, "clearly above"
+        if high < 0 and -gap > tolerance:
+            return "below", gap, gap_se, "clearly below"
+        why = "its 95% interval includes 0" if low <= 0 <= high else f"within the tolerance {tolerance:g}"
+        return "level", gap, gap_se, f"level with (no clear difference: {why})"
+
+    alone = {m: _reference(v) for m, v in (alone_accuracy or {}).items()}
+    alone = {m: r for m, r in alone.items() if math.isfinite(r[0])}
+    ensemble = _reference(ensemble_accuracy) if ensemble_accuracy is not None else None
+    vs_alone: Optional[tuple[str, float, float, str]] = None
+    vs_ensemble: Optional[tuple[str, float, float, str]] = None
+    best = max(alone, key=lambda m: alone[m][0]) if alone else ""
+    if (alone or ensemble is not None) and not math.isfinite(acc):
+        lines.append("The fused accuracy is not in these values: no comparison with the trained-alone references.")
+    elif alone:
+        vs_alone = compare(*alone[best])
+        of = "" if set(names) <= set(alone) else ", of those given"
+        lines.append(f"Fused model vs the best modality trained alone ({best}{of}): accuracy {pm(acc, acc_err)} vs "
+                     f"{pm(*alone[best])}, gap {signed(vs_alone[1], vs_alone[2])} -> {vs_alone[3]}.")
+    if ensemble is not None and math.isfinite(acc) and math.isfinite(ensemble[0]):
+        vs_ensemble = compare(*ensemble)
+        lines.append(f"Fused model vs the unimodal ensemble (product of the alone models' probabilities): accuracy "
+                     f"{pm(acc, acc_err)} vs {pm(*ensemble)}, gap {signed(vs_ensemble[1], vs_ensemble[2])} -> "
+                     f"{vs_ensemble[3]}.")
     if missing_se:
         lines.append("(Some standard errors are missing from these values, e.g. "
                      f"{missing_se[0]!r}: those gaps are compared with the tolerance only, not with their noise.)")
-    return lines
+
+    # the next step: the first case that applies, in the order of docs/which_method.md
+    av, syn = _EVIDENCE["av_digits"], _EVIDENCE["synthetic"]
+    informative: list[tuple[str, str]] = []  # ignored by the fusion, yet clearly above chance alone
+    for m in ignored:
+        ref_value = (alone_accuracy or {}).get(m, (alone_probe or {}).get(m))
+        if ref_value is not None and majority is not None and chance_known:
+            ref, ref_se = _reference(ref_value)
+            if ref - z * ref_se > majority:
+                informative.append((m, f"{m} is ignored, yet alone scores {pm(ref, ref_se)} vs {majority:.3f} for "
+                                       f"the most frequent class"))
+    if untrained or zero:
+        why = (f"the fused accuracy {pm(acc, acc_err)} is not clearly above {majority:.3f}, and the imbalance "
+               f"diagnosis needs a model above chance" if untrained else
+               "the model's predictions do not depend on the inputs (every contribution 0), and the imbalance diagnosis "
+               "needs a model that uses them")
+        kind = "train"
+        step = f"train further (more epochs; check the learning rate): {why}."
+    elif vs_alone is not None and vs_alone[0] == "below":
+        kind = "ensemble"
+        step = (f"joint training loses to {best} alone (gap {signed(vs_alone[1], vs_alone[2])}): use the unimodal "
+                f"ensemble or UMTLoss (lightning_balance.losses.choose_ume_or_umt chooses between them on "
+                f"validation) before any balancing method.")
+    elif under or informative:
+        targets = [m for m, _, _ in under] + [m for m, _ in informative]
+        findings = [f"{m} probe {pm(gap, gap_se)} below trained alone" for m, gap, gap_se in under]
+        findings += [text for _, text in informative]
+        who = f"the {targets[0]} encoder" if len(targets) == 1 else f"each of the {listing(targets)} encoders"
+        kind = "own_signal"
+        step = (f"give {who} its own learning signal "
+                f"({'; '.join(findings)}): start with unimodal losses (`return self.add_unimodal_losses(loss)`, or "
+                f"`self.balance_unimodal_losses = True` with `balanced_loss`), or "
+                f"CMLLoss if modalities can be missing at test{'; check the fusion capacity' if informative else ''}. "
+                f"On AV-Digits (5 seeds) fused accuracy went from {av['baseline']:.3f} to "
+                f"{av['unimodal_losses_split_head']:.3f} with unimodal losses through the split head, "
+                f"{av['cml']:.3f} with CML and {av['lfm']:.3f} with LFMLoss (docs/which_method.md §2).")
+    elif vs_ensemble is not None and vs_ensemble[0] == "below":
+        kind = "ensemble_or_own_signal"
+        step = (f"the unimodal ensemble beats the fused model (gap {signed(vs_ensemble[1], vs_ensemble[2])}) though "
+                f"no encoder is clearly under-learned: try UMTLoss or unimodal losses (`add_unimodal_losses`), or "
+                f"use the ensemble itself; weaker evidence than an under-learned encoder (on AV-Digits, where one was, "
+                f"UMT reached {av['umt']:.3f} and split-head unimodal losses {av['unimodal_losses_split_head']:.3f} "
+                f"from {av['baseline']:.3f}).")
+    elif vs_ensemble is not None:
+        unchecked = [m for m in names if m not in checked]
+        no_under = ("no encoder is clearly under-learned" if not unchecked else
+                    f"no encoder is shown under-learned (no alone_probe for {listing(unchecked)}: pass it to check)")
+        where = "level with" if vs_ensemble[0] == "level" else "clearly above"
+        kind = "nothing"
+        step = (f"probably nothing to gain from balancing: {no_under} and the fused model is {where} the unimodal "
+                f"ensemble (gap {signed(vs_ensemble[1], vs_ensemble[2])}). That is the synthetic setting of "
+                f"docs/which_method.md (joint {syn['baseline']:.3f} vs ensemble {syn['ensemble']:.3f}), where no "
+                f"method changed fused accuracy beyond the seed spread.")
+    elif vs_alone is not None:
+        where = "level with" if vs_alone[0] == "level" else "clearly above"
+        kind = "need_ensemble"
+        step = (f"the fused model is {where} {best} alone (gap {signed(vs_alone[1], vs_alone[2])}); whether "
+                f"balancing can gain more needs the unimodal ensemble: pass ensemble_accuracy (the product of the "
+                f"alone models' probabilities, on the same samples).")
+    else:
+        probes = "" if alone_probe else " (and alone_probe)"
+        kind = "need_references"
+        step = ("without trained-alone references the verdict cannot tell whether there is anything to gain: train "
+                "each modality alone (lightning_balance.fit_alone) and pass alone_accuracy and "
+                f"ensemble_accuracy{probes}.")
+    lines.append("Next step: " + step)
+    return lines, kind
 
 
 def diagnostics_table(values: Mapping[str, float], modalities: Sequence[str],
-                      alone_probe: Optional[Mapping[str, Reference]] = None, z: float = Z95) -> str:
+                      alone_probe: Optional[Mapping[str, Reference]] = None, z: float = Z95, *,
+                      alone_accuracy: Optional[Mapping[str, Reference]] = None) -> str:
     """Markdown table of :func:`collapse_diagnostics` values, one row per modality and one for the fusion.
     Accuracies, contributions and probes show ``value ± z·SE`` (their 95% interval) when the values carry
-    standard errors, and a line under the table says how they were obtained."""
+    standard errors, and a line under the table says how they were obtained. ``alone_probe`` and
+    ``alone_accuracy`` (each modality trained alone: its probe, its accuracy) add the columns "probe alone" and
+    "alone acc"."""
     columns = [("contribution", "contribution"), ("acc_without", "acc without it"), ("acc", "unimodal acc"),
-               ("probe", "probe"), ("alone", "probe alone"), ("erank", "eff. rank"), ("cka", "CKA to fused"),
-               ("vif_mean", "mean VIF")]
+               ("alone_acc", "alone acc"), ("probe", "probe"), ("alone", "probe alone"), ("erank", "eff. rank"),
+               ("cka", "CKA to fused"), ("vif_mean", "mean VIF")]
     with_se = {"contribution", "acc_without", "acc", "probe"}
     shown_se = []
 
@@ -721,8 +921,8 @@ def diagnostics_table(values: Mapping[str, float], modalities: Sequence[str],
     def cell(key: str, m: str) -> str:
         err: Optional[float] = None
         val: Optional[float]
-        if key == "alone":
-            ref = (alone_probe or {}).get(m)
+        if key in ("alone", "alone_acc"):
+            ref = ((alone_probe if key == "alone" else alone_accuracy) or {}).get(m)
             if ref is None:
                 return "–"
             val, err = _reference(ref)
@@ -747,4 +947,4 @@ def diagnostics_table(values: Mapping[str, float], modalities: Sequence[str],
 
 __all__ += ["masked_accuracy_value", "subset_correctness", "bootstrap_means", "cross_validated_probe_correct",
             "cross_validated_probe_accuracy", "probe_standard_error", "contribution_summary",
-            "diagnostics_from_correctness", "collapse_diagnostics", "imbalance_verdict", "diagnostics_table", "Z95"]
+            "diagnostics_from_correctness", "collapse_diagnostics", "imbalance_verdict", "diagnostics_table", "Z95", "NEXT_STEPS", "next_step"]

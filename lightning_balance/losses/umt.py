@@ -3,7 +3,6 @@ Supervised Multi-Modal Learning", ICML 2023."""
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from typing import Any, Literal, Optional
@@ -182,37 +181,23 @@ class _UnimodalModel(pl.LightningModule):
 
 
 def fit_unimodal_teachers(module: MultimodalMixin, datamodule: pl.LightningDataModule, num_classes: int,
-                          max_epochs: int = 40, lr: float = 0.02, momentum: float = 0.9,
+                          max_epochs: int = 40, lr: float = 0.02, momentum: float = 0.9, *, inputs: Any = None,
+                          target_key: Any = "target", present_key: Optional[str] = "present",
                           **trainer_kwargs: Any) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """Train one unimodal model per modality from the module's own encoders (fresh copies, parameters
-    re-initialised) and a linear head, on the datamodule's batches ``{modality: x, "target": y}``, with SGD
-    on the cross-entropy (targets equal to the module's ``ignore_index`` left out, and, when the batches carry
-    ``"present"``, the samples that lack the modality). Token features
-    ``(N, T, D)`` are averaged over the tokens before the head.
+    re-initialised) and a linear head, with SGD on the cross-entropy for ``max_epochs`` (the last epoch kept):
+    :func:`lightning_balance.fit_alone` with ``select="last"`` (use that one to keep the best validation epoch).
+    Where the batches keep each modality, the targets and the mask: ``inputs`` (``None``: ``batch[m]``; a mapping
+    ``{modality: key}``; a function ``(batch, modality) -> input``), ``target_key``, ``present_key``. Samples that
+    lack the modality or carry the module's ``ignore_index`` are left out. Token features ``(N, T, D)`` are
+    pooled as the module pools them before the head.
 
     Returns ``(teachers, models)``: the trained encoders (for :class:`UMTLoss`) and the full unimodal
     models (encoder + head, for :class:`UnimodalEnsemble`).
     """
-    teachers: dict[str, nn.Module] = {}
-    models: dict[str, nn.Module] = {}
-    for m in module.modalities:
-        encoders = module.modality_encoders(m)
-        if len(encoders) != 1:
-            raise ModalityContractError(f"fit_unimodal_teachers needs one encoder module for {m!r}, got {len(encoders)}.")
-        encoder = copy.deepcopy(encoders[0])
-        for sub in encoder.modules():
-            if hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()  # type: ignore[operator]
-        datamodule.setup("fit")
-        sample = next(iter(datamodule.train_dataloader()))
-        with torch.no_grad():
-            width = encoder(sample[m]).shape[-1]
-        model = _UnimodalModel(encoder, width, num_classes, m, lr, momentum, module.modality_spec.ignore_index,
-                               index=list(module.modalities).index(m))
-        kwargs = {"max_epochs": max_epochs, "logger": False, "enable_checkpointing": False,
-                  "enable_progress_bar": False, "enable_model_summary": False, **trainer_kwargs}
-        pl.Trainer(**kwargs).fit(model, train_dataloaders=datamodule.train_dataloader())
-        model.eval()
-        teachers[m] = model.encoder
-        models[m] = model
-    return teachers, models
+    from lightning_balance.references import fit_alone
+
+    refs = fit_alone(module, datamodule, inputs=inputs, target_key=target_key, present_key=present_key,
+                     num_classes=num_classes, max_epochs=max_epochs, lr=lr, momentum=momentum, select="last",
+                     seed=None, **trainer_kwargs)
+    return refs.encoders, dict(refs.models)
