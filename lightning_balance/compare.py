@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union, cast
 import lightning.pytorch as pl
 from torch import Tensor
 
+from lightning_balance._errors import ModalityContractError
 from lightning_balance.references import AloneReferences, fit_alone
 
 if TYPE_CHECKING:
@@ -63,6 +64,8 @@ class Method:
         loss_terms: ``context -> [LossTerm, ...]``, called once per run (after the module is built).
         unimodal_losses: switch on :attr:`~lightning_balance.MultimodalMixin.balance_unimodal_losses`.
         needs_references: the method reads the trained-alone references (UMT's teachers).
+        needs_encode_batch: the method makes its own passes over batches (PMR's prototypes): the module must override
+            :meth:`~lightning_balance.MultimodalMixin.encode_batch`.
     """
 
     name: str
@@ -70,6 +73,7 @@ class Method:
     loss_terms: Optional[Callable[[MethodContext], list[LossTerm]]] = None
     unimodal_losses: bool = False
     needs_references: bool = False
+    needs_encode_batch: bool = False
 
     @property
     def adds_objective(self) -> bool:
@@ -84,7 +88,8 @@ class Method:
 
         return Method(f"{self.name}+{other.name}", lambda ctx: [*self.callbacks(ctx), *other.callbacks(ctx)],
                       terms if (mine or theirs) else None, self.unimodal_losses or other.unimodal_losses,
-                      self.needs_references or other.needs_references)
+                      self.needs_references or other.needs_references,
+                      self.needs_encode_batch or other.needs_encode_batch)
 
 
 def _registry() -> dict[str, Method]:
@@ -103,7 +108,7 @@ def _registry() -> dict[str, Method]:
         Method("ogm_ge", lambda ctx: [OGMGE(alpha=0.1, params="weights")]),
         Method("inforeg", lambda ctx: [InfoReg()], unimodal_losses=True),  # the published objective
         Method("agm", lambda ctx: [AGM(alpha=0.5)]),
-        Method("pmr", lambda ctx: [PMR(alpha=4.0)]),
+        Method("pmr", lambda ctx: [PMR(alpha=4.0)], needs_encode_batch=True),
         Method("mmpareto", lambda ctx: [MMPareto(gamma=2.0)], unimodal_losses=True),
         Method("opm", lambda ctx: [OPM(q_base=0.85)]),
         Method("amco", lambda ctx: [AMCo(eps=10.0)], unimodal_losses=True),
@@ -174,7 +179,7 @@ class _KeepBest(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.check_objective and not getattr(pl_module, "_lb_balanced_loss_called", False):
-            raise RuntimeError(
+            raise ModalityContractError(
                 f"this method adds an objective (loss terms or unimodal losses), but {type(pl_module).__name__}."
                 f"training_step did not call self.balanced_loss(loss): return self.balanced_loss(loss) from it.")
         self.check_objective = False
@@ -378,6 +383,19 @@ class FittedMethod:
     curve: list[float] = field(default_factory=list)
 
 
+def _check_requirements(module: Any, entries: Sequence[Method]) -> None:
+    """Refuse, before any training, the methods whose needs the module does not meet."""
+    from lightning_balance.modality import MultimodalMixin
+
+    if not isinstance(module, MultimodalMixin):
+        raise ModalityContractError(f"make_module() returned {type(module).__name__}, not a MultimodalMixin module.")
+    needing = [e.name for e in entries if e.needs_encode_batch]
+    if needing and type(module).encode_batch is MultimodalMixin.encode_batch:
+        raise ModalityContractError(
+            f"{needing} make their own passes over batches: {type(module).__name__} must override encode_batch(batch) "
+            f"to return ({{modality: encoder(batch[...])}}, targets) (docs/methods/pmr.md), or leave them out.")
+
+
 def fit_method(make_module: Callable[[], MultimodalMixin], datamodule: Any, spec: Union[str, Method], *,
                max_epochs: int = 20, seed: Optional[int] = 0, references: Optional[AloneReferences] = None,
                trainer_kwargs: Optional[Mapping[str, Any]] = None) -> FittedMethod:
@@ -403,6 +421,7 @@ def fit_method(make_module: Callable[[], MultimodalMixin], datamodule: Any, spec
         pl.seed_everything(seed, verbose=False)
     dm = _datamodule(datamodule, seed or 0)
     module = make_module()
+    _check_requirements(module, [entry])
     ctx = MethodContext(max_epochs, tuple(module.modalities), references, seed or 0)
     if entry.loss_terms is not None:
         module.configure_loss_terms(entry.loss_terms(ctx))
@@ -471,6 +490,7 @@ def compare_methods(make_module: Callable[[], MultimodalMixin], datamodule: Any,
                          f"pass references=True.")
     if not seeds:
         raise ValueError("seeds must list at least one seed.")
+    _check_requirements(make_module(), entries)
     options = {"accelerator": "cpu", "devices": 1, **dict(trainer_kwargs or {})}
     score_options = {k: v for k, v in options.items() if k in ("accelerator", "devices", "precision")}
     rows: dict[str, list[dict[str, float]]] = {}

@@ -183,7 +183,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     else:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        {"diagnose": _diagnose, "compare": _compare}[args.command](args)
+        from lightning_balance._errors import ModalityContractError
+
+        try:
+            {"diagnose": _diagnose, "compare": _compare}[args.command](args)
+        except (ModalityContractError, ValueError) as err:  # the user's input: the message, not a traceback
+            parser.exit(2, f"lightning-balance {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

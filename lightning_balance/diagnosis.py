@@ -262,9 +262,11 @@ def plot_probes(reports: Sequence[DiagnosisReport], path: Optional[str] = None, 
         ax.grid(axis="y", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="lower right", fontsize=8)
-    headline = title if title is not None else (first.verdict[0] if first.verdict else "")
-    if len(headline) > 110:
-        headline = headline[:107] + "..."
+    # the headline: the first under-learned encoder if any (the finding the figure shows), else the first line
+    findings = [line for line in first.verdict if "UNDER-LEARNED" in line] or first.verdict
+    headline = title if title is not None else (findings[0] if findings else "")
+    if len(headline) > 140:
+        headline = headline[:137] + "..."
     fig.suptitle(headline, fontsize=9)
     fig.tight_layout()
     if path:

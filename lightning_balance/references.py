@@ -77,7 +77,8 @@ class BatchReader:
             return self.inputs(batch, modality)
         key = modality if self.inputs is None else self.inputs.get(modality, modality)
         return self._key(batch, key, f"the input of modality {modality!r}",
-                         f"inputs={{{modality!r}: '<its key>'}} or inputs=lambda batch, m: ...")
+                         f"inputs={{{modality!r}: '<its key>'}} (or a function inputs=lambda batch, m: ...; with diagnose(..., "
+                         f"fit_references=...) inside reference_kwargs; on the command line --inputs {modality}=<its key>)")
 
     def targets(self, batch: Any) -> Tensor:
         """The class targets of ``batch``."""

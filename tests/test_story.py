@@ -171,8 +171,11 @@ def test_compare_methods_selects_on_validation_and_pairs_the_seeds(tmp_path):
 
 
 def test_compare_methods_refuses_an_objective_the_model_never_adds():
-    with pytest.raises(RuntimeError, match=r"return self.balanced_loss\(loss\)"):
+    with pytest.raises(ModalityContractError, match=r"return self.balanced_loss\(loss\)"):
         fit_method(plain_model, UserData(), "cml", max_epochs=1)
+    # a method that needs encode_batch is refused before any run, not after the others have trained
+    with pytest.raises(ModalityContractError, match=r"\['ogm_ge\+pmr'\] make their own passes.*override encode_batch"):
+        compare_methods(UserModel, UserData, ["baseline", "ogm_ge+pmr"], seeds=[0], progress=False)
     with pytest.raises(ValueError, match="unknown method"):
         compare_methods(UserModel, UserData, ["baseline", "nope"], seeds=[0], progress=False)
 
@@ -200,6 +203,13 @@ def test_console_loads_objects_by_path_and_runs_compare_and_diagnose(tmp_path, c
     main(["diagnose", "--model", model, "--data", data, "--checkpoint", ckpt, "--reference-epochs", "1", *keys])
     out = capsys.readouterr().out
     assert "Verdict:" in out and "Next step" in out
+    # the user's mistakes end on the message and the fix, not a traceback
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--model", model, "--data", data, "--methods", "baseline", "ogmge", *keys])
+    assert exit_info.value.code == 2 and "unknown method(s) ['ogmge']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["diagnose", "--model", model, "--data", data, "--reference-epochs", "1", "--inputs", "easy=nope"])
+    assert "no key 'nope'" in capsys.readouterr().err
 
 
 def test_the_demo_diagnoses_applies_the_recommendation_and_verifies(tmp_path, capsys, monkeypatch):
