@@ -1,6 +1,12 @@
 """Functional core: each method's math as pure tensor functions (no Lightning import)."""
 
-from lightning_balance.functional.agm import agm_coefficients, agm_scores, shapley_responses, shapley_weights
+from lightning_balance.functional.agm import (
+    agm_coefficients,
+    agm_scores,
+    sampled_shapley_weights,
+    shapley_responses,
+    shapley_weights,
+)
 from lightning_balance.functional.amco import (
     amco_class_mask,
     amco_dependence_mass,
@@ -211,6 +217,7 @@ __all__ = [
     "shapley_contributions",
     "shapley_responses",
     "shapley_weights",
+    "sampled_shapley_weights",
     "stack_modalities",
     "subset_correctness",
     "symmetric_info_nce",
