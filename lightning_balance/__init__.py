@@ -26,6 +26,7 @@ from lightning_balance.heads import CosineHead
 from lightning_balance.mla import MLAFusion
 from lightning_balance.mmtm import MMTM, cross_modal_off, recording_statistics
 from lightning_balance.reconboost import ReconBoostFusion
+from lightning_balance.transformer import TokenFusionTransformer
 from lightning_balance.losses import (
     CMLLoss,
     LFMLoss,
@@ -67,6 +68,7 @@ __all__ = [
     "CosineHead",
     "MLAFusion",
     "ReconBoostFusion",
+    "TokenFusionTransformer",
     "CrossModalDistillation",
     "ExplicitBasisReallocation",
     "LossTerm",

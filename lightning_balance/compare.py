@@ -12,6 +12,7 @@ switch it on) and its ``validation_step`` fuses through ``self.fuse``; nothing e
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -172,7 +173,7 @@ class _KeepBest(pl.Callback):
         self.key = key
         self.best = -math.inf
         self.best_epoch = -1
-        self.state: Optional[dict[str, Tensor]] = None
+        self.state: Optional[dict[str, Any]] = None
         self.check_objective = check_objective
         self.curve: list[float] = []
 
@@ -192,7 +193,9 @@ class _KeepBest(pl.Callback):
         self.curve.append(score)
         if score > self.best:
             self.best, self.best_epoch = score, trainer.current_epoch
-            self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            # tensors cloned; extra state (a loss term's schedule, a dict) deep-copied
+            self.state = {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+                          for k, v in pl_module.state_dict().items()}
 
 
 def _datamodule(data: Any, seed: int) -> pl.LightningDataModule:

@@ -16,6 +16,8 @@ from tests.helpers import SaveParams, TinyAV, flat_params, loader, states_equal,
 METHODS = {
     "inforeg": lambda **kw: InfoReg(strength=kw.pop("strength", 0.5), **kw),
     "agm": lambda **kw: AGM(alpha=kw.pop("alpha", 2.0), **kw),
+    # one random order per step: the draws must be the same on both ranks and after a resume
+    "agm_sampled": lambda **kw: AGM(alpha=kw.pop("alpha", 2.0), shapley="sampled", permutations=1, **kw),
     "pmr": lambda **kw: PMR(alpha=kw.pop("alpha", 1.0), fraction=kw.pop("fraction", 0.25), **kw),
     "pmr_steps": lambda **kw: PMR(prototypes="steps", rule="continuous", entropy_weight=0.5, entropy_epochs=1, **kw),
     "mmpareto": lambda **kw: MMPareto(**kw),
@@ -32,7 +34,7 @@ MODELS = {
 def model_for(name, **kw):
     return TinyAV(**{**MODELS.get(name, {}), **kw})
 # methods whose coefficients act inside each backward pass (reduce_at="micro_batch")
-IN_BACKWARD = {"agm", "pmr", "pmr_steps"}
+IN_BACKWARD = {"agm", "agm_sampled", "pmr", "pmr_steps"}
 
 
 def run(tmp_path, callbacks, *, batch_size=16, model=None, **trainer_overrides):
