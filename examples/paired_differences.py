@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 
-# two-sided 95% Student t quantiles by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+from lightning_balance.compare import paired_difference
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,11 +27,9 @@ def main(argv: list[str] | None = None) -> None:
         for ref in args.against:
             a = {r["seed"]: r[args.metric] for r in results[method]}
             b = {r["seed"]: r[args.metric] for r in results[ref]}
-            diff = [a[s] - b[s] for s in sorted(a) if s in b]
-            mean = statistics.mean(diff)
-            half = T95.get(len(diff) - 1, 1.96) * statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else math.nan
-            print(f"| {method} | {ref} | {mean:+.3f} | {mean - half:+.3f} to {mean + half:+.3f} | "
-                  f"{sum(x > 0 for x in diff)}/{len(diff)} |")
+            d = paired_difference(a, b)
+            print(f"| {method} | {ref} | {d['mean']:+.3f} | {d['low']:+.3f} to {d['high']:+.3f} | "
+                  f"{d['better']}/{d['n']} |")
 
 
 if __name__ == "__main__":

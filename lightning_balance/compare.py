@@ -12,8 +12,6 @@ switch it on) and its ``validation_step`` fuses through ``self.fuse``; nothing e
 
 from __future__ import annotations
 
-import copy
-import inspect
 import json
 import math
 import os
@@ -24,10 +22,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Union, cast
 
 import lightning.pytorch as pl
-from torch import Tensor
 
 from lightning_balance._errors import ModalityContractError
-from lightning_balance.references import AloneReferences, fit_alone
+from lightning_balance.references import AloneReferences, KeepBest, datamodule_for, fit_alone, loader_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -36,7 +33,7 @@ if TYPE_CHECKING:
     from lightning_balance.modality import MultimodalMixin
 
 __all__ = ["METHODS", "Comparison", "FittedMethod", "Method", "MethodContext", "compare_methods", "fit_method", "method",
-           "step_time_ratio"]
+           "paired_difference", "step_time_ratio"]
 
 # two-sided 95% Student t quantiles by degrees of freedom (the paired differences' interval)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -165,54 +162,21 @@ def method(spec: Union[str, Method]) -> Method:
     return out
 
 
-class _KeepBest(pl.Callback):
-    """Keeps the module's weights of the validation epoch with the best ``key`` (in memory), and checks that a
-    method that adds an objective sees ``balanced_loss`` called."""
+class _ChecksObjective(pl.Callback):
+    """Raises at the first training batch when a method adds an objective that ``training_step`` never adds
+    (``balanced_loss`` not called)."""
 
-    def __init__(self, key: str, check_objective: bool) -> None:
-        self.key = key
-        self.best = -math.inf
-        self.best_epoch = -1
-        self.state: Optional[dict[str, Any]] = None
-        self.check_objective = check_objective
-        self.curve: list[float] = []
+    checked = False
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.check_objective and not getattr(pl_module, "_lb_balanced_loss_called", False):
+        if self.checked:
+            return
+        self.checked = True
+        if not getattr(pl_module, "_lb_balanced_loss_called", False):
             raise ModalityContractError(
                 f"this method adds an objective (loss terms or unimodal losses), but {type(pl_module).__name__}."
                 f"training_step did not call self.balanced_loss(loss): return self.balanced_loss(loss) from it.")
-        self.check_objective = False
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        value = trainer.callback_metrics.get(self.key)
-        score = float(value) if value is not None else math.nan
-        self.curve.append(score)
-        if score > self.best:
-            self.best, self.best_epoch = score, trainer.current_epoch
-            # tensors cloned; extra state (a loss term's schedule, a dict) deep-copied
-            self.state = {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
-                          for k, v in pl_module.state_dict().items()}
-
-
-def _datamodule(data: Any, seed: int) -> pl.LightningDataModule:
-    if isinstance(data, pl.LightningDataModule):
-        return data
-    if callable(data):
-        params = inspect.signature(data).parameters
-        return data(seed=seed) if "seed" in params else data()
-    raise TypeError(f"datamodule must be a LightningDataModule or a function (seed=...) returning one, got "
-                    f"{type(data).__name__}.")
-
-
-def _loader(dm: pl.LightningDataModule, which: str) -> Any:
-    try:
-        return getattr(dm, f"{which}_dataloader")()
-    except (NotImplementedError, AttributeError, pl.utilities.exceptions.MisconfigurationException):
-        return None
 
 
 def _score(module: pl.LightningModule, loader: Any, trainer_kwargs: Mapping[str, Any]) -> dict[str, float]:
@@ -230,7 +194,10 @@ def _score(module: pl.LightningModule, loader: Any, trainer_kwargs: Mapping[str,
     return {k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
-def _paired(a: Mapping[int, float], b: Mapping[int, float]) -> dict[str, float]:
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> dict[str, float]:
+    """The paired per-seed differences ``a[s] − b[s]`` over the seeds both have (non-finite values left out):
+    ``mean``, its two-sided 95% Student t interval ``low``..``high`` (NaN with one seed), ``better`` (seeds with a
+    positive difference) and ``n``."""
     diff = [a[s] - b[s] for s in sorted(a) if s in b and math.isfinite(a[s]) and math.isfinite(b[s])]
     if not diff:
         return {"mean": math.nan, "low": math.nan, "high": math.nan, "better": 0, "n": 0}
@@ -278,7 +245,7 @@ class Comparison:
         ref = against or self.methods[0]
         per = {int(r["seed"]): r.get(key, math.nan) for r in self.rows[name]}
         base = {int(r["seed"]): r.get(key, math.nan) for r in self.rows[ref]}
-        return _paired(per, base)
+        return paired_difference(per, base)
 
     def table(self) -> str:
         """A markdown table: mean ± std over seeds; the paired difference to the first method."""
@@ -422,7 +389,7 @@ def fit_method(make_module: Callable[[], MultimodalMixin], datamodule: Any, spec
     entry = method(spec)
     if seed is not None:
         pl.seed_everything(seed, verbose=False)
-    dm = _datamodule(datamodule, seed or 0)
+    dm = datamodule_for(datamodule, seed or 0)
     module = make_module()
     _check_requirements(module, [entry])
     ctx = MethodContext(max_epochs, tuple(module.modalities), references, seed or 0)
@@ -430,19 +397,19 @@ def fit_method(make_module: Callable[[], MultimodalMixin], datamodule: Any, spec
         module.configure_loss_terms(entry.loss_terms(ctx))
     module.balance_unimodal_losses = entry.unimodal_losses
     module._lb_balanced_loss_called = False
-    keeper = _KeepBest("keep/val_acc_fused", entry.adds_objective)
+    keeper = KeepBest("keep/val_acc_fused")
     extra = dict(trainer_kwargs or {})
     options = {"max_epochs": max_epochs, "logger": False, "enable_checkpointing": False,
                "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
                "accelerator": "cpu", "devices": 1, **extra,
                "callbacks": [*entry.callbacks(ctx), *extra.get("callbacks", []),
-                             ModalityMonitor(missing=False, prefix="keep"), keeper]}
+                             ModalityMonitor(missing=False, prefix="keep"), keeper,
+                             *([_ChecksObjective()] if entry.adds_objective else [])]}
     began = time.perf_counter()
     with quiet():
         pl.Trainer(**options).fit(module, datamodule=dm)
     seconds = time.perf_counter() - began
-    if keeper.state is not None:
-        module.load_state_dict(keeper.state)
+    keeper.restore(module)
     return FittedMethod(module.eval(), keeper.best, keeper.best_epoch, seconds, keeper.curve)
 
 
@@ -502,9 +469,9 @@ def compare_methods(make_module: Callable[[], MultimodalMixin], datamodule: Any,
     modalities: tuple[str, ...] = ()
     start = time.perf_counter()
     for seed in seeds:
-        dm = _datamodule(datamodule, seed)
+        dm = datamodule_for(datamodule, seed)
         dm.setup("fit")
-        val, test = _loader(dm, "val"), _loader(dm, "test")
+        val, test = loader_of(dm, "val"), loader_of(dm, "test")
         if val is None:
             raise ValueError("compare_methods selects each run's epoch on validation: the datamodule needs a "
                              "val_dataloader().")
@@ -610,7 +577,7 @@ def step_time_ratio(make_module: Callable[[], MultimodalMixin], spec: Union[str,
         module.configure_loss_terms(entry.loss_terms(ctx))
     module.balance_unimodal_losses = entry.unimodal_losses
     probe = _AlternateObjectives(warmup)
-    dm = _datamodule(datamodule, seed)
+    dm = datamodule_for(datamodule, seed)
     options = {"max_steps": steps + warmup, "logger": False, "enable_checkpointing": False,
                "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
                "limit_val_batches": 0, "accelerator": "cpu", "devices": 1, **dict(trainer_kwargs or {}),

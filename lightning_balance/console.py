@@ -55,15 +55,12 @@ def load_object(spec: str) -> Any:
 
 
 def _datamodule(spec: str, seed: int) -> Any:
-    import lightning.pytorch as pl
+    from lightning_balance.references import datamodule_for
 
-    obj = load_object(spec)
-    if isinstance(obj, pl.LightningDataModule):
-        return obj
-    if callable(obj):
-        params = inspect.signature(obj).parameters
-        return obj(seed=seed) if "seed" in params else obj()
-    raise SystemExit(f"--data {spec}: a LightningDataModule, its class or a function returning one, got {obj!r}.")
+    try:
+        return datamodule_for(load_object(spec), seed)
+    except TypeError as err:
+        raise SystemExit(f"--data {spec}: {err}") from None
 
 
 def _module(spec: str, checkpoint: Optional[str]) -> Any:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import lightning.pytorch as pl
 
-from lightning_balance.functional.diagnostics import Z95, _verdict, diagnostics_table
+from lightning_balance.functional.diagnostics import Z95, _reference, _verdict, diagnostics_table
 from lightning_balance.references import AloneReferences, fit_alone
 
 if TYPE_CHECKING:
@@ -85,10 +85,7 @@ class DiagnosisReport:
 
 
 def _as_pairs(value: Optional[Mapping[str, Reference]]) -> dict[str, tuple[float, float]]:
-    out = {}
-    for m, v in (value or {}).items():
-        out[m] = (float(v), 0.0) if isinstance(v, (int, float)) else (float(v[0]), float(v[1]))
-    return out
+    return {m: _reference(v) for m, v in (value or {}).items()}
 
 
 def diagnose(module: MultimodalMixin, dataloader: Iterable[Any], *,
@@ -181,7 +178,7 @@ def diagnose(module: MultimodalMixin, dataloader: Iterable[Any], *,
         values=values, modalities=names, verdict=verdict, next_step_kind=kind,
         table=diagnostics_table(values, names, alone_probe, alone_accuracy=kwargs.get("alone_accuracy")),
         alone_probe=_as_pairs(alone_probe), alone_accuracy=_as_pairs(kwargs.get("alone_accuracy")),
-        ensemble_accuracy=None if ensemble is None else _as_pairs({"e": ensemble})["e"], label=label)
+        ensemble_accuracy=None if ensemble is None else _reference(ensemble), label=label)
     if plot:
         report.plot(plot)
     if verbose:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning.pytorch.utilities import move_data_to_device
+
 from lightning_balance._errors import ModalityContractError
 from lightning_balance._presence import normalise_presence
 from lightning_balance.functional.diagnostics import cross_validated_probe_accuracy, probe_standard_error
@@ -28,7 +30,7 @@ from lightning_balance.functional.diagnostics import cross_validated_probe_accur
 if TYPE_CHECKING:
     from lightning_balance.modality import MultimodalMixin
 
-__all__ = ["AloneReferences", "BatchReader", "fit_alone"]
+__all__ = ["AloneReferences", "BatchReader", "KeepBest", "datamodule_for", "fit_alone", "loader_of"]
 
 #: ``inputs`` of :func:`fit_alone`: ``None`` (modality ``m`` is ``batch[m]``), a mapping ``{modality: batch key}``,
 #: or a function ``(batch, modality) -> encoder input``.
@@ -93,9 +95,67 @@ class BatchReader:
         return normalise_presence(batch[self.present_key], self.modalities, n, device)
 
 
+class KeepBest(pl.Callback):
+    """Keeps, in memory, the module's state at the validation epoch with the best ``key`` (a logged metric);
+    :meth:`restore` loads it back. Tensors are cloned, extra state (a loss term's schedule) deep-copied.
+
+    Attributes:
+        best: the best value of ``key`` (``-inf`` before a validation).
+        best_epoch: its epoch (``-1`` before a validation).
+        curve: ``key`` after each validation epoch.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.best = -math.inf
+        self.best_epoch = -1
+        self.state: Optional[dict[str, Any]] = None
+        self.curve: list[float] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.key)
+        score = float(value) if value is not None else math.nan
+        self.curve.append(score)
+        if score > self.best:
+            self.best, self.best_epoch = score, trainer.current_epoch
+            self.state = {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+                          for k, v in pl_module.state_dict().items()}
+
+    def restore(self, module: nn.Module) -> None:
+        """Load the kept state into ``module`` (nothing if no validation ran)."""
+        if self.state is not None:
+            module.load_state_dict(self.state)
+
+
+def datamodule_for(data: Any, seed: int) -> pl.LightningDataModule:
+    """``data`` itself when it is a LightningDataModule, else ``data(seed=seed)`` (or ``data()`` when it takes no
+    ``seed``): a datamodule, its class or a factory."""
+    if isinstance(data, pl.LightningDataModule):
+        return data
+    if callable(data):
+        import inspect
+
+        return data(seed=seed) if "seed" in inspect.signature(data).parameters else data()
+    raise TypeError(f"datamodule must be a LightningDataModule, its class or a function (seed=...) returning one, "
+                    f"got {type(data).__name__}.")
+
+
+def loader_of(datamodule: Any, which: str) -> Any:
+    """``datamodule.<which>_dataloader()``, or ``None`` when the datamodule has none."""
+    method = getattr(datamodule, f"{which}_dataloader", None)
+    if method is None:
+        return None
+    try:
+        return method()
+    except (NotImplementedError, pl.utilities.exceptions.MisconfigurationException):  # Lightning's "not defined"
+        return None
+
+
 class _AloneModel(pl.LightningModule):
     """One modality alone: a fresh copy of the module's encoder and a linear head, cross-entropy, the optimizer
-    given; keeps the weights of its best validation epoch (by accuracy) when it validates."""
+    given; logs its validation accuracy as ``val_acc`` (the selection is :class:`KeepBest`'s)."""
 
     def __init__(self, encoder: nn.Module, width: int, num_classes: int, modality: str, reader: BatchReader,
                  pool: Optional[Callable[[str, Tensor], Tensor]], ignore_index: int,
@@ -108,9 +168,6 @@ class _AloneModel(pl.LightningModule):
         self._pool = pool
         self.ignore_index = ignore_index
         self._optimizer = optimizer
-        self.best_accuracy = -math.inf
-        self.best_epoch = -1
-        self._best_state: Optional[dict[str, Tensor]] = None
         self._hits = torch.zeros(2, dtype=torch.float64)
 
     def features(self, x: Any) -> Tensor:
@@ -151,13 +208,6 @@ class _AloneModel(pl.LightningModule):
         hits = self.trainer.strategy.reduce(self._hits.to(self.device), reduce_op="sum").cpu()
         accuracy = float(hits[0] / hits[1]) if hits[1] > 0 else math.nan
         self.log("val_acc", accuracy, sync_dist=False)
-        if not self.trainer.sanity_checking and accuracy > self.best_accuracy:
-            self.best_accuracy, self.best_epoch = accuracy, self.current_epoch
-            self._best_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
-
-    def restore_best(self) -> None:
-        if self._best_state is not None:
-            self.load_state_dict(self._best_state)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self._optimizer(self.parameters())
@@ -210,7 +260,7 @@ class AloneReferences:
         for model in self.models.values():
             model.eval()
         for batch in dataloader:
-            batch = _to_device(batch, device)
+            batch = move_data_to_device(batch, device)
             y = self.reader.targets(batch)
             keep = y != ignore
             present = self.reader.present(batch, len(y), y.device)
@@ -272,16 +322,6 @@ class AloneReferences:
                 "ensemble_accuracy": self.ensemble_accuracy()}
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
 def _fresh_encoder(module: MultimodalMixin, modality: str) -> nn.Module:
     encoders = module.modality_encoders(modality)
     if len(encoders) != 1:
@@ -295,16 +335,6 @@ def _fresh_encoder(module: MultimodalMixin, modality: str) -> nn.Module:
         if callable(reset):
             reset()
     return encoder.train()
-
-
-def _loader(datamodule: Any, which: str) -> Any:
-    method = getattr(datamodule, f"{which}_dataloader", None)
-    if method is None:
-        return None
-    try:
-        return method()
-    except (NotImplementedError, pl.utilities.exceptions.MisconfigurationException):
-        return None
 
 
 def _optimizer_like(module: Any) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
@@ -403,7 +433,7 @@ def fit_alone(module: MultimodalMixin, datamodule: pl.LightningDataModule, *, in
     datamodule.setup("fit")
     sample = next(iter(datamodule.train_dataloader()))
     device = next(iter(module.parameters())).device
-    sample = _to_device(sample, device)
+    sample = move_data_to_device(sample, device)
     if num_classes is None:
         with torch.no_grad():
             features = {m: encoder(reader.input(sample, m)) for m in names
@@ -424,17 +454,18 @@ def fit_alone(module: MultimodalMixin, datamodule: pl.LightningDataModule, *, in
             width = int(module.pool_features(m, encoder(reader.input(sample, m))).shape[-1])
         model = _AloneModel(encoder, width, num_classes, m, reader, pool,
                             module.modality_spec.ignore_index, make_optimizer)
-        val = _loader(datamodule, "val") if select == "best" else None
+        val = loader_of(datamodule, "val") if select == "best" else None
         kwargs = {"max_epochs": max_epochs, "logger": False, "enable_checkpointing": False,
                   "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
                   **trainer_kwargs}
         if val is None:
             kwargs["limit_val_batches"] = 0
+        keeper = KeepBest("val_acc")
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), keeper]
         with quiet():
             pl.Trainer(**kwargs).fit(model, train_dataloaders=datamodule.train_dataloader(), val_dataloaders=val)
-        if val is not None:
-            model.restore_best()
+        keeper.restore(model)
         models[m] = model.eval()
-        accuracy[m] = model.best_accuracy if val is not None else math.nan
-        epochs[m] = model.best_epoch if val is not None else max_epochs - 1
+        accuracy[m] = keeper.best if val is not None else math.nan
+        epochs[m] = keeper.best_epoch if val is not None else max_epochs - 1
     return AloneReferences(models, accuracy, epochs, reader, probe_folds)

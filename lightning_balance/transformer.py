@@ -24,7 +24,8 @@ class TokenFusionTransformer(nn.Module):
     For modality ``m`` with features ``z_m``:
 
     * ``(N, D_m)``: a linear projection to ``tokens_per_modality`` tokens of width ``d_model``;
-    * ``(N, T, D_m)`` (token features): each token projected to ``d_model`` (``T`` may differ between calls).
+    * ``(N, T, D_m)`` (token features): the same projection on each token, ``T · tokens_per_modality`` tokens
+      (``T`` may differ between calls).
 
     Every token gets its modality's learned type embedding; a learned CLS token is prepended; the encoder
     (``num_layers`` pre-norm :class:`torch.nn.TransformerEncoderLayer`, ``batch_first``) runs with a key padding
@@ -41,7 +42,7 @@ class TokenFusionTransformer(nn.Module):
         in_features: each modality's feature width ``D_m``, in declared order.
         num_classes: the number of classes.
         d_model: the token width.
-        tokens_per_modality: tokens made from an ``(N, D_m)`` feature vector.
+        tokens_per_modality: tokens made from each feature vector (or each input token).
         num_layers: transformer encoder layers.
         num_heads: attention heads (``d_model`` must be divisible by it).
         dim_feedforward: the layers' feed-forward width (default ``4 · d_model``).
@@ -67,8 +68,8 @@ class TokenFusionTransformer(nn.Module):
         self.widths = widths
         self.d_model = d_model
         self.tokens_per_modality = tokens_per_modality
-        self.vector_projections = nn.ModuleList([nn.Linear(w, tokens_per_modality * d_model) for w in widths])
-        self.token_projections = nn.ModuleList([nn.Linear(w, d_model) for w in widths])
+        # one projection per modality: a vector (N, D) gives k tokens, each token of (N, T, D) gives k tokens
+        self.projections = nn.ModuleList([nn.Linear(w, tokens_per_modality * d_model) for w in widths])
         self.type_embeddings = nn.Parameter(torch.zeros(len(widths), d_model))
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model))
         nn.init.normal_(self.type_embeddings, std=0.02)
@@ -90,14 +91,8 @@ class TokenFusionTransformer(nn.Module):
             if z.ndim not in (2, 3) or z.shape[-1] != self.widths[i]:
                 raise ValueError(f"modality {i}: features of shape (N, {self.widths[i]}) or (N, T, {self.widths[i]}) "
                                  f"expected, got {tuple(z.shape)}.")
-            if z.ndim == 2:
-                t = self.vector_projections[i](z).reshape(z.shape[0], self.tokens_per_modality, self.d_model)
-                keep = self.token_projections[i]  # unused on this path: keep it in the graph for DDP
-                t = t + 0.0 * sum(p.sum() for p in keep.parameters())
-            else:
-                t = self.token_projections[i](z)
-                keep = self.vector_projections[i]
-                t = t + 0.0 * sum(p.sum() for p in keep.parameters())
+            tokens_in = z if z.ndim == 3 else z.unsqueeze(1)  # (N, T, D), T = 1 for a vector
+            t = self.projections[i](tokens_in).reshape(z.shape[0], -1, self.d_model)  # (N, T·k, d_model)
             parts.append(t + self.type_embeddings[i])
             owner.append(torch.full((t.shape[1],), i, dtype=torch.long, device=z.device))
         first = parts[0]

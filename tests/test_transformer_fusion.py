@@ -32,7 +32,8 @@ def test_vectors_and_token_features_become_tokens_and_absent_ones_cannot_change_
     fusion = TokenFusionTransformer([5, 3, 2], num_classes=4, d_model=16, tokens_per_modality=2, num_heads=2).eval()
     a, b, c = _features()
     tokens, owner = fusion.tokens(a, b, c)
-    assert tokens.shape == (6, 1 + 2 + 4 + 2, 16) and owner.tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
+    # a vector gives 2 tokens, each of the 4 input tokens 2: CLS + 2 + 8 + 2
+    assert tokens.shape == (6, 1 + 2 + 8 + 2, 16) and owner.tolist() == [0, 0] + [1] * 8 + [2, 2]
     present = torch.tensor([[True, True, True], [False, True, True], [True, False, True]] * 2)
     out = fusion(a, b, c, present=present)
     # replace what the absent samples carry by anything, NaN included: their logits stay
